@@ -1,0 +1,1 @@
+"""image layer (see ARCHITECTURE in README)."""
