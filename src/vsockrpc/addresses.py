@@ -19,6 +19,7 @@ Every malformed input raises :class:`vsockrpc.errors.AddressError` naming the ba
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vsockrpc.errors import AddressError
@@ -157,7 +158,7 @@ def _parse_tcp(rest: str, whole: str) -> TcpAddress:
     return TcpAddress(host, _parse_int(port_text, "port", 0, 65535, whole))
 
 
-_SCHEMES = {
+_SCHEMES: dict[str, Callable[[str, str], Address]] = {
     "vsock": _parse_vsock,
     "hvsock": _parse_hybrid,
     "unix": _parse_unix,
@@ -198,6 +199,5 @@ def _looks_like_host(text: str) -> bool:
     # A DNS name: has a dot, labels of [A-Za-z0-9-].
     labels = text.split(".")
     return len(labels) > 1 and all(
-        label and all(c.isascii() and (c.isalnum() or c == "-") for c in label)
-        for label in labels
+        label and all(c.isascii() and (c.isalnum() or c == "-") for c in label) for label in labels
     )

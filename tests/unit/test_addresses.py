@@ -39,7 +39,14 @@ def test_parse_good(text: str, expected: object) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["vsock:3:9999", "vsock:-1:9999", "hvsock:/run/v.sock:5", "unix:/x", "tcp:[::1]:5", "tcp:h.x:1"],
+    [
+        "vsock:3:9999",
+        "vsock:-1:9999",
+        "hvsock:/run/v.sock:5",
+        "unix:/x",
+        "tcp:[::1]:5",
+        "tcp:h.x:1",
+    ],
 )
 def test_round_trip(text: str) -> None:
     addr = parse_address(text)
