@@ -1,0 +1,127 @@
+"""The content-addressed cache every built artefact lives in.
+
+Layout: ``<root>/<kind>/<key>/`` where ``key`` is a digest of every input that shapes the
+artefact. A finished entry appears atomically: it is built in a temporary sibling directory and
+renamed into place (``rename(2)`` of a directory is atomic on one filesystem), so a reader never
+sees a half-written entry, and a failed or interrupted build leaves nothing under the final name.
+Concurrent builders of the same key are serialised with an ``flock`` on ``<key>.lock``.
+
+The root is ``$VSOCKRPC_CACHE``, else ``$XDG_CACHE_HOME/vsockrpc``, else ``~/.cache/vsockrpc``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vsockrpc.errors import ImageError
+
+__all__ = ["cache_root", "digest", "entry", "file_digest", "tree_digest"]
+
+
+def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
+    """The cache root, created if needed; :class:`ImageError` when it cannot be written."""
+    if override is not None:
+        root = Path(override)
+    elif os.environ.get("VSOCKRPC_CACHE"):
+        root = Path(os.environ["VSOCKRPC_CACHE"])
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root = Path(base) / "vsockrpc"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=root, prefix=".probe-")  # noqa: SIM115
+        probe.close()
+    except OSError as err:
+        raise ImageError(
+            f"cache directory {root} is not writable: {err.strerror or err}",
+            hint="set VSOCKRPC_CACHE to a writable directory",
+        ) from err
+    return root.resolve()
+
+
+def digest(inputs: Any) -> str:
+    """A stable hex key for JSON-serialisable ``inputs`` (dict order does not matter)."""
+    blob = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def tree_digest(root: Path, *, exclude_dirs: frozenset[str] = frozenset({"__pycache__"})) -> str:
+    """Digest of the relative paths, modes and contents of the regular files under ``root``."""
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part in exclude_dirs for part in rel.parts) or not path.is_file():
+            continue
+        h.update(f"{rel.as_posix()}\0{path.stat().st_mode & 0o111:o}\0".encode())
+        h.update(file_digest(path).encode())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
+class Entry:
+    """One cache entry: ``path`` is the final directory; :meth:`build` publishes it."""
+
+    def __init__(self, kind_dir: Path, key: str) -> None:
+        self.path = kind_dir / key
+        self._lock = kind_dir / f"{key}.lock"
+
+    @property
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        with _locked(self._lock):
+            yield
+
+    @contextlib.contextmanager
+    def build(self) -> Iterator[Path]:
+        """Yield an empty temporary directory; on success it becomes :attr:`path` atomically.
+
+        On any exception (Ctrl-C included) the temporary directory is removed and nothing
+        appears under the final name. Call inside :meth:`lock`.
+        """
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.path.name[:16]}-", dir=self.path.parent))
+        try:
+            yield tmp
+            os.chmod(tmp, 0o755)
+            os.rename(tmp, self.path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def entry(kind: str, key: str, *, root: Path | None = None) -> Entry:
+    """The cache entry ``<root>/<kind>/<key>`` (not necessarily built yet)."""
+    kind_dir = (root if root is not None else cache_root()) / kind
+    try:
+        kind_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ImageError(
+            f"cache directory {kind_dir} is not writable: {err.strerror or err}",
+            hint="set VSOCKRPC_CACHE to a writable directory",
+        ) from err
+    return Entry(kind_dir, key)

@@ -1,0 +1,117 @@
+"""Fetching single Debian packages through the host's apt configuration, into the cache.
+
+``apt-get download`` uses the mirrors, proxies and keys apt is configured with (no host is
+hard-coded here) and verifies the package against the signed index. The cache key is the
+package's SHA256 from that index, so the same package version is fetched once; the unpacked
+tree (``dpkg-deb -x``) is published atomically under ``<cache>/debs/<sha256>/``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from vsockrpc.errors import ImageError
+from vsockrpc.image import cache
+
+__all__ = ["DebPackage", "host_arch", "resolve", "resolve_dependency", "unpack"]
+
+
+@dataclass(frozen=True, slots=True)
+class DebPackage:
+    name: str
+    version: str
+    architecture: str
+    sha256: str
+
+
+def _run(argv: list[str], *, what: str, cwd: Path | None = None) -> str:
+    if shutil.which(argv[0]) is None:
+        raise ImageError(
+            f"{argv[0]} not found: {what} needs Debian's apt/dpkg tools",
+            hint="run on Debian/Ubuntu (scripts/setup installs the rest)",
+        )
+    try:
+        proc = subprocess.run(
+            argv, cwd=cwd, capture_output=True, text=True, check=False, timeout=600
+        )
+    except subprocess.TimeoutExpired as err:
+        raise ImageError(f"{what}: {argv[0]} timed out") from err
+    if proc.returncode != 0:
+        detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ImageError(
+            f"{what} failed: {detail}", hint="is the apt index current? (apt-get update)"
+        )
+    return proc.stdout
+
+
+def host_arch() -> str:
+    """The host's Debian architecture name (``amd64``, ``arm64``...)."""
+    return _run(["dpkg", "--print-architecture"], what="detecting the architecture").strip()
+
+
+def resolve(name: str) -> DebPackage:
+    """The candidate version of package ``name`` in the host's apt index."""
+    text = _run(["apt-cache", "show", "--no-all-versions", name], what=f"looking up package {name}")
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep and not line.startswith(" ") and key not in fields:
+            fields[key] = value.strip()
+    try:
+        return DebPackage(
+            fields["Package"], fields["Version"], fields["Architecture"], fields["SHA256"]
+        )
+    except KeyError as err:
+        raise ImageError(
+            f"package {name} has no {err.args[0]} field in the apt index",
+            hint="apt-get update",
+        ) from err
+
+
+def resolve_dependency(metapackage: str, prefix: str) -> str:
+    """The first ``Depends`` of ``metapackage`` whose name starts with ``prefix``.
+
+    Debian's ``linux-image-cloud-amd64`` is a metapackage depending on the versioned kernel
+    package (``linux-image-6.1.0-NN-cloud-amd64``); that one carries the files.
+    """
+    text = _run(
+        ["apt-cache", "depends", "--no-recommends", "--no-suggests", metapackage],
+        what=f"resolving {metapackage}",
+    )
+    for line in text.splitlines():
+        kind, sep, dep = line.strip().partition(": ")
+        if sep and kind.lstrip("|") == "Depends" and dep.startswith(prefix):
+            return dep.strip()
+    raise ImageError(f"{metapackage} does not depend on a {prefix}* package", hint="apt-get update")
+
+
+def unpack(pkg: DebPackage, *, root: Path | None = None) -> Path:
+    """Download ``pkg`` (once) and return the directory it is unpacked in (``dpkg-deb -x``)."""
+    entry = cache.entry("debs", f"{pkg.sha256[:32]}-{pkg.name}", root=root)
+    if entry.exists:
+        return entry.path / "root"
+    with entry.lock():
+        if entry.exists:
+            return entry.path / "root"
+        with tempfile.TemporaryDirectory(prefix="vsockrpc-deb-") as dl, entry.build() as tmp:
+            # apt-get download writes into the current directory.
+            _run(
+                ["apt-get", "download", f"{pkg.name}={pkg.version}"],
+                what="apt-get download",
+                cwd=Path(dl),
+            )
+            debs = list(Path(dl).glob("*.deb"))
+            if len(debs) != 1:
+                raise ImageError(f"apt-get download {pkg.name} produced {len(debs)} files")
+            got = cache.file_digest(debs[0])
+            if got != pkg.sha256:
+                raise ImageError(
+                    f"{debs[0].name}: SHA256 {got} does not match the apt index ({pkg.sha256})"
+                )
+            _run(["dpkg-deb", "-x", str(debs[0]), str(tmp / "root")], what="dpkg-deb -x")
+            (tmp / "package").write_text(f"{pkg.name} {pkg.version} {pkg.architecture}\n")
+    return entry.path / "root"
