@@ -1,10 +1,152 @@
-"""``vsockrpc`` subcommands of this module (placeholder: registers nothing yet)."""
+"""``vsockrpc serve`` and ``vsockrpc add``: the seed system's server and client.
+
+``serve`` runs :func:`vsockrpc.services.default_services` on one or more addresses until
+SIGTERM/SIGINT. ``add A B --target ADDRESS`` calls Addition and prints
+``Addition result: A + B = C``; a failed call prints one line with the gRPC status name and
+exits 1 (the original printed -1 and exited 0).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from types import FrameType
 from typing import Any
+
+import grpc
+
+from vsockrpc import rpc
+from vsockrpc.addresses import Address, parse_address
+from vsockrpc.errors import AddressError, RpcError, TransportTimeout
+from vsockrpc.proto import vsock_service_pb2 as pb
+from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
+from vsockrpc.services import addition, default_services
+
+__all__ = ["DEFAULT_LISTEN", "register"]
+
+DEFAULT_LISTEN = "vsock:-1:9999"
+
+
+def _address(text: str) -> Address:
+    try:
+        return parse_address(text)
+    except AddressError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _int32(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not addition.INT32_MIN <= value <= addition.INT32_MAX:
+        raise argparse.ArgumentTypeError(f"{value} does not fit in an int32")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be zero or more seconds")
+    return value
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    """Add this module's subcommands to ``sub``."""
+    """Add ``serve`` and ``add``."""
+    serve = sub.add_parser(
+        "serve", help="serve the Addition service", description="Serve the guest services."
+    )
+    serve.add_argument(
+        "--listen",
+        metavar="ADDRESS",
+        type=_address,
+        action="append",
+        help=f"address to listen on; repeatable (default {DEFAULT_LISTEN})",
+    )
+    serve.add_argument("--workers", type=int, default=16, help="gRPC worker threads")
+    serve.set_defaults(func=_serve)
+
+    add = sub.add_parser("add", help="call Addition", description="Call Addition(A, B).")
+    add.add_argument("a", metavar="A", type=_int32)
+    add.add_argument("b", metavar="B", type=_int32)
+    add.add_argument(
+        "--target",
+        metavar="ADDRESS",
+        type=_address,
+        required=True,
+        help="server address: vsock:CID:PORT, hvsock:PATH:PORT, unix:PATH or tcp:HOST:PORT",
+    )
+    add.add_argument(
+        "--timeout", type=_seconds, default=10.0, metavar="S", help="call deadline (default 10)"
+    )
+    add.add_argument(
+        "--wait",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="keep retrying for up to S seconds while the server is not up yet",
+    )
+    add.set_defaults(func=_add)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    listen: list[Address] = args.listen or [parse_address(DEFAULT_LISTEN)]
+    logging.getLogger("vsockrpc.services").setLevel(logging.INFO)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with rpc.serve(default_services(), listen, max_workers=args.workers) as server:
+            for address in server.addresses:
+                print(f"listening on {address}", flush=True)
+            while not stop.wait(0.5):
+                pass
+            print("stopping", file=sys.stderr, flush=True)
+            server.stop(grace=2.0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _rpc_error(err: grpc.RpcError) -> RpcError:
+    code: grpc.StatusCode = err.code()
+    details = " ".join(str(err.details() or "").split())
+    return RpcError(f"{code.name}: {details}" if details else code.name, code=code.name)
+
+
+def _add(args: argparse.Namespace) -> int:
+    target: Address = args.target
+    options = rpc.RETRY_OPTIONS if args.wait else ()
+    deadline = time.monotonic() + args.wait
+    delay = 0.05
+    with rpc.channel(target, options=options) as ch:
+        stub = pb_grpc.VsockServiceStub(ch)  # type: ignore[no-untyped-call]
+        request = pb.AdditionRequest(a=args.a, b=args.b)
+        while True:
+            try:
+                if args.wait:
+                    remaining = max(deadline - time.monotonic(), 0.0)
+                    rpc.channel_ready(ch, timeout=remaining, what=str(target))
+                reply: pb.AdditionResponse = stub.Addition(request, timeout=args.timeout)
+                break
+            except TransportTimeout as err:
+                raise RpcError(f"UNAVAILABLE: {err}", code="UNAVAILABLE") from err
+            except grpc.RpcError as err:
+                retry = err.code() == grpc.StatusCode.UNAVAILABLE
+                if not retry or time.monotonic() + delay >= deadline:
+                    raise _rpc_error(err) from err
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+    print(f"Addition result: {args.a} + {args.b} = {reply.c}", flush=True)
+    return 0

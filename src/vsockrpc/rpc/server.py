@@ -1,0 +1,202 @@
+"""``serve()``: one grpcio server on any number of addresses, relaying those grpcio can't bind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Callable, Iterable, Sequence
+from concurrent import futures
+from contextlib import ExitStack
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from vsockrpc import transport
+from vsockrpc.addresses import Address, HybridAddress, TcpAddress, UnixAddress, VsockAddress
+from vsockrpc.addresses import parse_address as _parse
+from vsockrpc.errors import AddressError, TransportError
+from vsockrpc.rpc import _peers
+from vsockrpc.rpc._native import native_vsock_supported
+from vsockrpc.rpc._private import PrivateDir
+from vsockrpc.rpc._relay import Relay
+from vsockrpc.transport import unix as unix_transport
+
+__all__ = ["Server", "serve"]
+
+Registrar = Callable[[grpc.Server], None]
+
+# grpcio's default would honour $http_proxy for our loopback/guest addresses: never wanted here.
+DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.enable_http_proxy", 0),)
+
+
+class Server:
+    """A started gRPC server; a context manager that stops it (and its relays) on exit."""
+
+    def __init__(
+        self,
+        server: grpc.Server,
+        addresses: Sequence[Address],
+        relays: Sequence[Relay],
+        private_dir: PrivateDir | None,
+    ) -> None:
+        self._server = server
+        self.addresses: tuple[Address, ...] = tuple(addresses)
+        self._relays = tuple(relays)
+        self._private_dir = private_dir
+        self._stopped = False
+
+    @property
+    def grpc_server(self) -> grpc.Server:
+        return self._server
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let calls finish for ``grace`` seconds, then close everything."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for relay in self._relays:
+            relay.stop_accepting()
+        self._server.stop(grace).wait()
+        for relay in self._relays:
+            relay.close()
+        if self._private_dir is not None:
+            _peers.untrust_directory(self._private_dir.path)
+            self._private_dir.close()
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Block until the server stops; like grpcio, returns True if ``timeout`` passed first."""
+        result: bool = self._server.wait_for_termination(timeout)
+        return result
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop(None)
+
+
+def native_target(address: Address) -> str | None:
+    """The grpcio target string for ``address``, or None when it must be relayed."""
+    match address:
+        case UnixAddress(path=path):
+            return f"unix:{path}"
+        case TcpAddress(host=host, port=port):
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        case VsockAddress(cid=cid, port=port) if native_vsock_supported():
+            return f"vsock:{cid}:{port}"
+        case _:
+            return None
+
+
+def _add_port(server: grpc.Server, target: str, what: str) -> int:
+    try:
+        port: int = server.add_insecure_port(target)
+    except RuntimeError as err:
+        raise TransportError(f"cannot listen on {what}: grpcio could not bind {target}") from err
+    return port
+
+
+def _bound_address(address: Address, port: int) -> Address:
+    match address:
+        case TcpAddress(host=host):
+            return TcpAddress(host, port)
+        case VsockAddress(cid=cid) if port > 0:
+            return VsockAddress(cid, port)
+        case _:
+            return address
+
+
+def _relay_dial(
+    private_dir: PrivateDir, inner_path: str
+) -> Callable[[socket.socket, object], socket.socket]:
+    def dial(conn: socket.socket, peer: object) -> socket.socket:
+        original: Address | None = None
+        if conn.family == getattr(socket, "AF_VSOCK", None) and isinstance(peer, tuple):
+            original = VsockAddress(int(peer[0]), int(peer[1]))
+        name = _peers.client_name(private_dir.path, original)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(name)
+            try:
+                sock.connect(inner_path)
+            finally:
+                os.unlink(name)  # the kernel keeps the bound name for getpeername()
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return dial
+
+
+def serve(
+    services: Iterable[Registrar],
+    listen: Sequence[Address | str],
+    *,
+    max_workers: int = 16,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    options: Sequence[tuple[str, Any]] = (),
+) -> Server:
+    """Start a gRPC server with ``services`` on every address in ``listen``.
+
+    Unix and TCP addresses (and vsock when grpcio supports it) are bound by grpcio itself;
+    vsock and hybrid addresses otherwise go through a relay into a private Unix socket.
+    Raises :class:`AddressError` for bad addresses and :class:`TransportError` when a bind fails.
+    """
+    addresses = [_parse(item) for item in listen]
+    if not addresses:
+        raise AddressError("serve() needs at least one listen address")
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="vsockrpc-rpc"),
+        interceptors=list(interceptors),
+        options=[*DEFAULT_OPTIONS, *options],
+    )
+    for register in services:
+        register(server)
+    with ExitStack() as cleanup:
+        cleanup.callback(server.stop, None)
+        bound: list[Address] = []
+        relays: list[Relay] = []
+        private_dir: PrivateDir | None = None
+        inner_path = ""
+        for address in addresses:
+            target = native_target(address)
+            if target is not None:
+                if isinstance(address, UnixAddress):
+                    unix_transport.remove_stale_socket(address.path, str(address))
+                port = _add_port(server, target, str(address))
+                bound.append(_bound_address(address, port))
+                continue
+            if private_dir is None:
+                private_dir = cleanup.enter_context(PrivateDir())
+                _peers.trust_directory(private_dir.path)
+                cleanup.callback(_peers.untrust_directory, private_dir.path)
+                inner_path = private_dir.join("grpc")
+                _add_port(server, f"unix:{inner_path}", str(address))
+            listener = transport.listen(address)
+            relay = Relay(listener, _relay_dial(private_dir, inner_path), name=f"serve {address}")
+            cleanup.callback(relay.close)
+            relays.append(relay)
+            bound.append(_listening_address(address, listener))
+        server.start()
+        for relay in relays:
+            relay.start()
+        cleanup.pop_all()
+    return Server(server, bound, relays, private_dir)
+
+
+def _listening_address(address: Address, listener: socket.socket) -> Address:
+    if isinstance(address, VsockAddress):
+        with contextlib.suppress(OSError):
+            _, port = listener.getsockname()
+            return VsockAddress(address.cid, int(port))
+    if isinstance(address, HybridAddress):
+        return address
+    return address

@@ -1,0 +1,53 @@
+"""The seed system's ``Addition`` service (``popovicu_vsock.VsockService``).
+
+int32 semantics: the fields are int32 on the wire, so ``a + b`` outside
+[-2**31, 2**31-1] cannot be represented. Rather than wrap silently (as the C++ original did, by
+undefined behaviour), the call fails with ``INVALID_ARGUMENT`` naming both operands.
+Every call logs ``Addition: 5 + 7 = 12`` at INFO on the ``vsockrpc.services.addition`` logger
+(the guest agent sends logging to its console).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from vsockrpc.proto import vsock_service_pb2 as pb
+from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
+
+__all__ = ["INT32_MAX", "INT32_MIN", "AdditionServicer", "add_int32", "register"]
+
+log = logging.getLogger(__name__)
+
+INT32_MIN = -(2**31)
+INT32_MAX = 2**31 - 1
+
+
+def add_int32(a: int, b: int) -> int | None:
+    """``a + b``, or None when the sum does not fit in an int32."""
+    c = a + b
+    return c if INT32_MIN <= c <= INT32_MAX else None
+
+
+class AdditionServicer(pb_grpc.VsockServiceServicer):
+    """Returns ``c = a + b``; INVALID_ARGUMENT when the sum overflows int32."""
+
+    def Addition(  # the method name is fixed by the .proto
+        self, request: pb.AdditionRequest, context: grpc.ServicerContext
+    ) -> pb.AdditionResponse:
+        c = add_int32(request.a, request.b)
+        if c is None:
+            log.warning("Addition: %d + %d overflows int32", request.a, request.b)
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{request.a} + {request.b} does not fit in an int32",
+            )
+            raise AssertionError("ServicerContext.abort() returned")  # it always raises
+        log.info("Addition: %d + %d = %d", request.a, request.b, c)
+        return pb.AdditionResponse(c=c)
+
+
+def register(server: grpc.Server) -> None:
+    """Add the Addition service to ``server`` (a ``serve()`` service callable)."""
+    pb_grpc.add_VsockServiceServicer_to_server(AdditionServicer(), server)  # type: ignore[no-untyped-call]

@@ -1,0 +1,95 @@
+"""Hybrid vsock: a guest port reached through the host-side Unix socket of a VMM's vsock device.
+
+Firecracker, Cloud Hypervisor and vhost-user-vsock devices (ours included) speak the same text
+handshake on their Unix socket: the client writes ``CONNECT <port>\\n`` and the device answers
+``OK <n>\\n`` once the guest accepted, then forwards raw bytes. ``<n>`` is the host-side port the
+device picked (Firecracker: from 2**30 up) or the guest port (vhost-device-vsock), so any
+``OK <n>`` is accepted. The device closes the socket without a reply (or, in some versions,
+writes an error line) when nothing listens on the guest port: that is :class:`NotReadyError`,
+the caller retries with backoff (the guest may still be booting).
+
+``listen`` implements the other direction: a guest connecting to CID 2 port ``P`` reaches the
+host through ``<path>_<P>`` (Firecracker's convention), so we listen there.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from vsockrpc.addresses import SUN_PATH_MAX, HybridAddress
+from vsockrpc.errors import AddressError, NotReadyError, TransportTimeout
+from vsockrpc.transport import unix
+from vsockrpc.transport._errors import mapping_connect_errors
+
+__all__ = ["MAX_REPLY", "connect", "listen", "listen_path_for", "parse_reply"]
+
+# "OK 4294967295\n" is 14 bytes; anything much longer is not a handshake reply.
+MAX_REPLY = 64
+
+
+def parse_reply(line: bytes) -> int | None:
+    """The port in an ``OK <n>`` reply line (without ``\\n``), or None for anything else."""
+    text = line.removesuffix(b"\r")
+    if not text.startswith(b"OK "):
+        return None
+    digits = text[3:]
+    if not digits or not digits.isdigit() or len(digits) > 10:
+        return None
+    return int(digits)
+
+
+def _read_reply(sock: socket.socket, deadline: float | None, what: str) -> bytes:
+    # Byte by byte: the device forwards guest bytes right after the "\n", and a larger recv()
+    # would swallow them (this is what Firecracker's own clients do).
+    line = bytearray()
+    while True:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TransportTimeout(f"timed out waiting for OK from {what}")
+            sock.settimeout(remaining)
+        byte = sock.recv(1)
+        if not byte:
+            reason = f"after {bytes(line)!r}" if line else "before OK"
+            raise NotReadyError(
+                f"{what}: device closed the connection {reason} (guest port not listening yet?)"
+            )
+        if byte == b"\n":
+            return bytes(line)
+        line += byte
+        if len(line) > MAX_REPLY:
+            raise NotReadyError(f"{what}: handshake reply too long: {bytes(line[:32])!r}...")
+
+
+def connect(address: HybridAddress, *, timeout: float | None = None) -> socket.socket:
+    """Connect to the guest port behind ``address``; ``timeout`` bounds the whole handshake."""
+    what = str(address)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    sock = unix.connect_path(address.path, timeout=timeout, what=what)
+    try:
+        with mapping_connect_errors(what):
+            if deadline is not None:
+                sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+            sock.sendall(f"CONNECT {address.port}\n".encode())
+            line = _read_reply(sock, deadline, what)
+            sock.settimeout(None)
+        if parse_reply(line) is None:
+            raise NotReadyError(f"{what}: device answered {line[:MAX_REPLY]!r} instead of OK")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def listen_path_for(address: HybridAddress) -> str:
+    """``<path>_<port>``: where the device connects when the guest dials CID 2 port ``port``."""
+    path = f"{address.path}_{address.port}"
+    if len(path.encode()) > SUN_PATH_MAX:
+        raise AddressError(f"{path!r} (for {address}) is longer than {SUN_PATH_MAX} bytes")
+    return path
+
+
+def listen(address: HybridAddress, *, backlog: int = 128) -> socket.socket:
+    """Listen where the device forwards guest connections to host port ``address.port``."""
+    return unix.listen_path(listen_path_for(address), backlog=backlog, what=str(address))
