@@ -1,0 +1,106 @@
+"""The guest agent: Exec, Files and System services (``vsockrpc.agent.v1``), peer policy,
+and the standard health and reflection services.
+
+:func:`agent_services` returns ``serve()`` registrars; every agent call is checked against a
+:class:`PeerPolicy` (default: only the host, CID 2, plus Unix-socket peers). The PID-1 init
+hooks in with :func:`install_power_control` and :func:`record_reaped`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from vsockrpc.proto.agent.v1 import agent_pb2 as pb
+from vsockrpc.proto.agent.v1 import agent_pb2_grpc as pb_grpc
+from vsockrpc.services.agent.exec import ExecServicer, ProcessTable, is_agent_child, record_reaped
+from vsockrpc.services.agent.files import FilesServicer
+from vsockrpc.services.agent.peers import (
+    PeerPolicy,
+    PeerPolicyInterceptor,
+    PeerResolver,
+    guarded,
+)
+from vsockrpc.services.agent.system import (
+    ClockSetter,
+    PowerAction,
+    PowerControl,
+    SystemServicer,
+    default_power_control,
+    install_power_control,
+    set_realtime_clock,
+)
+
+__all__ = [
+    "AGENT_SERVICE_NAMES",
+    "ClockSetter",
+    "ExecServicer",
+    "FilesServicer",
+    "PeerPolicy",
+    "PeerPolicyInterceptor",
+    "PeerResolver",
+    "PowerAction",
+    "PowerControl",
+    "ProcessTable",
+    "SystemServicer",
+    "agent_services",
+    "default_power_control",
+    "guarded",
+    "health_and_reflection",
+    "install_power_control",
+    "is_agent_child",
+    "record_reaped",
+]
+
+Registrar = Callable[[grpc.Server], None]
+
+AGENT_SERVICE_NAMES = tuple(
+    pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Exec", "Files", "System")
+)
+
+
+def agent_services(
+    *,
+    policy: PeerPolicy | None = None,
+    power_control: PowerControl | None = None,
+    clock_setter: ClockSetter = set_realtime_clock,
+    table: ProcessTable | None = None,
+) -> list[Registrar]:
+    """Registrars for the Exec, Files and System services, each call checked by ``policy``
+    (default :meth:`PeerPolicy.from_env`)."""
+    admitted = policy if policy is not None else PeerPolicy.from_env()
+    exec_servicer = ExecServicer(table)
+    files_servicer = FilesServicer()
+    system_servicer = SystemServicer(power_control=power_control, clock_setter=clock_setter)
+
+    def register_exec(server: grpc.Server) -> None:
+        pb_grpc.add_ExecServicer_to_server(exec_servicer, server)  # type: ignore[no-untyped-call]
+
+    def register_files(server: grpc.Server) -> None:
+        pb_grpc.add_FilesServicer_to_server(files_servicer, server)  # type: ignore[no-untyped-call]
+
+    def register_system(server: grpc.Server) -> None:
+        pb_grpc.add_SystemServicer_to_server(system_servicer, server)  # type: ignore[no-untyped-call]
+
+    return [guarded(r, admitted) for r in (register_exec, register_files, register_system)]
+
+
+def health_and_reflection(service_names: Sequence[str]) -> Registrar:
+    """A registrar for ``grpc.health.v1.Health`` (every name SERVING) and server reflection."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    def register(server: grpc.Server) -> None:
+        servicer = health.HealthServicer()
+        for name in ("", *service_names):
+            servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        names = (
+            *service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, server)
+
+    return register

@@ -1,0 +1,257 @@
+"""The Files service: checksummed streamed transfers and the usual path operations.
+
+Uploads are written to a temporary file in the target's directory (``.NAME.XXXX.part``),
+checked (size and SHA-256 from the trailer), given their mode and mtime, fsynced and renamed
+over the target; the directory is fsynced after the rename. Any failure — a stream cut midway,
+a wrong checksum, a full disk — removes the temporary file, so the target name holds either
+the old content or the complete new one, never a partial file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+
+import grpc
+
+from vsockrpc.proto.agent.v1 import agent_pb2 as pb
+from vsockrpc.proto.agent.v1 import agent_pb2_grpc as pb_grpc
+from vsockrpc.services.agent._status import Status, check_path, show, statuses
+
+log = logging.getLogger("vsockrpc.agent.files")
+
+DEFAULT_CHUNK = 256 * 1024
+MAX_CHUNK = 1024 * 1024
+_INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _file_type(mode: int) -> pb.FileType.ValueType:
+    if stat.S_ISREG(mode):
+        return pb.FILE_TYPE_REGULAR
+    if stat.S_ISDIR(mode):
+        return pb.FILE_TYPE_DIRECTORY
+    if stat.S_ISLNK(mode):
+        return pb.FILE_TYPE_SYMLINK
+    return pb.FILE_TYPE_OTHER
+
+
+def file_info(path: bytes, st: os.stat_result, *, shown_path: bytes | None = None) -> pb.FileInfo:
+    info = pb.FileInfo(
+        path=shown_path if shown_path is not None else path,
+        type=_file_type(st.st_mode),
+        size=st.st_size,
+        mode=stat.S_IMODE(st.st_mode),
+        mtime_ns=st.st_mtime_ns,
+        uid=st.st_uid,
+        gid=st.st_gid,
+    )
+    if stat.S_ISLNK(st.st_mode):
+        with contextlib.suppress(OSError):
+            info.symlink_target = os.readlink(path)
+    return info
+
+
+def _fsync_dir(path: bytes) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FilesServicer(pb_grpc.FilesServicer):
+    """``vsockrpc.agent.v1.Files``: paths are absolute bytes; see the module docstring."""
+
+    def Upload(
+        self, request_iterator: Iterator[pb.UploadRequest], context: grpc.ServicerContext
+    ) -> pb.FileInfo:
+        with statuses(context, "Upload"):
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise Status(_INVALID, "the first Upload message must be the header")
+            return self._upload(first.header, request_iterator)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _upload(self, header: pb.UploadHeader, parts: Iterator[pb.UploadRequest]) -> pb.FileInfo:
+        path = check_path(header.path)
+        parent, name = os.path.split(path.rstrip(b"/") if path != b"/" else path)
+        if not name or name in (b".", b".."):
+            raise Status(_INVALID, f"path {show(path)} does not name a file")
+        if header.make_parents:
+            os.makedirs(parent, exist_ok=True)
+        elif not os.path.isdir(parent):
+            raise Status(grpc.StatusCode.NOT_FOUND, f"directory {show(parent)} does not exist")
+        if os.path.isdir(path):
+            raise Status(
+                grpc.StatusCode.FAILED_PRECONDITION, f"{show(path)} is an existing directory"
+            )
+        if header.no_overwrite and os.path.lexists(path):
+            raise Status(grpc.StatusCode.ALREADY_EXISTS, f"{show(path)} already exists")
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=b"." + name[:64] + b".", suffix=b".part")
+        tmp_path: bytes | None = tmp
+        try:
+            digest = hashlib.sha256()
+            received = 0
+            trailer: pb.TransferTrailer | None = None
+            for request in parts:
+                kind = request.WhichOneof("part")
+                if kind == "data":
+                    received += len(request.data)
+                    if received > header.size:
+                        raise Status(_INVALID, f"more data than the {header.size} bytes announced")
+                    digest.update(request.data)
+                    view = memoryview(request.data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                elif kind == "trailer":
+                    trailer = request.trailer
+                    break
+                else:
+                    raise Status(_INVALID, f"unexpected {kind!r} message in an upload")
+            if trailer is None:
+                raise Status(
+                    grpc.StatusCode.DATA_LOSS,
+                    f"upload of {show(path)} ended after {received} of {header.size} bytes",
+                )
+            if received != header.size or trailer.size != received:
+                raise Status(
+                    grpc.StatusCode.DATA_LOSS,
+                    f"upload of {show(path)}: received {received} bytes, "
+                    f"announced {header.size}, trailer says {trailer.size}",
+                )
+            if digest.digest() != trailer.sha256:
+                raise Status(grpc.StatusCode.DATA_LOSS, f"upload of {show(path)}: SHA-256 mismatch")
+            os.fchmod(fd, (header.mode & 0o7777) or 0o644)
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            if header.mtime_ns:
+                os.utime(tmp, ns=(header.mtime_ns, header.mtime_ns))
+            if header.no_overwrite and os.path.lexists(path):
+                raise Status(grpc.StatusCode.ALREADY_EXISTS, f"{show(path)} already exists")
+            os.replace(tmp, path)
+            tmp_path = None
+            _fsync_dir(parent)
+            log.info("uploaded %s (%d bytes)", show(path), received)
+            return file_info(path, os.stat(path))
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if tmp_path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp_path)
+
+    def Download(
+        self, request: pb.DownloadRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.DownloadResponse]:
+        with statuses(context, "Download"):
+            path = check_path(request.path)
+            chunk = min(request.chunk_size or DEFAULT_CHUNK, MAX_CHUNK)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise Status(
+                        grpc.StatusCode.FAILED_PRECONDITION, f"{show(path)} is not a regular file"
+                    )
+                yield pb.DownloadResponse(header=file_info(path, st))
+                digest = hashlib.sha256()
+                sent = 0
+                while True:
+                    data = os.read(fd, chunk)
+                    if not data:
+                        break
+                    digest.update(data)
+                    sent += len(data)
+                    yield pb.DownloadResponse(data=data)
+                yield pb.DownloadResponse(
+                    trailer=pb.TransferTrailer(sha256=digest.digest(), size=sent)
+                )
+            finally:
+                os.close(fd)
+
+    def Stat(self, request: pb.StatRequest, context: grpc.ServicerContext) -> pb.FileInfo:
+        with statuses(context, "Stat"):
+            path = check_path(request.path)
+            st = os.stat(path) if request.follow_symlinks else os.lstat(path)
+            return file_info(path, st)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> Iterator[pb.FileInfo]:
+        with statuses(context, "List"):
+            root = check_path(request.path)
+            if not os.path.isdir(root):
+                if not os.path.lexists(root):
+                    raise Status(grpc.StatusCode.NOT_FOUND, f"{show(root)}: no such directory")
+                raise Status(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"{show(root)} is not a directory"
+                )
+            pending: list[bytes] = [b""]
+            while pending:
+                rel_dir = pending.pop(0)
+                directory = os.path.join(root, rel_dir) if rel_dir else root
+                with os.scandir(directory) as entries:
+                    listed = sorted(entries, key=lambda e: e.name)
+                subdirs = []
+                for entry in listed:
+                    rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:  # vanished while listing
+                        continue
+                    yield file_info(entry.path, st, shown_path=rel)
+                    if request.recursive and stat.S_ISDIR(st.st_mode):
+                        subdirs.append(rel)
+                pending[0:0] = subdirs
+
+    def MakeDirs(self, request: pb.MakeDirsRequest, context: grpc.ServicerContext) -> pb.FileInfo:
+        with statuses(context, "MakeDirs"):
+            path = check_path(request.path)
+            try:
+                os.makedirs(path, mode=(request.mode & 0o7777) or 0o755, exist_ok=True)
+            except FileExistsError:
+                raise Status(
+                    grpc.StatusCode.ALREADY_EXISTS, f"{show(path)} exists and is not a directory"
+                ) from None
+            return file_info(path, os.stat(path))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def Remove(self, request: pb.RemoveRequest, context: grpc.ServicerContext) -> pb.RemoveResponse:
+        with statuses(context, "Remove"):
+            path = check_path(request.path)
+            if os.path.normpath(path) == b"/":
+                raise Status(_INVALID, "refusing to remove '/'")
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                if request.missing_ok:
+                    return pb.RemoveResponse(removed=False)
+                raise Status(grpc.StatusCode.NOT_FOUND, f"{show(path)}: no such file") from None
+            if stat.S_ISDIR(st.st_mode):
+                if request.recursive:
+                    shutil.rmtree(path)
+                else:
+                    os.rmdir(path)
+            else:
+                os.unlink(path)
+            log.info("removed %s", show(path))
+            return pb.RemoveResponse(removed=True)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def Rename(self, request: pb.RenameRequest, context: grpc.ServicerContext) -> pb.FileInfo:
+        with statuses(context, "Rename"):
+            source = check_path(request.source, "source")
+            destination = check_path(request.destination, "destination")
+            if not os.path.lexists(source):
+                raise Status(grpc.StatusCode.NOT_FOUND, f"{show(source)}: no such file")
+            if request.no_overwrite and os.path.lexists(destination):
+                raise Status(grpc.StatusCode.ALREADY_EXISTS, f"{show(destination)} already exists")
+            os.rename(source, destination)
+            return file_info(destination, os.lstat(destination))
+        raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,157 @@
+"""Which peers may call the agent: a :class:`PeerPolicy` enforced around every handler.
+
+Trust model (also in docs/agent.md): the agent runs commands as root for whoever it accepts, so
+*being accepted is full control of the guest*. Over vsock the peer's CID is set by the
+hypervisor/kernel and cannot be forged from inside another VM, so the policy admits CIDs: by
+default only ``2`` (VMADDR_CID_HOST, the host). Which *host* users can reach the guest is decided
+on the host: by the hybrid socket's file mode (our userspace device) or by who may open
+``/dev/vhost-vsock``/create AF_VSOCK sockets (kernel vhost-vsock: any host user!). Unix-socket
+peers are admitted (the socket's file mode is the control); TCP peers only when asked for
+(``allow_tcp``), since anything that can reach the port would get in. A refused call gets
+``PERMISSION_DENIED`` and one WARNING log line naming the peer and the method.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from vsockrpc.addresses import Address, TcpAddress, UnixAddress, VsockAddress
+from vsockrpc.errors import AddressError
+
+log = logging.getLogger("vsockrpc.agent.peers")
+
+VMADDR_CID_HOST = 2
+ENV_ALLOWED_CIDS = "VSOCKRPC_AGENT_ALLOWED_CIDS"
+"""Comma-separated CIDs the agent admits (``any`` for every CID); default ``2``."""
+
+PeerResolver = Callable[[grpc.ServicerContext], Address | None]
+Registrar = Callable[[grpc.Server], None]
+
+
+def _default_resolver(context: grpc.ServicerContext) -> Address | None:
+    from vsockrpc.rpc import peer_address
+
+    peer = peer_address(context)
+    if peer is None and context.peer() == "unix:":
+        # An unnamed local Unix-socket client (the relay's inner sockets are always bound to a
+        # name, so they never look like this): access was decided by the socket's file mode.
+        return UnixAddress("")
+    return peer
+
+
+@dataclass(frozen=True)
+class PeerPolicy:
+    """Admission rules. ``allowed_cids=None`` admits every vsock CID."""
+
+    allowed_cids: frozenset[int] | None = frozenset({VMADDR_CID_HOST})
+    allow_unix: bool = True
+    allow_tcp: bool = False
+    resolver: PeerResolver = field(default=_default_resolver, compare=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> PeerPolicy:
+        """The policy configured by ``$VSOCKRPC_AGENT_ALLOWED_CIDS`` (default: the host only)."""
+        env = os.environ if environ is None else environ
+        text = env.get(ENV_ALLOWED_CIDS, "").strip()
+        if not text:
+            return cls()
+        if text.lower() == "any":
+            return cls(allowed_cids=None)
+        try:
+            cids = frozenset(int(part) for part in text.split(",") if part.strip())
+        except ValueError as err:
+            raise AddressError(f"{ENV_ALLOWED_CIDS}={text!r}: expected CIDs like 2,3") from err
+        return cls(allowed_cids=cids)
+
+    def admits(self, peer: Address | None) -> bool:
+        if isinstance(peer, VsockAddress):
+            return self.allowed_cids is None or peer.cid in self.allowed_cids
+        if isinstance(peer, UnixAddress):
+            return self.allow_unix
+        if isinstance(peer, TcpAddress):
+            return self.allow_tcp
+        return False  # unknown peer: refuse
+
+    def check(self, context: grpc.ServicerContext, method: str) -> None:
+        """Abort the call with PERMISSION_DENIED unless the peer is admitted."""
+        peer = self.resolver(context)
+        if self.admits(peer):
+            return
+        log.warning("refused %s from peer %s (%s)", method, peer, context.peer())
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, f"peer {peer} is not allowed")
+
+
+def guard_handler(handler: Any, policy: PeerPolicy, method: str) -> Any:
+    """``handler`` (a grpc.RpcMethodHandler) with ``policy`` checked before the behaviour runs."""
+    if handler is None:
+        return None
+    replaced: dict[str, Any] = {}
+    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        behaviour = getattr(handler, kind)
+        if behaviour is None:
+            continue
+
+        def guarded(request: Any, context: grpc.ServicerContext, _b: Any = behaviour) -> Any:
+            policy.check(context, method)
+            return _b(request, context)
+
+        replaced[kind] = guarded
+    return handler._replace(**replaced)  # grpc's handlers are namedtuples
+
+
+class _GuardedGenericHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
+    def __init__(self, inner: Any, policy: PeerPolicy) -> None:
+        self._inner = inner
+        self._policy = policy
+
+    def service(self, handler_call_details: Any) -> Any:
+        handler = self._inner.service(handler_call_details)
+        return guard_handler(handler, self._policy, handler_call_details.method)
+
+
+class _GuardedServer:
+    """Stands in for grpc.Server while a generated ``add_*_to_server`` registers handlers."""
+
+    def __init__(self, server: grpc.Server, policy: PeerPolicy) -> None:
+        self._server = server
+        self._policy = policy
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_GuardedGenericHandler(h, self._policy) for h in handlers)
+        )
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self._server.add_registered_method_handlers(
+            service,
+            {
+                name: guard_handler(h, self._policy, f"/{service}/{name}")
+                for name, h in handlers.items()
+            },
+        )
+
+
+def guarded(register: Registrar, policy: PeerPolicy) -> Registrar:
+    """A registrar registering the same services with every call checked against ``policy``."""
+
+    def register_guarded(server: grpc.Server) -> None:
+        register(_GuardedServer(server, policy))
+
+    return register_guarded
+
+
+class PeerPolicyInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """The same check for a whole server: ``serve(..., interceptors=[PeerPolicyInterceptor()])``."""
+
+    def __init__(self, policy: PeerPolicy | None = None) -> None:
+        self._policy = policy if policy is not None else PeerPolicy.from_env()
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        return guard_handler(handler, self._policy, handler_call_details.method)

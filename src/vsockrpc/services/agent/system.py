@@ -1,0 +1,190 @@
+"""The System service: ping, info, time sync from the host, power off / reboot.
+
+Power control is a seam: :data:`PowerControl` is any callable taking a :class:`PowerAction`.
+The guest's PID-1 init installs its own with :func:`install_power_control` (so it can stop
+services, sync and unmount before ``reboot(2)``); without one, :func:`default_power_control`
+calls ``reboot(2)`` directly when the agent is PID 1 and ``systemctl``/``poweroff`` otherwise.
+The action runs on a thread after the RPC's reply has been sent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+
+from vsockrpc import __version__
+from vsockrpc.proto.agent.v1 import agent_pb2 as pb
+from vsockrpc.proto.agent.v1 import agent_pb2_grpc as pb_grpc
+from vsockrpc.services.agent._status import Status, statuses
+
+log = logging.getLogger("vsockrpc.agent.system")
+
+
+class PowerAction(enum.Enum):
+    POWEROFF = "poweroff"
+    REBOOT = "reboot"
+
+
+PowerControl = Callable[[PowerAction], None]
+"""Carries out a power action; may return (the machine goes down shortly) or never return."""
+
+ClockSetter = Callable[[int], None]
+"""Sets CLOCK_REALTIME to the given nanoseconds since the epoch."""
+
+# reboot(2) magic numbers, <linux/reboot.h>.
+_LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
+_LINUX_REBOOT_CMD_RESTART = 0x01234567
+
+_installed_power_control: PowerControl | None = None
+
+
+def install_power_control(control: PowerControl | None) -> None:
+    """Make ``control`` the power hook of every SystemServicer built without one (PID-1 init)."""
+    global _installed_power_control
+    _installed_power_control = control
+
+
+def _reboot_syscall(action: PowerAction) -> None:
+    os.sync()
+    libc = ctypes.CDLL(None, use_errno=True)
+    cmd = _LINUX_REBOOT_CMD_RESTART if action is PowerAction.REBOOT else _LINUX_REBOOT_CMD_POWER_OFF
+    if libc.reboot(ctypes.c_int(cmd)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def default_power_control(action: PowerAction) -> None:
+    """``reboot(2)`` when PID 1, else the system's own command (systemctl or poweroff/reboot)."""
+    if os.getpid() == 1:
+        _reboot_syscall(action)
+        return
+    argv = ["systemctl", action.value] if shutil.which("systemctl") else [action.value]
+    subprocess.run(argv, check=True, timeout=60)
+
+
+def set_realtime_clock(time_ns: int) -> None:
+    time.clock_settime_ns(time.CLOCK_REALTIME, time_ns)
+
+
+def _meminfo() -> dict[str, int]:
+    values: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():
+                    values[name] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    except OSError:
+        pass
+    return values
+
+
+def _uptime() -> float:
+    try:
+        with open("/proc/uptime", encoding="ascii") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def _os_release() -> dict[str, str]:
+    try:
+        return platform.freedesktop_os_release()
+    except OSError:
+        return {}
+
+
+class SystemServicer(pb_grpc.SystemServicer):
+    """``vsockrpc.agent.v1.System``; clock and power are injectable for tests and for init."""
+
+    def __init__(
+        self,
+        *,
+        power_control: PowerControl | None = None,
+        clock_setter: ClockSetter = set_realtime_clock,
+        power_delay: float = 0.2,
+    ) -> None:
+        self._power_control = power_control
+        self._clock_setter = clock_setter
+        self._power_delay = power_delay
+        self._power_lock = threading.Lock()
+        self._power_requested = False
+
+    def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingResponse:
+        return pb.PingResponse(payload=request.payload, time_ns=time.time_ns())
+
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
+        uname = os.uname()
+        release = _os_release()
+        mem = _meminfo()
+        return pb.InfoResponse(
+            agent_version=__version__,
+            kernel_release=uname.release,
+            kernel_version=uname.version,
+            machine=uname.machine,
+            hostname=uname.nodename,
+            os_pretty_name=release.get("PRETTY_NAME", ""),
+            os_release=release,
+            cpus=os.cpu_count() or 0,
+            memory_total_bytes=mem.get("MemTotal", 0),
+            memory_available_bytes=mem.get("MemAvailable", 0),
+            uptime_seconds=_uptime(),
+            time_ns=time.time_ns(),
+            agent_pid=os.getpid(),
+            python_version=platform.python_version(),
+        )
+
+    def SetTime(
+        self, request: pb.SetTimeRequest, context: grpc.ServicerContext
+    ) -> pb.SetTimeResponse:
+        with statuses(context, "SetTime"):
+            if request.time_ns <= 0:
+                raise Status(grpc.StatusCode.INVALID_ARGUMENT, "time_ns must be positive")
+            previous = time.time_ns()
+            self._clock_setter(request.time_ns)
+            log.info(
+                "clock set from the host: moved by %+.3f s", (request.time_ns - previous) / 1e9
+            )
+            return pb.SetTimeResponse(previous_time_ns=previous, time_ns=time.time_ns())
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def Shutdown(
+        self, request: pb.ShutdownRequest, context: grpc.ServicerContext
+    ) -> pb.ShutdownResponse:
+        action = (
+            PowerAction.REBOOT
+            if request.action == pb.POWER_ACTION_REBOOT
+            else (PowerAction.POWEROFF)
+        )
+        control = self._power_control or _installed_power_control or default_power_control
+        with self._power_lock:
+            if self._power_requested:
+                return pb.ShutdownResponse()
+            self._power_requested = True
+        log.warning("%s requested by the host", action.value)
+
+        def later() -> None:
+            time.sleep(self._power_delay)  # let the reply reach the host first
+            try:
+                control(action)
+            except Exception:
+                log.exception("%s failed", action.value)
+                with self._power_lock:
+                    self._power_requested = False
+
+        # add_callback runs when the RPC is done (reply sent); the thread then waits a little.
+        context.add_callback(
+            lambda: threading.Thread(target=later, name="agent-power", daemon=True).start()
+        )
+        return pb.ShutdownResponse()
