@@ -31,6 +31,7 @@ import os
 import pwd
 import queue
 import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -86,10 +87,36 @@ def _set_window(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows or 24, cols or 80, 0, 0))
 
 
-def _make_controlling_tty() -> None:  # pragma: no cover - runs in the forked child
-    # Runs between fork and exec (after setsid): make the PTY slave on fd 0 the controlling
-    # terminal, as login(1)/ssh do, so job control and ^C work. Only async-signal-safe calls.
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+def _ctty_wrapper() -> bytes | None:
+    """util-linux ``setsid``, used to give PTY processes a controlling terminal.
+
+    A PTY process must call setsid() and ioctl(TIOCSCTTY) between fork and exec. Doing that in a
+    ``preexec_fn`` forks the whole grpcio process through Python's at-fork machinery, which
+    crashes the child (SIGSEGV) while gRPC threads run; ``setsid --ctty`` does it in the child
+    instead (it does not fork when the caller is not a group leader, so the pid stays ours).
+    """
+    found = shutil.which("setsid")
+    return os.fsencode(found) if found else None
+
+
+def _setpriv_prefix(account: pwd.struct_passwd) -> list[bytes]:
+    """util-linux ``setpriv`` switching to ``account`` (uid, gid and its groups) before exec.
+
+    Popen's own ``user=``/``group=`` make CPython fork through its at-fork handlers, which
+    crashes the child of a process running gRPC threads; setpriv switches in the child instead.
+    """
+    found = shutil.which("setpriv")
+    if found is None:
+        raise Status(
+            grpc.StatusCode.FAILED_PRECONDITION, "running as another user needs setpriv(1)"
+        )
+    return [
+        os.fsencode(found),
+        f"--reuid={account.pw_uid}".encode(),
+        f"--regid={account.pw_gid}".encode(),
+        b"--init-groups",
+        b"--",
+    ]
 
 
 def _resolve_user(user: str) -> pwd.struct_passwd | None:
@@ -478,41 +505,40 @@ class ProcessTable:
             raise Status(_INVALID, "timeout_seconds is negative")
         master_fd: int | None = None
         slave_fd: int | None = None
-        user_kwargs: dict[str, object] = {}
-        if account is not None and account.pw_uid != os.geteuid():
-            user_kwargs = {
-                "user": account.pw_uid,
-                "group": account.pw_gid,
-                "extra_groups": os.getgrouplist(account.pw_name, account.pw_gid),
-            }
+        # Without wrappers, execve gets the caller's argv[0] and the resolved executable.
+        wrapped = account is not None and account.pw_uid != os.geteuid()
+        spawn_argv: list[bytes] = [executable, *argv[1:]]
+        if account is not None and wrapped:
+            spawn_argv = [*_setpriv_prefix(account), *spawn_argv]
         try:
             if start.pty:
                 master_fd, slave_fd = os.openpty()
                 os.set_inheritable(master_fd, False)
                 _set_window(slave_fd, start.window.rows, start.window.cols)
+                wrapper = _ctty_wrapper()
+                if wrapper is not None:
+                    spawn_argv = [wrapper, b"--ctty", b"--", *spawn_argv]
+                else:  # no controlling terminal: output and input still work, ^C does not
+                    log.warning("setsid(1) not found: PTY process gets no controlling terminal")
                 popen = subprocess.Popen(
-                    argv,
-                    executable=executable,
+                    spawn_argv,
                     stdin=slave_fd,
                     stdout=slave_fd,
                     stderr=slave_fd,
                     cwd=cwd,
                     env=env,
-                    start_new_session=True,
-                    preexec_fn=_make_controlling_tty,  # noqa: PLW1509 - ioctl only, see above
-                    **user_kwargs,  # type: ignore[call-overload]
+                    start_new_session=wrapper is None,
                 )
             else:
                 popen = subprocess.Popen(
-                    argv,
-                    executable=executable,
+                    spawn_argv if wrapped else argv,
+                    executable=spawn_argv[0],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     cwd=cwd,
                     env=env,
                     start_new_session=True,
-                    **user_kwargs,  # type: ignore[call-overload]
                 )
         except OSError as err:
             if master_fd is not None:

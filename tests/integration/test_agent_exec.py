@@ -1,0 +1,283 @@
+"""Exec against a real agent on a Unix socket: streams, exit statuses, PTY, attach, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import stat
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from tests.integration.agent_harness import AgentUnderTest, running_agent
+from vsockrpc.errors import AgentError
+from vsockrpc.proto.agent.v1 import agent_pb2 as pb
+from vsockrpc.proto.agent.v1 import agent_pb2_grpc as pb_grpc
+from vsockrpc.sdk import Exited, Guest, Started, Stderr, Stdout
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def agent() -> Iterator[AgentUnderTest]:
+    with running_agent() as a:
+        yield a
+
+
+@pytest.fixture
+def guest(agent: AgentUnderTest) -> Iterator[Guest]:
+    with Guest(agent.address, wait=10) as g:
+        yield g
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_stdin_both_streams_and_exit_code(guest: Guest) -> None:
+    script = "tr a-z A-Z; echo to-stderr >&2; exit 7"
+    result = guest.run(["sh", "-c", script], input=b"hello agent\n")
+    assert result.exit_code == 7
+    assert result.signal is None
+    assert result.stdout == b"HELLO AGENT\n"
+    assert result.stderr == b"to-stderr\n"
+
+
+def test_events_stream_before_exit(guest: Guest) -> None:
+    """Output arrives while the process is still running (blocked on stdin), not at exit."""
+    with guest.exec_stream(["sh", "-c", "echo first; read line; echo got:$line"]) as proc:
+        events = iter(proc)
+        started = next(events)
+        assert isinstance(started, Started) and started.pid > 0
+        first = next(events)
+        assert first == Stdout(b"first\n")
+        proc.send(b"later\n")
+        rest = list(events)
+    assert Stdout(b"got:later\n") in rest
+    assert rest[-1] == Exited(exit_code=0, signal=None)
+
+
+def test_killed_by_signal_and_signal_delivery(guest: Guest) -> None:
+    result = guest.run(["sh", "-c", "kill -TERM $$"])
+    assert (result.exit_code, result.signal, result.status) == (None, signal.SIGTERM, 143)
+    with guest.exec_stream(["sleep", "60"]) as proc:
+        proc.signal(signal.SIGINT)
+        tail = list(proc)
+    assert tail[-1] == Exited(exit_code=None, signal=signal.SIGINT)
+
+
+def test_signal_rpc_by_process_id(guest: Guest) -> None:
+    with guest.exec_stream(["sleep", "60"]) as proc:
+        assert proc.process_id in {p.process_id for p in guest.processes()}
+        guest.signal(proc.process_id, signal.SIGKILL)
+        assert list(proc)[-1] == Exited(exit_code=None, signal=signal.SIGKILL)
+    with pytest.raises(AgentError) as info:
+        guest.signal("no-such-process", signal.SIGTERM)
+    assert info.value.code == "NOT_FOUND"
+
+
+def test_timeout_kills_the_process_group(guest: Guest) -> None:
+    start = time.monotonic()
+    result = guest.run(["sh", "-c", "sleep 30 & sleep 30"], timeout=0.5)
+    assert result.timed_out
+    assert result.signal == signal.SIGKILL
+    assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_nothing_lost_when_process_exits_right_after_writing(guest: Guest, attempt: int) -> None:
+    result = guest.run(["sh", "-c", "seq 1 200000; seq 1 1000 >&2; exit 0"])
+    expected = "".join(f"{i}\n" for i in range(1, 200001)).encode()
+    assert result.stdout == expected
+    assert result.stderr == "".join(f"{i}\n" for i in range(1, 1001)).encode()
+    assert result.exit_code == 0
+
+
+@pytest.mark.timeout(120)
+def test_huge_output_streams_with_bounded_memory(guest: Guest) -> None:
+    """512 MiB through the agent (in this process): RSS grows by far less than the output."""
+    total = 512 * 1024 * 1024
+    baseline = _rss_bytes()
+    peak = baseline
+    received = 0
+    digest = hashlib.sha256()
+    with guest.exec_stream(["head", "-c", str(total), "/dev/zero"]) as proc:
+        for event in proc:
+            if isinstance(event, Stdout):
+                received += len(event.data)
+                digest.update(event.data)
+                if received % (16 * 1024 * 1024) < len(event.data):
+                    peak = max(peak, _rss_bytes())
+    assert received == total
+    assert digest.digest() == hashlib.sha256(bytes(total)).digest()
+    assert proc.exited == Exited(exit_code=0, signal=None)
+    assert peak - baseline < 64 * 1024 * 1024, f"RSS grew by {(peak - baseline) >> 20} MiB"
+
+
+def test_slow_reader_back_pressures_the_process(guest: Guest, agent: AgentUnderTest) -> None:
+    """With nobody reading, the writer blocks instead of the agent buffering its output."""
+    with guest.exec_stream(["head", "-c", str(200 * 1024 * 1024), "/dev/zero"]) as proc:
+        events = iter(proc)
+        next(events)  # started
+        next(events)  # first chunk
+        time.sleep(1.5)  # unthrottled, head would finish 200 MiB well within this
+        (summary,) = [p for p in agent.table.list() if p.process_id == proc.process_id]
+        assert summary.running
+        with open(f"/proc/{proc.pid}/stat", encoding="ascii") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        assert state == "S"  # sleeping in pipe_write
+
+
+def test_pty_stty_size_after_resize(guest: Guest) -> None:
+    with guest.exec_stream(
+        ["sh", "-c", "stty size; read x; stty size; tty"], pty=True, window=(30, 100)
+    ) as proc:
+        output = b""
+        events = iter(proc)
+        for event in events:
+            if isinstance(event, Stdout):
+                output += event.data
+                if b"30 100" in output:
+                    break
+        proc.resize(40, 120)
+        time.sleep(0.2)
+        proc.send(b"\n")
+        for event in events:
+            if isinstance(event, Stdout):
+                output += event.data
+    assert b"30 100" in output
+    assert b"40 120" in output
+    assert b"/dev/pts/" in output
+    assert proc.exited == Exited(exit_code=0, signal=None)
+
+
+def test_pty_has_controlling_terminal_and_sigint(guest: Guest) -> None:
+    with guest.exec_stream(["sh", "-c", "echo ready; sleep 60"], pty=True) as proc:
+        events = iter(proc)
+        for event in events:
+            if isinstance(event, Stdout) and b"ready" in event.data:
+                break
+        proc.send(b"\x03")  # ^C through the line discipline: needs a controlling terminal
+        tail = list(events)
+    assert tail[-1] == Exited(exit_code=None, signal=signal.SIGINT)
+
+
+def test_reattach_keep_alive_process(guest: Guest, agent: AgentUnderTest) -> None:
+    proc = guest.exec_stream(["sh", "-c", "echo one; read x; echo two:$x"], keep_alive=True)
+    events = iter(proc)
+    next(events)
+    assert next(events) == Stdout(b"one\n")
+    proc.close()
+    time.sleep(0.3)
+    (summary,) = [p for p in guest.processes() if p.process_id == proc.process_id]
+    assert summary.running and not summary.attached
+    with guest.attach(proc.process_id) as again:
+        assert again.started.attached and again.pid == proc.pid
+        again.send(b"hi\n")
+        rest = list(again)
+    assert Stdout(b"two:hi\n") in rest
+    assert rest[-1] == Exited(exit_code=0, signal=None)
+    assert proc.process_id not in {p.process_id for p in guest.processes()}
+
+
+def test_stream_end_kills_process_without_keep_alive(guest: Guest) -> None:
+    proc = guest.exec_stream(["sleep", "60"])
+    pid = proc.pid
+    proc.close()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}")
+    with pytest.raises(AgentError) as info:
+        guest.attach(proc.process_id)
+    assert info.value.code == "NOT_FOUND"
+
+
+def test_attach_twice_is_refused(guest: Guest) -> None:
+    with guest.exec_stream(["sleep", "60"], keep_alive=True) as proc:
+        with pytest.raises(AgentError) as info:
+            guest.attach(proc.process_id)
+        assert info.value.code == "FAILED_PRECONDITION"
+        proc.signal(signal.SIGKILL)
+        list(proc)
+
+
+def test_env_cwd_and_non_utf8_bytes(guest: Guest, tmp_path: os.PathLike[str]) -> None:
+    odd = b"\xff\xfe-not-utf8"
+    result = guest.run(
+        [b"sh", b"-c", b'printf "%s|%s|" "$1" "$GREETING"; pwd', b"sh", odd],
+        env={"GREETING": "hi"},
+        cwd="/tmp",
+    )
+    assert result.stdout == odd + b"|hi|/tmp\n"
+    assert guest.run(["printf", "\\377\\000\\376"]).stdout == b"\xff\x00\xfe"
+
+
+def _code(guest: Guest, argv: list[str | bytes], **kwargs: object) -> str | None:
+    with pytest.raises(AgentError) as info:
+        guest.run(argv, **kwargs)  # type: ignore[arg-type]
+    return info.value.code
+
+
+def test_bad_input_gets_clear_statuses_and_agent_keeps_serving(
+    guest: Guest, tmp_path: os.PathLike[str]
+) -> None:
+    plain = os.path.join(tmp_path, "plain.txt")
+    with open(plain, "w") as f:
+        f.write("not a program\n")
+    os.chmod(plain, 0o644)
+    script = os.path.join(tmp_path, "script")
+    with open(script, "w") as f:
+        f.write("#!/nonexistent/interpreter\n")
+    os.chmod(script, 0o755)
+    assert _code(guest, ["/nonexistent/binary"]) == "NOT_FOUND"
+    assert _code(guest, ["no-such-command-xyz"]) == "NOT_FOUND"
+    assert _code(guest, [script]) == "NOT_FOUND"  # missing interpreter: ENOENT from execve
+    assert _code(guest, ["/tmp"]) == "PERMISSION_DENIED"  # a directory
+    if os.geteuid() != 0 or not (os.stat(plain).st_mode & stat.S_IXUSR):
+        assert _code(guest, [plain]) == "PERMISSION_DENIED"
+    assert _code(guest, ["true"], cwd="/nonexistent-dir") == "NOT_FOUND"
+    assert _code(guest, ["true"], cwd=plain) == "INVALID_ARGUMENT"
+    assert _code(guest, ["true"], cwd="relative/dir") == "INVALID_ARGUMENT"
+    assert _code(guest, ["true", "a" * (200 * 1024)]) == "INVALID_ARGUMENT"  # > MAX_ARG_STRLEN
+    assert _code(guest, ["true", b"nul\0byte"]) == "INVALID_ARGUMENT"
+    assert _code(guest, []) == "INVALID_ARGUMENT"
+    assert _code(guest, ["true"], user="no-such-user-xyz") == "INVALID_ARGUMENT"
+    assert _code(guest, ["true"], env={"": "x"}) == "INVALID_ARGUMENT"
+    assert guest.run(["true"]).exit_code == 0
+    assert guest.ping() < 5
+
+
+def test_huge_argv_over_message_limit_is_refused(guest: Guest) -> None:
+    assert _code(guest, ["true", "x" * (5 * 1024 * 1024)]) == "RESOURCE_EXHAUSTED"
+    assert guest.run(["true"]).exit_code == 0
+
+
+def test_first_message_must_start_or_attach(agent: AgentUnderTest) -> None:
+    with grpc.insecure_channel(agent.address) as channel:
+        stub = pb_grpc.ExecStub(channel)
+        call = stub.Exec(iter([pb.ExecRequest(stdin=b"x")]))
+        with pytest.raises(grpc.RpcError) as info:
+            list(call)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_run_as_user(guest: Guest) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("switching users needs root")
+    result = guest.run(["id", "-u"], user="nobody")
+    assert result.stdout.strip() == b"65534"
+    assert guest.run(["sh", "-c", "echo $HOME"], user="nobody").stdout.strip() != b""
+
+
+def test_stderr_event_type(guest: Guest) -> None:
+    with guest.exec_stream(["sh", "-c", "echo e >&2"]) as proc:
+        events = list(proc)
+    assert Stderr(b"e\n") in events
