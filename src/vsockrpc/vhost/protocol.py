@@ -1,0 +1,197 @@
+"""vhost-user wire format: message header, request codes, feature bits, payload layouts.
+
+Follows QEMU ``docs/interop/vhost-user.rst`` ("Message Specification"): a 12-byte header
+``{u32 request, u32 flags, u32 size}`` in native byte order, then ``size`` payload bytes; file
+descriptors travel as SCM_RIGHTS ancillary data on the same ``recvmsg``. The backend is the
+listening side, QEMU (the "front-end") connects.
+
+Why hand-rolled: no maintained pure-Python vhost-user library exists (libvhost-user is C,
+rust-vmm's ``vhost`` crate is Rust); the protocol subset a vsock device needs is small.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import enum
+import socket
+import struct
+from dataclasses import dataclass, field
+
+from vsockrpc.errors import ProtocolError
+
+__all__ = [
+    "HEADER",
+    "MAX_PAYLOAD",
+    "Message",
+    "Request",
+    "recv_message",
+    "send_reply",
+]
+
+HEADER = struct.Struct("=III")
+#: Largest payload we accept: SET_MEM_TABLE with 8 regions is 8 + 8 * 32 = 264 bytes; GET_CONFIG
+#: carries at most 256 config bytes. Anything larger is a broken or hostile front-end.
+MAX_PAYLOAD = 4096
+#: vhost-user.rst: "at most 8 file descriptors" per message (VHOST_MEMORY_BASELINE_NREGIONS).
+MAX_FDS = 8
+
+FLAG_VERSION = 0x1
+FLAG_VERSION_MASK = 0x3
+FLAG_REPLY = 0x4
+FLAG_NEED_REPLY = 0x8
+
+# Virtio feature bits (virtio spec 6 "Reserved Feature Bits"; vhost-user.rst).
+F_PROTOCOL_FEATURES = 1 << 30  # VHOST_USER_F_PROTOCOL_FEATURES
+F_VERSION_1 = 1 << 32  # VIRTIO_F_VERSION_1
+DEVICE_FEATURES = F_VERSION_1 | F_PROTOCOL_FEATURES
+
+# Protocol feature bits (vhost-user.rst "Protocol features").
+PF_MQ = 1 << 0
+PF_REPLY_ACK = 1 << 3
+PF_CONFIG = 1 << 9  # mandatory for vhost-user-vsock: the CID comes from GET_CONFIG
+PROTOCOL_FEATURES = PF_MQ | PF_REPLY_ACK | PF_CONFIG
+
+#: vring index in bits 0-7 of SET_VRING_KICK/CALL/ERR; bit 8 says "no fd, poll instead".
+VRING_IDX_MASK = 0xFF
+VRING_NOFD_MASK = 0x100
+
+
+class Request(enum.IntEnum):
+    """Front-end → back-end request codes (vhost-user.rst "Front-end message types")."""
+
+    GET_FEATURES = 1
+    SET_FEATURES = 2
+    SET_OWNER = 3
+    RESET_OWNER = 4
+    SET_MEM_TABLE = 5
+    SET_LOG_BASE = 6
+    SET_LOG_FD = 7
+    SET_VRING_NUM = 8
+    SET_VRING_ADDR = 9
+    SET_VRING_BASE = 10
+    GET_VRING_BASE = 11
+    SET_VRING_KICK = 12
+    SET_VRING_CALL = 13
+    SET_VRING_ERR = 14
+    GET_PROTOCOL_FEATURES = 15
+    SET_PROTOCOL_FEATURES = 16
+    GET_QUEUE_NUM = 17
+    SET_VRING_ENABLE = 18
+    SEND_RARP = 19
+    NET_SET_MTU = 20
+    SET_BACKEND_REQ_FD = 21
+    IOTLB_MSG = 22
+    SET_VRING_ENDIAN = 23
+    GET_CONFIG = 24
+    SET_CONFIG = 25
+
+
+# Payload layouts (all native endian, like the header).
+U64 = struct.Struct("=Q")
+VRING_STATE = struct.Struct("=II")  # {u32 index, u32 num}
+#: {u32 index, u32 flags, u64 descriptor, u64 used, u64 available, u64 log} - note the order.
+VRING_ADDR = struct.Struct("=IIQQQQ")
+MEM_TABLE_HEAD = struct.Struct("=II")  # {u32 nregions, u32 padding}
+#: {u64 guest_phys_addr, u64 memory_size, u64 userspace_addr, u64 mmap_offset}
+MEM_REGION = struct.Struct("=QQQQ")
+CONFIG_HEAD = struct.Struct("=III")  # {u32 offset, u32 size, u32 flags}
+
+
+@dataclass(slots=True)
+class Message:
+    """One vhost-user message as received. ``fds`` are owned by the receiver: close what you
+    don't keep (see :meth:`close_fds`)."""
+
+    request: int
+    flags: int
+    payload: bytes
+    fds: list[int] = field(default_factory=list)
+
+    @property
+    def need_reply(self) -> bool:
+        return bool(self.flags & FLAG_NEED_REPLY)
+
+    def take_fd(self) -> int | None:
+        """Remove and return the first fd, or None."""
+        return self.fds.pop(0) if self.fds else None
+
+    def close_fds(self) -> None:
+        import os
+
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = sock.recv(size - len(chunks))
+        if not chunk:
+            raise EOFError("vhost-user peer closed mid-message")
+        chunks += chunk
+    return bytes(chunks)
+
+
+def recv_message(sock: socket.socket) -> Message:
+    """Read one message (blocking socket). Raises EOFError on a clean close, ProtocolError on a
+    malformed header. Received fds are returned even for bad messages' callers to close."""
+    fds = array.array("i")
+    data, ancdata, msg_flags, _ = sock.recvmsg(
+        HEADER.size, socket.CMSG_SPACE(MAX_FDS * fds.itemsize)
+    )
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(cdata) - (len(cdata) % fds.itemsize)
+            fds.frombytes(cdata[:usable])
+    fd_list = list(fds)
+    if not data:
+        for fd in fd_list:
+            _close_quietly(fd)
+        raise EOFError("vhost-user peer closed")
+    try:
+        if msg_flags & socket.MSG_CTRUNC:
+            raise ProtocolError("vhost-user message carried more than 8 file descriptors")
+        if len(data) < HEADER.size:
+            data += _recv_exact(sock, HEADER.size - len(data))
+        request, flags, size = HEADER.unpack(data)
+        if size > MAX_PAYLOAD:
+            raise ProtocolError(f"vhost-user message {request} too large: {size} bytes")
+        payload = _recv_exact(sock, size) if size else b""
+    except BaseException:
+        for fd in fd_list:
+            _close_quietly(fd)
+        raise
+    return Message(request, flags, payload, fd_list)
+
+
+def send_reply(sock: socket.socket, request: int, payload: bytes) -> None:
+    """Send a reply: flags exactly VERSION | REPLY (vhost-user.rst "Header": bit 2 = reply)."""
+    sock.sendall(HEADER.pack(request, FLAG_VERSION | FLAG_REPLY, len(payload)) + payload)
+
+
+def send_message(
+    sock: socket.socket,
+    request: int,
+    payload: bytes = b"",
+    fds: list[int] | None = None,
+    *,
+    need_reply: bool = False,
+) -> None:
+    """Send a front-end request (used by the test driver, which plays QEMU)."""
+    flags = FLAG_VERSION | (FLAG_NEED_REPLY if need_reply else 0)
+    data = HEADER.pack(request, flags, len(payload)) + payload
+    if fds:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        sock.sendmsg([data], anc)
+    else:
+        sock.sendall(data)
+
+
+def _close_quietly(fd: int) -> None:
+    import os
+
+    with contextlib.suppress(OSError):
+        os.close(fd)

@@ -1,0 +1,485 @@
+"""The vhost-user-vsock back-end driven over its real vhost-user socket by the test driver
+(memfd guest memory, real eventfds, rings laid out by the driver, QEMU's message order)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from vsockrpc.vhost import SessionState, VsockDevice
+from vsockrpc.vhost.packet import SHUTDOWN_SEND, Op
+from vsockrpc.vhost.testing import GuestDriver, GuestStream, RxLayout, serving
+
+CID = 7
+MiB = 1 << 20
+
+
+_OPEN: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_host_sockets() -> Iterator[None]:
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
+def track(s: socket.socket) -> socket.socket:
+    _OPEN.append(s)
+    return s
+
+
+@pytest.fixture
+def paths() -> Iterator[tuple[str, str]]:
+    # Short paths: "<uds>_<port>" must fit sun_path (108 bytes).
+    d = tempfile.mkdtemp(prefix="vd", dir="/tmp")
+    try:
+        yield os.path.join(d, "vhost.sock"), os.path.join(d, "vm.vsock")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def device(paths: tuple[str, str]) -> Iterator[VsockDevice]:
+    vpath, upath = paths
+    with VsockDevice(vhost_socket=vpath, uds_path=upath, guest_cid=CID) as dev, serving(dev):
+        yield dev
+
+
+@contextlib.contextmanager
+def booted(device: VsockDevice, **kw: object) -> Iterator[GuestDriver]:
+    assert device.vhost_path is not None
+    with GuestDriver(device.vhost_path, guest_cid=CID, **kw) as guest:  # type: ignore[arg-type]
+        guest.boot()
+        yield guest
+
+
+@pytest.fixture
+def guest(device: VsockDevice) -> Iterator[GuestDriver]:
+    with booted(device) as g:
+        yield g
+
+
+def host_connect(device: VsockDevice, port: int, extra: bytes = b"") -> socket.socket:
+    s = track(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+    s.settimeout(10)
+    for _ in range(500):
+        try:
+            s.connect(device.uds_path)
+            break
+        except BlockingIOError:  # backlog full for a moment: a real client retries too
+            time.sleep(0.01)
+    s.sendall(f"CONNECT {port}\n".encode() + extra)
+    return s
+
+
+def read_ok(s: socket.socket) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        c = s.recv(1)
+        if not c:
+            raise EOFError(f"EOF before OK (got {line!r})")
+        line += c
+    return line
+
+
+def open_pair(
+    device: VsockDevice,
+    guest: GuestDriver,
+    port: int = 1234,
+) -> tuple[socket.socket, GuestStream]:
+    listener = guest.listeners.get(port) or guest.listen(port)
+    s = host_connect(device, port)
+    stream = guest.accept(listener)
+    # The OK line arrives once the RESPONSE was processed: pump until then.
+    guest.pump(0.05)
+    line = read_ok(s)
+    assert line.startswith(b"OK ")
+    return s, stream
+
+
+def recv_all_guest(guest: GuestDriver, stream: GuestStream, n: int, timeout: float = 60) -> bytes:
+    out = bytearray()
+
+    def enough() -> bool:
+        out.extend(stream.recv())
+        return len(out) >= n
+
+    guest.wait_for(enough, timeout, f"{n} bytes")
+    return bytes(out)
+
+
+# --------------------------------------------------------------------------- handshake
+@pytest.mark.timeout(20)
+def test_handshake_in_qemu_order(device: VsockDevice) -> None:
+    assert device.vhost_path is not None
+    with GuestDriver(device.vhost_path, guest_cid=CID) as g:
+        g.handshake()
+        assert g.config_cid == CID  # GET_CONFIG: le64 guest_cid
+        assert g.queue_num == 2
+        assert g.features == (1 << 32) | (1 << 30)
+        g.start()
+        assert device.state is SessionState.RUNNING
+        # One REQUEST to a closed guest port: one rx buffer used, one tx (the guest's RST).
+        s = host_connect(device, 4321)
+        g.wait_for(lambda: any(p.op == Op.REQUEST for p in g.packets), 5)
+        g.pump(0.1)
+        assert s.recv(10) == b""
+        bases = g.stop_rings()  # GET_VRING_BASE replies last_avail_idx per ring
+        assert bases == [1, 1]
+        assert device.state is not SessionState.RUNNING
+
+
+@pytest.mark.timeout(20)
+def test_qemu_disconnect_then_next_frontend(device: VsockDevice) -> None:
+    with booted(device) as g:
+        s, _stream = open_pair(device, g)
+    # Front-end gone: connections dropped, memory unmapped.
+    assert s.recv(10) == b""
+    deadline = time.monotonic() + 5
+    while device.state is not SessionState.WAITING and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert device.state is SessionState.WAITING
+    assert not device.memory.regions
+    with booted(device) as g2:
+        s2, stream2 = open_pair(device, g2, 99)
+        s2.sendall(b"again")
+        assert recv_all_guest(g2, stream2, 5) == b"again"
+    assert device.sessions == 2
+
+
+# --------------------------------------------------------------------------- connections
+@pytest.mark.timeout(20)
+def test_host_initiated_keeps_bytes_after_command(device: VsockDevice, guest: GuestDriver) -> None:
+    listener = guest.listen(1234)
+    s = host_connect(device, 1234, extra=b"early bytes")
+    stream = guest.accept(listener)
+    assert (stream.local_port, stream.peer_port >= 1 << 30) == (1234, True)
+    guest.pump(0.05)
+    assert read_ok(s) == f"OK {stream.peer_port}\n".encode()
+    assert recv_all_guest(guest, stream, 11) == b"early bytes"
+    stream.send(b"from guest")
+    guest.pump(0.05)
+    assert s.recv(100) == b"from guest"
+
+
+@pytest.mark.timeout(20)
+def test_host_connect_to_closed_guest_port_gets_eof(
+    device: VsockDevice, guest: GuestDriver
+) -> None:
+    s = host_connect(device, 4321)
+    guest.wait_for(lambda: any(p.op == Op.REQUEST for p in guest.packets), 5)
+    guest.pump(0.1)  # the guest's RST goes out
+    with pytest.raises(EOFError):
+        read_ok(s)
+
+
+@pytest.mark.timeout(20)
+def test_host_connect_times_out_without_response(device: VsockDevice, guest: GuestDriver) -> None:
+    guest.listen(1)  # listener exists, but the driver never pumps: no RESPONSE
+    s = host_connect(device, 5555)
+    t0 = time.monotonic()
+    # Nobody runs the guest: the REQUEST sits in rx; after 2 s the device gives up.
+    with pytest.raises(EOFError):
+        read_ok(s)
+    assert 1.5 < time.monotonic() - t0 < 5
+
+
+@pytest.mark.timeout(20)
+def test_garbage_command_is_closed(device: VsockDevice, guest: GuestDriver) -> None:
+    s = track(socket.socket(socket.AF_UNIX))
+    s.settimeout(5)
+    s.connect(device.uds_path)
+    s.sendall(b"HELLO there\n")
+    assert s.recv(10) == b""
+
+
+@pytest.mark.timeout(20)
+def test_guest_initiated_reaches_unix_listener(device: VsockDevice, guest: GuestDriver) -> None:
+    srv = track(socket.socket(socket.AF_UNIX))
+    srv.bind(f"{device.uds_path}_5000")
+    srv.listen()
+    srv.settimeout(5)
+    stream = guest.connect(5000)
+    peer = track(srv.accept()[0])
+    peer.settimeout(5)
+    stream.send(b"ping from guest")
+    guest.pump(0.05)
+    assert peer.recv(100) == b"ping from guest"
+    peer.sendall(b"pong")
+    assert recv_all_guest(guest, stream, 4) == b"pong"
+    srv.close()
+
+
+@pytest.mark.timeout(10)
+def test_guest_connect_with_no_listener_is_refused_at_once(guest: GuestDriver) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionRefusedError):
+        guest.connect(5001, timeout=3)
+    assert time.monotonic() - t0 < 1.0  # RST at once, no 2 s hang
+
+
+# --------------------------------------------------------------------------- bulk
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("rx_buf_size", "layout"),
+    [(3776, RxLayout.SINGLE), (44 + 4096, RxLayout.SPLIT), (44 + 65536, RxLayout.SINGLE)],
+    ids=["linux-3776", "split-44+4096", "large-64k"],
+)
+def test_16mib_each_way_checksummed(
+    device: VsockDevice, rx_buf_size: int, layout: RxLayout
+) -> None:
+    size = 16 * MiB
+    data_h2g = os.urandom(size)
+    data_g2h = os.urandom(size)
+    with booted(device, rx_buf_size=rx_buf_size, rx_layout=layout) as g:
+        s, stream = open_pair(device, g)
+        got_host = hashlib.sha256()
+        received = [0]
+
+        def host_side() -> None:
+            s.sendall(data_h2g)
+
+        def host_reader() -> None:
+            while received[0] < size:
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                got_host.update(chunk)
+                received[0] += len(chunk)
+
+        writer = threading.Thread(target=host_side)
+        reader = threading.Thread(target=host_reader)
+        writer.start()
+        reader.start()
+        stream.send(data_g2h)
+        got_guest = hashlib.sha256()
+        n = 0
+
+        def progress() -> bool:
+            nonlocal n
+            chunk = stream.recv()
+            got_guest.update(chunk)
+            n += len(chunk)
+            return n >= size and received[0] >= size
+
+        g.wait_for(progress, 100, "16 MiB each way")
+        writer.join(10)
+        reader.join(10)
+        assert n == size and received[0] == size
+        assert got_guest.digest() == hashlib.sha256(data_h2g).digest()
+        assert got_host.digest() == hashlib.sha256(data_g2h).digest()
+
+
+# --------------------------------------------------------------------------- credit
+@pytest.mark.timeout(60)
+def test_credit_exhaustion_and_recovery_host_to_guest(device: VsockDevice) -> None:
+    buf_alloc = 64 * 1024
+    with booted(device, buf_alloc=buf_alloc) as g:
+        s, stream = open_pair(device, g)
+        payload = os.urandom(2 * MiB)
+        writer = threading.Thread(target=s.sendall, args=(payload,))
+        writer.start()
+        # The guest app does not read: the device must stop at the guest's buf_alloc.
+        g.wait_for(lambda: len(stream.rxbuf) >= buf_alloc, 10, "buffer full")
+        for _ in range(20):
+            g.pump(0.02)
+        assert len(stream.rxbuf) == buf_alloc  # never more than the credit granted
+        assert stream.credit_requests_seen >= 1  # 5.10.6.3: the device asked for credit
+        conn = next(iter(device.muxer.conns.values()))
+        assert conn.peer_free() == 0
+        # Recovery: the app reads, the guest sends CREDIT_UPDATE, data flows again.
+        got = recv_all_guest(g, stream, len(payload))
+        writer.join(10)
+        assert got == payload
+
+
+@pytest.mark.timeout(60)
+def test_slow_host_reader_stalls_guest_through_credit(paths: tuple[str, str]) -> None:
+    vpath, upath = paths
+    buf_alloc = 128 * 1024
+    with (
+        VsockDevice(vhost_socket=vpath, uds_path=upath, guest_cid=CID, buf_alloc=buf_alloc) as dev,
+        serving(dev),
+        booted(dev) as g,
+    ):
+        s, stream = open_pair(dev, g)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        payload = os.urandom(8 * MiB)
+        stream.send(payload)
+        for _ in range(100):
+            g.pump(0.01)
+        conn = next(iter(dev.muxer.conns.values()))
+        # The host reads nothing: the guest is stalled by credit, the device holds ≤ buf_alloc.
+        assert stream.unsent > 6 * MiB
+        assert conn.pending_bytes <= buf_alloc
+        assert stream.peer_buf_alloc == buf_alloc
+        got = bytearray()
+
+        def reader() -> None:
+            while len(got) < len(payload):
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    return
+                got.extend(chunk)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        g.wait_for(lambda: len(got) >= len(payload), 50, "slow reader catch-up")
+        t.join(5)
+        assert bytes(got) == payload
+
+
+@pytest.mark.timeout(20)
+def test_guest_overrunning_buf_alloc_is_reset(paths: tuple[str, str]) -> None:
+    vpath, upath = paths
+    with (
+        VsockDevice(vhost_socket=vpath, uds_path=upath, guest_cid=CID, buf_alloc=4096) as dev,
+        serving(dev),
+        booted(dev) as g,
+    ):
+        s, stream = open_pair(dev, g)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        for _ in range(64):  # ignore credit: raw RW packets
+            g.send_packet(Op.RW, stream.local_port, stream.peer_port, b"x" * 4096)
+        g.wait_for(lambda: stream.reset, 5, "RST")
+        assert not dev.muxer.conns
+
+
+# --------------------------------------------------------------------------- close paths
+@pytest.mark.timeout(20)
+def test_half_close_guest_shut_wr(device: VsockDevice, guest: GuestDriver) -> None:
+    s, stream = open_pair(device, guest)
+    stream.send(b"last words")
+    stream.shutdown(SHUTDOWN_SEND)
+    guest.pump(0.05)
+    got = b""
+    while True:
+        chunk = s.recv(100)
+        if not chunk:
+            break
+        got += chunk
+    assert got == b"last words"  # EOF after the data: host sees the half-close
+    s.sendall(b"still open the other way")
+    assert recv_all_guest(guest, stream, 24) == b"still open the other way"
+
+
+@pytest.mark.timeout(20)
+def test_half_close_host_shut_wr(device: VsockDevice, guest: GuestDriver) -> None:
+    s, stream = open_pair(device, guest)
+    s.sendall(b"bye")
+    s.shutdown(socket.SHUT_WR)
+    guest.wait_for(lambda: stream.eof, 5, "SHUTDOWN")
+    assert stream.peer_shutdown == SHUTDOWN_SEND
+    assert stream.recv() == b"bye"
+    stream.send(b"reply after half close")
+    guest.pump(0.05)
+    assert s.recv(100) == b"reply after half close"
+
+
+@pytest.mark.timeout(20)
+def test_guest_close_gets_rst_after_flush(device: VsockDevice, guest: GuestDriver) -> None:
+    s, stream = open_pair(device, guest)
+    stream.send(b"flushed before RST")
+    stream.close()
+    guest.wait_for(lambda: stream.reset, 5, "RST after close")
+    got = b""
+    while chunk := s.recv(100):
+        got += chunk
+    assert got == b"flushed before RST"
+    assert not device.muxer.conns
+
+
+@pytest.mark.timeout(20)
+def test_guest_rst_closes_host_socket(device: VsockDevice, guest: GuestDriver) -> None:
+    s, stream = open_pair(device, guest)
+    guest.send_packet(Op.RST, stream.local_port, stream.peer_port)
+    assert s.recv(10) == b""
+    guest.pump(0.05)
+    assert not device.muxer.conns
+    assert not any(p.op == Op.RST for p in guest.packets)  # never answer RST with RST
+
+
+@pytest.mark.timeout(20)
+def test_host_close_sends_shutdown(device: VsockDevice, guest: GuestDriver) -> None:
+    s, stream = open_pair(device, guest)
+    s.close()
+    guest.wait_for(lambda: stream.eof, 5, "SHUTDOWN")
+    stream.close()
+    guest.wait_for(lambda: not device.muxer.conns, 5, "connection gone")
+
+
+# --------------------------------------------------------------------------- reset / scale
+@pytest.mark.timeout(60)
+def test_guest_reset_mid_transfer(device: VsockDevice, guest: GuestDriver) -> None:
+    s, stream = open_pair(device, guest)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def flood() -> None:
+        try:
+            while not stop.is_set():
+                s.sendall(b"z" * 65536)
+        except OSError as err:
+            errors.append(err)
+
+    t = threading.Thread(target=flood)
+    t.start()
+    recv_all_guest(guest, stream, 1 * MiB)
+    guest.reset()  # ENABLE 0, GET_VRING_BASE x2, fresh start: every connection dropped
+    t.join(10)
+    stop.set()
+    assert errors and isinstance(errors[0], (BrokenPipeError, ConnectionResetError))
+    assert not device.muxer.conns
+    s2, stream2 = open_pair(device, guest, 77)
+    s2.sendall(b"after reset")
+    assert recv_all_guest(guest, stream2, 11) == b"after reset"
+
+
+@pytest.mark.timeout(120)
+def test_200_concurrent_connections(device: VsockDevice, guest: GuestDriver) -> None:
+    listener = guest.listen(2000)
+    clients = [host_connect(device, 2000) for _ in range(200)]
+    streams = [guest.accept(listener, 20) for _ in range(200)]
+    for _ in range(5):
+        guest.pump(0.02)
+    by_port = {}
+    for c in clients:
+        port = int(read_ok(c).split()[1])
+        by_port[port] = c
+    assert sorted(by_port) == sorted(st.peer_port for st in streams)
+    assert len(device.muxer.conns) == 200
+    for st in streams:
+        st.send(f"hello {st.peer_port}".encode())
+    for port, c in by_port.items():
+        c.sendall(f"to guest {port}".encode())
+    guest.wait_for(
+        lambda: all(len(st.rxbuf) >= len(f"to guest {st.peer_port}") for st in streams),
+        30,
+        "200 streams",
+    )
+    for st in streams:
+        assert st.recv() == f"to guest {st.peer_port}".encode()
+    guest.wait_for(lambda: not any(st.txq for st in streams), 30, "guest sends")
+    guest.sync()  # the device has taken every tx packet once it answers
+    for port, c in by_port.items():
+        want = f"hello {port}".encode()
+        got = b""
+        while len(got) < len(want):
+            got += c.recv(100)
+        assert got == want
+    for c in clients:
+        c.close()
+    guest.wait_for(lambda: all(st.eof for st in streams), 30, "all EOF")
+    for st in streams:
+        st.close()
+    guest.wait_for(lambda: not device.muxer.conns, 30, "all closed")
