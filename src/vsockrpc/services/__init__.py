@@ -13,6 +13,14 @@ __all__ = ["default_services"]
 
 def default_services() -> list[Callable[[grpc.Server], None]]:
     """Service registrars for :func:`vsockrpc.rpc.serve`: everything the guest agent serves."""
+    from vsockrpc.services.agent import (
+        AGENT_SERVICE_NAMES,
+        agent_services,
+        health_and_reflection,
+    )
+
     return [
         addition.register,
+        *agent_services(),  # Exec, Files, System; peers checked (VSOCKRPC_AGENT_ALLOWED_CIDS)
+        health_and_reflection(["popovicu_vsock.VsockService", *AGENT_SERVICE_NAMES]),
     ]

@@ -1,0 +1,242 @@
+"""Files against a real agent on a Unix socket: checksummed transfers, trees, path operations."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.integration.agent_harness import AgentUnderTest, running_agent
+from vsockrpc.errors import AgentError
+from vsockrpc.proto.agent.v1 import agent_pb2 as pb
+from vsockrpc.proto.agent.v1 import agent_pb2_grpc as pb_grpc
+from vsockrpc.sdk import FileType, Guest
+
+pytestmark = pytest.mark.timeout(90)
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def agent() -> Iterator[AgentUnderTest]:
+    with running_agent() as a:
+        yield a
+
+
+@pytest.fixture
+def guest(agent: AgentUnderTest) -> Iterator[Guest]:
+    with Guest(agent.address, wait=10) as g:
+        yield g
+
+
+def _sha(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(MIB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return [name for name in os.listdir(directory) if name.endswith(".part")]
+
+
+def test_64mib_upload_and_download_keep_checksum_mode_and_mtime(
+    guest: Guest, tmp_path: Path
+) -> None:
+    source = tmp_path / "source.bin"
+    with open(source, "wb") as f:
+        for i in range(64):
+            f.write(hashlib.sha256(str(i).encode()).digest() * (MIB // 32))
+    os.chmod(source, 0o640)
+    os.utime(source, ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    remote = tmp_path / "guest" / "deep" / "copy.bin"
+    stats = guest.put(source, remote)
+    assert stats.files == 1 and stats.bytes == 64 * MIB
+    assert _sha(remote) == _sha(source)
+    assert os.stat(remote).st_mode & 0o7777 == 0o640
+    assert os.stat(remote).st_mtime_ns == 1_600_000_000_123_456_789
+    back = tmp_path / "back.bin"
+    guest.get(remote, back)
+    assert _sha(back) == _sha(source)
+    assert os.stat(back).st_mode & 0o7777 == 0o640
+    assert os.stat(back).st_mtime_ns == 1_600_000_000_123_456_789
+    assert _leftovers(remote.parent) == [] and _leftovers(tmp_path) == []
+
+
+def _raw_upload(agent: AgentUnderTest, parts: Iterator[pb.UploadRequest]) -> grpc.RpcError:
+    with grpc.insecure_channel(agent.address) as channel:
+        stub = pb_grpc.FilesStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Upload(parts, timeout=30)
+    return info.value
+
+
+def test_corrupt_and_short_uploads_fail_loudly_and_leave_nothing(
+    agent: AgentUnderTest, tmp_path: Path
+) -> None:
+    target = tmp_path / "target.bin"
+    data = os.urandom(MIB)
+    header = pb.UploadHeader(path=bytes(target), size=len(data))
+
+    def corrupt() -> Iterator[pb.UploadRequest]:
+        yield pb.UploadRequest(header=header)
+        yield pb.UploadRequest(data=data)
+        bad = hashlib.sha256(data + b"x").digest()
+        yield pb.UploadRequest(trailer=pb.TransferTrailer(sha256=bad, size=len(data)))
+
+    def short() -> Iterator[pb.UploadRequest]:
+        yield pb.UploadRequest(header=header)
+        yield pb.UploadRequest(data=data[:1000])
+        digest = hashlib.sha256(data[:1000]).digest()
+        yield pb.UploadRequest(trailer=pb.TransferTrailer(sha256=digest, size=1000))
+
+    def no_trailer() -> Iterator[pb.UploadRequest]:
+        yield pb.UploadRequest(header=header)
+        yield pb.UploadRequest(data=data[:1000])
+
+    for parts in (corrupt(), short(), no_trailer()):
+        err = _raw_upload(agent, parts)
+        assert err.code() == grpc.StatusCode.DATA_LOSS, err.details()
+        assert not target.exists()
+        assert _leftovers(tmp_path) == []
+
+
+def test_upload_cut_midway_leaves_no_partial_file_and_keeps_old_content(
+    agent: AgentUnderTest, tmp_path: Path
+) -> None:
+    target = tmp_path / "existing.bin"
+    target.write_bytes(b"old content")
+    sent_some = threading.Event()
+
+    def parts() -> Iterator[pb.UploadRequest]:
+        yield pb.UploadRequest(header=pb.UploadHeader(path=bytes(target), size=64 * MIB))
+        for _ in range(8):
+            yield pb.UploadRequest(data=bytes(MIB))
+        sent_some.set()
+        threading.Event().wait(30)  # stall: the client cancels the call meanwhile
+
+    with grpc.insecure_channel(agent.address) as channel:
+        future = pb_grpc.FilesStub(channel).Upload.future(parts())
+        assert sent_some.wait(20)
+        # The temporary file exists while the transfer runs...
+        deadline = 0
+        while not _leftovers(tmp_path) and deadline < 200:
+            threading.Event().wait(0.05)
+            deadline += 1
+        assert _leftovers(tmp_path)
+        future.cancel()
+        with pytest.raises(grpc.FutureCancelledError):
+            future.result(timeout=10)
+    # ...and is gone once the agent saw the cut.
+    for _ in range(100):
+        if not _leftovers(tmp_path):
+            break
+        threading.Event().wait(0.05)
+    assert _leftovers(tmp_path) == []
+    assert target.read_bytes() == b"old content"
+
+
+def test_directory_tree_round_trip_with_odd_names(guest: Guest, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "a" / "b" / "c").mkdir(parents=True)
+    (tree / "empty").mkdir()
+    (tree / "top.txt").write_text("top\n")
+    (tree / "a" / "mid.bin").write_bytes(os.urandom(300_000))
+    (tree / "a" / "b" / "c" / "leaf").write_bytes(b"")
+    odd = os.fsencode(tree / "a") + b"/caf\xe9-\xff.txt"  # not UTF-8
+    with open(odd, "wb") as f:
+        f.write(b"latin-1 name\n")
+    os.chmod(tree / "top.txt", 0o600)
+    os.symlink("top.txt", tree / "link-to-top")
+    remote = tmp_path / "remote-tree"
+    stats = guest.put(tree, remote)
+    assert stats.files == 5 and stats.directories == 5
+    back = tmp_path / "back-tree"
+    guest.get(remote, back)
+
+    def snapshot(root: Path) -> dict[bytes, tuple[str, int]]:
+        out = {}
+        rootb = os.fsencode(root)
+        for directory, _dirs, files in os.walk(rootb):
+            for name in files:
+                path = os.path.join(directory, name)
+                with open(path, "rb") as f:
+                    content = hashlib.sha256(f.read()).hexdigest()
+                out[os.path.relpath(path, rootb)] = (content, os.stat(path).st_mode & 0o777)
+            out[os.path.relpath(directory, rootb) + b"/"] = ("dir", 0)
+        return out
+
+    expected = snapshot(tree)
+    assert snapshot(back) == expected
+    assert b"a/caf\xe9-\xff.txt" in expected
+    listed = {e.path: e.type for e in guest.listdir(remote, recursive=True)}
+    assert listed[b"a/b/c"] is FileType.DIRECTORY
+    assert listed[b"a/caf\xe9-\xff.txt"] is FileType.REGULAR
+
+
+def test_stat_list_mkdir_remove_rename(guest: Guest, tmp_path: Path) -> None:
+    base = tmp_path / "ops"
+    info = guest.makedirs(base / "x" / "y")
+    assert info.is_dir
+    guest.makedirs(base / "x" / "y")  # mkdir -p: existing is fine
+    guest.write_bytes(base / "x" / "f.txt", b"hello")
+    assert guest.read_bytes(base / "x" / "f.txt") == b"hello"
+    st = guest.stat(base / "x" / "f.txt")
+    assert st.type is FileType.REGULAR and st.size == 5
+    assert [e.path for e in guest.listdir(base / "x")] == [b"f.txt", b"y"]
+    moved = guest.rename(base / "x" / "f.txt", base / "g.txt")
+    assert moved.size == 5 and (base / "g.txt").read_bytes() == b"hello"
+    guest.write_bytes(base / "h.txt", b"h")
+    with pytest.raises(AgentError) as err:
+        guest.rename(base / "g.txt", base / "h.txt", no_overwrite=True)
+    assert err.value.code == "ALREADY_EXISTS"
+    with pytest.raises(AgentError) as err:
+        guest.remove(base / "x")
+    assert err.value.code == "FAILED_PRECONDITION"  # not empty, not recursive
+    assert guest.remove(base / "x", recursive=True)
+    assert not (base / "x").exists()
+    assert guest.remove(base / "x", missing_ok=True) is False
+    assert guest.exists(base / "g.txt") and not guest.exists(base / "x")
+
+
+@pytest.mark.parametrize(
+    ("call", "code"),
+    [
+        (lambda g, t: g.stat("relative/path"), "INVALID_ARGUMENT"),
+        (lambda g, t: g.stat(b"/tmp/nul\0byte"), "INVALID_ARGUMENT"),
+        (lambda g, t: g.stat(t / "missing"), "NOT_FOUND"),
+        (lambda g, t: g.listdir(t / "missing"), "NOT_FOUND"),
+        (lambda g, t: g.read_bytes(t), "FAILED_PRECONDITION"),  # a directory
+        (lambda g, t: g.read_bytes(t / "missing"), "NOT_FOUND"),
+        (lambda g, t: g.remove("/"), "INVALID_ARGUMENT"),
+        (lambda g, t: g.remove(t / "missing"), "NOT_FOUND"),
+        (lambda g, t: g.write_bytes(t, b"x"), "FAILED_PRECONDITION"),  # existing directory
+        (lambda g, t: g.write_bytes("/", b"x"), "INVALID_ARGUMENT"),
+        (lambda g, t: g.write_bytes(b"/tmp/" + b"n" * 300, b"x"), "INVALID_ARGUMENT"),
+        (lambda g, t: g.makedirs(t / "file.txt" / "sub"), "FAILED_PRECONDITION"),
+    ],
+)
+def test_bad_paths_get_clear_statuses(guest: Guest, tmp_path: Path, call: object, code: str) -> None:
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(AgentError) as err:
+        call(guest, tmp_path)  # type: ignore[operator]
+    assert err.value.code == code
+    assert guest.ping() < 5  # still serving
+
+
+def test_upload_no_overwrite(guest: Guest, tmp_path: Path) -> None:
+    target = tmp_path / "keep.txt"
+    target.write_bytes(b"keep")
+    import io
+
+    with pytest.raises(AgentError) as err:
+        guest.upload(io.BytesIO(b"new"), target, size=3, no_overwrite=True)
+    assert err.value.code == "ALREADY_EXISTS"
+    assert target.read_bytes() == b"keep"
+    assert _leftovers(tmp_path) == []

@@ -1,0 +1,118 @@
+"""System service, health/reflection and the peer policy, against a real agent."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tests.integration.agent_harness import AgentUnderTest, running_agent
+from vsockrpc.addresses import VsockAddress
+from vsockrpc.errors import AgentError
+from vsockrpc.services.agent import PeerPolicy, PowerAction
+from vsockrpc.sdk import Guest
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def agent() -> Iterator[AgentUnderTest]:
+    with running_agent() as a:
+        yield a
+
+
+@pytest.fixture
+def guest(agent: AgentUnderTest) -> Iterator[Guest]:
+    with Guest(agent.address, wait=10) as g:
+        yield g
+
+
+def test_ping_and_info(guest: Guest) -> None:
+    assert guest.ping(b"\xffpayload") < 5
+    info = guest.info()
+    assert info.kernel_release == os.uname().release
+    assert info.machine == os.uname().machine
+    assert info.cpus == os.cpu_count()
+    assert 0 < info.memory_available_bytes <= info.memory_total_bytes
+    assert info.uptime_seconds > 0
+    assert info.agent_pid == os.getpid()
+    assert abs(info.time_ns - time.time_ns()) < 5e9
+    assert info.agent_version
+
+
+def test_time_sync_sets_the_clock_from_the_host(guest: Guest, agent: AgentUnderTest) -> None:
+    before = time.time_ns()
+    offset = guest.sync_time()
+    after = time.time_ns()
+    (set_to,) = agent.clock_calls
+    assert before <= set_to <= after
+    assert abs(offset) < 5
+
+
+def test_shutdown_and_reboot_call_the_power_hook_after_replying(
+    guest: Guest, agent: AgentUnderTest
+) -> None:
+    guest.shutdown()
+    deadline = time.monotonic() + 5
+    while not agent.power_calls and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert agent.power_calls == [PowerAction.POWEROFF]
+
+
+def test_reboot_action(agent: AgentUnderTest) -> None:
+    with Guest(agent.address) as g:
+        g.shutdown(reboot=True)
+    deadline = time.monotonic() + 5
+    while not agent.power_calls and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert agent.power_calls == [PowerAction.REBOOT]
+
+
+def test_health_and_reflection(agent: AgentUnderTest) -> None:
+    with grpc.insecure_channel(agent.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "vsockrpc.agent.v1.Exec", "vsockrpc.agent.v1.Files"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (reply,) = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+        names = {s.name for s in reply.list_services_response.service}
+    assert {"vsockrpc.agent.v1.Exec", "vsockrpc.agent.v1.Files", "vsockrpc.agent.v1.System"} <= (
+        names
+    )
+
+
+@pytest.mark.parametrize("cid", [1, 3, 5])
+def test_peer_outside_allow_list_is_refused_and_logged(
+    cid: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = PeerPolicy(resolver=lambda _context: VsockAddress(cid, 1234))
+    with running_agent(policy) as agent, Guest(agent.address) as g:
+        caplog.set_level(logging.WARNING, logger="vsockrpc.agent.peers")
+        for call in (g.ping, g.info, lambda: g.run(["true"]), lambda: g.stat("/")):
+            with pytest.raises(AgentError) as err:
+                call()
+            assert err.value.code == "PERMISSION_DENIED"
+        assert agent.table.list() == []  # nothing was started
+    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert refusals and f"vsock:{cid}:1234" in refusals[0].getMessage()
+
+
+def test_host_cid_is_admitted() -> None:
+    policy = PeerPolicy(resolver=lambda _context: VsockAddress(2, 1234))
+    with running_agent(policy) as agent, Guest(agent.address) as g:
+        assert g.run(["true"]).exit_code == 0
+
+
+def test_unix_peers_can_be_refused() -> None:
+    with running_agent(PeerPolicy(allow_unix=False)) as agent, Guest(agent.address) as g:
+        with pytest.raises(AgentError) as err:
+            g.ping()
+        assert err.value.code == "PERMISSION_DENIED"
