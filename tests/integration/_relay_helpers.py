@@ -38,6 +38,7 @@ class HybridPeer:
         self.backends = backends
         self.ok_port = ok_port
         self.mode = "proxy"
+        self.garbage = b"HELLO THERE\n"
         self.commands: list[bytes] = []
         self._silent: list[socket.socket] = []
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -51,7 +52,7 @@ class HybridPeer:
         if self.mode == "eof":
             raise ConnectionRefusedError("test peer: EOF before OK")
         if self.mode == "garbage":
-            conn.sendall(b"HELLO THERE\n")
+            conn.sendall(self.garbage)
             raise ConnectionRefusedError("test peer: garbage reply")
         if self.mode == "silent":
             self._silent.append(conn.dup())

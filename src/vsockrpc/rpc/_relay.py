@@ -17,7 +17,10 @@ closed only when both pumps have returned, so an fd is never reused while a thre
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import logging
+import os
 import selectors
 import socket
 import threading
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 # Large enough that a 4 MiB gRPC message crosses in a few syscalls; Unix and vsock sockets hand
 # over at most their queued bytes per recv anyway.
 BUFFER_SIZE = 256 * 1024
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # fcntl(2), Linux
 
 # Given an accepted socket and its peer address (as accept() returned it), open the other side.
 Dial = Callable[[socket.socket, object], socket.socket]
@@ -70,22 +74,14 @@ class Link:
             self._other.join(timeout)
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        buf = bytearray(BUFFER_SIZE)
-        view = memoryview(buf)
-        recv_into = src.recv_into
-        sendall = dst.sendall
         try:
-            while True:
-                n = recv_into(buf)
-                if not n:
-                    _shutdown(dst, socket.SHUT_WR)  # half-close: the peer sees EOF too
-                    break
-                sendall(view[:n])
+            if not _copy_spliced(src, dst):
+                _copy_buffered(src, dst)
+            _shutdown(dst, socket.SHUT_WR)  # half-close: the peer sees EOF too
         except OSError as err:
             log.debug("relay connection broken: %s", err)
             self.abort()
         finally:
-            view.release()
             with self._lock:
                 self._running -= 1
                 last = self._running == 0
@@ -93,6 +89,46 @@ class Link:
                 self._a.close()
                 self._b.close()
                 self._on_done(self)
+
+
+def _copy_buffered(src: socket.socket, dst: socket.socket) -> None:
+    """Copy until EOF through a preallocated buffer (recv_into + sendall)."""
+    buf = bytearray(BUFFER_SIZE)
+    with memoryview(buf) as view:
+        recv_into = src.recv_into
+        sendall = dst.sendall
+        while n := recv_into(buf):
+            sendall(view[:n])
+
+
+def _copy_spliced(src: socket.socket, dst: socket.socket) -> bool:
+    """Copy until EOF with splice(2) through a pipe: the bytes never enter Python.
+
+    Returns False, having moved nothing, when the kernel can't splice from ``src`` (EINVAL,
+    e.g. a socket family without splice_read on an old kernel); the caller then copies.
+    """
+    pipe_r, pipe_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):  # a bigger pipe means fewer syscalls; optional
+            fcntl.fcntl(pipe_w, _F_SETPIPE_SZ, BUFFER_SIZE)
+        src_fd, dst_fd = src.fileno(), dst.fileno()
+        splice = os.splice
+        first = True
+        while True:
+            try:
+                n = splice(src_fd, pipe_w, BUFFER_SIZE)
+            except OSError as err:
+                if first and err.errno == errno.EINVAL:
+                    return False
+                raise
+            first = False
+            if not n:
+                return True
+            while n:
+                n -= splice(pipe_r, dst_fd, n)
+    finally:
+        os.close(pipe_r)
+        os.close(pipe_w)
 
 
 class Relay:

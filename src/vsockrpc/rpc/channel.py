@@ -11,12 +11,13 @@ from typing import Any
 import grpc
 
 from vsockrpc import transport
-from vsockrpc.addresses import Address, parse_address
-from vsockrpc.errors import TransportTimeout
+from vsockrpc.addresses import Address, VsockAddress, parse_address
+from vsockrpc.errors import TransportError, TransportTimeout
 from vsockrpc.rpc._private import PrivateDir
 from vsockrpc.rpc._relay import Relay
 from vsockrpc.rpc.server import DEFAULT_OPTIONS, native_target
 from vsockrpc.transport import unix as unix_transport
+from vsockrpc.transport import vsock as vsock_transport
 
 __all__ = ["RETRY_OPTIONS", "RelayChannel", "channel", "channel_ready", "wait_until_ready"]
 
@@ -87,6 +88,7 @@ def channel(
     *,
     options: Sequence[tuple[str, Any]] = (),
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    relay: bool | None = None,
 ) -> grpc.Channel:
     """An insecure grpcio channel to ``address``; use it as a context manager.
 
@@ -94,12 +96,17 @@ def channel(
     hybrid vsock otherwise go through a relay: grpcio dials a private Unix socket and each
     connection there is forwarded to a fresh :func:`vsockrpc.transport.connect` (bounded by
     ``connect_timeout``). A connection the relay can't open is closed, which grpcio reports as
-    ``UNAVAILABLE`` and retries with backoff.
+    ``UNAVAILABLE`` and retries with backoff. ``relay=True`` relays any address (tests and
+    benchmarks measure the relay with Unix sockets as its outer side), ``False`` never does.
     """
     parsed = parse_address(address)
+    if isinstance(parsed, VsockAddress):
+        vsock_transport.sockaddr_for_connect(parsed)  # CID -1 names no peer: AddressError now
     all_options = [*DEFAULT_OPTIONS, *options]
     target = native_target(parsed)
-    if target is not None:
+    if relay is False and target is None:
+        raise TransportError(f"grpcio cannot dial {parsed} without the relay")
+    if target is not None and not relay:
         return grpc.insecure_channel(target, options=all_options)
 
     def dial(_conn: socket.socket, _peer: object) -> socket.socket:
@@ -108,12 +115,12 @@ def channel(
     private_dir = PrivateDir()
     try:
         path = private_dir.join("relay")
-        relay = Relay(unix_transport.listen_path(path), dial, name=f"channel {parsed}").start()
+        forwarder = Relay(unix_transport.listen_path(path), dial, name=f"channel {parsed}").start()
     except BaseException:
         private_dir.close()
         raise
     inner = grpc.insecure_channel(f"unix:{path}", options=all_options)
-    return RelayChannel(inner, relay, private_dir, parsed)
+    return RelayChannel(inner, forwarder, private_dir, parsed)
 
 
 def channel_ready(ch: grpc.Channel, *, timeout: float, what: str = "the server") -> None:

@@ -48,6 +48,11 @@ class Server:
         self._stopped = False
 
     @property
+    def relayed_connections(self) -> int:
+        """Connections the server-side relays are carrying right now."""
+        return sum(relay.active_connections for relay in self._relays)
+
+    @property
     def grpc_server(self) -> grpc.Server:
         return self._server
 
@@ -113,14 +118,18 @@ def _bound_address(address: Address, port: int) -> Address:
             return address
 
 
+def original_peer(conn: socket.socket, peer: object) -> Address | None:
+    """The address to convey for a connection the relay accepted (vsock peers only)."""
+    if conn.family == getattr(socket, "AF_VSOCK", None) and isinstance(peer, tuple):
+        return VsockAddress(int(peer[0]), int(peer[1]))
+    return None
+
+
 def _relay_dial(
     private_dir: PrivateDir, inner_path: str
 ) -> Callable[[socket.socket, object], socket.socket]:
     def dial(conn: socket.socket, peer: object) -> socket.socket:
-        original: Address | None = None
-        if conn.family == getattr(socket, "AF_VSOCK", None) and isinstance(peer, tuple):
-            original = VsockAddress(int(peer[0]), int(peer[1]))
-        name = _peers.client_name(private_dir.path, original)
+        name = _peers.client_name(private_dir.path, original_peer(conn, peer))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(name)

@@ -49,7 +49,10 @@ def _read_reply(sock: socket.socket, deadline: float | None, what: str) -> bytes
             if remaining <= 0:
                 raise TransportTimeout(f"timed out waiting for OK from {what}")
             sock.settimeout(remaining)
-        byte = sock.recv(1)
+        try:
+            byte = sock.recv(1)
+        except TimeoutError as err:
+            raise TransportTimeout(f"timed out waiting for OK from {what}") from err
         if not byte:
             reason = f"after {bytes(line)!r}" if line else "before OK"
             raise NotReadyError(

@@ -1,0 +1,260 @@
+"""The relay: both sides (client channel and server listener), streaming, breakage, leaks.
+
+Topology for the end-to-end tests (AF_VSOCK can't be connected on this machine, so the relay's
+outer side is the hybrid protocol through a stand-in device):
+
+    grpc channel → client relay → HybridPeer ("CONNECT 5000") → <dev>_5000 → server relay → grpc
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.integration._relay_helpers import (
+    STREAM_SERVICE,
+    HybridPeer,
+    count_fds,
+    register_stream_service,
+)
+from vsockrpc import rpc
+from vsockrpc.addresses import VsockAddress
+from vsockrpc.proto import vsock_service_pb2 as pb
+from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
+from vsockrpc.rpc import server as server_module
+from vsockrpc.rpc._relay import Link, Relay
+from vsockrpc.services import default_services
+from vsockrpc.transport import unix
+
+MiB = 1024 * 1024
+SERVICES = [*default_services(), register_stream_service]
+BIG_MESSAGES = [("grpc.max_receive_message_length", 32 * MiB)]
+
+
+def add(ch: grpc.Channel, a: int = 5, b: int = 7, **kwargs: object) -> int:
+    reply: pb.AdditionResponse = pb_grpc.VsockServiceStub(ch).Addition(  # type: ignore[no-untyped-call]
+        pb.AdditionRequest(a=a, b=b), timeout=10, **kwargs
+    )
+    return reply.c
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[tuple[rpc.Server, HybridPeer, str]]:
+    device = str(tmp_path / "vm.vsock")
+    with (
+        rpc.serve(SERVICES, [f"hvsock:{device}:5000"], options=BIG_MESSAGES) as server,
+        HybridPeer(device, {5000: f"{device}_5000"}) as peer,
+    ):
+        yield server, peer, f"hvsock:{device}:5000"
+
+
+# ---- Link: half-close and reset, on plain socket pairs -------------------------------------
+
+
+def _link() -> tuple[socket.socket, socket.socket, Link, threading.Event, threading.Thread]:
+    outer, a = socket.socketpair()
+    b, inner = socket.socketpair()
+    done = threading.Event()
+    link = Link(a, b, lambda _link: done.set())
+    runner = threading.Thread(target=link.run)
+    runner.start()
+    return outer, inner, link, done, runner
+
+
+@pytest.mark.timeout(30)
+def test_link_honours_half_close() -> None:
+    outer, inner, link, done, runner = _link()
+    with outer, inner:
+        outer.sendall(b"request")
+        outer.shutdown(socket.SHUT_WR)
+        assert inner.recv(100) == b"request"
+        assert inner.recv(100) == b""  # EOF forwarded...
+        inner.sendall(b"still talking back")  # ...while the other direction keeps flowing
+        assert outer.recv(100) == b"still talking back"
+        assert not done.is_set()
+        inner.shutdown(socket.SHUT_WR)
+        assert outer.recv(100) == b""
+        assert done.wait(5)
+    runner.join(5)
+    link.join(5)
+    assert not runner.is_alive()
+
+
+@pytest.mark.timeout(30)
+def test_link_closes_both_ends_on_reset() -> None:
+    outer, inner, link, done, runner = _link()
+    with inner:
+        outer.sendall(b"x" * 1000)
+        assert inner.recv(1000)
+        # SO_LINGER 0 makes close() a reset on TCP; on a Unix socket closing with unread data
+        # does the same to the peer's recv (ECONNRESET).
+        outer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        inner.sendall(b"unread")
+        time.sleep(0.1)
+        outer.close()
+        assert done.wait(5)
+        assert inner.recv(100) == b""  # the relay closed its side towards inner
+    runner.join(5)
+    link.join(5)
+
+
+@pytest.mark.timeout(30)
+def test_relay_keeps_serving_after_a_failed_dial(tmp_path: Path) -> None:
+    target = unix.listen_path(str(tmp_path / "target.sock"))
+    attempts: list[int] = []
+
+    def dial(_conn: socket.socket, _peer: object) -> socket.socket:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionRefusedError("first dial fails")
+        return unix.connect_path(str(tmp_path / "target.sock"))
+
+    with target, Relay(unix.listen_path(str(tmp_path / "front.sock")), dial) as relay:
+        first = unix.connect_path(str(tmp_path / "front.sock"))
+        assert first.recv(1) == b""  # dropped
+        first.close()
+        with unix.connect_path(str(tmp_path / "front.sock")) as second:
+            conn, _ = target.accept()
+            with conn:
+                second.sendall(b"ok")
+                assert conn.recv(2) == b"ok"
+        assert relay.last_error and "first dial fails" in relay.last_error
+
+
+# ---- gRPC end to end through both relays ----------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_large_streams_both_ways(stack: tuple[rpc.Server, HybridPeer, str]) -> None:
+    _, _, address = stack
+    chunk = os.urandom(MiB)
+    total = 64 * MiB
+    with rpc.channel(address, options=BIG_MESSAGES) as ch:
+        sent = hashlib.sha256()
+
+        def chunks() -> Iterator[bytes]:
+            for i in range(total // MiB):
+                piece = chunk[i:] + chunk[:i]
+                sent.update(piece)
+                yield piece
+
+        received = hashlib.sha256()
+        size = 0
+        for piece in ch.stream_stream(f"/{STREAM_SERVICE}/Echo")(chunks(), timeout=100):
+            received.update(piece)
+            size += len(piece)
+        assert size == total
+        assert received.hexdigest() == sent.hexdigest()
+
+        # One message larger than the relay buffer and the pipe, both ways.
+        big = os.urandom(24 * MiB)
+        echoed = list(ch.stream_stream(f"/{STREAM_SERVICE}/Echo")(iter([big]), timeout=100))
+        assert echoed == [big]
+        assert (
+            ch.stream_unary(f"/{STREAM_SERVICE}/Upload")(iter([big] * 2), timeout=100)
+            == str(2 * len(big)).encode()
+        )
+
+
+@pytest.mark.timeout(60)
+def test_client_disconnect_mid_stream(stack: tuple[rpc.Server, HybridPeer, str]) -> None:
+    server, _, address = stack
+    with rpc.channel(address) as other:
+        assert add(other) == 12
+        ch = rpc.channel(address)
+        stream = ch.unary_stream(f"/{STREAM_SERVICE}/Download")(
+            f"{1024 * 1024 * MiB} {MiB}".encode(), timeout=50
+        )
+        assert len(next(stream)) == MiB
+        assert server.relayed_connections == 2
+        ch.close()  # mid-stream: the relays see the connection go away
+        with pytest.raises(grpc.RpcError) as info:
+            next(stream)
+        assert info.value.code() == grpc.StatusCode.CANCELLED
+        assert wait_for(lambda: server.relayed_connections == 1)
+        assert add(other, 1, 2) == 3  # the other connection is untouched
+    # A client that resets in the middle of its HTTP/2 preface doesn't disturb the server.
+    raw = unix.connect_path(f"{stack[1].path}_5000")
+    raw.sendall(b"PRI * HTTP/2.0\r\n")
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    raw.close()
+    with rpc.channel(address) as again:
+        assert add(again, 2, 2) == 4
+    assert wait_for(lambda: server.relayed_connections == 0)
+
+
+@pytest.mark.timeout(60)
+def test_server_restart(tmp_path: Path) -> None:
+    device = str(tmp_path / "vm.vsock")
+    listen = f"hvsock:{device}:5000"
+    with HybridPeer(device, {5000: f"{device}_5000"}), rpc.channel(listen) as ch:
+        with rpc.serve(SERVICES, [listen]):
+            assert add(ch) == 12
+        with pytest.raises(grpc.RpcError) as info:
+            add(ch)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        with rpc.serve(SERVICES, [listen]):
+            # The same channel reconnects through its relay to the new server.
+            assert add(ch, 40, 2, wait_for_ready=True) == 42
+
+
+@pytest.mark.timeout(60)
+def test_peer_address_survives_the_relay(
+    stack: tuple[rpc.Server, HybridPeer, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _, _, address = stack
+    peer_call = f"/{STREAM_SERVICE}/Peer"
+    with rpc.channel(address) as ch:
+        # A hybrid listener can't know the guest's CID: unknown, never a made-up address.
+        assert ch.unary_unary(peer_call)(b"", timeout=10) == b"None"
+    # What an AF_VSOCK accept() hands the server relay (the host, CID 2): conveyed by name.
+    monkeypatch.setattr(server_module, "original_peer", lambda _conn, _peer: VsockAddress(2, 61234))
+    with rpc.channel(address) as ch:
+        assert ch.unary_unary(peer_call)(b"", timeout=10) == b"VsockAddress(cid=2, port=61234)"
+    # Direct Unix clients are reported as such.
+    with (
+        rpc.serve(SERVICES, [f"unix:{tmp_path}/direct.sock"]),
+        rpc.channel(f"unix:{tmp_path}/direct.sock") as ch,
+    ):
+        assert ch.unary_unary(peer_call)(b"", timeout=10) == b"None"  # unbound client
+
+
+@pytest.mark.timeout(300)
+def test_no_fd_or_thread_leak_after_1000_connections(
+    stack: tuple[rpc.Server, HybridPeer, str],
+) -> None:
+    server, peer, address = stack
+    with rpc.channel(address) as ch:  # warm up grpcio's lazily started threads
+        assert add(ch) == 12
+    assert wait_for(lambda: server.relayed_connections == 0)
+    time.sleep(0.2)
+    fds, threads = count_fds(), threading.active_count()
+    for i in range(1000):
+        with rpc.channel(address) as ch:
+            assert add(ch, i, 1) == i + 1
+    assert len(peer.commands) == 1001
+    assert wait_for(lambda: server.relayed_connections == 0)
+    assert wait_for(lambda: threading.active_count() <= threads), (
+        threading.active_count(),
+        threads,
+        [t.name for t in threading.enumerate()],
+    )
+    assert wait_for(lambda: count_fds() <= fds), (count_fds(), fds)
