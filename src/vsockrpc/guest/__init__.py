@@ -1,1 +1,15 @@
-"""guest layer (see ARCHITECTURE in README)."""
+"""What runs inside the VM: the agent as PID 1.
+
+- :mod:`vsockrpc.guest.init` — PID 1: mounts, modules, reaping, power-off; forks the agent.
+- :mod:`vsockrpc.guest.server` — the agent process serving ``services.default_services()``.
+- :mod:`vsockrpc.guest.pid1` — the few system calls (mount, finit_module, reboot) via ctypes.
+- :mod:`vsockrpc.guest.markers` — console lines the host launcher watches for.
+
+Only the standard library, grpcio and protobuf are used on this side.
+"""
+
+from __future__ import annotations
+
+from vsockrpc.guest.init import request_poweroff
+
+__all__ = ["request_poweroff"]

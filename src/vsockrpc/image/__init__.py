@@ -10,6 +10,7 @@ Public surface::
 
 from __future__ import annotations
 
+from vsockrpc.image.build import ImageInfo, build_image, export_image, find_image
 from vsockrpc.image.kernel import Kernel, fetch_kernel
 
-__all__ = ["Kernel", "fetch_kernel"]
+__all__ = ["ImageInfo", "Kernel", "build_image", "export_image", "fetch_kernel", "find_image"]

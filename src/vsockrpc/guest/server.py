@@ -1,0 +1,45 @@
+"""The agent process: serve ``vsockrpc.services.default_services()`` until told to stop.
+
+Runs as PID 1's only child in a guest (see :mod:`vsockrpc.guest.init`), or directly with
+``python -m vsockrpc.guest --listen ADDRESS`` anywhere (tests use a Unix socket). SIGTERM and
+SIGINT stop it gracefully: in-flight calls get ``GRACE`` seconds, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from vsockrpc.guest import markers
+
+__all__ = ["GRACE", "run_server"]
+
+GRACE = 3.0
+log = logging.getLogger("vsockrpc.guest")
+
+
+def run_server(listen: Sequence[str]) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status (0 after a requested stop)."""
+    from vsockrpc import rpc, services  # grpc import (~1 s in a TCG guest) after the fork
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with rpc.serve(services.default_services(), listen=list(listen)) as server:
+        bound = " ".join(str(a) for a in server.addresses)
+        print(f"{markers.READY} on {bound}", file=sys.stderr, flush=True)
+        while not stop.wait(0.5):
+            if not server.wait_for_termination(timeout=0):  # False: terminated
+                log.error("server terminated on its own")
+                return 1
+        server.stop(grace=GRACE)
+    return 0

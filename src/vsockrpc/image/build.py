@@ -1,0 +1,315 @@
+"""Building a bootable guest image, in two cached layers.
+
+1. **base** (``<cache>/base/<key>``): the mmdebstrap rootfs with the guest wheels installed and
+   precompiled and the kernel modules the guest needs. Key: release, mirror lines, packages,
+   wheel pins and platform, kernel package digest, module list, epoch. Slow (~40 s), rare.
+2. **image** (``<cache>/images/<key>``): base + the vsockrpc package + init script as an ext4
+   file, the loader initramfs, the kernel, ``manifest.json``. Key: base key, agent digest,
+   loader and busybox digests, kernel command line. A few seconds; redone when the agent
+   source changes.
+
+Both layers are published atomically (:mod:`vsockrpc.image.cache`). Times are pinned to
+``SOURCE_DATE_EPOCH`` so the same inputs give the same bytes where the tools allow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vsockrpc.errors import ImageError
+from vsockrpc.image import agent, cache, debs, ext4, initramfs, mirror, modules, rootfs, wheels
+from vsockrpc.image.kernel import fetch_kernel
+
+__all__ = ["DEFAULT_RELEASE", "FORMAT", "ImageInfo", "build_image", "export_image", "find_image"]
+
+DEFAULT_RELEASE = "bookworm"
+FORMAT = 1  # bump when the layout or build steps change in a way the inputs do not show
+DEFAULT_EPOCH = 1_700_000_000  # 2023-11-14; overridden by $SOURCE_DATE_EPOCH
+MANIFEST = "manifest.json"
+FILES = {"kernel": "vmlinuz", "initrd": "initrd.cpio", "rootfs": "rootfs.ext4"}
+CMDLINE = (
+    "console=ttyS0 quiet panic=-1 root=/dev/vda rootfstype=ext4 random.trust_cpu=on "
+    f"init={agent.INIT_PATH}"
+)
+
+Step = Callable[[str], AbstractContextManager[Any]]
+
+
+def _no_progress(_title: str) -> AbstractContextManager[None]:
+    return nullcontext()
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """A built image directory and what its manifest says."""
+
+    path: Path
+    manifest: dict[str, Any] = field(repr=False)
+    cache_hit: bool = False
+
+    @property
+    def kernel(self) -> Path:
+        return self.path / FILES["kernel"]
+
+    @property
+    def initrd(self) -> Path:
+        return self.path / FILES["initrd"]
+
+    @property
+    def rootfs(self) -> Path:
+        return self.path / FILES["rootfs"]
+
+    @property
+    def cmdline(self) -> str:
+        return str(self.manifest["cmdline"])
+
+    @property
+    def arch(self) -> str:
+        return str(self.manifest["arch"])
+
+    @property
+    def size(self) -> int:
+        return sum((self.path / name).stat().st_size for name in FILES.values())
+
+
+def _epoch() -> int:
+    value = os.environ.get("SOURCE_DATE_EPOCH", "")
+    return int(value) if value.isdigit() else DEFAULT_EPOCH
+
+
+def _dpkg_versions(root: Path) -> dict[str, str]:
+    versions: dict[str, str] = {}
+    status = root / "var/lib/dpkg/status"
+    for stanza in status.read_text(errors="replace").split("\n\n"):
+        fields = dict(
+            line.split(": ", 1) for line in stanza.splitlines() if ": " in line and line[0] != " "
+        )
+        if fields.get("Status", "").endswith(" installed") and "Package" in fields:
+            versions[fields["Package"]] = fields.get("Version", "")
+    return dict(sorted(versions.items()))
+
+
+def _chroot_python(root: Path, args: list[str], epoch: int) -> None:
+    """Run the guest's own python3 inside ``root`` (so .pyc match its exact version)."""
+    env = {"PATH": "/usr/bin:/bin", "SOURCE_DATE_EPOCH": str(epoch), "LANG": "C.UTF-8"}
+
+    def enter_root() -> None:  # runs in the child between fork and exec
+        os.chroot(root)
+        os.chdir("/")
+
+    proc = subprocess.run(
+        ["/usr/bin/python3", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        preexec_fn=enter_root,  # the builder starts no threads
+    )
+    if proc.returncode != 0:
+        raise ImageError(f"python3 in the rootfs failed: {proc.stderr.strip()[-300:]}")
+
+
+def _compile(root: Path, site: str, epoch: int) -> None:
+    # unchecked-hash .pyc: valid without comparing mtimes (the root is read-only and fixed),
+    # and byte-identical across builds (PEP 552).
+    _chroot_python(
+        root,
+        ["-m", "compileall", "-q", "-j0", "--invalidation-mode", "unchecked-hash", site],
+        epoch,
+    )
+
+
+def _build_base(release: str, mirror_lines: list[str], step: Step, cache_root: Path) -> Path:
+    kernel = fetch_kernel(cache_root=cache_root)
+    mods = modules.load_order(kernel.modules_dir)
+    pins = wheels.pinned_versions()
+    epoch = _epoch()
+    inputs = {
+        "format": FORMAT,
+        "release": release,
+        "mirrors": mirror_lines,
+        "packages": list(rootfs.PACKAGES),
+        "pins": pins,
+        "arch": kernel.arch,
+        "kernel": kernel.package.sha256,
+        "modules": [m.relative_to(kernel.modules_dir).as_posix() for m in mods],
+        "epoch": epoch,
+    }
+    entry = cache.entry("base", cache.digest(inputs), root=cache_root)
+    with entry.lock():
+        if entry.exists:
+            return entry.path
+        rootfs.require_root("building the guest rootfs")
+        with entry.build() as tmp:
+            root = tmp / "root"
+            with step(f"mmdebstrap {release} rootfs (variant essential + python3)"):
+                rootfs.build_rootfs(
+                    root,
+                    release=release,
+                    mirrors=mirror_lines,
+                    epoch=epoch,
+                    log=tmp / "mmdebstrap.log",
+                )
+                rootfs.prune(root)
+            python = rootfs.guest_python(root)
+            site = f"/usr/local/lib/python{python}/dist-packages"
+            with step(
+                f"guest wheels for CPython {python}: "
+                + ", ".join(f"{k}=={v}" for k, v in sorted(pins.items()))
+            ):
+                wheel_dir = wheels.download(pins, arch=kernel.arch, python=python, root=cache_root)
+                wheels.install(wheel_dir, root / site.lstrip("/"))
+                _compile(root, site, epoch)
+            with step(f"kernel modules for {kernel.version}"):
+                mod_root = root / "usr/lib/modules" / kernel.version
+                load = []
+                for ko in mods:
+                    dest = mod_root / ko.relative_to(kernel.modules_dir)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(ko, dest)
+                    load.append(
+                        f"/usr/lib/modules/{kernel.version}/"
+                        f"{ko.relative_to(kernel.modules_dir).as_posix()}"
+                    )
+                (mod_root / "vsockrpc.load").write_text("\n".join(load) + "\n")
+            base_manifest = {
+                "inputs": inputs,
+                "python": python,
+                "site_packages": site,
+                "kernel_version": kernel.version,
+                "kernel_package": f"{kernel.package.name} {kernel.package.version}",
+                "packages": _dpkg_versions(root),
+                "wheels": {p.name: cache.file_digest(p) for p in sorted(wheel_dir.glob("*.whl"))},
+            }
+            (tmp / "base.json").write_text(json.dumps(base_manifest, indent=2, sort_keys=True))
+    return entry.path
+
+
+def build_image(
+    *,
+    release: str = DEFAULT_RELEASE,
+    mirror_uri: str | None = None,
+    step: Step = _no_progress,
+    cache_root: Path | None = None,
+) -> ImageInfo:
+    """The image for these inputs: from the cache, or built (needs root for the base layer)."""
+    cache_root = cache.cache_root(cache_root)
+    if mirror_uri:
+        mirror_lines = [f"deb {mirror_uri} {release} main"]
+    else:
+        mirror_lines = mirror.mirror_lines(release, mirror.host_sources(), mirror.host_codename())
+    base = _build_base(release, mirror_lines, step, cache_root)
+    base_manifest = json.loads((base / "base.json").read_text())
+    kernel = fetch_kernel(cache_root=cache_root)
+    busybox_pkg = debs.resolve("busybox-static")
+    busybox = debs.unpack(busybox_pkg, root=cache_root) / "bin" / "busybox"
+    epoch = int(base_manifest["inputs"]["epoch"])
+    inputs = {
+        "format": FORMAT,
+        "base": base.name,
+        "agent": agent.agent_digest(),
+        "loader": cache.digest(initramfs.LOADER_INIT),
+        "busybox": busybox_pkg.sha256,
+        "cmdline": CMDLINE,
+    }
+    key = cache.digest(inputs)
+    entry = cache.entry("images", key, root=cache_root)
+    with entry.lock():
+        if entry.exists:
+            return find_image(entry.path, cache_hit=True)
+        with entry.build() as tmp:
+            with step("guest root filesystem: base + vsockrpc agent → ext4"):
+                work = tmp / "root"
+                rootfs.require_root("assembling the guest rootfs")
+                subprocess.run(["cp", "-a", str(base / "root"), str(work)], check=True)
+                site = base_manifest["site_packages"]
+                agent.install_agent(work, work / site.lstrip("/"))
+                _compile(work, f"{site}/vsockrpc", epoch)
+                rootfs.clamp_mtimes(work, epoch)
+                ext4.make_ext4(work, tmp / FILES["rootfs"], key=key, epoch=epoch)
+                shutil.rmtree(work)
+            with step("loader initramfs (busybox + virtio/vsock modules)"):
+                mods = modules.load_order(kernel.modules_dir)
+                (tmp / FILES["initrd"]).write_bytes(
+                    initramfs.build_loader(busybox, mods, kernel.modules_dir, mtime=epoch)
+                )
+                shutil.copyfile(kernel.vmlinuz, tmp / FILES["kernel"])
+            manifest = {
+                "format": FORMAT,
+                "key": key,
+                "arch": kernel.arch,
+                "release": release,
+                "cmdline": CMDLINE,
+                "inputs": inputs,
+                "kernel": {"version": kernel.version, "package": base_manifest["kernel_package"]},
+                "agent": {"version": _agent_version(), "digest": inputs["agent"]},
+                "python": base_manifest["python"],
+                "packages": base_manifest["packages"],
+                "wheels": base_manifest["wheels"],
+                "busybox": f"{busybox_pkg.name} {busybox_pkg.version}",
+                "files": {
+                    name: {
+                        "sha256": cache.file_digest(tmp / name),
+                        "size": (tmp / name).stat().st_size,
+                    }
+                    for name in FILES.values()
+                },
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return find_image(entry.path)
+
+
+def _agent_version() -> str:
+    from vsockrpc import __version__
+
+    return __version__
+
+
+def find_image(path: Path | str, *, cache_hit: bool = False) -> ImageInfo:
+    """Validate an image directory (or its manifest.json) for booting on this host."""
+    path = Path(path)
+    if path.name == MANIFEST:
+        path = path.parent
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise ImageError(
+            f"no guest image at {path} (no {MANIFEST})", hint="build one with: vsockrpc image build"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ImageError(f"unreadable image manifest {manifest_path}: {err}") from err
+    for name in FILES.values():
+        if not (path / name).is_file():
+            raise ImageError(
+                f"guest image {path} is incomplete: {name} is missing",
+                hint="rebuild it with: vsockrpc image build",
+            )
+    host = debs.host_arch()
+    if manifest.get("arch") != host:
+        raise ImageError(
+            f"guest image {path} was built for {manifest.get('arch')}, this host is {host}"
+        )
+    return ImageInfo(path, manifest, cache_hit)
+
+
+def export_image(info: ImageInfo, out: Path) -> ImageInfo:
+    """Place the image's files in ``out`` (hard links when possible), manifest last."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (*FILES.values(), MANIFEST):
+        tmp = out / f".{name}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(info.path / name, tmp)
+        except OSError:
+            shutil.copy2(info.path / name, tmp)
+        os.replace(tmp, out / name)
+    return find_image(out)

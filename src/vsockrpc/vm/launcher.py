@@ -1,0 +1,341 @@
+"""Launching a guest: everything a running VM is made of, composed with an ExitStack.
+
+:func:`launch` leases a CID, picks the accelerator and vsock device, starts the device (when
+userspace) and QEMU, follows the console, and waits until the agent answers. Whatever fails
+or is interrupted on the way, everything started so far is stopped and removed again.
+
+Stopping (:meth:`Vm.stop`) asks the guest first: Ctrl-Alt-Del over QMP (PID 1 turns it into a
+graceful agent stop and a power-off), then QMP ``quit``, then SIGKILL, each after a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from vsockrpc import rpc
+from vsockrpc.addresses import Address, HybridAddress, VsockAddress
+from vsockrpc.errors import GuestError, ImageError, TransportError, VmError
+from vsockrpc.guest import markers
+from vsockrpc.image import ImageInfo, find_image
+from vsockrpc.image.cache import cache_root
+from vsockrpc.vm import accel as accel_mod
+from vsockrpc.vm import cid as cid_mod
+from vsockrpc.vm.console import ConsoleFollower
+from vsockrpc.vm.qemu import QemuConfig, find_qemu, qemu_argv
+from vsockrpc.vm.qmp import CTRL_ALT_DEL, qmp_command
+from vsockrpc.vm.runtime import runtime_dir
+from vsockrpc.vm.vsockdev import UserspaceDevice, kernel_vhost_vsock_usable
+
+__all__ = ["DEFAULT_PORT", "Vm", "launch"]
+
+DEFAULT_PORT = 9999
+READY_TIMEOUT = 120.0
+POWEROFF_TIMEOUT = 20.0
+QUIT_TIMEOUT = 5.0
+
+
+@dataclass
+class Timings:
+    """Monotonic timestamps of the boot phases (None until seen)."""
+
+    launched: float = 0.0
+    qemu_started: float | None = None  # QEMU process running, QMP socket up
+    firmware: float | None = None  # first console byte (SeaBIOS)
+    kernel_done: float | None = None  # loader hands over to init (kernel + loader done)
+    init_started: float | None = None  # PID 1 set up
+    agent_ready: float | None = None  # agent printed READY
+    rpc_ready: float | None = None  # a gRPC connection through vsock succeeded
+
+    def phases(self) -> dict[str, float]:
+        """Seconds per phase, in boot order, for the phases that were reached."""
+        points = [
+            ("qemu start", self.qemu_started),
+            ("firmware+kernel", self.kernel_done),
+            ("init", self.init_started),
+            ("agent start", self.agent_ready),
+            ("first rpc", self.rpc_ready),
+        ]
+        out: dict[str, float] = {}
+        last = self.launched
+        for name, when in points:
+            if when is None:
+                break
+            out[name] = when - last
+            last = when
+        return out
+
+
+@dataclass
+class Vm:
+    """A running guest. Use as a context manager (or call :meth:`stop`)."""
+
+    name: str
+    cid: int
+    port: int
+    image: ImageInfo
+    run_dir: Path
+    accel: accel_mod.Accel
+    qemu: subprocess.Popen[bytes]
+    console: ConsoleFollower
+    device: UserspaceDevice | None
+    timings: Timings = field(default_factory=Timings)
+    _stack: ExitStack = field(default_factory=ExitStack, repr=False)
+
+    @property
+    def hybrid_socket(self) -> Path | None:
+        """The hybrid-vsock Unix socket of the userspace device (None with kernel vhost)."""
+        return self.device.hybrid_socket if self.device is not None else None
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    def address(self, port: int | None = None) -> Address:
+        """The host-side address of a guest port (the agent's by default)."""
+        port = self.port if port is None else port
+        if self.hybrid_socket is not None:
+            return HybridAddress(str(self.hybrid_socket), port)
+        return VsockAddress(self.cid, port)
+
+    def console_text(self) -> str:
+        return self.console.text()
+
+    def running(self) -> bool:
+        return self.qemu.poll() is None
+
+    def _guest_failure(self) -> GuestError | None:
+        lines = self.console.lines()
+        exited = next((ln for ln in lines if markers.AGENT_EXITED in ln), None)
+        if exited is None and self.running():
+            return None
+        # The last informative line before the exit marker: usually the exception.
+        cut = lines.index(exited) if exited is not None else len(lines)
+        detail = next(
+            (
+                ln.strip()
+                for ln in reversed(lines[:cut])
+                if ln.strip() and not ln.startswith(markers.PREFIX) and "reboot:" not in ln
+            ),
+            "",
+        )
+        if exited is not None:
+            what = exited.removeprefix(markers.PREFIX).strip()
+            msg = f"guest agent crashed before it was ready ({what})"
+        else:
+            msg = f"guest stopped before the agent was ready (QEMU exit {self.qemu.returncode})"
+        return GuestError(
+            f"{msg}: {detail}" if detail else msg,
+            hint=f"guest console: {self.run_dir / 'console.log'}",
+        )
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Block until the agent answers on vsock; GuestError when it crashes or times out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._update_timings()
+            failure = self._guest_failure()
+            if failure is not None:
+                raise failure
+            if self.device is not None:
+                self.device.check()
+            if self.timings.agent_ready is not None:
+                break
+            if time.monotonic() > deadline:
+                raise GuestError(
+                    f"guest agent not ready after {timeout:g} s",
+                    hint=f"guest console: {self.run_dir / 'console.log'}",
+                )
+            time.sleep(0.05)
+        # The agent says it listens; now prove a gRPC connection crosses the vsock device.
+        try:
+            rpc.wait_until_ready(self.address(), timeout=max(deadline - time.monotonic(), 1.0))
+        except TransportError as err:
+            raise GuestError(f"guest agent announced readiness but does not answer: {err}") from err
+        self.timings.rpc_ready = time.monotonic()
+
+    def _update_timings(self) -> None:
+        t = self.timings
+        t.firmware = t.firmware or self.console.first_byte
+        t.kernel_done = t.kernel_done or self.console.seen("loader: switching")
+        t.init_started = t.init_started or self.console.seen(markers.INIT_STARTED)
+        t.agent_ready = t.agent_ready or self.console.seen(markers.READY)
+
+    def stop(self, timeout: float = POWEROFF_TIMEOUT) -> int | None:
+        """Power the guest off (gracefully if it can), stop everything, remove the run dir.
+
+        Returns QEMU's exit status. Safe to call twice.
+        """
+        if self.running():
+            with contextlib.suppress(VmError):
+                qmp_command(self.qmp_socket, "send-key", CTRL_ALT_DEL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.qemu.wait(timeout)
+        if self.running():
+            with contextlib.suppress(VmError):
+                qmp_command(self.qmp_socket, "quit")
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.qemu.wait(QUIT_TIMEOUT)
+        if self.running():
+            self.qemu.kill()
+        code = self.qemu.wait()
+        self._stack.close()
+        return code
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _state(vm: Vm) -> dict[str, object]:
+    return {
+        "name": vm.name,
+        "cid": vm.cid,
+        "port": vm.port,
+        "image": str(vm.image.path),
+        "qemu_pid": vm.qemu.pid,
+        "device_pid": vm.device.pid if vm.device else None,
+        "hybrid_socket": str(vm.hybrid_socket) if vm.hybrid_socket else None,
+        "address": str(vm.address()),
+        "accel": vm.accel.name,
+        "launcher_pid": os.getpid(),
+        "started": time.time(),
+    }
+
+
+def launch(
+    image: ImageInfo | Path | str,
+    *,
+    cid: int | None = None,
+    memory_mib: int = 512,
+    cpus: int = 1,
+    port: int = DEFAULT_PORT,
+    append: str = "",
+    name: str | None = None,
+    wait: bool = True,
+    ready_timeout: float = READY_TIMEOUT,
+    echo: TextIO | None = None,
+    detach: bool = False,
+) -> Vm:
+    """Boot ``image`` and return the running :class:`Vm` (stop it, or use it in ``with``).
+
+    ``detach``: QEMU and the device run in their own sessions and survive this process; the
+    VM is then stopped with ``vsockrpc vm stop`` (the returned object must not be stopped).
+    """
+    info = image if isinstance(image, ImageInfo) else find_image(image)
+    qemu_bin = find_qemu(info.arch)
+    launched = time.monotonic()
+    with ExitStack() as stack:
+        runtime = runtime_dir()
+        lease = stack.enter_context(cid_mod.lease(runtime, cid))
+        vm_name = name or f"vm{lease.cid}"
+        run_dir = runtime / "vms" / vm_name
+        if run_dir.exists():
+            _remove_stale(run_dir)
+        run_dir.mkdir(parents=True)
+        stack.callback(shutil.rmtree, run_dir, True)
+        chosen = accel_mod.choose_accel(qemu_bin, info.kernel, _verdict_dir())
+        device: UserspaceDevice | None = None
+        if kernel_vhost_vsock_usable():
+            vhost_user = None
+        else:
+            device = stack.enter_context(
+                UserspaceDevice(
+                    vhost_socket=run_dir / "vhost-user.sock",
+                    hybrid_socket=run_dir / "vsock.sock",
+                    guest_cid=lease.cid,
+                    log_file=run_dir / "device.log",
+                    detach=detach,
+                )
+            )
+            vhost_user = device.vhost_socket
+        config = QemuConfig(
+            qemu=qemu_bin,
+            kernel=info.kernel,
+            initrd=info.initrd,
+            rootfs=info.rootfs,
+            cmdline=f"{info.cmdline} vsockrpc.port={port} {append}".strip(),
+            console_log=run_dir / "console.log",
+            qmp_socket=run_dir / "qmp.sock",
+            accel=chosen.name,
+            cpu=chosen.cpu,
+            memory_mib=memory_mib,
+            cpus=cpus,
+            guest_cid=lease.cid,
+            vhost_user_socket=vhost_user,
+            name=f"vsockrpc-{vm_name}",
+        )
+        with (run_dir / "qemu.log").open("ab") as qemu_log:
+            try:
+                qemu = subprocess.Popen(
+                    qemu_argv(config),
+                    stdin=subprocess.DEVNULL,
+                    stdout=qemu_log,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=(lease.fileno(),),
+                    start_new_session=detach,
+                )
+            except OSError as err:
+                raise VmError(f"cannot start QEMU: {err}") from err
+        stack.callback(_reap, qemu)
+        console = stack.enter_context(ConsoleFollower(run_dir / "console.log", echo=echo).start())
+        vm = Vm(vm_name, lease.cid, port, info, run_dir, chosen, qemu, console, device)
+        vm.timings.launched = launched
+        _wait_qemu_up(vm, run_dir / "qemu.log")
+        vm.timings.qemu_started = time.monotonic()
+        (run_dir / "state.json").write_text(json.dumps(_state(vm), indent=2))
+        if wait:
+            vm.wait_ready(ready_timeout)
+        if detach:
+            stack.pop_all()  # the VM outlives us; `vm stop` cleans up
+            console.close()
+            lease.close()  # QEMU holds the lock through its inherited fd
+            return vm
+        vm._stack = stack.pop_all()
+        return vm
+    raise AssertionError("unreachable")
+
+
+def _wait_qemu_up(vm: Vm, qemu_log: Path, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not vm.qmp_socket.exists():
+        if vm.qemu.poll() is not None:
+            tail = qemu_log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+            raise VmError(f"QEMU exited at once (status {vm.qemu.returncode}): {tail[0]}")
+        if time.monotonic() > deadline:
+            raise VmError(f"QEMU did not open its QMP socket in {timeout:g} s")
+        time.sleep(0.01)
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def _remove_stale(run_dir: Path) -> None:
+    try:
+        state = json.loads((run_dir / "state.json").read_text())
+        pid = int(state["qemu_pid"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    raise VmError(f"a VM named {run_dir.name} is already running (QEMU pid {pid})")
+
+
+def _verdict_dir() -> Path | None:
+    try:
+        return cache_root() / "probes"
+    except ImageError:  # an unwritable cache must not stop a boot: probe every time
+        return None

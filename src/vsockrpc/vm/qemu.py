@@ -1,0 +1,102 @@
+"""The QEMU command line for a vsockrpc guest (a pure function of :class:`QemuConfig`).
+
+Layout (GUEST-BOOT.md): q35, kernel + loader initramfs, ext4 root on a read-only virtio-blk
+disk, console on the first serial port written to a file, QMP on a Unix socket. For our
+userspace vhost-user device the guest RAM must be shareable with the device process
+(``memory-backend-memfd,share=on`` used as the machine's RAM): without it QEMU cannot hand the
+memory table over and the data path is dead.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from vsockrpc.errors import VmError
+
+__all__ = ["QemuConfig", "find_qemu", "qemu_argv"]
+
+_BINARIES = {"amd64": "qemu-system-x86_64", "arm64": "qemu-system-aarch64"}
+
+
+def find_qemu(arch: str) -> str:
+    name = _BINARIES.get(arch)
+    if name is None:
+        raise VmError(f"no QEMU system emulator known for architecture {arch}")
+    path = shutil.which(name)
+    if path is None:
+        raise VmError(
+            f"QEMU is not installed ({name} not found)",
+            hint="apt-get install qemu-system-x86 (scripts/setup does it as root)",
+        )
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class QemuConfig:
+    qemu: str
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+    cmdline: str
+    console_log: Path
+    qmp_socket: Path
+    accel: str = "tcg"
+    cpu: str = "max"
+    memory_mib: int = 512
+    cpus: int = 1
+    guest_cid: int = 3
+    vhost_user_socket: Path | None = None  # None: kernel vhost-vsock
+    name: str = "vsockrpc"
+
+
+def qemu_argv(c: QemuConfig) -> list[str]:
+    machine = "q35"
+    argv = [
+        c.qemu,
+        "-name",
+        c.name,
+        "-accel",
+        c.accel,
+        "-cpu",
+        c.cpu,
+        "-m",
+        f"{c.memory_mib}M",
+        "-smp",
+        str(c.cpus),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        str(c.kernel),
+        "-initrd",
+        str(c.initrd),
+        "-append",
+        c.cmdline,
+        "-drive",
+        f"file={c.rootfs},format=raw,if=none,id=root,readonly=on",
+        "-device",
+        "virtio-blk-pci,drive=root",
+        "-chardev",
+        f"file,id=console,path={c.console_log}",
+        "-serial",
+        "chardev:console",
+        "-qmp",
+        f"unix:{c.qmp_socket},server=on,wait=off",
+    ]
+    if c.vhost_user_socket is None:
+        argv += ["-device", f"vhost-vsock-pci,guest-cid={c.guest_cid}"]
+    else:
+        machine += ",memory-backend=mem"
+        argv += [
+            "-object",
+            f"memory-backend-memfd,id=mem,size={c.memory_mib}M,share=on",
+            "-chardev",
+            f"socket,id=vhost-vsock,path={c.vhost_user_socket}",
+            "-device",
+            "vhost-user-vsock-pci,chardev=vhost-vsock",
+        ]
+    return [*argv, "-machine", machine]

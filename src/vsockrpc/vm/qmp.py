@@ -1,0 +1,38 @@
+"""Short synchronous QMP commands through ``qemu.qmp`` (QEMU's own asyncio client).
+
+One connection per command: QEMU's ``-qmp unix:…,server=on,wait=off`` takes one client at a
+time, and a command-per-connection keeps no event loop or thread alive between calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient, QMPError
+
+from vsockrpc.errors import VmError
+
+__all__ = ["CTRL_ALT_DEL", "qmp_command"]
+
+CTRL_ALT_DEL = {"keys": [{"type": "qcode", "data": k} for k in ("ctrl", "alt", "delete")]}
+
+
+async def _execute(socket_path: Path, command: str, args: dict[str, Any] | None) -> object:
+    client = QMPClient("vsockrpc")
+    await client.connect(str(socket_path))
+    try:
+        return await client.execute(command, args)
+    finally:
+        await client.disconnect()
+
+
+def qmp_command(
+    socket_path: Path, command: str, args: dict[str, Any] | None = None, *, timeout: float = 5.0
+) -> object:
+    """Run one QMP command; :class:`VmError` when QEMU is unreachable or refuses it."""
+    try:
+        return asyncio.run(asyncio.wait_for(_execute(socket_path, command, args), timeout))
+    except (OSError, QMPError, TimeoutError) as err:
+        raise VmError(f"QMP {command} failed: {err or type(err).__name__}") from err

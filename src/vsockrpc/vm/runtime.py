@@ -1,0 +1,32 @@
+"""Where running VMs keep their sockets, logs and state: one directory per VM.
+
+``$VSOCKRPC_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/vsockrpc``, else ``/run/vsockrpc`` for root,
+else ``/tmp/vsockrpc-<uid>``. Layout: ``vms/<name>/`` (qmp.sock, vhost-user.sock, vsock.sock,
+console.log, state.json) and ``cids/<cid>.lock``. Paths stay short: Unix socket paths are
+limited to 107 bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vsockrpc.errors import VmError
+
+__all__ = ["runtime_dir"]
+
+
+def runtime_dir() -> Path:
+    if os.environ.get("VSOCKRPC_RUNTIME_DIR"):
+        path = Path(os.environ["VSOCKRPC_RUNTIME_DIR"])
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        path = Path(os.environ["XDG_RUNTIME_DIR"]) / "vsockrpc"
+    elif os.geteuid() == 0:
+        path = Path("/run/vsockrpc")
+    else:
+        path = Path(f"/tmp/vsockrpc-{os.getuid()}")
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as err:
+        raise VmError(f"runtime directory {path} is not writable: {err.strerror}") from err
+    return path
