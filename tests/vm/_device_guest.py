@@ -1,0 +1,241 @@
+"""A minimal QEMU guest for the vsock device's VM tests and benchmark (GUEST-BOOT.md's recipe).
+
+Debian's cloud kernel (the version ``linux-image-cloud-amd64`` points at, fetched with
+``apt-get download`` and cached under ``~/.cache/vsockrpc/device-guest``), and a raw cpio
+initramfs holding busybox-static, the virtio/vsock/virtio-net modules (loaded with insmod in
+dependency order, decompressed if the package ships them compressed) and ``guest_probe`` (a
+static C program compiled here with gcc). Boots under TCG with ``-cpu max`` on q35 with shared
+memfd memory (vhost-user needs it), our device on ``vhost-user-vsock-pci`` and a user-networking
+virtio-net NIC for the comparison benchmark. Boots are judged by console markers.
+
+Shared by tests/vm/test_device_vm.py and bench/bench_device.py; not part of the library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import lzma
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vsockrpc" / "device-guest"
+PROBE_PORT = 5000
+
+# insmod order: dependencies first.
+MODULES = [
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vmw_vsock_virtio_transport",
+    "failover",
+    "net_failover",
+    "virtio_net",
+]
+
+INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in {modules}; do insmod /lib/modules/$m.ko || echo "PROBE-INSMOD-FAIL $m"; done
+echo PROBE-MODULES-LOADED
+ip link set lo up
+ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0
+/probe cid
+/probe serve {port} &
+while true; do sleep 3600; done
+"""
+
+
+class GuestBootError(RuntimeError):
+    pass
+
+
+def _run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(cmd, check=True, capture_output=True, timeout=300, **kw)  # type: ignore[call-overload, no-any-return]
+
+
+def kernel() -> tuple[Path, Path]:
+    """(vmlinuz, modules dir) of the Debian cloud kernel, fetched once and cached."""
+    out = _run(["apt-cache", "depends", "linux-image-cloud-amd64"]).stdout.decode()
+    match = re.search(r"Depends:\s*(linux-image-\S+-cloud-amd64)", out)
+    if not match:
+        raise GuestBootError(f"cannot resolve the cloud kernel package: {out!r}")
+    package = match.group(1)
+    root = CACHE / package
+    if not (root / "done").exists():
+        tmp = Path(
+            tempfile.mkdtemp(prefix="kernel-", dir=CACHE.parent if CACHE.parent.exists() else None)
+        )
+        try:
+            os.chmod(tmp, 0o755)
+            _run(["apt-get", "download", package], cwd=tmp)
+            deb = next(tmp.glob("*.deb"))
+            extracted = tmp / "x"
+            _run(["dpkg-deb", "-x", str(deb), str(extracted)])
+            if root.exists():
+                shutil.rmtree(root)
+            root.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(extracted), str(root))
+            (root / "done").write_text(package)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    vmlinuz = next((root / "boot").glob("vmlinuz-*"))
+    modules = next((root / "lib" / "modules").iterdir())
+    return vmlinuz, modules
+
+
+def _find_module(modules: Path, name: str) -> Path:
+    for suffix in (".ko", ".ko.xz", ".ko.zst", ".ko.gz"):
+        found = list(modules.rglob(name + suffix))
+        if found:
+            return found[0]
+    raise GuestBootError(f"module {name} not found under {modules}")
+
+
+def _module_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.suffix == ".xz":  # busybox insmod cannot read compressed modules
+        return lzma.decompress(data)
+    if path.suffix == ".gz":
+        import gzip
+
+        return gzip.decompress(data)
+    if path.suffix == ".zst":
+        return _run(["zstd", "-dc", str(path)]).stdout
+    return data
+
+
+def build_initramfs(workdir: Path) -> tuple[Path, Path]:
+    """(vmlinuz, initramfs.cpio) for the probe guest, built in ``workdir``."""
+    vmlinuz, modules = kernel()
+    tree = workdir / "initramfs"
+    for sub in ("bin", "proc", "sys", "dev", "lib/modules", "tmp"):
+        (tree / sub).mkdir(parents=True, exist_ok=True)
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    if not Path(busybox).exists():
+        raise GuestBootError("busybox-static is not installed (scripts/setup installs it)")
+    shutil.copy(busybox, tree / "bin" / "busybox")
+    _run(["gcc", "-static", "-O2", "-o", str(tree / "probe"), str(HERE / "guest_probe.c")])
+    for name in MODULES:
+        (tree / "lib" / "modules" / f"{name}.ko").write_bytes(
+            _module_bytes(_find_module(modules, name))
+        )
+    init = tree / "init"
+    init.write_text(INIT.format(modules=" ".join(MODULES), port=PROBE_PORT))
+    init.chmod(0o755)
+    cpio = workdir / "initramfs.cpio"
+    files = subprocess.run(["find", "."], cwd=tree, check=True, capture_output=True).stdout
+    with cpio.open("wb") as out:
+        subprocess.run(
+            ["cpio", "-o", "-H", "newc", "--quiet"],
+            cwd=tree,
+            input=files,
+            stdout=out,
+            check=True,
+            timeout=120,
+        )
+    return vmlinuz, cpio
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class GuestVm:
+    proc: subprocess.Popen[bytes]
+    console: Path
+    tcp_port: int  # host port forwarded to the guest's TCP PROBE_PORT (user networking)
+
+    def console_text(self) -> str:
+        return self.console.read_text(errors="replace") if self.console.exists() else ""
+
+    def wait_console(self, marker: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.console_text()
+            if marker in text:
+                return text
+            if self.proc.poll() is not None:
+                raise GuestBootError(
+                    f"QEMU exited ({self.proc.returncode}) before {marker!r}:\n{text[-3000:]}"
+                )
+            if time.monotonic() > deadline:
+                raise GuestBootError(
+                    f"no {marker!r} on the console after {timeout:.0f} s:\n{text[-3000:]}"
+                )
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def launch(
+    vmlinuz: Path, initramfs: Path, vhost_socket: str, workdir: Path, *, mem_mb: int = 512
+) -> Iterator[GuestVm]:
+    """Start QEMU (TCG) with our vhost-user-vsock device and a user-net NIC; kill it after."""
+    console = workdir / f"console-{time.monotonic_ns()}.log"
+    tcp_port = free_tcp_port()
+    cmd = [
+        "qemu-system-x86_64",
+        "-machine",
+        "q35,accel=tcg,memory-backend=mem",
+        "-cpu",
+        "max",
+        "-smp",
+        "1",
+        "-m",
+        f"{mem_mb}M",
+        "-object",
+        f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on",
+        "-kernel",
+        str(vmlinuz),
+        "-initrd",
+        str(initramfs),
+        "-append",
+        "console=ttyS0 panic=-1 quiet",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        f"file:{console}",
+        "-chardev",
+        f"socket,id=vsock0,path={vhost_socket}",
+        "-device",
+        "vhost-user-vsock-pci,chardev=vsock0",
+        "-netdev",
+        f"user,id=n0,hostfwd=tcp:127.0.0.1:{tcp_port}-:{PROBE_PORT}",
+        "-device",
+        "virtio-net-pci,netdev=n0,romfile=",
+    ]
+    with (workdir / "qemu.stderr").open("ab") as stderr:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+    try:
+        yield GuestVm(proc, console, tcp_port)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
