@@ -8,6 +8,10 @@ tree (``dpkg-deb -x``) is published atomically under ``<cache>/debs/<sha256>/``.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -48,13 +52,52 @@ def _run(argv: list[str], *, what: str, cwd: Path | None = None) -> str:
     return proc.stdout
 
 
+@functools.cache
 def host_arch() -> str:
     """The host's Debian architecture name (``amd64``, ``arm64``...)."""
     return _run(["dpkg", "--print-architecture"], what="detecting the architecture").strip()
 
 
+def _apt_lists_state() -> str:
+    """Changes whenever ``apt-get update`` changes the index (names, sizes, mtimes)."""
+    lists = Path("/var/lib/apt/lists")
+    entries = (
+        sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in lists.glob("*Packages*"))
+        if lists.is_dir()
+        else []
+    )
+    return cache.digest(entries)
+
+
+def _memo_path(kind: str, name: str) -> Path | None:
+    # apt-cache takes ~1 s per call on hosts without apt's binary cache; a lookup is
+    # remembered on disk until the apt index changes.
+    try:
+        root = cache.cache_root()
+    except ImageError:
+        return None
+    return root / "apt" / f"{cache.digest([kind, name, _apt_lists_state()])[:32]}.json"
+
+
+@functools.cache
 def resolve(name: str) -> DebPackage:
     """The candidate version of package ``name`` in the host's apt index."""
+    memo = _memo_path("show", name)
+    if memo is not None and memo.is_file():
+        try:
+            return DebPackage(**json.loads(memo.read_text()))
+        except (ValueError, TypeError):
+            pass
+    pkg = _resolve_uncached(name)
+    if memo is not None:
+        memo.parent.mkdir(exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(pkg)))
+        os.replace(tmp, memo)
+    return pkg
+
+
+def _resolve_uncached(name: str) -> DebPackage:
     text = _run(["apt-cache", "show", "--no-all-versions", name], what=f"looking up package {name}")
     fields: dict[str, str] = {}
     for line in text.splitlines():
@@ -72,12 +115,26 @@ def resolve(name: str) -> DebPackage:
         ) from err
 
 
+@functools.cache
 def resolve_dependency(metapackage: str, prefix: str) -> str:
     """The first ``Depends`` of ``metapackage`` whose name starts with ``prefix``.
 
     Debian's ``linux-image-cloud-amd64`` is a metapackage depending on the versioned kernel
     package (``linux-image-6.1.0-NN-cloud-amd64``); that one carries the files.
     """
+    memo = _memo_path("depends", f"{metapackage} {prefix}")
+    if memo is not None and memo.is_file():
+        return memo.read_text().strip()
+    dep = _dependency_uncached(metapackage, prefix)
+    if memo is not None:
+        memo.parent.mkdir(exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(dep)
+        os.replace(tmp, memo)
+    return dep
+
+
+def _dependency_uncached(metapackage: str, prefix: str) -> str:
     text = _run(
         ["apt-cache", "depends", "--no-recommends", "--no-suggests", metapackage],
         what=f"resolving {metapackage}",
