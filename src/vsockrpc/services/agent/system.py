@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -25,7 +26,7 @@ import grpc
 from vsockrpc import __version__
 from vsockrpc.proto.agent.v1 import agent_pb2 as pb
 from vsockrpc.proto.agent.v1 import agent_pb2_grpc as pb_grpc
-from vsockrpc.services.agent._status import Status, statuses
+from vsockrpc.services.agent._status import Status, abort, statuses
 
 log = logging.getLogger("vsockrpc.agent.system")
 
@@ -63,13 +64,37 @@ def _reboot_syscall(action: PowerAction) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def _init_is_vsockrpc() -> bool:
+    """PID 1 is vsockrpc's guest init (which runs the agent as its child)."""
+    try:
+        with open("/proc/1/cmdline", "rb") as f:
+            return b"vsockrpc" in f.read()
+    except OSError:
+        return False
+
+
 def default_power_control(action: PowerAction) -> None:
-    """``reboot(2)`` when PID 1, else the system's own command (systemctl or poweroff/reboot)."""
+    """Power the guest off or reboot it, whoever the init is.
+
+    * the agent is PID 1 (e.g. the bundle as ``init=``): sync and ``reboot(2)``;
+    * PID 1 is vsockrpc's init (the agent is its child): SIGTERM to PID 1, which stops the
+      agent gracefully, syncs and powers off (``vsockrpc.guest.init.request_poweroff``);
+      that init cannot reboot, see :func:`can_carry_out`;
+    * any other init: ``systemctl poweroff|reboot`` or ``poweroff``/``reboot``.
+    """
     if os.getpid() == 1:
         _reboot_syscall(action)
         return
+    if _init_is_vsockrpc():
+        os.kill(1, signal.SIGTERM)
+        return
     argv = ["systemctl", action.value] if shutil.which("systemctl") else [action.value]
     subprocess.run(argv, check=True, timeout=60)
+
+
+def can_carry_out(action: PowerAction) -> bool:
+    """Whether :func:`default_power_control` can do ``action`` on this system."""
+    return not (action is PowerAction.REBOOT and os.getpid() != 1 and _init_is_vsockrpc())
 
 
 def set_realtime_clock(time_ns: int) -> None:
@@ -168,6 +193,12 @@ class SystemServicer(pb_grpc.SystemServicer):
             else (PowerAction.POWEROFF)
         )
         control = self._power_control or _installed_power_control or default_power_control
+        if control is default_power_control and not can_carry_out(action):
+            abort(
+                context,
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"this guest's init cannot {action.value}; power it off and boot it again",
+            )
         with self._power_lock:
             if self._power_requested:
                 return pb.ShutdownResponse()
