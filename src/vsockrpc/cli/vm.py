@@ -131,8 +131,9 @@ def _run(args: argparse.Namespace) -> int:
 def _stop(args: argparse.Namespace) -> int:
     from vsockrpc.vm.registry import stop_vm
 
-    record = stop_vm(args.which)
-    print(f"vm {record.name} (CID {record.cid}) stopped")
+    stopped = stop_vm(args.which)
+    how = "powered off" if stopped.graceful else "killed (the guest did not power off)"
+    print(f"vm {stopped.record.name} (CID {stopped.record.cid}) {how}")
     return 0
 
 

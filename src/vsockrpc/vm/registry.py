@@ -20,7 +20,7 @@ from vsockrpc.errors import VmError
 from vsockrpc.vm.qmp import CTRL_ALT_DEL, qmp_command
 from vsockrpc.vm.runtime import runtime_dir
 
-__all__ = ["VmRecord", "list_vms", "stop_vm"]
+__all__ = ["Stopped", "VmRecord", "list_vms", "stop_vm"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +43,13 @@ class VmRecord:
     @property
     def running(self) -> bool:
         return _alive(self.qemu_pid)
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    record: VmRecord
+    console: str  # the whole guest console, read after QEMU exited
+    graceful: bool  # the guest powered itself off (no QMP quit, no SIGKILL)
 
 
 def _alive(pid: int | None) -> bool:
@@ -80,14 +87,16 @@ def _wait_gone(pid: int, timeout: float) -> bool:
     return True
 
 
-def stop_vm(which: str, *, timeout: float = 20.0) -> VmRecord:
+def stop_vm(which: str, *, timeout: float = 20.0) -> Stopped:
     record = _find(which)
     qmp = record.run_dir / "qmp.sock"
     pid = record.qemu_pid
+    graceful = True
     if _alive(pid):
         with contextlib.suppress(VmError):
             qmp_command(qmp, "send-key", CTRL_ALT_DEL)
         if not _wait_gone(pid, timeout):
+            graceful = False
             with contextlib.suppress(VmError):
                 qmp_command(qmp, "quit")
             if not _wait_gone(pid, 5.0):
@@ -101,5 +110,9 @@ def stop_vm(which: str, *, timeout: float = 20.0) -> VmRecord:
         if not _wait_gone(int(device), 5.0):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(device), signal.SIGKILL)
+    try:
+        console = (record.run_dir / "console.log").read_text(errors="replace")
+    except OSError:
+        console = ""
     shutil.rmtree(record.run_dir, ignore_errors=True)
-    return record
+    return Stopped(record, console.replace("\r", ""), graceful)

@@ -1,0 +1,72 @@
+"""The whole system on a real guest: image → QEMU (TCG here) → vsock device → agent as PID 1."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from tests.vm.conftest import process_alive
+from vsockrpc.errors import GuestError
+from vsockrpc.guest import markers
+from vsockrpc.image import ImageInfo, build_image
+from vsockrpc.vm import Vm, launch
+
+
+def test_addition_through_the_cli_reaches_the_guest(vm: Vm, vsockrpc_cli: list[str]) -> None:
+    proc = subprocess.run(
+        [*vsockrpc_cli, "add", "5", "7", "--target", str(vm.address()), "--timeout", "30"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "Addition result: 5 + 7 = 12"
+    deadline = time.monotonic() + 10
+    while "Addition: 5 + 7 = 12" not in vm.console_text():
+        assert time.monotonic() < deadline, vm.console_text()[-2000:]
+        time.sleep(0.1)
+
+
+def test_guest_runs_the_agent_as_pid1_on_its_vsock_port(vm: Vm) -> None:
+    text = vm.console_text()
+    assert markers.INIT_STARTED in text
+    assert f"{markers.READY} on vsock:-1:{vm.port}" in text
+    assert vm.running()
+
+
+def test_second_build_is_a_cache_hit(guest_image: ImageInfo) -> None:
+    start = time.monotonic()
+    again = build_image()
+    assert again.cache_hit
+    assert again.path == guest_image.path
+    assert again.manifest["files"] == guest_image.manifest["files"]
+    assert time.monotonic() - start < 10
+
+
+def test_second_boot_powers_off_cleanly_and_leaves_nothing(guest_image: ImageInfo) -> None:
+    machine = launch(guest_image)
+    pids = [machine.qemu.pid] + ([machine.device.pid] if machine.device else [])
+    with machine:
+        assert machine.timings.rpc_ready is not None
+    assert machine.qemu.returncode == 0
+    text = machine.console_text()
+    assert f"{markers.AGENT_EXITED} with status 0" in text, text[-2000:]
+    assert "powering off (status 0)" in text
+    assert "Kernel panic" not in text
+    assert not [pid for pid in pids if process_alive(pid)]
+    assert not machine.run_dir.exists()
+
+
+@pytest.mark.timeout(240)
+def test_agent_crash_is_reported_not_a_hang(guest_image: ImageInfo) -> None:
+    # The agent cannot bind this address: it exits non-zero; PID 1 reports and powers off.
+    start = time.monotonic()
+    with pytest.raises(GuestError, match="agent crashed") as info:
+        launch(
+            guest_image, append="vsockrpc.listen=unix:/nonexistent/agent.sock", ready_timeout=200
+        )
+    assert time.monotonic() - start < 120
+    assert "status 1" in str(info.value)
