@@ -20,7 +20,8 @@ prints one line (``str(err)``, plus ``err.hint`` when there is one) and exits no
     ├── ImageError              building or finding a guest image
     ├── VmError                 launching or controlling a VM
     │   └── GuestError          the guest (kernel or agent) failed
-    └── AgentError              a guest-agent operation failed (SDK side)
+    ├── AgentError              a guest-agent operation failed (SDK side)
+    └── BundleError             building or starting a single-file agent bundle
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 __all__ = [
     "AddressError",
     "AgentError",
+    "BundleError",
     "ConnectError",
     "DeviceError",
     "GuestError",
@@ -111,3 +113,7 @@ class AgentError(VsockRpcError):
     def __init__(self, message: str, *, code: str | None = None, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.code = code
+
+
+class BundleError(VsockRpcError):
+    """A single-file agent bundle could not be built (missing wheels, pip failed...)."""

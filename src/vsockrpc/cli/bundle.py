@@ -1,10 +1,53 @@
-"""``vsockrpc`` subcommands of this module (placeholder: registers nothing yet)."""
+"""``vsockrpc bundle -o FILE``: the single-file guest agent (see :mod:`vsockrpc.bundle`)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
+
+from vsockrpc.bundle import DEFAULT_PYTHONS, build_bundle
+from vsockrpc.cli._output import step
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    """Add this module's subcommands to ``sub``."""
+    """Add ``bundle``."""
+    parser = sub.add_parser(
+        "bundle",
+        help="build the single-file guest agent",
+        description="Write one executable file that runs the guest agent on any x86_64 Linux "
+        "with Python >= 3.11: as init= (PID 1) or as a service (`FILE --listen ADDRESS`, "
+        "default vsock:-1:9999). It carries vsockrpc and manylinux wheels of grpcio and "
+        "protobuf for each --python version, extracted once into a cache directory.",
+    )
+    parser.add_argument("-o", "--output", type=Path, required=True, metavar="FILE")
+    parser.add_argument(
+        "--python",
+        action="append",
+        metavar="X.Y",
+        help="CPython version to carry wheels for; repeatable "
+        f"(default {' '.join(DEFAULT_PYTHONS)})",
+    )
+    parser.add_argument(
+        "--wheel-dir",
+        type=Path,
+        metavar="DIR",
+        help="take wheels from DIR only (offline); default: pip download into a cache",
+    )
+    parser.add_argument("--offline", action="store_true", help="use cached wheels only")
+    parser.set_defaults(func=_bundle)
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    pythons = tuple(args.python or DEFAULT_PYTHONS)
+    with step(f"building {args.output} for Python {', '.join(pythons)}"):
+        info = build_bundle(
+            args.output, pythons=pythons, wheel_dir=args.wheel_dir, offline=args.offline
+        )
+    print(
+        f"{info.path}: {info.size / 2**20:.1f} MiB, digest {info.digest[:16]}, "
+        f"{len(info.wheels)} wheels",
+        file=sys.stderr,
+    )
+    return 0
