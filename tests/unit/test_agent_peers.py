@@ -20,7 +20,10 @@ def test_default_admits_only_the_host_cid_and_unix_peers() -> None:
 
 
 def test_from_env() -> None:
-    assert PeerPolicy.from_env({}).allowed_cids == frozenset({2})
+    assert PeerPolicy.from_env({}, "").allowed_cids == frozenset({2})
+    assert PeerPolicy.from_env({}, "quiet vsockrpc.allowed_cids=2,1").allowed_cids == {1, 2}
+    env = {"VSOCKRPC_AGENT_ALLOWED_CIDS": "3"}
+    assert PeerPolicy.from_env(env, "vsockrpc.allowed_cids=1").allowed_cids == {3}
     assert PeerPolicy.from_env({"VSOCKRPC_AGENT_ALLOWED_CIDS": "2, 7"}).allowed_cids == {2, 7}
     anyone = PeerPolicy.from_env({"VSOCKRPC_AGENT_ALLOWED_CIDS": "any"})
     assert anyone.admits(VsockAddress(123, 1))

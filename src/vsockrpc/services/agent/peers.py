@@ -29,6 +29,8 @@ log = logging.getLogger("vsockrpc.agent.peers")
 VMADDR_CID_HOST = 2
 ENV_ALLOWED_CIDS = "VSOCKRPC_AGENT_ALLOWED_CIDS"
 """Comma-separated CIDs the agent admits (``any`` for every CID); default ``2``."""
+CMDLINE_ALLOWED_CIDS = "vsockrpc.allowed_cids"
+"""The same setting on the guest kernel command line (used when the variable is unset)."""
 
 PeerResolver = Callable[[grpc.ServicerContext], Address | None]
 Registrar = Callable[[grpc.Server], None]
@@ -55,10 +57,24 @@ class PeerPolicy:
     resolver: PeerResolver = field(default=_default_resolver, compare=False)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> PeerPolicy:
-        """The policy configured by ``$VSOCKRPC_AGENT_ALLOWED_CIDS`` (default: the host only)."""
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, cmdline: str | None = None
+    ) -> PeerPolicy:
+        """The policy set by ``$VSOCKRPC_AGENT_ALLOWED_CIDS``, else by
+        ``vsockrpc.allowed_cids=`` on the kernel command line; default: the host only."""
         env = os.environ if environ is None else environ
         text = env.get(ENV_ALLOWED_CIDS, "").strip()
+        if not text:
+            if cmdline is None:
+                try:
+                    with open("/proc/cmdline", encoding="utf-8", errors="replace") as f:
+                        cmdline = f.read()
+                except OSError:
+                    cmdline = ""
+            for word in cmdline.split():
+                key, _, value = word.partition("=")
+                if key == CMDLINE_ALLOWED_CIDS:
+                    text = value.strip()
         if not text:
             return cls()
         if text.lower() == "any":

@@ -17,6 +17,7 @@ import platform
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -65,10 +66,15 @@ def _reboot_syscall(action: PowerAction) -> None:
 
 
 def _init_is_vsockrpc() -> bool:
-    """PID 1 is vsockrpc's guest init (which runs the agent as its child)."""
+    """PID 1 is vsockrpc's guest init, which runs the agent as its (forked) child."""
     try:
         with open("/proc/1/cmdline", "rb") as f:
-            return b"vsockrpc" in f.read()
+            if b"vsockrpc" in f.read():
+                return True
+        # A bundle used as init= under another file name: PID 1 is our interpreter and parent.
+        return os.getppid() == 1 and os.path.realpath("/proc/1/exe") == os.path.realpath(
+            sys.executable
+        )
     except OSError:
         return False
 
