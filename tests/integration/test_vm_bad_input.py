@@ -1,0 +1,116 @@
+"""Bad input to ``image build`` / ``vm run``: one clear line, non-zero exit, nothing left."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vsockrpc.image.debs import host_arch
+from vsockrpc.vm import cid
+
+CLI = [sys.executable, "-m", "vsockrpc.cli.main"]
+pytestmark = pytest.mark.timeout(60)
+
+
+def vsockrpc(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith("hint:")]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("vsockrpc: error: ")
+    return lines[0]
+
+
+def fake_image(root: Path, arch: str) -> Path:
+    root.mkdir()
+    for name in ("vmlinuz", "initrd.cpio", "rootfs.ext4"):
+        (root / name).write_bytes(b"not really")
+    (root / "manifest.json").write_text(json.dumps({"arch": arch, "cmdline": "quiet"}))
+    return root
+
+
+def test_missing_image(tmp_path: Path) -> None:
+    line = one_error_line(vsockrpc("vm", "run", "--image", str(tmp_path / "nope")))
+    assert "no guest image at" in line
+
+
+def test_incomplete_image(tmp_path: Path) -> None:
+    image = fake_image(tmp_path / "img", host_arch())
+    (image / "vmlinuz").unlink()
+    line = one_error_line(vsockrpc("vm", "run", "--image", str(image)))
+    assert "vmlinuz is missing" in line
+
+
+def test_image_for_another_arch(tmp_path: Path) -> None:
+    other = "arm64" if host_arch() != "arm64" else "amd64"
+    line = one_error_line(vsockrpc("vm", "run", "--image", str(fake_image(tmp_path / "i", other))))
+    assert f"built for {other}" in line
+
+
+def test_busy_cid(tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    held = cid.lease(runtime)  # another "VM" holds this CID
+    try:
+        image = fake_image(tmp_path / "img", host_arch())
+        proc = vsockrpc(
+            "vm",
+            "run",
+            "--image",
+            str(image),
+            "--cid",
+            str(held.cid),
+            env={"VSOCKRPC_RUNTIME_DIR": str(runtime)},
+        )
+        line = one_error_line(proc)
+        assert f"CID {held.cid} is busy" in line
+        assert not list((runtime / "vms").glob("*")) if (runtime / "vms").exists() else True
+    finally:
+        held.close()
+
+
+def test_qemu_not_installed(tmp_path: Path) -> None:
+    image = fake_image(tmp_path / "img", host_arch())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("dpkg",):  # what runs before QEMU is looked up
+        (bin_dir / tool).symlink_to(f"/usr/bin/{tool}")
+    line = one_error_line(vsockrpc("vm", "run", "--image", str(image), env={"PATH": str(bin_dir)}))
+    assert "QEMU is not installed" in line
+
+
+def test_unwritable_cache_dir(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    line = one_error_line(vsockrpc("image", "build", env={"VSOCKRPC_CACHE": str(blocker / "c")}))
+    assert "is not writable" in line
+    assert blocker.read_text() == ""
+
+
+def test_not_root_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An empty cache forces a base build, which needs root; pretend to be an ordinary user.
+    from vsockrpc.errors import ImageError
+    from vsockrpc.image import build_image, rootfs
+
+    monkeypatch.setattr(rootfs.os, "geteuid", lambda: 1000)
+    cache = tmp_path / "cache"
+    with pytest.raises(ImageError, match="needs root") as info:
+        build_image(cache_root=cache)
+    assert info.value.hint is not None and "root" in info.value.hint
+    assert not [p for p in cache.rglob("*") if p.name.startswith(".tmp-")]
+    assert not [p for p in (cache / "base").iterdir() if not p.name.endswith(".lock")]

@@ -1,0 +1,102 @@
+"""Launcher pieces that need no QEMU: command line, CID leases, accelerator choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vsockrpc.errors import VmError
+from vsockrpc.vm import accel, cid
+from vsockrpc.vm.qemu import QemuConfig, qemu_argv
+
+
+def config(**kw: object) -> QemuConfig:
+    base: dict[str, object] = dict(
+        qemu="qemu-system-x86_64",
+        kernel=Path("/i/vmlinuz"),
+        initrd=Path("/i/initrd.cpio"),
+        rootfs=Path("/i/rootfs.ext4"),
+        cmdline="console=ttyS0 quiet",
+        console_log=Path("/r/c"),
+        qmp_socket=Path("/r/q"),
+        guest_cid=7,
+        memory_mib=256,
+    )
+    base.update(kw)
+    return QemuConfig(**base)  # type: ignore[arg-type]
+
+
+def option(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_userspace_device_gets_shared_memfd_memory() -> None:
+    argv = qemu_argv(config(vhost_user_socket=Path("/r/vhost.sock")))
+    assert "memory-backend-memfd,id=mem,size=256M,share=on" in option(argv, "-object")
+    assert option(argv, "-machine") == ["q35,memory-backend=mem"]
+    assert "vhost-user-vsock-pci,chardev=vhost-vsock" in option(argv, "-device")
+    assert "socket,id=vhost-vsock,path=/r/vhost.sock" in option(argv, "-chardev")
+    assert not any("vhost-vsock-pci,guest-cid" in d for d in option(argv, "-device"))
+
+
+def test_kernel_vhost_vsock_gets_the_cid_and_no_memfd() -> None:
+    argv = qemu_argv(config())
+    assert "vhost-vsock-pci,guest-cid=7" in option(argv, "-device")
+    assert option(argv, "-machine") == ["q35"]
+    assert not option(argv, "-object")
+
+
+def test_boot_essentials() -> None:
+    argv = qemu_argv(config(accel="tcg", cpu="max"))
+    assert option(argv, "-cpu") == ["max"]  # RDRAND under TCG: entropy at once
+    assert option(argv, "-append") == ["console=ttyS0 quiet"]
+    assert "-no-reboot" in argv
+    assert option(argv, "-qmp") == ["unix:/r/q,server=on,wait=off"]
+    assert "file=/i/rootfs.ext4,format=raw,if=none,id=root,readonly=on" in option(argv, "-drive")
+
+
+def test_cid_lease_lowest_free_busy_and_release(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cid, "host_local_cid", lambda: 3)
+    first = cid.lease(tmp_path)
+    assert first.cid == 4  # 3 is this host's own CID
+    second = cid.lease(tmp_path)
+    assert second.cid == 5
+    with pytest.raises(VmError, match="CID 4 is busy"):
+        cid.lease(tmp_path, 4)
+    with pytest.raises(VmError, match="CID 3 is busy: it is this host's own"):
+        cid.lease(tmp_path, 3)
+    with pytest.raises(VmError, match="invalid"):
+        cid.lease(tmp_path, 2)
+    first.close()
+    again = cid.lease(tmp_path, 4)
+    assert again.cid == 4
+    again.close()
+    second.close()
+
+
+def test_accel_forced_tcg_and_cached_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    monkeypatch.setenv("VSOCKRPC_ACCEL", "tcg")
+    assert accel.choose_accel("qemu", kernel, tmp_path).name == "tcg"
+    monkeypatch.delenv("VSOCKRPC_ACCEL")
+    monkeypatch.setattr(accel, "_kvm_device_usable", lambda: True)
+    probes: list[Path] = []
+
+    def fake_probe(qemu: str, k: Path, **_: object) -> bool:
+        probes.append(k)
+        return False
+
+    monkeypatch.setattr(accel, "kvm_boots", fake_probe)
+    first = accel.choose_accel("qemu", kernel, tmp_path)
+    second = accel.choose_accel("qemu", kernel, tmp_path)
+    assert (first.name, first.cpu) == ("tcg", "max")
+    assert second == first
+    assert probes == [kernel]  # probed once, then the cached verdict
+    monkeypatch.setattr(accel, "_kvm_device_usable", lambda: False)
+    assert "not usable" in accel.choose_accel("qemu", kernel, tmp_path).reason
