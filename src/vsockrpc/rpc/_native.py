@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import sys
-import tempfile
-from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
+
+from vsockrpc.rpc._quiet import capturing_stderr
 
 __all__ = ["native_vsock_supported"]
 
@@ -18,22 +16,6 @@ __all__ = ["native_vsock_supported"]
 # privileged port and no clash). grpc parses both with "%u:%u".
 _PROBE_TARGET = "vsock:4294967295:4294967295"
 _ENV_OVERRIDE = "VSOCKRPC_NATIVE_VSOCK"
-
-
-@contextlib.contextmanager
-def _stderr_silenced() -> Iterator[None]:
-    """Point fd 2 at a scratch file: grpc core logs the failed bind there (``E... add_port.cc``)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with tempfile.TemporaryFile() as scratch:
-            os.dup2(scratch.fileno(), 2)
-            try:
-                yield
-            finally:
-                os.dup2(saved, 2)
-    finally:
-        os.close(saved)
 
 
 @functools.cache
@@ -47,7 +29,7 @@ def native_vsock_supported() -> bool:
         return forced == "1"
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
     try:
-        with _stderr_silenced():
+        with capturing_stderr():  # the failed bind's log line is expected: drop it
             server.add_insecure_port(_PROBE_TARGET)
     except RuntimeError:
         return False

@@ -133,7 +133,7 @@ def channel_ready(ch: grpc.Channel, *, timeout: float, what: str = "the server")
     except grpc.FutureTimeoutError as err:
         last = ch.relay.last_error if isinstance(ch, RelayChannel) else None
         detail = f": {last}" if last else ""
-        raise TransportTimeout(f"{what} not ready after {timeout:g} s{detail}") from err
+        raise TransportTimeout(f"{what} not ready after {timeout:.1f} s{detail}") from err
 
 
 def wait_until_ready(address: Address | str, *, timeout: float) -> None:

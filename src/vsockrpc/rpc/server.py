@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from contextlib import ExitStack
@@ -20,6 +21,7 @@ from vsockrpc.errors import AddressError, TransportError
 from vsockrpc.rpc import _peers
 from vsockrpc.rpc._native import native_vsock_supported
 from vsockrpc.rpc._private import PrivateDir
+from vsockrpc.rpc._quiet import capturing_stderr
 from vsockrpc.rpc._relay import Relay
 from vsockrpc.transport import unix as unix_transport
 
@@ -40,7 +42,9 @@ class Server:
         addresses: Sequence[Address],
         relays: Sequence[Relay],
         private_dir: PrivateDir | None,
+        socket_files: Sequence[str] = (),
     ) -> None:
+        self._socket_files = tuple(socket_files)
         self._server = server
         self.addresses: tuple[Address, ...] = tuple(addresses)
         self._relays = tuple(relays)
@@ -66,6 +70,8 @@ class Server:
         self._server.stop(grace).wait()
         for relay in self._relays:
             relay.close()
+        for path in self._socket_files:
+            _unlink_socket(path)
         if self._private_dir is not None:
             _peers.untrust_directory(self._private_dir.path)
             self._private_dir.close()
@@ -87,6 +93,12 @@ class Server:
         self.stop(None)
 
 
+def _unlink_socket(path: str) -> None:
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+
+
 def native_target(address: Address) -> str | None:
     """The grpcio target string for ``address``, or None when it must be relayed."""
     match address:
@@ -101,11 +113,18 @@ def native_target(address: Address) -> str | None:
 
 
 def _add_port(server: grpc.Server, target: str, what: str) -> int:
-    try:
-        port: int = server.add_insecure_port(target)
-    except RuntimeError as err:
-        raise TransportError(f"cannot listen on {what}: grpcio could not bind {target}") from err
-    return port
+    with capturing_stderr() as captured:
+        try:
+            port: int = server.add_insecure_port(target)
+        except RuntimeError as err:
+            failure: RuntimeError | None = err
+        else:
+            failure = None
+    if failure is None:
+        captured.replay()
+        return port
+    reason = captured.reason() or str(failure)
+    raise TransportError(f"cannot listen on {what}: {reason}") from failure
 
 
 def _bound_address(address: Address, port: int) -> Address:
@@ -173,6 +192,7 @@ def serve(
         cleanup.callback(server.stop, None)
         bound: list[Address] = []
         relays: list[Relay] = []
+        socket_files: list[str] = []
         private_dir: PrivateDir | None = None
         inner_path = ""
         for address in addresses:
@@ -190,6 +210,9 @@ def serve(
                 inner_path = private_dir.join("grpc")
                 _add_port(server, f"unix:{inner_path}", str(address))
             listener = transport.listen(address)
+            if listener.family == socket.AF_UNIX:  # hybrid: <path>_<port>; grpcio-like cleanup
+                socket_files.append(listener.getsockname())
+                cleanup.callback(_unlink_socket, socket_files[-1])
             relay = Relay(listener, _relay_dial(private_dir, inner_path), name=f"serve {address}")
             cleanup.callback(relay.close)
             relays.append(relay)
@@ -198,7 +221,7 @@ def serve(
         for relay in relays:
             relay.start()
         cleanup.pop_all()
-    return Server(server, bound, relays, private_dir)
+    return Server(server, bound, relays, private_dir, socket_files)
 
 
 def _listening_address(address: Address, listener: socket.socket) -> Address:

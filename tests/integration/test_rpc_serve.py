@@ -1,0 +1,114 @@
+"""``rpc.serve`` / ``rpc.channel`` API: bound addresses, vsock listen via the relay, cleanup."""
+
+from __future__ import annotations
+
+import glob
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import grpc
+import pytest
+
+from vsockrpc import rpc, transport
+from vsockrpc.addresses import VMADDR_CID_ANY, TcpAddress, UnixAddress, VsockAddress
+from vsockrpc.errors import AddressError, TransportError, TransportTimeout
+from vsockrpc.proto import vsock_service_pb2 as pb
+from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
+from vsockrpc.services import addition
+
+
+def _private_dirs() -> set[str]:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "vsockrpc-*")))
+
+
+def _add(ch: grpc.Channel) -> int:
+    stub = pb_grpc.VsockServiceStub(ch)  # type: ignore[no-untyped-call]
+    reply: pb.AdditionResponse = stub.Addition(pb.AdditionRequest(a=5, b=7), timeout=10)
+    return reply.c
+
+
+@pytest.mark.timeout(30)
+def test_addresses_report_real_ports(tmp_path: Path) -> None:
+    with rpc.serve([addition.register], ["tcp:127.0.0.1:0", f"unix:{tmp_path}/a.sock"]) as server:
+        tcp, unix = server.addresses
+        assert isinstance(tcp, TcpAddress) and tcp.host == "127.0.0.1" and tcp.port > 0
+        assert unix == UnixAddress(f"{tmp_path}/a.sock")
+        for address in server.addresses:
+            with rpc.channel(address) as ch:
+                assert _add(ch) == 12
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(not hasattr(socket, "AF_VSOCK"), reason="no AF_VSOCK")
+def test_serve_on_vsock_listens_through_the_relay() -> None:
+    # Listening only: nothing here connects AF_VSOCK (the safety rule).
+    before = _private_dirs()
+    try:
+        server = rpc.serve([addition.register], ["vsock:-1:0"])
+    except TransportError as err:
+        pytest.skip(f"AF_VSOCK unavailable: {err}")
+    with server:
+        (address,) = server.addresses
+        assert isinstance(address, VsockAddress)
+        assert address.cid == VMADDR_CID_ANY and address.port not in (0, 0xFFFFFFFF)
+        assert len(_private_dirs() - before) == 1  # grpcio's private Unix socket lives there
+        with pytest.raises(TransportError):  # the port is really taken
+            transport.listen(address).close()
+    assert _private_dirs() - before == set()
+
+
+@pytest.mark.timeout(30)
+def test_failed_bind_leaves_nothing_behind(tmp_path: Path) -> None:
+    before = _private_dirs()
+    taken = transport.listen("tcp:127.0.0.1:0")
+    with taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(TransportError, match="cannot listen"):
+            rpc.serve([addition.register], [f"hvsock:{tmp_path}/d.sock:7", f"127.0.0.1:{port}"])
+    assert _private_dirs() - before == set()
+    assert not os.path.exists(f"{tmp_path}/d.sock_7")
+
+
+@pytest.mark.timeout(30)
+def test_serve_needs_an_address() -> None:
+    with pytest.raises(AddressError):
+        rpc.serve([addition.register], [])
+    with pytest.raises(AddressError):
+        rpc.serve([addition.register], ["nonsense"])
+
+
+@pytest.mark.timeout(30)
+def test_stop_is_idempotent_and_cleans_up(tmp_path: Path) -> None:
+    before = _private_dirs()
+    server = rpc.serve([addition.register], [f"hvsock:{tmp_path}/d.sock:7"])
+    assert server.wait_for_termination(timeout=0.05) is True  # still running: timed out
+    server.stop(grace=1)
+    server.stop()
+    assert server.wait_for_termination(timeout=5) is False
+    assert _private_dirs() - before == set()
+
+
+@pytest.mark.timeout(30)
+def test_channel_close_removes_its_relay(tmp_path: Path) -> None:
+    before = _private_dirs()
+    ch = rpc.channel(f"hvsock:{tmp_path}/absent.sock:1")
+    assert isinstance(ch, rpc.RelayChannel)
+    assert len(_private_dirs() - before) == 1
+    ch.close()
+    assert _private_dirs() - before == set()
+
+
+@pytest.mark.timeout(30)
+def test_channel_without_relay_refuses_what_grpcio_cannot_dial() -> None:
+    if rpc.native_vsock_supported():
+        pytest.skip("grpcio dials vsock natively here")
+    with pytest.raises(TransportError, match="without the relay"):
+        rpc.channel("vsock:3:9999", relay=False)
+
+
+@pytest.mark.timeout(30)
+def test_wait_until_ready_times_out_with_transport_timeout(tmp_path: Path) -> None:
+    with pytest.raises(TransportTimeout, match=r"not ready after 0\.5 s"):
+        rpc.wait_until_ready(f"unix:{tmp_path}/nobody.sock", timeout=0.5)
