@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,13 +89,13 @@ def test_corrupt_and_short_uploads_fail_loudly_and_leave_nothing(
         yield pb.UploadRequest(header=header)
         yield pb.UploadRequest(data=data)
         bad = hashlib.sha256(data + b"x").digest()
-        yield pb.UploadRequest(trailer=pb.TransferTrailer(sha256=bad, size=len(data)))
+        yield pb.UploadRequest(trailer=pb.TransferTrailer(digest=bad, size=len(data)))
 
     def short() -> Iterator[pb.UploadRequest]:
         yield pb.UploadRequest(header=header)
         yield pb.UploadRequest(data=data[:1000])
         digest = hashlib.sha256(data[:1000]).digest()
-        yield pb.UploadRequest(trailer=pb.TransferTrailer(sha256=digest, size=1000))
+        yield pb.UploadRequest(trailer=pb.TransferTrailer(digest=digest, size=1000))
 
     def no_trailer() -> Iterator[pb.UploadRequest]:
         yield pb.UploadRequest(header=header)
@@ -222,7 +223,9 @@ def test_stat_list_mkdir_remove_rename(guest: Guest, tmp_path: Path) -> None:
         (lambda g, t: g.makedirs(t / "file.txt" / "sub"), "FAILED_PRECONDITION"),
     ],
 )
-def test_bad_paths_get_clear_statuses(guest: Guest, tmp_path: Path, call: object, code: str) -> None:
+def test_bad_paths_get_clear_statuses(
+    guest: Guest, tmp_path: Path, call: object, code: str
+) -> None:
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(AgentError) as err:
         call(guest, tmp_path)  # type: ignore[operator]
@@ -240,3 +243,26 @@ def test_upload_no_overwrite(guest: Guest, tmp_path: Path) -> None:
     assert err.value.code == "ALREADY_EXISTS"
     assert target.read_bytes() == b"keep"
     assert _leftovers(tmp_path) == []
+
+
+def test_crc32_transfers_round_trip_and_catch_corruption(
+    agent: AgentUnderTest, tmp_path: Path
+) -> None:
+    data = os.urandom(3 * MIB + 17)
+    with Guest(agent.address, checksum="crc32") as g:
+        g.write_bytes(tmp_path / "c.bin", data)
+        assert g.read_bytes(tmp_path / "c.bin") == data
+    header = pb.UploadHeader(
+        path=bytes(tmp_path / "d.bin"), size=len(data), checksum=pb.CHECKSUM_CRC32
+    )
+
+    def corrupt() -> Iterator[pb.UploadRequest]:
+        yield pb.UploadRequest(header=header)
+        yield pb.UploadRequest(data=data[:-1] + b"!")
+        good = zlib.crc32(data).to_bytes(4, "big")
+        yield pb.UploadRequest(trailer=pb.TransferTrailer(digest=good, size=len(data)))
+
+    assert _raw_upload(agent, corrupt()).code() == grpc.StatusCode.DATA_LOSS
+    assert not (tmp_path / "d.bin").exists()
+    with pytest.raises(ValueError, match="checksum"):
+        Guest(agent.address, checksum="md5")  # type: ignore[arg-type]

@@ -15,8 +15,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tests.integration.agent_harness import AgentUnderTest, running_agent
 from vsockrpc.addresses import VsockAddress
 from vsockrpc.errors import AgentError
-from vsockrpc.services.agent import PeerPolicy, PowerAction
 from vsockrpc.sdk import Guest
+from vsockrpc.services.agent import PeerPolicy, PowerAction
 
 pytestmark = pytest.mark.timeout(60)
 

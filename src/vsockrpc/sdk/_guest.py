@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import queue
 import stat
@@ -12,7 +11,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import grpc
 
@@ -33,15 +32,18 @@ from vsockrpc.sdk._types import (
     Stdout,
     TransferStats,
 )
+from vsockrpc.services.agent.checksum import new_hasher
 
 __all__ = ["CHUNK_SIZE", "Guest", "Process"]
 
-CHUNK_SIZE = 256 * 1024
+CHUNK_SIZE = 1024 * 1024
 """Bytes per upload chunk (well under gRPC's 4 MiB message limit)."""
 
 StrPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 Arg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 StdinSource = bytes | Iterable[bytes] | IO[bytes]
+Checksum = Literal["sha256", "crc32"]
+_CHECKSUMS = {"sha256": pb.CHECKSUM_SHA256, "crc32": pb.CHECKSUM_CRC32}
 
 
 def _b(value: Arg) -> bytes:
@@ -247,7 +249,8 @@ class Guest:
     ``target`` is an address (``hvsock:/run/vm.vsock:9999``, ``vsock:3:9999``, ``unix:/p``…)
     or an open ``grpc.Channel`` (then the caller keeps ownership). ``wait`` > 0 blocks until
     the agent answers (boot race) for at most that many seconds. ``call_timeout`` bounds each
-    unary call. Every failure raises :class:`vsockrpc.errors.AgentError` with ``code`` set to
+    unary call. ``checksum`` ("sha256" or the much cheaper "crc32") checks every transfer.
+    Every failure raises :class:`vsockrpc.errors.AgentError` with ``code`` set to
     the gRPC status name (``NOT_FOUND``, ``PERMISSION_DENIED``…)::
 
         with Guest("hvsock:/run/vm.vsock:9999") as g:
@@ -263,7 +266,11 @@ class Guest:
         *,
         wait: float = 0.0,
         call_timeout: float = 60.0,
+        checksum: Checksum = "sha256",
     ) -> None:
+        if checksum not in _CHECKSUMS:
+            raise ValueError(f"checksum must be one of {sorted(_CHECKSUMS)}, not {checksum!r}")
+        self._checksum = _CHECKSUMS[checksum]
         self._owned: Any = None
         if isinstance(target, grpc.Channel):
             channel = target
@@ -471,17 +478,18 @@ class Guest:
             size=size,
             make_parents=make_parents,
             no_overwrite=no_overwrite,
+            checksum=self._checksum,
         )
 
         def parts() -> Iterator[pb.UploadRequest]:
             yield pb.UploadRequest(header=header)
-            digest = hashlib.sha256()
+            digest = new_hasher(self._checksum)
             sent = 0
             while chunk := source.read(chunk_size):
                 digest.update(chunk)
                 sent += len(chunk)
                 yield pb.UploadRequest(data=chunk)
-            yield pb.UploadRequest(trailer=pb.TransferTrailer(sha256=digest.digest(), size=sent))
+            yield pb.UploadRequest(trailer=pb.TransferTrailer(digest=digest.digest(), size=sent))
 
         try:
             return _file_info(self._files.Upload(parts()))
@@ -493,12 +501,15 @@ class Guest:
 
         Returns the file's metadata as the agent saw it when the download began.
         """
-        digest = hashlib.sha256()
+        digest = new_hasher(self._checksum)
         received = 0
         header: FileInfo | None = None
         what = f"download of {os.fsdecode(remote)}"
         try:
-            for part in self._files.Download(pb.DownloadRequest(path=_b(remote))):
+            request = pb.DownloadRequest(
+                path=_b(remote), chunk_size=CHUNK_SIZE, checksum=self._checksum
+            )
+            for part in self._files.Download(request):
                 kind = part.WhichOneof("part")
                 if kind == "header":
                     header = _file_info(part.header)
@@ -507,7 +518,7 @@ class Guest:
                     received += len(part.data)
                     sink.write(part.data)
                 elif kind == "trailer":
-                    if part.trailer.size != received or part.trailer.sha256 != digest.digest():
+                    if part.trailer.size != received or part.trailer.digest != digest.digest():
                         raise AgentError(
                             f"{what}: checksum or size mismatch "
                             f"({received} bytes received, {part.trailer.size} sent)",

@@ -1,16 +1,16 @@
 """The Files service: checksummed streamed transfers and the usual path operations.
 
 Uploads are written to a temporary file in the target's directory (``.NAME.XXXX.part``),
-checked (size and SHA-256 from the trailer), given their mode and mtime, fsynced and renamed
-over the target; the directory is fsynced after the rename. Any failure — a stream cut midway,
-a wrong checksum, a full disk — removes the temporary file, so the target name holds either
-the old content or the complete new one, never a partial file.
+checked (size and checksum from the trailer: SHA-256, or CRC-32 when asked), given their
+mode and mtime, fsynced and renamed over the target; the directory is fsynced after the
+rename. Any failure — a stream cut midway, a wrong checksum, a full disk — removes the
+temporary file, so the target name holds either the old content or the complete new one,
+never a partial file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
@@ -23,6 +23,7 @@ import grpc
 from vsockrpc.proto.agent.v1 import agent_pb2 as pb
 from vsockrpc.proto.agent.v1 import agent_pb2_grpc as pb_grpc
 from vsockrpc.services.agent._status import Status, check_path, show, statuses
+from vsockrpc.services.agent.checksum import Hasher, new_hasher
 
 log = logging.getLogger("vsockrpc.agent.files")
 
@@ -55,6 +56,13 @@ def file_info(path: bytes, st: os.stat_result, *, shown_path: bytes | None = Non
         with contextlib.suppress(OSError):
             info.symlink_target = os.readlink(path)
     return info
+
+
+def _hasher(checksum: pb.Checksum.ValueType) -> Hasher:
+    try:
+        return new_hasher(checksum)
+    except ValueError as err:
+        raise Status(_INVALID, str(err)) from None
 
 
 def _fsync_dir(path: bytes) -> None:
@@ -93,10 +101,10 @@ class FilesServicer(pb_grpc.FilesServicer):
             )
         if header.no_overwrite and os.path.lexists(path):
             raise Status(grpc.StatusCode.ALREADY_EXISTS, f"{show(path)} already exists")
+        digest = _hasher(header.checksum)
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=b"." + name[:64] + b".", suffix=b".part")
         tmp_path: bytes | None = tmp
         try:
-            digest = hashlib.sha256()
             received = 0
             trailer: pb.TransferTrailer | None = None
             for request in parts:
@@ -125,8 +133,10 @@ class FilesServicer(pb_grpc.FilesServicer):
                     f"upload of {show(path)}: received {received} bytes, "
                     f"announced {header.size}, trailer says {trailer.size}",
                 )
-            if digest.digest() != trailer.sha256:
-                raise Status(grpc.StatusCode.DATA_LOSS, f"upload of {show(path)}: SHA-256 mismatch")
+            if digest.digest() != trailer.digest:
+                raise Status(
+                    grpc.StatusCode.DATA_LOSS, f"upload of {show(path)}: checksum mismatch"
+                )
             os.fchmod(fd, (header.mode & 0o7777) or 0o644)
             os.fsync(fd)
             os.close(fd)
@@ -153,6 +163,7 @@ class FilesServicer(pb_grpc.FilesServicer):
         with statuses(context, "Download"):
             path = check_path(request.path)
             chunk = min(request.chunk_size or DEFAULT_CHUNK, MAX_CHUNK)
+            digest = _hasher(request.checksum)
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 st = os.fstat(fd)
@@ -161,7 +172,6 @@ class FilesServicer(pb_grpc.FilesServicer):
                         grpc.StatusCode.FAILED_PRECONDITION, f"{show(path)} is not a regular file"
                     )
                 yield pb.DownloadResponse(header=file_info(path, st))
-                digest = hashlib.sha256()
                 sent = 0
                 while True:
                     data = os.read(fd, chunk)
@@ -171,7 +181,7 @@ class FilesServicer(pb_grpc.FilesServicer):
                     sent += len(data)
                     yield pb.DownloadResponse(data=data)
                 yield pb.DownloadResponse(
-                    trailer=pb.TransferTrailer(sha256=digest.digest(), size=sent)
+                    trailer=pb.TransferTrailer(digest=digest.digest(), size=sent)
                 )
             finally:
                 os.close(fd)

@@ -47,6 +47,24 @@ FILE_TYPE_SYMLINK: FileType.ValueType  # 3
 FILE_TYPE_OTHER: FileType.ValueType  # 4
 Global___FileType: _TypeAlias = FileType  # noqa: Y015
 
+class _Checksum:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChecksumEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Checksum.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHECKSUM_SHA256: _Checksum.ValueType  # 0
+    CHECKSUM_CRC32: _Checksum.ValueType  # 1
+
+class Checksum(_Checksum, metaclass=_ChecksumEnumTypeWrapper):
+    """How transfers are checked end to end. SHA-256 is the default; CRC-32 (zlib's) costs far less
+    CPU (it matters in emulated guests) and still catches corruption and truncation.
+    """
+
+CHECKSUM_SHA256: Checksum.ValueType  # 0
+CHECKSUM_CRC32: Checksum.ValueType  # 1
+Global___Checksum: _TypeAlias = Checksum  # noqa: Y015
+
 class _PowerAction:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -461,6 +479,7 @@ class UploadHeader(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     MAKE_PARENTS_FIELD_NUMBER: _builtins.int
     NO_OVERWRITE_FIELD_NUMBER: _builtins.int
+    CHECKSUM_FIELD_NUMBER: _builtins.int
     path: _builtins.bytes
     mode: _builtins.int
     """permission bits; 0 = 0644"""
@@ -472,6 +491,8 @@ class UploadHeader(_message.Message):
     """mkdir -p the parent directory"""
     no_overwrite: _builtins.bool
     """fail with ALREADY_EXISTS if the target exists"""
+    checksum: Global___Checksum.ValueType
+    """algorithm of the trailer's digest"""
     def __init__(
         self,
         *,
@@ -481,10 +502,11 @@ class UploadHeader(_message.Message):
         size: _builtins.int = ...,
         make_parents: _builtins.bool = ...,
         no_overwrite: _builtins.bool = ...,
+        checksum: Global___Checksum.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["make_parents", b"make_parents", "mode", b"mode", "mtime_ns", b"mtime_ns", "no_overwrite", b"no_overwrite", "path", b"path", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "make_parents", b"make_parents", "mode", b"mode", "mtime_ns", b"mtime_ns", "no_overwrite", b"no_overwrite", "path", b"path", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -494,20 +516,20 @@ Global___UploadHeader: _TypeAlias = UploadHeader  # noqa: Y015
 class TransferTrailer(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    SHA256_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
-    sha256: _builtins.bytes
-    """SHA-256 of all data chunks"""
+    digest: _builtins.bytes
+    """checksum of all data chunks (SHA-256, or CRC-32 big-endian)"""
     size: _builtins.int
     def __init__(
         self,
         *,
-        sha256: _builtins.bytes = ...,
+        digest: _builtins.bytes = ...,
         size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -548,18 +570,22 @@ class DownloadRequest(_message.Message):
 
     PATH_FIELD_NUMBER: _builtins.int
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
+    CHECKSUM_FIELD_NUMBER: _builtins.int
     path: _builtins.bytes
     chunk_size: _builtins.int
     """0 = agent default (256 KiB); capped at 1 MiB"""
+    checksum: Global___Checksum.ValueType
+    """algorithm of the trailer's digest"""
     def __init__(
         self,
         *,
         path: _builtins.bytes = ...,
         chunk_size: _builtins.int = ...,
+        checksum: Global___Checksum.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "chunk_size", b"chunk_size", "path", b"path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -249,7 +249,7 @@ class FilesServicer:
     """
 
     def Upload(self, request_iterator, context):
-        """Upload one file: `header`, then `data` chunks, then `trailer` with the SHA-256.
+        """Upload one file: `header`, then `data` chunks, then `trailer` with the checksum.
         Written to a temporary file beside the target, fsynced and renamed into place only when
         size and checksum match: a short or corrupt transfer leaves nothing under the target name.
         """
@@ -258,7 +258,7 @@ class FilesServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Download(self, request, context):
-        """Download one regular file: `header`, then `data` chunks, then `trailer` with the SHA-256.
+        """Download one regular file: `header`, then `data` chunks, then `trailer` with the checksum.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

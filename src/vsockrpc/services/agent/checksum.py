@@ -1,0 +1,39 @@
+"""End-to-end transfer checksums (``vsockrpc.agent.v1.Checksum``), shared by agent and SDK."""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from typing import Protocol
+
+from vsockrpc.proto.agent.v1 import agent_pb2 as pb
+
+__all__ = ["Hasher", "new_hasher"]
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+    def digest(self) -> bytes: ...
+
+
+class _Crc32:
+    """zlib's CRC-32 behind the hashlib interface; digest is 4 bytes big-endian."""
+
+    def __init__(self) -> None:
+        self._value = 0
+
+    def update(self, data: bytes, /) -> None:
+        self._value = zlib.crc32(data, self._value)
+
+    def digest(self) -> bytes:
+        return self._value.to_bytes(4, "big")
+
+
+def new_hasher(checksum: pb.Checksum.ValueType) -> Hasher:
+    """A fresh hasher for ``checksum``; ValueError for an unknown algorithm."""
+    if checksum == pb.CHECKSUM_SHA256:
+        return hashlib.sha256()
+    if checksum == pb.CHECKSUM_CRC32:
+        return _Crc32()
+    raise ValueError(f"unknown checksum algorithm {checksum}")
