@@ -165,18 +165,28 @@ def run(address: Address, *, size_mib: int, calls: int, remote_dir: str, rounds:
             f"p90 {_p(execs, 0.9) * 1e3:.2f} ms   "
             f"(Ping: p50 {_p(pings, 0.5) * 1e3:.2f} ms)"
         )
-        ups, downs, raw_ups, raw_downs = [], [], [], []
-        for _ in range(rounds):  # alternate so drift hits both alike
-            raw_ups.append(raw_transfer(guest, address, "sink", size, local))
-            up, down = agent_transfer(guest, f"{remote_dir}/bench-agent.bin", size)
-            ups.append(up)
-            downs.append(down)
-            raw_downs.append(raw_transfer(guest, address, "source", size, local))
-        rate = size_mib / statistics.median(ups), size_mib / statistics.median(downs)
-        raw = size_mib / statistics.median(raw_ups), size_mib / statistics.median(raw_downs)
-        print(f"{size_mib} MiB, median of {rounds}:   agent MiB/s   raw MiB/s   ratio")
-        print(f"  upload   (host→guest)   {rate[0]:9.1f}   {raw[0]:9.1f}   {rate[0] / raw[0]:5.2f}")
-        print(f"  download (guest→host)   {rate[1]:9.1f}   {raw[1]:9.1f}   {rate[1] / raw[1]:5.2f}")
+        times: dict[str, list[float]] = {}
+        remote = f"{remote_dir}/bench-agent.bin"
+        with Guest(address, checksum="crc32") as crc_guest:
+            for _ in range(rounds):  # interleaved so drift hits every variant alike
+                times.setdefault("raw up", []).append(
+                    raw_transfer(guest, address, "sink", size, local)
+                )
+                for name, g in (("sha256", guest), ("crc32", crc_guest)):
+                    up, down = agent_transfer(g, remote, size)
+                    times.setdefault(f"{name} up", []).append(up)
+                    times.setdefault(f"{name} down", []).append(down)
+                times.setdefault("raw down", []).append(
+                    raw_transfer(guest, address, "source", size, local)
+                )
+        rate = {k: size_mib / statistics.median(v) for k, v in times.items()}
+        print(f"{size_mib} MiB, median of {rounds}, MiB/s (ratio to the raw stream):")
+        print("                        raw     agent+sha256     agent+crc32")
+        for label, key in (("upload   (host→guest)", "up"), ("download (guest→host)", "down")):
+            raw = rate[f"raw {key}"]
+            sha, crc = rate[f"sha256 {key}"], rate[f"crc32 {key}"]
+            agent = f"{sha:7.1f} ({sha / raw:4.2f})  {crc:7.1f} ({crc / raw:4.2f})"
+            print(f"  {label} {raw:7.1f}  {agent}")
 
 
 @contextlib.contextmanager
