@@ -8,6 +8,8 @@
  *     'E'                    echo everything until EOF (round-trip latency)
  *     'S' u64 n              read n bytes, reply crc32 (le32) of them (host -> guest)
  *     'G' u64 n u32 seed     send n pseudo-random bytes, then their crc32 (le32) (guest -> host)
+ *     's' u64 n / 'g' u64 n  the same without checksums, reply/trailer 0 (benchmark: the
+ *                            transport, not the guest's crc32 under TCG)
  *     'C' u32 port           connect to CID 2 port (from inside the guest), send
  *                            "hello from guest\n", read a reply line, forward it to the caller
  *
@@ -78,17 +80,28 @@ static void handle(int fd) {
             if (r <= 0) return;
             if (write_full(fd, buf, (size_t)r)) return;
         }
-    } else if (cmd == 'S') {
+    } else if (cmd == 'S' || cmd == 's') {
         uint64_t n;
         if (read_full(fd, &n, 8)) return;
         uint32_t crc = 0;
         while (n > 0) {
             ssize_t r = read(fd, buf, n < sizeof buf ? n : sizeof buf);
             if (r <= 0) return;
-            crc = crc_update(crc, buf, (size_t)r);
+            if (cmd == 'S') crc = crc_update(crc, buf, (size_t)r);
             n -= (uint64_t)r;
         }
         write_full(fd, &crc, 4);
+    } else if (cmd == 'g') {
+        uint64_t n;
+        if (read_full(fd, &n, 8)) return;
+        memset(buf, 'g', sizeof buf);
+        while (n > 0) {
+            size_t chunk = n < sizeof buf ? (size_t)n : sizeof buf;
+            if (write_full(fd, buf, chunk)) return;
+            n -= chunk;
+        }
+        uint32_t zero = 0;
+        write_full(fd, &zero, 4);
     } else if (cmd == 'G') {
         uint64_t n;
         uint32_t seed;

@@ -158,15 +158,22 @@ class VsockDevice:
         muxer = self.muxer
         try:
             while not self._stop_requested:
+                now = time.monotonic()
                 if muxer.has_work():
                     timeout = 0.0
                 else:
                     deadline = muxer.next_deadline()
-                    timeout = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+                    timeout = -1.0 if deadline is None else max(0.0, deadline - now)
+                    tx_due = muxer.tx_signal_due(now)
+                    if tx_due is not None and (timeout < 0 or tx_due < timeout):
+                        timeout = tx_due
                 reactor.poll(timeout)
                 if self._stop_requested:
                     break
                 muxer.run_pass()
+                tx_due = muxer.tx_signal_due(time.monotonic())
+                if tx_due == 0.0 and muxer.tx is not None:
+                    muxer.tx.notify()
                 if muxer._deadlines or muxer._clients:
                     muxer.expire(time.monotonic())
         finally:
@@ -203,7 +210,16 @@ class VsockDevice:
             self._conn = None
             if not self._stop_requested:
                 self.reactor.register(self._listener.fileno(), IN, lambda _m: self._accept())
-            log.info("vhost-user front-end disconnected")
+            m = self.muxer
+            log.info(
+                "vhost-user front-end disconnected (passes %d, packets to guest %d in %d rx "
+                "signals, from guest %d, credit requests %d)",
+                m.stats_passes,
+                m.stats_packets_rx,
+                m.stats_rx_signals,
+                m.stats_packets_tx,
+                m.stats_credit_requests,
+            )
         self.muxer.reset()
         self.muxer.rx = self.muxer.tx = None
         for ring in self.rings:

@@ -180,12 +180,9 @@ class GuestStream:
 
     def _consumed(self, n: int) -> None:
         self.fwd_cnt = (self.fwd_cnt + n) & _U32
-        # Linux sends CREDIT_UPDATE when recv() frees space and the peer's view is stale.
-        if (
-            n
-            and ((self.fwd_cnt - self.last_fwd_cnt_sent) & _U32)
-            >= min(self.buf_alloc // 4, 64 * 1024)
-        ) or (n and not self.rxbuf):
+        # Like Linux: tell the host about freed space once its view of our free space is low.
+        host_view_free = self.buf_alloc - ((self.rx_cnt - self.last_fwd_cnt_sent) & _U32)
+        if n and host_view_free < min(64 * 1024, self.buf_alloc // 2):
             self.driver._control(self, Op.CREDIT_UPDATE)
 
     def shutdown(self, flags: int) -> None:

@@ -18,6 +18,7 @@ import contextlib
 import enum
 import os
 import struct
+import time
 
 from vsockrpc.errors import ProtocolError
 from vsockrpc.vhost.memory import GuestMemory, OutOfBounds
@@ -74,6 +75,8 @@ class Virtqueue:
         self._mem: GuestMemory | None = None
         self._avail_idx = 0  # last avail.idx we read
         self._unflushed = 0  # used entries written but not yet published in used.idx
+        self._unsignaled = 0  # published entries the guest has not been signalled about
+        self.unsignaled_since = 0.0
 
     # ----------------------------------------------------------------- configuration
     def set_num(self, num: int) -> None:
@@ -109,13 +112,14 @@ class Virtqueue:
         self.map(mem)
         self._avail_idx = self.last_avail_idx
         self.used_idx = self.last_avail_idx  # the used ring catches up with what we consume
-        self._unflushed = 0
+        self._unflushed = self._unsignaled = 0
         self.state = RingState.ENABLED if self.enabled else RingState.STARTED
 
     def stop(self) -> int:
         """Stop (GET_VRING_BASE): publish what is pending; return last_avail_idx."""
         if self.state in (RingState.ENABLED, RingState.STARTED):
             self.flush()
+        self._unsignaled = 0
         self.state = RingState.STOPPED
         self.unmap()
         return self.last_avail_idx
@@ -190,16 +194,33 @@ class Virtqueue:
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self._unflushed += 1
 
-    def flush(self) -> bool:
-        """Publish pushed entries in used.idx and signal the call fd once. True if signalled."""
-        if not self._unflushed or self._used is None:
+    def flush(self, *, defer_below: int = 0) -> bool:
+        """Publish pushed entries in used.idx and signal the call fd once. True if signalled.
+
+        ``defer_below``: publish but do not signal while fewer than that many entries await a
+        signal; :meth:`notify` sends it later (the device's loop does, after a short quiet
+        spell). 2.7.7.2 lets a device skip interrupts; the guest still finds the entries."""
+        if self._unflushed and self._used is not None:
+            U16.pack_into(self._used, 2, self.used_idx)
+            if not self._unsignaled:
+                self.unsignaled_since = time.monotonic()
+            self._unsignaled += self._unflushed
+            self._unflushed = 0
+        if not self._unsignaled or self._unsignaled < defer_below:
             return False
-        U16.pack_into(self._used, 2, self.used_idx)
-        self._unflushed = 0
+        self.notify()
+        return True
+
+    @property
+    def signal_pending(self) -> bool:
+        return self._unsignaled > 0
+
+    def notify(self) -> None:
+        """Signal the call fd for everything published so far."""
+        self._unsignaled = 0
         if self.call_fd is not None:
             with contextlib.suppress(OSError):
                 os.eventfd_write(self.call_fd, 1)
-        return True
 
     def break_ring(self) -> None:
         """Corruption: stop using the ring and tell the front-end through the err fd."""
