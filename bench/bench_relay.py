@@ -100,7 +100,7 @@ def upload(ch: grpc.Channel, size: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=5000, help="unary calls per path")
-    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=6, help="streamed transfers per direction")
     parser.add_argument("--mib", type=int, default=64, help="streamed MiB per transfer")
     parser.add_argument("--server", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -139,12 +139,15 @@ def measure(path: str, calls: int, rounds: int, size: int) -> Results:
         for name, ch in channels.items():  # warm up: connect, first-call costs
             unary_round(stubs[name], 200, [])
             download(ch, CHUNK * 4)
-        per_round = max(1, calls // rounds)
+        # Unary: alternate call by call, so load from elsewhere on the machine hits both alike.
+        requests = {name: (stubs[name], pb.AdditionRequest(a=5, b=7)) for name in channels}
+        for i in range(calls * 2):
+            name = "direct" if (i // 2 + i) % 2 == 0 else "relay"
+            stub, request = requests[name]
+            start = time.perf_counter()
+            stub.Addition(request, timeout=10)
+            results[name]["lat"].append(time.perf_counter() - start)
         for i in range(rounds):
-            order = ("direct", "relay") if i % 2 == 0 else ("relay", "direct")
-            for name in order:
-                unary_round(stubs[name], per_round, results[name]["lat"])
-        for i in range(max(3, rounds // 2)):
             order = ("direct", "relay") if i % 2 == 0 else ("relay", "direct")
             for name in order:
                 results[name]["down"].append(download(channels[name], size))
