@@ -281,3 +281,10 @@ def test_stderr_event_type(guest: Guest) -> None:
     with guest.exec_stream(["sh", "-c", "echo e >&2"]) as proc:
         events = list(proc)
     assert Stderr(b"e\n") in events
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_signal_right_after_start_reaches_a_pty_process(guest: Guest, attempt: int) -> None:
+    with guest.exec_stream(["sleep", "30"], pty=True) as proc:
+        proc.signal(signal.SIGTERM)
+        assert list(proc)[-1] == Exited(exit_code=None, signal=signal.SIGTERM)

@@ -311,8 +311,14 @@ class ManagedProcess:
                 return
             # The pid is not reaped yet (the pump reaps after the pidfd fires), so the process
             # group id cannot have been reused.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
+            try:
                 os.killpg(self.pid, signum)
+            except ProcessLookupError:
+                # Not a group leader yet: `setsid --ctty` (PTY mode) has not run setsid().
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(self.pid, signum)
+            except PermissionError:
+                pass
 
     def resize(self, rows: int, cols: int) -> None:
         if self._master_fd is None:
