@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -17,6 +19,16 @@ from vsockrpc.errors import AddressError, TransportError, TransportTimeout
 from vsockrpc.proto import vsock_service_pb2 as pb
 from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
 from vsockrpc.services import addition
+
+
+@pytest.fixture(autouse=True)
+def _own_tempdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Private relay directories go to a fresh, short temp dir: other processes' don't count."""
+    base = tempfile.mkdtemp(prefix="t", dir="/tmp")
+    monkeypatch.setattr(tempfile, "tempdir", base)
+    yield
+    monkeypatch.undo()
+    shutil.rmtree(base)
 
 
 def _private_dirs() -> set[str]:

@@ -6,6 +6,7 @@
   (PyPI wheels), vsock and hybrid-vsock traffic goes through a relay (:mod:`vsockrpc.rpc._relay`).
 - :func:`peer_address` — the original peer of a call, also through the relay.
 - :func:`wait_until_ready` / :func:`channel_ready` — wait with backoff for a server to come up.
+- :func:`vsockrpc.rpc.aio.channel` — the same channel for ``grpc.aio``.
 """
 
 from __future__ import annotations

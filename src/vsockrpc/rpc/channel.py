@@ -108,19 +108,25 @@ def channel(
         raise TransportError(f"grpcio cannot dial {parsed} without the relay")
     if target is not None and not relay:
         return grpc.insecure_channel(target, options=all_options)
+    forwarder, private_dir, path = open_relay(parsed, connect_timeout)
+    inner = grpc.insecure_channel(f"unix:{path}", options=all_options)
+    return RelayChannel(inner, forwarder, private_dir, parsed)
+
+
+def open_relay(address: Address, connect_timeout: float) -> tuple[Relay, PrivateDir, str]:
+    """Start a client-side relay to ``address``; returns it, its directory and socket path."""
 
     def dial(_conn: socket.socket, _peer: object) -> socket.socket:
-        return transport.connect(parsed, timeout=connect_timeout)
+        return transport.connect(address, timeout=connect_timeout)
 
     private_dir = PrivateDir()
     try:
         path = private_dir.join("relay")
-        forwarder = Relay(unix_transport.listen_path(path), dial, name=f"channel {parsed}").start()
+        forwarder = Relay(unix_transport.listen_path(path), dial, name=f"channel {address}")
     except BaseException:
         private_dir.close()
         raise
-    inner = grpc.insecure_channel(f"unix:{path}", options=all_options)
-    return RelayChannel(inner, forwarder, private_dir, parsed)
+    return forwarder.start(), private_dir, path
 
 
 def channel_ready(ch: grpc.Channel, *, timeout: float, what: str = "the server") -> None:
