@@ -193,3 +193,14 @@ def test_serve_on_hybrid_listens_where_the_device_forwards_guest_connections(
         # What the device does for a guest connecting to CID 2 port 5000:
         result = run_add(f"unix:{device_path}_5000")
     assert result.stdout == "Addition result: 5 + 7 = 12\n", result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_cli_timeout_bounds_a_silent_device(device: HybridPeer) -> None:
+    device.mode = "silent"
+    start = time.monotonic()
+    result = run_add(f"hvsock:{device.path}:9999", "--timeout", "2")
+    elapsed = time.monotonic() - start
+    assert result.returncode == 1
+    assert result.stderr.startswith("vsockrpc: error: DEADLINE_EXCEEDED"), result.stderr
+    assert elapsed < 8, elapsed  # not the relay's default 10 s connect timeout

@@ -130,7 +130,8 @@ def _add(args: argparse.Namespace) -> int:
     options = rpc.RETRY_OPTIONS if args.wait else ()
     deadline = time.monotonic() + args.wait
     delay = 0.05
-    with rpc.channel(target, options=options) as ch:
+    # The relay's connect (and hybrid handshake) gets no more time than the call itself.
+    with rpc.channel(target, options=options, connect_timeout=args.timeout) as ch:
         stub = pb_grpc.VsockServiceStub(ch)  # type: ignore[no-untyped-call]
         request = pb.AdditionRequest(a=args.a, b=args.b)
         while True:

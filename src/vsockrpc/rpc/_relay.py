@@ -24,6 +24,7 @@ import os
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from vsockrpc.errors import VsockRpcError
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 # Large enough that a 4 MiB gRPC message crosses in a few syscalls; Unix and vsock sockets hand
 # over at most their queued bytes per recv anyway.
 BUFFER_SIZE = 256 * 1024
+_ACCEPT_RETRY_DELAY = 0.05
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # fcntl(2), Linux
 
 # Given an accepted socket and its peer address (as accept() returned it), open the other side.
@@ -61,7 +63,14 @@ class Link:
 
     def run(self) -> None:
         """Pump ``a → b`` in the calling thread and ``b → a`` in a second thread."""
-        self._other.start()
+        try:
+            self._other.start()
+        except RuntimeError as err:  # can't start a thread: give up on this connection only
+            log.warning("relay: %s", err)
+            self._a.close()
+            self._b.close()
+            self._on_done(self)
+            return
         self._pump(self._a, self._b)
 
     def abort(self) -> None:
@@ -181,6 +190,7 @@ class Relay:
                     conn, peer = self._listener.accept()
                 except OSError as err:  # e.g. ECONNABORTED, EMFILE: keep serving
                     log.warning("%s: accept failed: %s", self._name, err)
+                    time.sleep(_ACCEPT_RETRY_DELAY)  # don't spin while out of fds
                     continue
                 worker = threading.Thread(
                     target=self._serve,
@@ -193,7 +203,13 @@ class Relay:
                         conn.close()
                         return
                     self._workers.add(worker)
-                worker.start()
+                try:
+                    worker.start()
+                except RuntimeError as err:  # can't start a thread: drop this connection
+                    log.warning("%s: %s", self._name, err)
+                    with self._lock:
+                        self._workers.discard(worker)
+                    conn.close()
 
     def _serve(self, conn: socket.socket, peer: object) -> None:
         try:

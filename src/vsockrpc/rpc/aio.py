@@ -82,7 +82,7 @@ def channel(
     address: Address | str,
     *,
     options: Sequence[tuple[str, Any]] = (),
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
     relay: bool | None = None,
 ) -> grpc.aio.Channel:
     """Like :func:`vsockrpc.rpc.channel`, for ``grpc.aio``; use ``async with``."""

@@ -87,7 +87,7 @@ def channel(
     address: Address | str,
     *,
     options: Sequence[tuple[str, Any]] = (),
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
     relay: bool | None = None,
 ) -> grpc.Channel:
     """An insecure grpcio channel to ``address``; use it as a context manager.
@@ -113,7 +113,7 @@ def channel(
     return RelayChannel(inner, forwarder, private_dir, parsed)
 
 
-def open_relay(address: Address, connect_timeout: float) -> tuple[Relay, PrivateDir, str]:
+def open_relay(address: Address, connect_timeout: float | None) -> tuple[Relay, PrivateDir, str]:
     """Start a client-side relay to ``address``; returns it, its directory and socket path."""
 
     def dial(_conn: socket.socket, _peer: object) -> socket.socket:
