@@ -31,7 +31,7 @@ from vsockrpc.image.kernel import fetch_kernel
 __all__ = ["DEFAULT_RELEASE", "FORMAT", "ImageInfo", "build_image", "export_image", "find_image"]
 
 DEFAULT_RELEASE = "bookworm"
-FORMAT = 1  # bump when the layout or build steps change in a way the inputs do not show
+FORMAT = 2  # bump when the layout or build steps change in a way the inputs do not show
 DEFAULT_EPOCH = 1_700_000_000  # 2023-11-14; overridden by $SOURCE_DATE_EPOCH
 MANIFEST = "manifest.json"
 FILES = {"kernel": "vmlinuz", "initrd": "initrd.cpio", "rootfs": "rootfs.ext4"}
@@ -117,12 +117,17 @@ def _chroot_python(root: Path, args: list[str], epoch: int) -> None:
         raise ImageError(f"python3 in the rootfs failed: {proc.stderr.strip()[-300:]}")
 
 
-def _compile(root: Path, site: str, epoch: int) -> None:
-    # unchecked-hash .pyc: valid without comparing mtimes (the root is read-only and fixed),
-    # and byte-identical across builds (PEP 552).
+def _compile(root: Path, dirs: list[str], epoch: int) -> None:
+    """Byte-compile ``dirs`` with the guest's python3 as unchecked-hash .pyc (PEP 552).
+
+    The default (timestamp) .pyc compares the source's mtime with the one recorded at
+    compile time; :func:`rootfs.clamp_mtimes` changes every mtime, which would make each
+    .pyc stale and the read-only guest recompile the whole import chain at every boot.
+    Unchecked-hash .pyc are valid regardless of mtimes and byte-identical across builds.
+    """
     _chroot_python(
         root,
-        ["-m", "compileall", "-q", "-j0", "--invalidation-mode", "unchecked-hash", site],
+        ["-m", "compileall", "-q", "-f", "-j0", "--invalidation-mode", "unchecked-hash", *dirs],
         epoch,
     )
 
@@ -167,7 +172,12 @@ def _build_base(release: str, mirror_lines: list[str], step: Step, cache_root: P
             ):
                 wheel_dir = wheels.download(pins, arch=kernel.arch, python=python, root=cache_root)
                 wheels.install(wheel_dir, root / site.lstrip("/"))
-                _compile(root, site, epoch)
+            with step("byte-compiling the guest's Python (unchecked-hash .pyc)"):
+                _compile(
+                    root,
+                    [f"/usr/lib/python{python}", "/usr/lib/python3/dist-packages", site],
+                    epoch,
+                )
             with step(f"kernel modules for {kernel.version}"):
                 mod_root = root / "usr/lib/modules" / kernel.version
                 load = []
@@ -232,7 +242,7 @@ def build_image(
                 subprocess.run(["cp", "-a", str(base / "root"), str(work)], check=True)
                 site = base_manifest["site_packages"]
                 agent.install_agent(work, work / site.lstrip("/"))
-                _compile(work, f"{site}/vsockrpc", epoch)
+                _compile(work, [f"{site}/vsockrpc"], epoch)
                 rootfs.clamp_mtimes(work, epoch)
                 ext4.make_ext4(work, tmp / FILES["rootfs"], key=key, epoch=epoch)
                 shutil.rmtree(work)
