@@ -204,6 +204,16 @@ def test_garbage_command_is_closed(device: VsockDevice, guest: GuestDriver) -> N
 
 
 @pytest.mark.timeout(20)
+@pytest.mark.parametrize("split", [1, 20, 43, 44])
+def test_tx_header_split_across_descriptors(
+    device: VsockDevice, guest: GuestDriver, split: int
+) -> None:
+    s, stream = open_pair(device, guest)
+    guest.send_packet(Op.RW, stream.local_port, stream.peer_port, b"odd layout", split_header=split)
+    assert s.recv(100) == b"odd layout"
+
+
+@pytest.mark.timeout(20)
 def test_guest_initiated_reaches_unix_listener(device: VsockDevice, guest: GuestDriver) -> None:
     srv = track(socket.socket(socket.AF_UNIX))
     srv.bind(f"{device.uds_path}_5000")

@@ -40,6 +40,7 @@ class Connection:
     __slots__ = (
         "buf_alloc",
         "credit_requested",
+        "credit_stall",
         "ctl",
         "deadline",
         "fd",
@@ -90,6 +91,7 @@ class Connection:
         self.peer_fwd_cnt = 0
         self.tx_cnt = 0  # payload bytes sent to the guest
         self.credit_requested = False
+        self.credit_stall: float | None = None  # when to send CREDIT_REQUEST if still stalled
         # half-close
         self.peer_shut_rcv = False  # guest will not receive more: stop reading the host socket
         self.peer_shut_send = False  # guest will not send more: shut the host socket's write side

@@ -174,7 +174,7 @@ class VsockDevice:
                 tx_due = muxer.tx_signal_due(time.monotonic())
                 if tx_due == 0.0 and muxer.tx is not None:
                     muxer.tx.notify()
-                if muxer._deadlines or muxer._clients:
+                if muxer.has_timers():
                     muxer.expire(time.monotonic())
         finally:
             self.state = SessionState.STOPPING

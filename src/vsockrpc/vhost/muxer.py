@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 LOCAL_PORT_FIRST = 1 << 30
 LOCAL_PORT_END = 1 << 31
 CONNECT_TIMEOUT = 2.0  # seconds to wait for the guest's RESPONSE / to flush before RST
+CREDIT_REQUEST_DELAY = 0.02  # seconds without credit before we send CREDIT_REQUEST
 TX_SIGNAL_DELAY = 0.0005  # seconds a tx completion signal may wait for company
 MAX_COMMAND = 64  # "CONNECT 4294967295\n" is 19 bytes
 MAX_STATELESS_RST = 1024  # RSTs for packets that match no connection, waiting for rx buffers
@@ -76,6 +77,7 @@ class Muxer:
         self._next_port = itertools.count()
         self._clients: dict[int, tuple[socket.socket, float]] = {}  # awaiting CONNECT line
         self._deadlines: dict[Connection, None] = {}
+        self._credit_waiters: dict[Connection, None] = {}  # stalled for credit (credit_stall)
         self.tx_kicked = False
         self.rx_kicked = False
         self.stats_packets_rx = 0  # packets written to the guest
@@ -103,6 +105,7 @@ class Muxer:
         self._ctl_conns.clear()
         self._writable.clear()
         self._deadlines.clear()
+        self._credit_waiters.clear()
 
     def close(self) -> None:
         self.reset()
@@ -184,6 +187,7 @@ class Muxer:
         self._ctl_conns.pop(conn, None)
         self._writable.pop(conn, None)
         self._deadlines.pop(conn, None)
+        self._credit_waiters.pop(conn, None)
 
     def _reset_conn(self, conn: Connection) -> None:
         """Tell the guest RST and forget the connection."""
@@ -209,12 +213,24 @@ class Muxer:
             self._writable[conn] = None
 
     # ================================================================ timers
+    def has_timers(self) -> bool:
+        return bool(self._deadlines or self._clients or self._credit_waiters)
+
     def next_deadline(self) -> float | None:
         times = [c.deadline for c in self._deadlines if c.deadline is not None]
         times += [t for _, t in self._clients.values()]
+        times += [c.credit_stall for c in self._credit_waiters if c.credit_stall is not None]
         return min(times) if times else None
 
     def expire(self, now: float) -> None:
+        for conn in [c for c in self._credit_waiters if (c.credit_stall or 0.0) <= now]:
+            del self._credit_waiters[conn]
+            conn.credit_stall = None
+            if conn.peer_free() <= 0 and conn.state is ConnState.ESTABLISHED:
+                conn.credit_requested = True
+                conn.add_ctl(Op.CREDIT_REQUEST)
+                self._ctl_conns[conn] = None
+                self.stats_credit_requests += 1
         for conn in [c for c in self._deadlines if c.deadline is not None and c.deadline <= now]:
             log.debug("connection %s timed out in %s", conn.key, conn.state.value)
             self._reset_conn(conn)
@@ -295,12 +311,14 @@ class Muxer:
             hdr = HDR.unpack_from(first)
             body_segments = [first[HDR_SIZE:], *segments[1:]]
         else:
-            raw = b"".join(bytes(s) for s in segments)  # odd layout: copy the header out once
+            # Odd layout: the header spans descriptors. Copy just its 44 bytes out, once (the
+            # guest may change guest memory under us; never re-read it).
+            raw = b"".join(bytes(s) for s in _truncate(segments, HDR_SIZE))
             if len(raw) < HDR_SIZE:
                 log.debug("dropping a %d-byte tx packet", len(raw))
                 return
-            hdr = HDR.unpack_from(raw)
-            body_segments = [memoryview(raw)[HDR_SIZE:]]
+            hdr = HDR.unpack(raw)
+            body_segments = _skip(segments, HDR_SIZE)
         src_cid, dst_cid, src_port, dst_port, length, ptype, op, flags, buf_alloc, fwd_cnt = hdr
         # 5.10.6.1: the device drops packets not addressed host-wards from the guest's own CID.
         if dst_cid != HOST_CID or src_cid != self.guest_cid:
@@ -325,8 +343,10 @@ class Muxer:
                 self._stateless_rst(dst_port, src_port)
             return
         conn.update_peer_credit(buf_alloc, fwd_cnt)
-        if conn.credit_requested and conn.peer_free() > 0:
+        if conn.peer_free() > 0 and (conn.credit_requested or conn.credit_stall is not None):
             conn.credit_requested = False
+            conn.credit_stall = None
+            self._credit_waiters.pop(conn, None)
         if conn.wants_host_read() and conn.peer_free() > 0:
             self._readable[conn] = None
         if op == Op.RW:
@@ -495,7 +515,7 @@ class Muxer:
                 if chain is None:
                     return
                 op, flags = conn.ctl.pop(0)
-                if op in (Op.CREDIT_UPDATE, Op.RESPONSE, Op.REQUEST, Op.SHUTDOWN):
+                if op in (Op.CREDIT_UPDATE, Op.CREDIT_REQUEST, Op.RESPONSE, Op.REQUEST):
                     conn.last_fwd_cnt_sent = conn.fwd_cnt
                 self._write_header(
                     rx,
@@ -522,32 +542,15 @@ class Muxer:
                     continue
                 credit = conn.peer_free()
                 if credit <= 0:
-                    # 5.10.6.3: out of credit: ask once, stop reading until the guest answers.
+                    # 5.10.6.3: out of credit: stop reading the host socket until the guest
+                    # gives credit. Linux sends CREDIT_UPDATE by itself once its reader has
+                    # drained buf_alloc - 64 KiB; asking at once (CREDIT_REQUEST) would make it
+                    # answer with whatever little was read so far, a round trip per few KiB.
+                    # So ask only if the stall lasts CREDIT_REQUEST_DELAY (other guests).
                     del readable[conn]
-                    if not conn.credit_requested:
-                        conn.credit_requested = True
-                        chain = self._pop_rx(rx)
-                        if chain is None:
-                            conn.credit_requested = False
-                            readable[conn] = None
-                            return
-                        self._write_header(
-                            rx,
-                            chain,
-                            packet.pack(
-                                HOST_CID,
-                                self.guest_cid,
-                                conn.local_port,
-                                conn.peer_port,
-                                0,
-                                Op.CREDIT_REQUEST,
-                                0,
-                                conn.buf_alloc,
-                                conn.fwd_cnt,
-                            ),
-                        )
-                        conn.last_fwd_cnt_sent = conn.fwd_cnt
-                        self.stats_credit_requests += 1
+                    if conn.credit_stall is None and not conn.credit_requested:
+                        conn.credit_stall = time.monotonic() + CREDIT_REQUEST_DELAY
+                        self._credit_waiters[conn] = None
                     continue
                 chain = self._pop_rx(rx)
                 if chain is None:

@@ -449,7 +449,9 @@ class GuestDriver:
         except BlockingIOError:
             return False
 
-    def _tx_packet(self, hdr: bytes, payload: memoryview | bytes = b"") -> bool:
+    def _tx_packet(
+        self, hdr: bytes, payload: memoryview | bytes = b"", split_header: int | None = None
+    ) -> bool:
         if not self.tx_free:
             return False
         slot = self.tx_free.popleft()
@@ -457,7 +459,14 @@ class GuestDriver:
         self.mem[addr : addr + HDR_SIZE] = hdr
         i = 2 * slot
         d = self.desc[1]
-        if payload:
+        if split_header is not None:  # [hdr[:k]] [hdr[k:] + payload]: an unusual but legal layout
+            end = addr + HDR_SIZE + len(payload)
+            self.mem[addr + HDR_SIZE : end] = payload
+            DESC.pack_into(self.mem, d + 16 * i, addr, split_header, DESC_F_NEXT, i + 1)
+            DESC.pack_into(
+                self.mem, d + 16 * (i + 1), addr + split_header, end - addr - split_header, 0, 0
+            )
+        elif payload:
             self.mem[addr + HDR_SIZE : addr + HDR_SIZE + len(payload)] = payload
             DESC.pack_into(self.mem, d + 16 * i, addr, HDR_SIZE, DESC_F_NEXT, i + 1)
             DESC.pack_into(self.mem, d + 16 * (i + 1), addr + HDR_SIZE, len(payload), 0, 0)
@@ -481,6 +490,7 @@ class GuestDriver:
         dst_cid: int = HOST_CID,
         length: int | None = None,
         kick: bool = True,
+        split_header: int | None = None,
     ) -> None:
         """Put one raw packet on the tx ring (any field may be forged)."""
         hdr = HDR.pack(
@@ -495,7 +505,7 @@ class GuestDriver:
             self.buf_alloc if buf_alloc is None else buf_alloc,
             fwd_cnt & _U32,
         )
-        while not self._tx_packet(hdr, payload):
+        while not self._tx_packet(hdr, payload, split_header):
             self.pump(0.05)
         if kick:
             self.kick_queue(1)
