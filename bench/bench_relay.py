@@ -2,10 +2,12 @@
 """Relay overhead: grpcio through one relay hop vs grpcio straight on a Unix socket.
 
 A server process (this script with ``--server``) serves Addition and a byte-stream service on a
-Unix socket. In this process, two channels reach it: ``direct`` (grpcio dials the Unix socket)
-and ``relay`` (``vsockrpc.rpc.channel(..., relay=True)``: grpcio dials the relay's private
+Unix socket. In this process, three channels reach it: ``direct`` (grpcio dials the Unix
+socket), ``relay`` (``vsockrpc.rpc.channel(..., relay=True)``: grpcio dials the relay's private
 socket and the relay forwards to the server's socket, as it forwards to vsock/hybrid sockets
-where those can be connected). Rounds alternate between the two so drift hits both alike.
+where those can be connected) and ``relay-copy`` (the same relay with splice(2) off, copying
+through a buffer: the design alternative). Calls and transfers rotate among the three so drift
+hits all alike.
 
 Reports unary Addition latency (p50/p99 over --calls calls each) and 64 MiB streaming
 throughput in both directions, with relay/direct ratios. Targets: latency ratio <= 1.15,
@@ -15,20 +17,24 @@ throughput ratio >= 0.90.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
 from vsockrpc import rpc
 from vsockrpc.proto import vsock_service_pb2 as pb
 from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
+from vsockrpc.rpc._relay import Relay
 from vsockrpc.services import addition
+from vsockrpc.transport import unix
 
 STREAM = "/vsockrpc.bench.Stream/"
 CHUNK = 1024 * 1024
@@ -128,75 +134,77 @@ def main() -> int:
 
 
 Results = dict[str, dict[str, list[float]]]
+PATHS = ("direct", "relay", "relay-copy")
+
+
+@contextlib.contextmanager
+def copying_relay_channel(path: str, tmp: str) -> Iterator[grpc.Channel]:
+    """Like ``rpc.channel(..., relay=True)`` but the relay copies through a buffer
+    (recv_into + sendall) instead of splice(2): the alternative the relay chose against."""
+
+    def dial(_conn: socket.socket, _peer: object) -> socket.socket:
+        return unix.connect_path(path)
+
+    front = os.path.join(tmp, "copy-relay.sock")
+    with (
+        Relay(unix.listen_path(front), dial, name="copy", splice=False) as forwarder,
+        grpc.insecure_channel(f"unix:{front}") as ch,
+    ):
+        yield ch
+        forwarder.stop_accepting()
 
 
 def measure(path: str, calls: int, rounds: int, size: int) -> Results:
-    results: Results = {name: {"lat": [], "down": [], "up": []} for name in ("direct", "relay")}
+    results: Results = {name: {"lat": [], "down": [], "up": []} for name in PATHS}
     target = f"unix:{path}"
-    with rpc.channel(target) as direct, rpc.channel(target, relay=True) as relayed:
-        channels = {"direct": direct, "relay": relayed}
+    with (
+        rpc.channel(target) as direct,
+        rpc.channel(target, relay=True) as relayed,
+        copying_relay_channel(path, os.path.dirname(path)) as copied,
+    ):
+        channels = {"direct": direct, "relay": relayed, "relay-copy": copied}
         stubs = {name: pb_grpc.VsockServiceStub(ch) for name, ch in channels.items()}  # type: ignore[no-untyped-call]
         for name, ch in channels.items():  # warm up: connect, first-call costs
             unary_round(stubs[name], 200, [])
             download(ch, CHUNK * 4)
-        # Unary: alternate call by call, so load from elsewhere on the machine hits both alike.
-        requests = {name: (stubs[name], pb.AdditionRequest(a=5, b=7)) for name in channels}
-        for i in range(calls * 2):
-            name = "direct" if (i // 2 + i) % 2 == 0 else "relay"
-            stub, request = requests[name]
-            start = time.perf_counter()
-            stub.Addition(request, timeout=10)
-            results[name]["lat"].append(time.perf_counter() - start)
+        # Unary: rotate call by call, so load from elsewhere on the machine hits all alike.
+        request = pb.AdditionRequest(a=5, b=7)
+        for i in range(calls):
+            for name in PATHS[i % 3 :] + PATHS[: i % 3]:
+                start = time.perf_counter()
+                stubs[name].Addition(request, timeout=10)
+                results[name]["lat"].append(time.perf_counter() - start)
         for i in range(rounds):
-            order = ("direct", "relay") if i % 2 == 0 else ("relay", "direct")
-            for name in order:
+            for name in PATHS[i % 3 :] + PATHS[: i % 3]:
                 results[name]["down"].append(download(channels[name], size))
                 results[name]["up"].append(upload(channels[name], size))
     return results
 
 
 def report(results: Results, args: argparse.Namespace) -> None:
-    def row(label: str, direct: float, relay: float, unit: str, target: str) -> None:
-        ratio = relay / direct
-        print(f"{label:<24}{direct:>12.1f}{relay:>12.1f} {unit:<7}{ratio:>8.3f}  {target}")
-
-    d, r = results["direct"], results["relay"]
+    d = results["direct"]
     print(
         f"relay benchmark: {len(d['lat'])} unary calls per path, {args.mib} MiB x "
         f"{len(d['down'])} transfers per direction, interleaved; python {sys.version.split()[0]}, "
         f"grpcio {grpc.__version__}, {os.cpu_count()} CPUs"
     )
-    print(f"{'':<24}{'direct':>12}{'relay':>12} {'unit':<7}{'ratio':>8}  target")
-    us = 1e6
-    row(
-        "unary p50",
-        _percentile(d["lat"], 0.5) * us,
-        _percentile(r["lat"], 0.5) * us,
-        "us",
-        "<= 1.15",
-    )
-    row(
-        "unary p99",
-        _percentile(d["lat"], 0.99) * us,
-        _percentile(r["lat"], 0.99) * us,
-        "us",
-        "<= 1.15",
-    )
+    print("relay = vsockrpc's relay (splice); relay-copy = same relay copying via a buffer")
+    header = f"{'':<20}" + "".join(f"{name:>12}" for name in PATHS)
+    print(f"{header} {'unit':<6}{'relay/direct':>14}{'copy/direct':>13}  target")
     mib = 1024 * 1024
-    row(
-        "download (median)",
-        statistics.median(d["down"]) / mib,
-        statistics.median(r["down"]) / mib,
-        "MiB/s",
-        ">= 0.90",
-    )
-    row(
-        "upload (median)",
-        statistics.median(d["up"]) / mib,
-        statistics.median(r["up"]) / mib,
-        "MiB/s",
-        ">= 0.90",
-    )
+    metrics: dict[str, tuple[Callable[[dict[str, list[float]]], float], str, str]] = {
+        "unary p50": (lambda r: _percentile(r["lat"], 0.5) * 1e6, "us", "<= 1.15"),
+        "unary p99": (lambda r: _percentile(r["lat"], 0.99) * 1e6, "us", "<= 1.15"),
+        "download (median)": (lambda r: statistics.median(r["down"]) / mib, "MiB/s", ">= 0.90"),
+        "upload (median)": (lambda r: statistics.median(r["up"]) / mib, "MiB/s", ">= 0.90"),
+    }
+    for label, (value, unit, target) in metrics.items():
+        v = {name: value(results[name]) for name in PATHS}
+        cells = "".join(f"{v[name]:>12.1f}" for name in PATHS)
+        print(
+            f"{label:<20}{cells} {unit:<6}{v['relay'] / v['direct']:>14.3f}"
+            f"{v['relay-copy'] / v['direct']:>13.3f}  {target}"
+        )
 
 
 if __name__ == "__main__":

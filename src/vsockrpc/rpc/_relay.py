@@ -51,8 +51,16 @@ def _shutdown(sock: socket.socket, how: int) -> None:
 class Link:
     """One relayed connection: pumps ``a → b`` and ``b → a`` until both directions end."""
 
-    def __init__(self, a: socket.socket, b: socket.socket, on_done: Callable[[Link], None]) -> None:
+    def __init__(
+        self,
+        a: socket.socket,
+        b: socket.socket,
+        on_done: Callable[[Link], None],
+        *,
+        splice: bool = True,
+    ) -> None:
         self._a = a
+        self._splice = splice
         self._b = b
         self._on_done = on_done
         self._lock = threading.Lock()
@@ -84,7 +92,7 @@ class Link:
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
-            if not _copy_spliced(src, dst):
+            if not (self._splice and _copy_spliced(src, dst)):
                 _copy_buffered(src, dst)
             _shutdown(dst, socket.SHUT_WR)  # half-close: the peer sees EOF too
         except OSError as err:
@@ -148,8 +156,11 @@ class Relay:
     :meth:`close` stops accepting, breaks all live connections and joins every thread.
     """
 
-    def __init__(self, listener: socket.socket, dial: Dial, *, name: str = "relay") -> None:
+    def __init__(
+        self, listener: socket.socket, dial: Dial, *, name: str = "relay", splice: bool = True
+    ) -> None:
         self._listener = listener
+        self._splice = splice
         self._dial = dial
         self._name = name
         self._lock = threading.Lock()
@@ -220,7 +231,7 @@ class Relay:
                 self.last_error = str(err)
                 conn.close()
                 return
-            link = Link(conn, other, self._forget)
+            link = Link(conn, other, self._forget, splice=self._splice)
             with self._lock:
                 if self._closed:
                     conn.close()
