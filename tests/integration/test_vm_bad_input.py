@@ -106,9 +106,14 @@ def test_not_root_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     # An empty cache forces a base build, which needs root; pretend to be an ordinary user.
     from vsockrpc.errors import ImageError
     from vsockrpc.image import build_image, rootfs
+    from vsockrpc.image.cache import cache_root
 
     monkeypatch.setattr(rootfs.os, "geteuid", lambda: 1000)
     cache = tmp_path / "cache"
+    cache.mkdir()
+    for shared in ("debs", "apt"):  # reuse downloaded packages; the base layer is what's new
+        (cache_root() / shared).mkdir(exist_ok=True)
+        (cache / shared).symlink_to(cache_root() / shared)
     with pytest.raises(ImageError, match="needs root") as info:
         build_image(cache_root=cache)
     assert info.value.hint is not None and "root" in info.value.hint
