@@ -376,6 +376,7 @@ class VsockDevice:
         if len(msg.fds) != count:
             raise ProtocolError(f"SET_MEM_TABLE: {count} regions but {len(msg.fds)} fds")
         # Remap: connections and rings keep working after re-translation (QEMU may resend).
+        self.muxer.release_held_rx()
         for ring in self.rings:
             ring.unmap()
         self.memory.clear()

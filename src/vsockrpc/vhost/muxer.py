@@ -495,6 +495,13 @@ class Muxer:
         self._after_forward(conn)
 
     # ---------------------------------------------------------------- host → guest (rx)
+    def release_held_rx(self) -> None:
+        """Give back a popped-but-unfilled rx buffer (empty) before the memory table changes."""
+        if self._held_rx is not None and self.rx is not None:
+            self.rx.push(self._held_rx[0], 0)
+            self.rx.flush()
+        self._held_rx = None
+
     def _pop_rx(self, rx: Virtqueue) -> Chain | None:
         if self._held_rx is not None:
             chain, self._held_rx = self._held_rx, None
