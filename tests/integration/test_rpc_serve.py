@@ -22,8 +22,9 @@ from vsockrpc.services import addition
 
 
 @pytest.fixture(autouse=True)
-def _own_tempdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Private relay directories go to a fresh, short temp dir: other processes' don't count."""
+def _own_tempdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Private relay directories go to a fresh, short temp dir: other processes' don't count
+    (after pytest made ``tmp_path``, which must not land there)."""
     base = tempfile.mkdtemp(prefix="t", dir="/tmp")
     monkeypatch.setattr(tempfile, "tempdir", base)
     yield

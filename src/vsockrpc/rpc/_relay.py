@@ -231,6 +231,11 @@ class Relay:
                 self.last_error = str(err)
                 conn.close()
                 return
+            except Exception as err:  # a bug in dial: log it, drop this connection only
+                log.exception("%s: dialling for %r failed", self._name, peer)
+                self.last_error = repr(err)
+                conn.close()
+                return
             link = Link(conn, other, self._forget, splice=self._splice)
             with self._lock:
                 if self._closed:

@@ -6,6 +6,7 @@ import contextlib
 import os
 import socket
 import stat
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from contextlib import ExitStack
@@ -15,7 +16,7 @@ from typing import Any
 import grpc
 
 from vsockrpc import transport
-from vsockrpc.addresses import Address, HybridAddress, TcpAddress, UnixAddress, VsockAddress
+from vsockrpc.addresses import Address, TcpAddress, UnixAddress, VsockAddress
 from vsockrpc.addresses import parse_address as _parse
 from vsockrpc.errors import AddressError, TransportError
 from vsockrpc.rpc import _peers
@@ -24,6 +25,7 @@ from vsockrpc.rpc._private import PrivateDir
 from vsockrpc.rpc._quiet import capturing_stderr
 from vsockrpc.rpc._relay import Relay
 from vsockrpc.transport import unix as unix_transport
+from vsockrpc.transport import vsock as vsock_transport
 
 __all__ = ["Server", "serve"]
 
@@ -50,6 +52,7 @@ class Server:
         self._relays = tuple(relays)
         self._private_dir = private_dir
         self._stopped = False
+        self._stop_lock = threading.Lock()
 
     @property
     def relayed_connections(self) -> int:
@@ -62,9 +65,10 @@ class Server:
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let calls finish for ``grace`` seconds, then close everything."""
-        if self._stopped:
-            return
-        self._stopped = True
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
         for relay in self._relays:
             relay.stop_accepting()
         self._server.stop(grace).wait()
@@ -131,7 +135,7 @@ def _bound_address(address: Address, port: int) -> Address:
     match address:
         case TcpAddress(host=host):
             return TcpAddress(host, port)
-        case VsockAddress(cid=cid) if port > 0:
+        case VsockAddress(cid=cid) if 0 < port < vsock_transport.VMADDR_PORT_ANY:
             return VsockAddress(cid, port)
         case _:
             return address
@@ -197,6 +201,9 @@ def serve(
         inner_path = ""
         for address in addresses:
             target = native_target(address)
+            if target is not None and isinstance(address, VsockAddress):
+                cid, port = vsock_transport.sockaddr_for_listen(address)  # port 0: any
+                target = f"vsock:{cid}:{port}"
             if target is not None:
                 if isinstance(address, UnixAddress):
                     unix_transport.remove_stale_socket(address.path, str(address))
@@ -225,10 +232,8 @@ def serve(
 
 
 def _listening_address(address: Address, listener: socket.socket) -> Address:
+    """``address`` with the port the kernel picked (vsock port 0); others as given."""
     if isinstance(address, VsockAddress):
-        with contextlib.suppress(OSError):
-            _, port = listener.getsockname()
-            return VsockAddress(address.cid, int(port))
-    if isinstance(address, HybridAddress):
-        return address
+        _, port = listener.getsockname()
+        return VsockAddress(address.cid, int(port))
     return address
