@@ -31,7 +31,7 @@ from vsockrpc.image.kernel import fetch_kernel
 __all__ = ["DEFAULT_RELEASE", "FORMAT", "ImageInfo", "build_image", "export_image", "find_image"]
 
 DEFAULT_RELEASE = "bookworm"
-FORMAT = 2  # bump when the layout or build steps change in a way the inputs do not show
+FORMAT = 3  # bump when the layout or build steps change in a way the inputs do not show
 DEFAULT_EPOCH = 1_700_000_000  # 2023-11-14; overridden by $SOURCE_DATE_EPOCH
 MANIFEST = "manifest.json"
 FILES = {"kernel": "vmlinuz", "initrd": "initrd.cpio", "rootfs": "rootfs.ext4"}

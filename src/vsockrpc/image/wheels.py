@@ -123,3 +123,15 @@ def install(wheel_dir: Path, site_packages: Path) -> None:
         ],
         "pip install of the guest wheels",
     )
+    _drop_install_provenance(site_packages)
+
+
+def _drop_install_provenance(site_packages: Path) -> None:
+    """Remove ``direct_url.json`` (PEP 610: it records the wheel's path on the build host,
+    i.e. the cache directory) and its RECORD line, so equal inputs give equal files."""
+    for dist_info in site_packages.glob("*.dist-info"):
+        (dist_info / "direct_url.json").unlink(missing_ok=True)
+        record = dist_info / "RECORD"
+        if record.is_file():
+            lines = record.read_text().splitlines(keepends=True)
+            record.write_text("".join(ln for ln in lines if "/direct_url.json," not in ln))
