@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import socket
 import threading
 import zlib
 from collections.abc import Iterator
@@ -266,3 +268,56 @@ def test_crc32_transfers_round_trip_and_catch_corruption(
     assert not (tmp_path / "d.bin").exists()
     with pytest.raises(ValueError, match="checksum"):
         Guest(agent.address, checksum="md5")  # type: ignore[arg-type]
+
+
+def test_large_transfers_use_the_data_channel(
+    agent: AgentUnderTest, guest: Guest, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vsockrpc.agent.files")
+    data = os.urandom(5 * MIB)
+    (tmp_path / "src.bin").write_bytes(data)
+    guest.put(tmp_path / "src.bin", tmp_path / "dst.bin")
+    guest.get(tmp_path / "dst.bin", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == data
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("upload of" in m and "data channel" in m for m in messages)
+    assert any("download of" in m and "data channel" in m for m in messages)
+    with Guest(agent.address, data_channel=False) as inband:
+        caplog.clear()
+        inband.put(tmp_path / "src.bin", tmp_path / "dst2.bin")
+        assert not any("data channel" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "dst2.bin").read_bytes() == data
+
+
+def test_cut_data_channel_fails_loudly_and_leaves_nothing(
+    agent: AgentUnderTest, tmp_path: Path
+) -> None:
+    target = tmp_path / "cut.bin"
+    with grpc.insecure_channel(agent.address) as channel:
+        stub = pb_grpc.FilesStub(channel)
+        reply = stub.OpenDataChannel(pb.OpenDataChannelRequest(), timeout=10)
+        assert reply.unix_path and reply.ticket
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.connect(reply.unix_path)
+        raw.sendall(reply.ticket.encode() + b"\n")
+        header = pb.UploadHeader(path=bytes(target), size=8 * MIB, ticket=reply.ticket)
+        stalled = threading.Event()
+
+        def parts() -> Iterator[pb.UploadRequest]:
+            yield pb.UploadRequest(header=header)
+            stalled.wait(30)
+
+        future = stub.Upload.future(parts())
+        raw.sendall(bytes(MIB))
+        raw.close()  # cut after 1 of 8 MiB
+        with pytest.raises(grpc.RpcError) as info:
+            future.result(timeout=20)
+        stalled.set()
+        assert info.value.code() == grpc.StatusCode.DATA_LOSS
+        assert "1048576 of 8388608" in info.value.details()
+        bogus = pb.UploadHeader(path=bytes(target), size=10, ticket="0" * 32)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Upload(iter([pb.UploadRequest(header=bogus)]), timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert not target.exists()
+    assert _leftovers(tmp_path) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import socket
 import stat
 import tempfile
 import threading
@@ -15,7 +16,7 @@ from typing import IO, Any, Literal
 
 import grpc
 
-from vsockrpc.addresses import Address
+from vsockrpc.addresses import Address, HybridAddress, UnixAddress, VsockAddress, parse_address
 from vsockrpc.errors import AgentError
 from vsockrpc.proto.agent.v1 import agent_pb2 as pb
 from vsockrpc.proto.agent.v1 import agent_pb2_grpc as pb_grpc
@@ -32,12 +33,14 @@ from vsockrpc.sdk._types import (
     Stdout,
     TransferStats,
 )
-from vsockrpc.services.agent.checksum import new_hasher
+from vsockrpc.services.agent.checksum import Hasher, new_hasher
 
 __all__ = ["CHUNK_SIZE", "Guest", "Process"]
 
 CHUNK_SIZE = 1024 * 1024
 """Bytes per upload chunk (well under gRPC's 4 MiB message limit)."""
+DATA_CHANNEL_MIN = 1024 * 1024
+"""Transfers at least this big go over a raw data channel when the agent offers one."""
 
 StrPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 Arg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
@@ -108,6 +111,17 @@ def _stdin_chunks(source: StdinSource) -> Iterator[bytes]:
         for chunk in source:
             if chunk:
                 yield bytes(chunk)
+
+
+def _receive_raw(sock: socket.socket, sink: IO[bytes], digest: Hasher) -> int:
+    buffer = bytearray(CHUNK_SIZE)
+    view = memoryview(buffer)
+    received = 0
+    while n := sock.recv_into(view):
+        digest.update(view[:n])
+        sink.write(view[:n])
+        received += n
+    return received
 
 
 class Process:
@@ -250,6 +264,8 @@ class Guest:
     or an open ``grpc.Channel`` (then the caller keeps ownership). ``wait`` > 0 blocks until
     the agent answers (boot race) for at most that many seconds. ``call_timeout`` bounds each
     unary call. ``checksum`` ("sha256" or the much cheaper "crc32") checks every transfer.
+    ``data_channel``: large transfers use a raw socket beside the gRPC call when the agent
+    offers one (needs an address, not a channel); otherwise the bytes go in-band.
     Every failure raises :class:`vsockrpc.errors.AgentError` with ``code`` set to
     the gRPC status name (``NOT_FOUND``, ``PERMISSION_DENIED``…)::
 
@@ -267,14 +283,18 @@ class Guest:
         wait: float = 0.0,
         call_timeout: float = 60.0,
         checksum: Checksum = "sha256",
+        data_channel: bool = True,
     ) -> None:
         if checksum not in _CHECKSUMS:
             raise ValueError(f"checksum must be one of {sorted(_CHECKSUMS)}, not {checksum!r}")
         self._checksum = _CHECKSUMS[checksum]
         self._owned: Any = None
+        self._address: Address | None = None
+        self._data_channel = data_channel
         if isinstance(target, grpc.Channel):
             channel = target
         else:
+            self._address = parse_address(target)
             from vsockrpc import rpc
 
             self._owned = rpc.channel(target)
@@ -454,6 +474,37 @@ class Guest:
         )
         return _file_info(self._unary(self._files.Rename, request, "rename"))
 
+    def _open_data_channel(self) -> tuple[socket.socket, str] | None:
+        """A connected raw data socket and its ticket, or None to send in-band."""
+        if not self._data_channel or self._address is None:
+            return None
+        try:
+            reply = self._files.OpenDataChannel(pb.OpenDataChannelRequest(), timeout=self._timeout)
+        except grpc.RpcError as err:
+            if err.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION):
+                self._data_channel = False  # this agent can't: stop asking
+                return None
+            raise agent_error(err, "open data channel") from err
+        target: Address | None = None
+        if isinstance(self._address, HybridAddress) and reply.vsock_port:
+            target = HybridAddress(self._address.path, reply.vsock_port)
+        elif isinstance(self._address, VsockAddress) and reply.vsock_port:
+            target = VsockAddress(self._address.cid, reply.vsock_port)
+        elif isinstance(self._address, UnixAddress) and reply.unix_path:
+            target = UnixAddress(reply.unix_path)
+        if target is None:
+            self._data_channel = False
+            return None
+        from vsockrpc import transport
+
+        sock = transport.connect(target, timeout=30)
+        try:
+            sock.sendall(reply.ticket.encode("ascii") + b"\n")
+        except OSError as err:
+            sock.close()
+            raise AgentError(f"data channel to {target}: {err}") from err
+        return sock, reply.ticket
+
     def upload(
         self,
         source: IO[bytes],
@@ -481,6 +532,10 @@ class Guest:
             checksum=self._checksum,
         )
 
+        data = self._open_data_channel() if size >= DATA_CHANNEL_MIN else None
+        if data is not None:
+            header.ticket = data[1]
+
         def parts() -> Iterator[pb.UploadRequest]:
             yield pb.UploadRequest(header=header)
             digest = new_hasher(self._checksum)
@@ -488,31 +543,49 @@ class Guest:
             while chunk := source.read(chunk_size):
                 digest.update(chunk)
                 sent += len(chunk)
-                yield pb.UploadRequest(data=chunk)
+                if data is None:
+                    yield pb.UploadRequest(data=chunk)
+                else:
+                    data[0].sendall(chunk)
+            if data is not None:
+                data[0].close()
             yield pb.UploadRequest(trailer=pb.TransferTrailer(digest=digest.digest(), size=sent))
 
         try:
             return _file_info(self._files.Upload(parts()))
         except grpc.RpcError as err:
             raise agent_error(err, f"upload to {os.fsdecode(remote)}") from err
+        finally:
+            if data is not None:
+                data[0].close()
 
-    def download(self, remote: StrPath, sink: IO[bytes]) -> FileInfo:
+    def download(
+        self, remote: StrPath, sink: IO[bytes], *, size_hint: int | None = None
+    ) -> FileInfo:
         """Stream the guest file ``remote`` into ``sink``; raises DATA_LOSS on a bad checksum.
 
-        Returns the file's metadata as the agent saw it when the download began.
+        Returns the file's metadata as the agent saw it when the download began. A raw data
+        channel is used unless ``size_hint`` says the file is small.
         """
         digest = new_hasher(self._checksum)
         received = 0
         header: FileInfo | None = None
         what = f"download of {os.fsdecode(remote)}"
+        use_data = size_hint is None or size_hint >= DATA_CHANNEL_MIN
+        data = self._open_data_channel() if use_data else None
         try:
             request = pb.DownloadRequest(
-                path=_b(remote), chunk_size=CHUNK_SIZE, checksum=self._checksum
+                path=_b(remote),
+                chunk_size=CHUNK_SIZE,
+                checksum=self._checksum,
+                ticket=data[1] if data is not None else "",
             )
             for part in self._files.Download(request):
                 kind = part.WhichOneof("part")
                 if kind == "header":
                     header = _file_info(part.header)
+                    if data is not None:
+                        received = _receive_raw(data[0], sink, digest)
                 elif kind == "data":
                     digest.update(part.data)
                     received += len(part.data)
@@ -528,6 +601,9 @@ class Guest:
                     return header
         except grpc.RpcError as err:
             raise agent_error(err, what) from err
+        finally:
+            if data is not None:
+                data[0].close()
         raise AgentError(f"{what}: stream ended without a trailer", code="DATA_LOSS")
 
     def put(
@@ -589,7 +665,7 @@ class Guest:
         local_b = _b(local)
         info = self.stat(remote_b, follow_symlinks=True)
         if not info.is_dir:
-            self._get_file(remote_b, local_b, preserve=preserve)
+            self._get_file(remote_b, local_b, preserve=preserve, size_hint=info.size)
             return TransferStats(files=1, bytes=info.size)
         os.makedirs(local_b, exist_ok=True)
         files = size = 0
@@ -603,20 +679,22 @@ class Guest:
                     os.chmod(target, entry.mode)
                 dirs += 1
             elif entry.type is FileType.REGULAR:
-                self._get_file(source, target, preserve=preserve)
+                self._get_file(source, target, preserve=preserve, size_hint=entry.size)
                 files += 1
                 size += entry.size
         if preserve:
             os.chmod(local_b, info.mode)
         return TransferStats(files=files, bytes=size, directories=dirs)
 
-    def _get_file(self, remote: bytes, local: bytes, *, preserve: bool) -> None:
+    def _get_file(
+        self, remote: bytes, local: bytes, *, preserve: bool, size_hint: int | None = None
+    ) -> None:
         directory = os.path.dirname(os.path.abspath(local))
         name = os.path.basename(local)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=b"." + name[:64] + b".", suffix=b".part")
         try:
             with os.fdopen(fd, "wb") as sink:
-                info = self.download(remote, sink)
+                info = self.download(remote, sink, size_hint=size_hint)
                 sink.flush()
                 os.fsync(sink.fileno())
             if preserve:
@@ -633,7 +711,7 @@ class Guest:
         import io
 
         sink = io.BytesIO()
-        self.download(remote, sink)
+        self.download(remote, sink, size_hint=0)
         return sink.getvalue()
 
     def write_bytes(self, remote: StrPath, data: bytes, *, mode: int = 0o644) -> FileInfo:

@@ -71,7 +71,7 @@ def agent_services(
     (default :meth:`PeerPolicy.from_env`)."""
     admitted = policy if policy is not None else PeerPolicy.from_env()
     exec_servicer = ExecServicer(table)
-    files_servicer = FilesServicer()
+    files_servicer = FilesServicer(admitted)
     system_servicer = SystemServicer(power_control=power_control, clock_setter=clock_setter)
 
     def register_exec(server: grpc.Server) -> None:

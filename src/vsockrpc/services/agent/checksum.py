@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 from vsockrpc.proto.agent.v1 import agent_pb2 as pb
 
@@ -12,7 +15,7 @@ __all__ = ["Hasher", "new_hasher"]
 
 
 class Hasher(Protocol):
-    def update(self, data: bytes, /) -> None: ...
+    def update(self, data: Buffer, /) -> None: ...
 
     def digest(self) -> bytes: ...
 
@@ -23,7 +26,7 @@ class _Crc32:
     def __init__(self) -> None:
         self._value = 0
 
-    def update(self, data: bytes, /) -> None:
+    def update(self, data: Buffer, /) -> None:
         self._value = zlib.crc32(data, self._value)
 
     def digest(self) -> bytes:

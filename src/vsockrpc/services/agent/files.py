@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -24,10 +25,13 @@ from vsockrpc.proto.agent.v1 import agent_pb2 as pb
 from vsockrpc.proto.agent.v1 import agent_pb2_grpc as pb_grpc
 from vsockrpc.services.agent._status import Status, check_path, show, statuses
 from vsockrpc.services.agent.checksum import Hasher, new_hasher
+from vsockrpc.services.agent.datachannel import DataChannels
+from vsockrpc.services.agent.peers import PeerPolicy
 
 log = logging.getLogger("vsockrpc.agent.files")
 
 DEFAULT_CHUNK = 256 * 1024
+DATA_BUFFER = 1024 * 1024
 MAX_CHUNK = 1024 * 1024
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -74,7 +78,25 @@ def _fsync_dir(path: bytes) -> None:
 
 
 class FilesServicer(pb_grpc.FilesServicer):
-    """``vsockrpc.agent.v1.Files``: paths are absolute bytes; see the module docstring."""
+    """``vsockrpc.agent.v1.Files``: paths are absolute bytes; see the module docstring.
+
+    ``policy`` finds the caller's address for data channels and admits their connections.
+    """
+
+    def __init__(self, policy: PeerPolicy | None = None) -> None:
+        self._policy = policy if policy is not None else PeerPolicy()
+        self.data = DataChannels(self._policy.admits)
+
+    def close(self) -> None:
+        self.data.close()
+
+    def OpenDataChannel(
+        self, request: pb.OpenDataChannelRequest, context: grpc.ServicerContext
+    ) -> pb.DataChannel:
+        with statuses(context, "OpenDataChannel"):
+            port, path, ticket = self.data.open(self._policy.resolver(context))
+            return pb.DataChannel(vsock_port=port, unix_path=path, ticket=ticket)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def Upload(
         self, request_iterator: Iterator[pb.UploadRequest], context: grpc.ServicerContext
@@ -107,9 +129,18 @@ class FilesServicer(pb_grpc.FilesServicer):
         try:
             received = 0
             trailer: pb.TransferTrailer | None = None
+            if header.ticket:
+                received = self._receive_raw(header, fd, digest)
+                if received != header.size:
+                    raise Status(
+                        grpc.StatusCode.DATA_LOSS,
+                        f"upload of {show(path)}: data channel closed after {received} of "
+                        f"{header.size} bytes",
+                    )
+                log.info("upload of %s came over a data channel", show(path))
             for request in parts:
                 kind = request.WhichOneof("part")
-                if kind == "data":
+                if kind == "data" and not header.ticket:
                     received += len(request.data)
                     if received > header.size:
                         raise Status(_INVALID, f"more data than the {header.size} bytes announced")
@@ -157,6 +188,42 @@ class FilesServicer(pb_grpc.FilesServicer):
                 with contextlib.suppress(OSError):
                     os.unlink(tmp_path)
 
+    def _receive_raw(self, header: pb.UploadHeader, fd: int, digest: Hasher) -> int:
+        """Copy ``header.size`` bytes from the data channel into ``fd``; returns the count."""
+        conn = self.data.take(header.ticket)
+        buffer = bytearray(DATA_BUFFER)
+        view = memoryview(buffer)
+        received = 0
+        try:
+            while received < header.size:
+                n = conn.recv_into(view, min(len(buffer), header.size - received))
+                if n == 0:
+                    break  # cut short: reported as DATA_LOSS with the sizes below
+                digest.update(view[:n])
+                out = view[:n]
+                while out:
+                    out = out[os.write(fd, out) :]
+                received += n
+        finally:
+            conn.close()
+        return received
+
+    def _send_raw(self, ticket: str, fd: int, digest: Hasher) -> int:
+        """Copy the file ``fd`` to the data channel and close it; returns the count."""
+        conn = self.data.take(ticket)
+        buffer = bytearray(DATA_BUFFER)
+        view = memoryview(buffer)
+        sent = 0
+        try:
+            while n := os.readv(fd, [buffer]):
+                digest.update(view[:n])
+                conn.sendall(view[:n])
+                sent += n
+            conn.shutdown(socket.SHUT_WR)
+        finally:
+            conn.close()
+        return sent
+
     def Download(
         self, request: pb.DownloadRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.DownloadResponse]:
@@ -173,7 +240,10 @@ class FilesServicer(pb_grpc.FilesServicer):
                     )
                 yield pb.DownloadResponse(header=file_info(path, st))
                 sent = 0
-                while True:
+                if request.ticket:
+                    sent = self._send_raw(request.ticket, fd, digest)
+                    log.info("download of %s went over a data channel", show(path))
+                while not request.ticket:
                     data = os.read(fd, chunk)
                     if not data:
                         break

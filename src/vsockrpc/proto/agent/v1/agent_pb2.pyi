@@ -428,6 +428,49 @@ class ListProcessesResponse(_message.Message):
 Global___ListProcessesResponse: _TypeAlias = ListProcessesResponse  # noqa: Y015
 
 @_typing.final
+class OpenDataChannelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenDataChannelRequest: _TypeAlias = OpenDataChannelRequest  # noqa: Y015
+
+@_typing.final
+class DataChannel(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VSOCK_PORT_FIELD_NUMBER: _builtins.int
+    UNIX_PATH_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
+    vsock_port: _builtins.int
+    """set when the caller came over vsock"""
+    unix_path: _builtins.str
+    """set when the caller came over a Unix socket"""
+    ticket: _builtins.str
+    """single use, expires after a minute"""
+    def __init__(
+        self,
+        *,
+        vsock_port: _builtins.int = ...,
+        unix_path: _builtins.str = ...,
+        ticket: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ticket", b"ticket", "unix_path", b"unix_path", "vsock_port", b"vsock_port"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DataChannel: _TypeAlias = DataChannel  # noqa: Y015
+
+@_typing.final
 class FileInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -480,6 +523,7 @@ class UploadHeader(_message.Message):
     MAKE_PARENTS_FIELD_NUMBER: _builtins.int
     NO_OVERWRITE_FIELD_NUMBER: _builtins.int
     CHECKSUM_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
     path: _builtins.bytes
     mode: _builtins.int
     """permission bits; 0 = 0644"""
@@ -493,6 +537,8 @@ class UploadHeader(_message.Message):
     """fail with ALREADY_EXISTS if the target exists"""
     checksum: Global___Checksum.ValueType
     """algorithm of the trailer's digest"""
+    ticket: _builtins.str
+    """data comes on this data channel, not in `data` messages"""
     def __init__(
         self,
         *,
@@ -503,10 +549,11 @@ class UploadHeader(_message.Message):
         make_parents: _builtins.bool = ...,
         no_overwrite: _builtins.bool = ...,
         checksum: Global___Checksum.ValueType = ...,
+        ticket: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "make_parents", b"make_parents", "mode", b"mode", "mtime_ns", b"mtime_ns", "no_overwrite", b"no_overwrite", "path", b"path", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "make_parents", b"make_parents", "mode", b"mode", "mtime_ns", b"mtime_ns", "no_overwrite", b"no_overwrite", "path", b"path", "size", b"size", "ticket", b"ticket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -571,21 +618,25 @@ class DownloadRequest(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
     CHECKSUM_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
     path: _builtins.bytes
     chunk_size: _builtins.int
     """0 = agent default (256 KiB); capped at 1 MiB"""
     checksum: Global___Checksum.ValueType
     """algorithm of the trailer's digest"""
+    ticket: _builtins.str
+    """send the data on this data channel (then close it)"""
     def __init__(
         self,
         *,
         path: _builtins.bytes = ...,
         chunk_size: _builtins.int = ...,
         checksum: Global___Checksum.ValueType = ...,
+        ticket: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "chunk_size", b"chunk_size", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "chunk_size", b"chunk_size", "path", b"path", "ticket", b"ticket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -241,6 +241,11 @@ class FilesStub:
                 request_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.RenameRequest.SerializeToString,
                 response_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
                 _registered_method=True)
+        self.OpenDataChannel = channel.unary_unary(
+                '/vsockrpc.agent.v1.Files/OpenDataChannel',
+                request_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.OpenDataChannelRequest.SerializeToString,
+                response_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.DataChannel.FromString,
+                _registered_method=True)
 
 
 class FilesServicer:
@@ -295,6 +300,17 @@ class FilesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenDataChannel(self, request, context):
+        """A one-shot raw byte stream for the next Upload or Download, outside HTTP/2 and protobuf:
+        the client connects to `vsock_port` (or `unix_path`) the way it reaches the agent, sends
+        `ticket` followed by a newline, and passes the ticket in UploadHeader / DownloadRequest;
+        the data then flows on that connection while header and trailer stay on the gRPC stream.
+        FAILED_PRECONDITION when the agent cannot offer one for this peer (use in-band chunks).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FilesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -332,6 +348,11 @@ def add_FilesServicer_to_server(servicer, server):
                     servicer.Rename,
                     request_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.RenameRequest.FromString,
                     response_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.FileInfo.SerializeToString,
+            ),
+            'OpenDataChannel': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenDataChannel,
+                    request_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.OpenDataChannelRequest.FromString,
+                    response_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.DataChannel.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -525,6 +546,33 @@ class Files:
             '/vsockrpc.agent.v1.Files/Rename',
             vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.RenameRequest.SerializeToString,
             vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenDataChannel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vsockrpc.agent.v1.Files/OpenDataChannel',
+            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.OpenDataChannelRequest.SerializeToString,
+            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.DataChannel.FromString,
             options,
             channel_credentials,
             insecure,
