@@ -25,7 +25,7 @@ from vsockrpc.vhost.memory import GuestMemory
 from vsockrpc.vhost.muxer import Muxer
 from vsockrpc.vhost.packet import RESERVED_CIDS
 from vsockrpc.vhost.protocol import Message, Request
-from vsockrpc.vhost.reactor import ERR, IN, Reactor
+from vsockrpc.vhost.reactor import ERR, ET, IN, Reactor
 from vsockrpc.vhost.virtqueue import RingError, RingState, Virtqueue
 
 __all__ = ["SessionState", "VsockDevice"]
@@ -157,12 +157,13 @@ class VsockDevice:
         reactor.register(self._uds.fileno(), IN, lambda _m: self.muxer.on_listener(self._uds))
         muxer = self.muxer
         try:
+            monotonic = time.monotonic
             while not self._stop_requested:
-                now = time.monotonic()
                 if muxer.has_work():
                     timeout = 0.0
                 else:
-                    deadline = muxer.next_deadline()
+                    now = monotonic()
+                    deadline = muxer.next_deadline() if muxer.has_timers() else None
                     timeout = -1.0 if deadline is None else max(0.0, deadline - now)
                     tx_due = muxer.tx_signal_due(now)
                     if tx_due is not None and (timeout < 0 or tx_due < timeout):
@@ -171,11 +172,11 @@ class VsockDevice:
                 if self._stop_requested:
                     break
                 muxer.run_pass()
-                tx_due = muxer.tx_signal_due(time.monotonic())
-                if tx_due == 0.0 and muxer.tx is not None:
-                    muxer.tx.notify()
+                tx = muxer.tx
+                if tx is not None and tx.signal_pending and muxer.tx_signal_due(monotonic()) == 0:
+                    tx.notify()
                 if muxer.has_timers():
-                    muxer.expire(time.monotonic())
+                    muxer.expire(monotonic())
         finally:
             self.state = SessionState.STOPPING
             reactor.unregister(self._listener.fileno())
@@ -416,16 +417,16 @@ class VsockDevice:
                 ring.break_ring()
             if fd is not None:
                 os.set_blocking(fd, False)
-                self.reactor.register(fd, IN, functools.partial(self._on_kick_event, ring))
+                # Edge-triggered: every eventfd write is a new edge, so the counter never needs
+                # draining (one syscall less per kick); epoll consumes the edge before we scan
+                # avail.idx, and a later kick makes a new one.
+                self.reactor.register(fd, IN | ET, functools.partial(self._on_kick_event, ring))
             self._update_running()
 
     def _on_kick_event(self, ring: Virtqueue, mask: int) -> None:
         self._on_kick(ring)
 
     def _on_kick(self, ring: Virtqueue) -> None:
-        assert ring.kick_fd is not None
-        with contextlib.suppress(OSError):  # BlockingIOError included
-            os.eventfd_read(ring.kick_fd)  # drain before scanning avail.idx
         if ring.index == TX_QUEUE:
             self.muxer.tx_kicked = True
         else:

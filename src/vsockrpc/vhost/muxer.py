@@ -39,7 +39,7 @@ LOCAL_PORT_FIRST = 1 << 30
 LOCAL_PORT_END = 1 << 31
 CONNECT_TIMEOUT = 2.0  # seconds to wait for the guest's RESPONSE / to flush before RST
 CREDIT_REQUEST_DELAY = 0.02  # seconds without credit before we send CREDIT_REQUEST
-TX_SIGNAL_DELAY = 0.0005  # seconds a tx completion signal may wait for company
+TX_SIGNAL_DELAY = 0.002  # seconds a tx completion signal may wait for company
 MAX_COMMAND = 64  # "CONNECT 4294967295\n" is 19 bytes
 MAX_STATELESS_RST = 1024  # RSTs for packets that match no connection, waiting for rx buffers
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
@@ -264,7 +264,7 @@ class Muxer:
                 self.reset()
                 break
         # tx completions are not urgent for the guest (they only free its buffers): signal when
-        # a quarter of the ring is waiting, or after TX_SIGNAL_DELAY of quiet (device loop).
+        # a quarter of the ring is waiting, or TX_SIGNAL_DELAY after the first (device loop).
         # That spares a TCG guest one interrupt per round trip; rx is signalled at once.
         tx.flush(defer_below=max(1, tx.num // 4))
         if rx.flush():
