@@ -15,8 +15,16 @@ from collections.abc import Iterator
 
 import pytest
 
+from vsockrpc.errors import DeviceError
 from vsockrpc.vhost import SessionState, VsockDevice
 from vsockrpc.vhost.packet import SHUTDOWN_SEND, Op
+from vsockrpc.vhost.protocol import (
+    MEM_REGION,
+    MEM_TABLE_HEAD,
+    PROTOCOL_FEATURES,
+    U64,
+    Request,
+)
 from vsockrpc.vhost.testing import GuestDriver, GuestStream, RxLayout, serving
 
 CID = 7
@@ -137,6 +145,20 @@ def test_handshake_in_qemu_order(device: VsockDevice) -> None:
         bases = g.stop_rings()  # GET_VRING_BASE replies last_avail_idx per ring
         assert bases == [1, 1]
         assert device.state is not SessionState.RUNNING
+
+
+@pytest.mark.timeout(20)
+def test_memory_table_before_set_owner_is_refused(device: VsockDevice) -> None:
+    assert device.vhost_path is not None
+    with GuestDriver(device.vhost_path, guest_cid=CID) as g:
+        g._req(Request.GET_PROTOCOL_FEATURES, reply=True)
+        g._req(Request.SET_PROTOCOL_FEATURES, U64.pack(PROTOCOL_FEATURES))
+        table = MEM_TABLE_HEAD.pack(1, 0) + MEM_REGION.pack(0, 4096, 0, 0)
+        with pytest.raises(DeviceError, match="REPLY_ACK"):
+            g._req(Request.SET_MEM_TABLE, table, [g.memfd], ack=True)
+        assert not device.memory.regions
+        g.boot()  # the session carries on normally afterwards
+        assert device.state is SessionState.RUNNING
 
 
 @pytest.mark.timeout(20)

@@ -274,6 +274,10 @@ class VsockDevice:
         req = msg.request
         payload = msg.payload
         replied = False
+        # Guard (vhost-user.rst "Communication"): only queries and SET_OWNER may come before
+        # the front-end took ownership; anything touching memory or rings needs it.
+        if self.state is SessionState.CONNECTED and req not in _BEFORE_OWNER:
+            raise ProtocolError(f"vhost-user request {req} before SET_OWNER")
         if req == Request.GET_FEATURES:
             self._reply(req, vu.U64.pack(vu.DEVICE_FEATURES))
             replied = True
@@ -466,6 +470,20 @@ class VsockDevice:
         data = space[offset : offset + size] if offset < len(space) else b""
         data = data.ljust(size, b"\0")
         self._reply(Request.GET_CONFIG, vu.CONFIG_HEAD.pack(offset, size, flags) + data)
+
+
+_BEFORE_OWNER = frozenset(
+    {
+        Request.GET_FEATURES,
+        Request.GET_PROTOCOL_FEATURES,
+        Request.SET_PROTOCOL_FEATURES,
+        Request.GET_QUEUE_NUM,
+        Request.SET_OWNER,
+        Request.GET_CONFIG,
+        Request.SET_VRING_CALL,
+        Request.SET_VRING_ERR,
+    }
+)
 
 
 def _u64(payload: bytes) -> int:
