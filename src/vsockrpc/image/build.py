@@ -31,7 +31,9 @@ from vsockrpc.image.kernel import fetch_kernel
 __all__ = ["DEFAULT_RELEASE", "FORMAT", "ImageInfo", "build_image", "export_image", "find_image"]
 
 DEFAULT_RELEASE = "bookworm"
-FORMAT = 3  # bump when the layout or build steps change in a way the inputs do not show
+# Bump when the build steps change in a way the inputs do not show (base layer, image layer).
+FORMAT = 3
+IMAGE_FORMAT = 3
 DEFAULT_EPOCH = 1_700_000_000  # 2023-11-14; overridden by $SOURCE_DATE_EPOCH
 MANIFEST = "manifest.json"
 FILES = {"kernel": "vmlinuz", "initrd": "initrd.cpio", "rootfs": "rootfs.ext4"}
@@ -223,7 +225,7 @@ def build_image(
     busybox = debs.unpack(busybox_pkg, root=cache_root) / "bin" / "busybox"
     epoch = int(base_manifest["inputs"]["epoch"])
     inputs = {
-        "format": FORMAT,
+        "format": IMAGE_FORMAT,
         "base": base.name,
         "agent": agent.agent_digest(),
         "loader": cache.digest(initramfs.LOADER_INIT),

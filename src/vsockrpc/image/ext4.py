@@ -3,7 +3,10 @@ no loop device).
 
 Read-only in the guest, so no journal. For repeatable bytes the UUID and directory-hash seed
 are derived from the image key and ``E2FSPROGS_FAKE_TIME`` pins the superblock times
-(e2fsprogs reads it in ``lib/ext2fs`` for exactly this purpose).
+(e2fsprogs reads it in ``lib/ext2fs`` for exactly this purpose). ``mkfs.ext4 -d`` copies each
+source file's ctime, which no one can set on the host, and its atime, which reading the tree
+just updated (relatime), so afterwards every inode's ctime and atime are rewritten to the epoch
+with one batched ``debugfs -w`` run (``set_inode_field``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -62,3 +67,29 @@ def make_ext4(src: Path, out: Path, *, key: str, epoch: int) -> None:
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise ImageError(f"mkfs.ext4 failed: {proc.stderr.strip() or proc.returncode}")
+    _pin_ctimes(src, out, epoch, env)
+
+
+def _pin_ctimes(src: Path, image: Path, epoch: int, env: dict[str, str]) -> None:
+    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(epoch))
+    commands = [f"sif / ctime {stamp}", f"sif / atime {stamp}"]
+    for dirpath, dirnames, filenames in os.walk(src):
+        for name in sorted((*dirnames, *filenames)):
+            rel = "/" + os.path.relpath(os.path.join(dirpath, name), src)
+            if '"' in rel or "\n" in rel:
+                raise ImageError(f"cannot pin the ctime of {rel!r}: unusual file name")
+            commands.append(f'sif "{rel}" ctime {stamp}')
+            commands.append(f'sif "{rel}" atime {stamp}')
+    with tempfile.NamedTemporaryFile("w", prefix="vsockrpc-debugfs-", suffix=".cmd") as script:
+        script.write("\n".join(commands) + "\n")
+        script.flush()
+        proc = subprocess.run(
+            ["debugfs", "-w", "-f", script.name, str(image)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+    errors = [ln for ln in proc.stderr.splitlines() if "debugfs" not in ln and ln.strip()]
+    if proc.returncode != 0 or errors:
+        raise ImageError(f"debugfs failed pinning ctimes: {(errors or [str(proc.returncode)])[0]}")
