@@ -187,7 +187,13 @@ class GuestVm:
 
 @contextlib.contextmanager
 def launch(
-    vmlinuz: Path, initramfs: Path, vhost_socket: str, workdir: Path, *, mem_mb: int = 512
+    vmlinuz: Path,
+    initramfs: Path,
+    vhost_socket: str,
+    workdir: Path,
+    *,
+    mem_mb: int = 512,
+    allow_reboot: bool = False,
 ) -> Iterator[GuestVm]:
     """Start QEMU (TCG) with our vhost-user-vsock device and a user-net NIC; kill it after."""
     console = workdir / f"console-{time.monotonic_ns()}.log"
@@ -213,7 +219,7 @@ def launch(
         "-nodefaults",
         "-display",
         "none",
-        "-no-reboot",
+        *([] if allow_reboot else ["-no-reboot"]),
         "-serial",
         f"file:{console}",
         "-chardev",

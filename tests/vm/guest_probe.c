@@ -10,6 +10,7 @@
  *     'G' u64 n u32 seed     send n pseudo-random bytes, then their crc32 (le32) (guest -> host)
  *     's' u64 n / 'g' u64 n  the same without checksums, reply/trailer 0 (benchmark: the
  *                            transport, not the guest's crc32 under TCG)
+ *     'R'                    reboot the guest (tests the device across a guest reset)
  *     'C' u32 port           connect to CID 2 port (from inside the guest), send
  *                            "hello from guest\n", read a reply line, forward it to the caller
  *
@@ -26,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/reboot.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -119,6 +121,10 @@ static void handle(int fd) {
             buf[0]++;  /* vary the data between chunks */
         }
         write_full(fd, &crc, 4);
+    } else if (cmd == 'R') {
+        write_full(fd, "R-OK\n", 5);
+        sync();
+        reboot(RB_AUTOBOOT);
     } else if (cmd == 'C') {
         uint32_t port;
         if (read_full(fd, &port, 4)) return;

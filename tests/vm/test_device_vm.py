@@ -153,3 +153,54 @@ def test_guest_connect_to_cid2_without_listener_fails_fast(guest: Guest) -> None
         elapsed = time.monotonic() - t0
     assert reply.startswith(b"C-ERR "), reply  # the device answered RST
     assert elapsed < 1.5  # not the 2 s connect timeout
+
+
+@pytest.fixture(scope="module")
+def images() -> Iterator[tuple[Path, Path, Path]]:
+    workdir = Path(tempfile.mkdtemp(prefix="vdvr", dir="/tmp"))
+    try:
+        vmlinuz, initramfs = dg.build_initramfs(workdir)
+        yield vmlinuz, initramfs, workdir
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _echo(device: VsockDevice, payload: bytes) -> bytes:
+    with Guest(device, None, Path()).connect() as s:  # type: ignore[arg-type]
+        s.sendall(b"E" + payload)
+        return recv_exact(s, len(payload))
+
+
+@pytest.mark.timeout(600)
+def test_device_survives_guest_reboot_and_qemu_restart(images: tuple[Path, Path, Path]) -> None:
+    vmlinuz, initramfs, workdir = images
+    vhost = str(workdir / "vhost.sock")
+    with (
+        VsockDevice(vhost_socket=vhost, uds_path=str(workdir / "vm.vsock"), guest_cid=43) as dev,
+        serving(dev),
+    ):
+        with dg.launch(vmlinuz, initramfs, vhost, workdir, allow_reboot=True) as vm:
+            vm.wait_console("PROBE-LISTEN vsock", 120)
+            assert _echo(dev, b"before reboot") == b"before reboot"
+            # Guest reset: the driver goes away (rings stopped, GET_VRING_BASE) and comes back.
+            with Guest(dev, vm, workdir).connect() as s:
+                s.sendall(b"R")
+                assert recv_exact(s, 5) == b"R-OK\n"
+            deadline = time.monotonic() + 120
+            while vm.console_text().count("PROBE-LISTEN vsock") < 2:
+                assert time.monotonic() < deadline, vm.console_text()[-2000:]
+                assert vm.proc.poll() is None
+                time.sleep(0.1)
+            assert _echo(dev, b"after reboot") == b"after reboot"
+            assert dev.sessions == 1  # same QEMU, same vhost-user session
+            vm.proc.kill()  # abrupt: QEMU vanishes without stopping the rings
+            vm.proc.wait()
+        deadline = time.monotonic() + 10
+        while dev.state is not SessionState.WAITING:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert not dev.memory.regions and not dev.muxer.conns
+        with dg.launch(vmlinuz, initramfs, vhost, workdir) as vm2:
+            vm2.wait_console("PROBE-LISTEN vsock", 120)
+            assert _echo(dev, b"second qemu") == b"second qemu"
+            assert dev.sessions == 2
