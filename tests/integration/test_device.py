@@ -372,6 +372,26 @@ def test_slow_host_reader_stalls_guest_through_credit(paths: tuple[str, str]) ->
 
 
 @pytest.mark.timeout(20)
+def test_connection_cap(paths: tuple[str, str]) -> None:
+    vpath, upath = paths
+    with (
+        VsockDevice(vhost_socket=vpath, uds_path=upath, guest_cid=CID, max_connections=2) as dev,
+        serving(dev),
+        booted(dev) as g,
+    ):
+        open_pair(dev, g, 1)
+        open_pair(dev, g, 2)
+        with pytest.raises(EOFError):  # a third host client: closed without OK
+            read_ok(host_connect(dev, 3))
+        srv = track(socket.socket(socket.AF_UNIX))
+        srv.bind(f"{upath}_4000")
+        srv.listen()
+        with pytest.raises(ConnectionRefusedError):  # a third guest connection: RST
+            g.connect(4000, timeout=3)
+        assert len(dev.muxer.conns) == 2
+
+
+@pytest.mark.timeout(20)
 def test_guest_overrunning_buf_alloc_is_reset(paths: tuple[str, str]) -> None:
     vpath, upath = paths
     with (
