@@ -8,6 +8,7 @@ outer side is the hybrid protocol through a stand-in device):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import socket
@@ -69,19 +70,22 @@ def stack(tmp_path: Path) -> Iterator[tuple[rpc.Server, HybridPeer, str]]:
 # ---- Link: half-close and reset, on plain socket pairs -------------------------------------
 
 
-def _link() -> tuple[socket.socket, socket.socket, Link, threading.Event, threading.Thread]:
+def _link(
+    splice: bool = True,
+) -> tuple[socket.socket, socket.socket, Link, threading.Event, threading.Thread]:
     outer, a = socket.socketpair()
     b, inner = socket.socketpair()
     done = threading.Event()
-    link = Link(a, b, lambda _link: done.set())
+    link = Link(a, b, lambda _link: done.set(), splice=splice)
     runner = threading.Thread(target=link.run)
     runner.start()
     return outer, inner, link, done, runner
 
 
 @pytest.mark.timeout(30)
-def test_link_honours_half_close() -> None:
-    outer, inner, link, done, runner = _link()
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
+def test_link_honours_half_close(splice: bool) -> None:
+    outer, inner, link, done, runner = _link(splice)
     with outer, inner:
         outer.sendall(b"request")
         outer.shutdown(socket.SHUT_WR)
@@ -99,8 +103,9 @@ def test_link_honours_half_close() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_link_closes_both_ends_on_reset() -> None:
-    outer, inner, link, done, runner = _link()
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
+def test_link_closes_both_ends_on_reset(splice: bool) -> None:
+    outer, inner, link, done, runner = _link(splice)
     with inner:
         outer.sendall(b"x" * 1000)
         assert inner.recv(1000)
@@ -114,6 +119,37 @@ def test_link_closes_both_ends_on_reset() -> None:
         assert inner.recv(100) == b""  # the relay closed its side towards inner
     runner.join(5)
     link.join(5)
+
+
+@pytest.mark.timeout(30)
+def test_link_falls_back_to_copying_when_splice_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    refused: list[int] = []
+
+    def no_splice(*_args: object) -> int:
+        refused.append(1)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "splice", no_splice)
+    outer, inner, link, done, runner = _link()
+    with outer, inner:
+        payload = os.urandom(3 * MiB)
+        sender = threading.Thread(target=outer.sendall, args=(payload,))
+        sender.start()
+        received = bytearray()
+        while len(received) < len(payload):
+            received += inner.recv(MiB)
+        sender.join(5)
+        assert received == payload
+        inner.sendall(b"back")
+        assert outer.recv(4) == b"back"
+        outer.shutdown(socket.SHUT_WR)
+        inner.shutdown(socket.SHUT_WR)
+        assert done.wait(5)
+    runner.join(5)
+    link.join(5)
+    assert len(refused) == 2  # each direction tried splice once, then copied
 
 
 @pytest.mark.timeout(30)
