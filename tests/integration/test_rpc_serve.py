@@ -123,5 +123,11 @@ def test_channel_without_relay_refuses_what_grpcio_cannot_dial() -> None:
 
 @pytest.mark.timeout(30)
 def test_wait_until_ready_times_out_with_transport_timeout(tmp_path: Path) -> None:
-    with pytest.raises(TransportTimeout, match=r"not ready after 0\.5 s"):
+    with pytest.raises(TransportTimeout, match=r"not ready after 0\.5 s: .*No such file"):
         rpc.wait_until_ready(f"unix:{tmp_path}/nobody.sock", timeout=0.5)
+    # Something accepts, but it isn't gRPC: said so.
+    with (
+        transport.listen(f"unix:{tmp_path}/mute.sock"),
+        pytest.raises(TransportTimeout, match="no gRPC server answered"),
+    ):
+        rpc.wait_until_ready(f"unix:{tmp_path}/mute.sock", timeout=0.5)

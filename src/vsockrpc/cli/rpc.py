@@ -138,7 +138,7 @@ def _add(args: argparse.Namespace) -> int:
             try:
                 if args.wait:
                     remaining = max(deadline - time.monotonic(), 0.0)
-                    rpc.channel_ready(ch, timeout=remaining, what=str(target))
+                    rpc.channel_ready(ch, timeout=remaining, what=str(target), address=target)
                 reply: pb.AdditionResponse = stub.Addition(request, timeout=args.timeout)
                 break
             except TransportTimeout as err:

@@ -12,7 +12,7 @@ import grpc
 
 from vsockrpc import transport
 from vsockrpc.addresses import Address, VsockAddress, parse_address
-from vsockrpc.errors import TransportError, TransportTimeout
+from vsockrpc.errors import TransportError, TransportTimeout, VsockRpcError
 from vsockrpc.rpc._private import PrivateDir
 from vsockrpc.rpc._relay import Relay
 from vsockrpc.rpc.server import DEFAULT_OPTIONS, native_target
@@ -129,26 +129,46 @@ def open_relay(address: Address, connect_timeout: float | None) -> tuple[Relay, 
     return forwarder.start(), private_dir, path
 
 
-def channel_ready(ch: grpc.Channel, *, timeout: float, what: str = "the server") -> None:
+def channel_ready(
+    ch: grpc.Channel,
+    *,
+    timeout: float,
+    what: str = "the server",
+    address: Address | None = None,
+) -> None:
     """Block until ``ch`` is connected (grpcio retries with its reconnect backoff meanwhile).
 
-    Raises :class:`TransportTimeout` naming the last relay error when there is one.
+    Raises :class:`TransportTimeout` naming the last connection error: the relay's, or for a
+    direct channel one probe connect to ``address`` when it is given.
     """
     try:
         grpc.channel_ready_future(ch).result(timeout=timeout)
     except grpc.FutureTimeoutError as err:
         last = ch.relay.last_error if isinstance(ch, RelayChannel) else None
+        if last is None and address is not None:
+            last = _diagnose(address)
         detail = f": {last}" if last else ""
         raise TransportTimeout(f"{what} not ready after {timeout:.1f} s{detail}") from err
+
+
+def _diagnose(address: Address) -> str:
+    """Why ``address`` gives no gRPC connection, from one plain transport connect."""
+    try:
+        sock = transport.connect(address, timeout=1.0)
+    except VsockRpcError as err:
+        return str(err)
+    sock.close()
+    return "it accepts connections, but no gRPC server answered"
 
 
 def wait_until_ready(address: Address | str, *, timeout: float) -> None:
     """Retry with backoff until a gRPC connection to ``address`` is established.
 
-    Raises :class:`TransportTimeout` (with the last connection error when known) after
-    ``timeout`` seconds, and :class:`TransportError` for errors no retry can fix.
+    Raises :class:`TransportTimeout` (with the last connection error) after ``timeout``
+    seconds, and :class:`AddressError` for an address no retry can fix.
     """
     parsed = parse_address(address)
     start = time.monotonic()
     with channel(parsed, options=RETRY_OPTIONS) as ch:
-        channel_ready(ch, timeout=max(timeout - (time.monotonic() - start), 0.0), what=str(parsed))
+        remaining = max(timeout - (time.monotonic() - start), 0.0)
+        channel_ready(ch, timeout=remaining, what=str(parsed), address=parsed)
