@@ -150,9 +150,12 @@ def test_cli_wait_rides_out_a_slow_guest(device: HybridPeer, tmp_path: Path) -> 
         text=True,
     ) as client:
         try:
-            with pytest.raises(subprocess.TimeoutExpired):
-                client.wait(timeout=2)  # the guest is still "booting": refused, retried
-            assert len(device.commands) >= 2, device.commands  # retried with backoff
+            # The guest is still "booting": refused, and retried with backoff.
+            deadline = time.monotonic() + 20
+            while len(device.commands) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(device.commands) >= 2, device.commands
+            assert client.poll() is None
             with rpc.serve(default_services(), [f"unix:{tmp_path}/guest9999.sock"]):
                 out, err = client.communicate(timeout=30)
         finally:
@@ -203,4 +206,4 @@ def test_cli_timeout_bounds_a_silent_device(device: HybridPeer) -> None:
     elapsed = time.monotonic() - start
     assert result.returncode == 1
     assert result.stderr.startswith("vsockrpc: error: DEADLINE_EXCEEDED"), result.stderr
-    assert elapsed < 8, elapsed  # not the relay's default 10 s connect timeout
+    assert elapsed < 10, elapsed  # not the relay's default 10 s connect timeout on top
