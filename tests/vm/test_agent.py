@@ -111,7 +111,7 @@ def _sha(path: Path) -> str:
 
 
 @pytest.mark.timeout(600)
-def test_64mib_file_and_tree_up_and_down(guest: Guest, tmp_path: Path) -> None:
+def test_64mib_file_and_tree_up_and_down(vm: Vm, guest: Guest, tmp_path: Path) -> None:
     big = tmp_path / "big.bin"
     with open(big, "wb") as f:
         for i in range(64):
@@ -121,6 +121,10 @@ def test_64mib_file_and_tree_up_and_down(guest: Guest, tmp_path: Path) -> None:
     assert remote_sum.split()[0].decode() == _sha(big)
     guest.get("/tmp/agent-test/big.bin", tmp_path / "big.back")
     assert _sha(tmp_path / "big.back") == _sha(big)
+    # Both went over raw vsock data channels, not in-band (the agent logs to the console).
+    console = vm.console_text()
+    assert "'/tmp/agent-test/big.bin' came over a data channel" in console
+    assert "'/tmp/agent-test/big.bin' went over a data channel" in console
     guest.remove("/tmp/agent-test/big.bin")
 
     tree = tmp_path / "tree"
