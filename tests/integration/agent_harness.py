@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from vsockrpc import rpc
 from vsockrpc.services.agent import (
     AGENT_SERVICE_NAMES,
+    FilesServicer,
     PeerPolicy,
     PowerAction,
     ProcessTable,
@@ -33,16 +34,20 @@ def running_agent(policy: PeerPolicy | None = None) -> Iterator[AgentUnderTest]:
     """Serve the agent; clock and power hooks record their calls instead of acting."""
     directory = tempfile.mkdtemp(prefix="agent-", dir="/tmp")
     table = ProcessTable()
+    admitted = policy if policy is not None else PeerPolicy()
+    files = FilesServicer(admitted)
     agent = AgentUnderTest(f"unix:{directory}/agent.sock", directory, table)
     services = agent_services(
-        policy=policy if policy is not None else PeerPolicy(),
+        policy=admitted,
         power_control=agent.power_calls.append,
         clock_setter=agent.clock_calls.append,
         table=table,
+        files=files,
     )
     try:
         with rpc.serve([*services, health_and_reflection(AGENT_SERVICE_NAMES)], [agent.address]):
             yield agent
             table.close()
     finally:
+        files.close()
         shutil.rmtree(directory, ignore_errors=True)

@@ -66,12 +66,14 @@ def agent_services(
     power_control: PowerControl | None = None,
     clock_setter: ClockSetter = set_realtime_clock,
     table: ProcessTable | None = None,
+    files: FilesServicer | None = None,
 ) -> list[Registrar]:
     """Registrars for the Exec, Files and System services, each call checked by ``policy``
-    (default :meth:`PeerPolicy.from_env`)."""
+    (default :meth:`PeerPolicy.from_env`). Pass ``table``/``files`` to keep handles for
+    cleanup (``table.close()`` kills processes, ``files.close()`` closes data listeners)."""
     admitted = policy if policy is not None else PeerPolicy.from_env()
     exec_servicer = ExecServicer(table)
-    files_servicer = FilesServicer(admitted)
+    files_servicer = files if files is not None else FilesServicer(admitted)
     system_servicer = SystemServicer(power_control=power_control, clock_setter=clock_setter)
 
     def register_exec(server: grpc.Server) -> None:
