@@ -19,7 +19,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from vsockrpc import rpc
 from vsockrpc.addresses import Address, HybridAddress, VsockAddress
@@ -283,7 +283,7 @@ def launch(
                     stdout=qemu_log,
                     stderr=subprocess.STDOUT,
                     pass_fds=(lease.fileno(),),
-                    start_new_session=detach,
+                    **_detached_or_own_group(detach),
                 )
             except OSError as err:
                 raise VmError(f"cannot start QEMU: {err}") from err
@@ -304,6 +304,13 @@ def launch(
         vm._stack = stack.pop_all()
         return vm
     raise AssertionError("unreachable")
+
+
+def _detached_or_own_group(detach: bool) -> dict[str, Any]:
+    """Children never share our process group: a terminal's Ctrl-C reaches the launcher
+    only, which then powers the guest off in order instead of QEMU and the device dying
+    mid-flight. Detached VMs get their own session (no controlling terminal)."""
+    return {"start_new_session": True} if detach else {"process_group": 0}
 
 
 def _wait_qemu_up(vm: Vm, qemu_log: Path, timeout: float = 10.0) -> None:

@@ -7,6 +7,7 @@ time, and a command-per-connection keeps no event loop or thread alive between c
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,10 @@ from qemu.qmp import QMPClient, QMPError
 from vsockrpc.errors import VmError
 
 __all__ = ["CTRL_ALT_DEL", "qmp_command"]
+
+# qemu.qmp logs every failed connection at ERROR before raising; the VmError raised here
+# already says it (and stop() expects failures once the guest is gone), so keep it quiet.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 CTRL_ALT_DEL = {"keys": [{"type": "qcode", "data": k} for k in ("ctrl", "alt", "delete")]}
 

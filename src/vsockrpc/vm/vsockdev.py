@@ -71,7 +71,8 @@ class UserspaceDevice:
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     pass_fds=(listener.fileno(), *extra_fds),
-                    start_new_session=detach,
+                    # own process group (see launcher._detached_or_own_group)
+                    **({"start_new_session": True} if detach else {"process_group": 0}),
                 )
         except OSError as err:
             raise VmError(f"cannot start the userspace vsock device: {err}") from err
