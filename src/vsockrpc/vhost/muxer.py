@@ -39,6 +39,7 @@ LOCAL_PORT_FIRST = 1 << 30
 LOCAL_PORT_END = 1 << 31
 CONNECT_TIMEOUT = 2.0  # seconds to wait for the guest's RESPONSE / to flush before RST
 CREDIT_REQUEST_DELAY = 0.02  # seconds without credit before we send CREDIT_REQUEST
+RX_SIGNAL_BATCH = 32  # data packets per rx signal within one pass
 TX_SIGNAL_DELAY = 0.002  # seconds a tx completion signal may wait for company
 MAX_COMMAND = 64  # "CONNECT 4294967295\n" is 19 bytes
 MAX_STATELESS_RST = 1024  # RSTs for packets that match no connection, waiting for rx buffers
@@ -651,6 +652,11 @@ class Muxer:
             )
         rx.push(head, HDR_SIZE + n)
         self.stats_packets_rx += 1
+        if rx.unflushed >= RX_SIGNAL_BATCH:
+            # Let the guest start on a batch while we fill the rest (it is the bottleneck
+            # under TCG); one signal per batch, not per packet.
+            rx.flush()
+            self.stats_rx_signals += 1
 
     def _write_header(self, rx: Virtqueue, chain: Chain, hdr: bytes) -> None:
         head, segments = chain

@@ -212,6 +212,11 @@ class Virtqueue:
         return True
 
     @property
+    def unflushed(self) -> int:
+        """Entries pushed since the last :meth:`flush`."""
+        return self._unflushed
+
+    @property
     def signal_pending(self) -> bool:
         return self._unsignaled > 0
 
