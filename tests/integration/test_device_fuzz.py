@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from vsockrpc.vhost import VsockDevice
@@ -189,6 +189,7 @@ def test_fuzz_corrupted_rings_are_reported_and_recover(
         g.pump(0.01)
     ring = world.device.rings[queue]
     corrupted = g.err_signalled(queue)
+    event(f"vring {queue} {'corrupted: err fd signalled' if corrupted else 'still valid'}")
     assert corrupted == (ring.state.value == "broken")
     assert world.thread.is_alive()
     # Whatever happened, a guest reset brings back a working device.

@@ -10,7 +10,7 @@ import struct
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from vsockrpc.vhost.memory import GuestMemory, OutOfBounds
@@ -181,12 +181,19 @@ addr_strategy = st.one_of(
     st.sampled_from([0x0, 0x9FFF0, 0xA0000, 0xBFFFF, 0xC0000, 0xFFFF0, MEM_SIZE]),
     st.integers(0, 2**64 - 1),  # anything
 )
-desc_strategy = st.tuples(
+hostile_desc = st.tuples(
     addr_strategy,
     st.one_of(st.integers(0, 0x2000), st.integers(0, 2**32 - 1)),
     st.integers(0, 7),  # NEXT | WRITE | INDIRECT in every combination
     st.integers(0, 40),  # next, sometimes out of range
 )
+plausible_desc = st.tuples(  # in memory, short, no INDIRECT: the oracle gets real chains to check
+    st.one_of(st.integers(0x1000, 0x9F000), st.integers(0xC8000, 0xFF000)),
+    st.integers(0, 0x1000),
+    st.sampled_from([0, 2, 0, 2, 1, 3]),
+    st.integers(0, 7),
+)
+desc_strategy = st.one_of(plausible_desc, plausible_desc, hostile_desc)
 
 #: Cases per run (CI default keeps the unit tier quick; raise it for a deeper soak).
 FUZZ_EXAMPLES = int(os.environ.get("VSOCKRPC_FUZZ_EXAMPLES", "600"))
@@ -203,7 +210,8 @@ FUZZ_EXAMPLES = int(os.environ.get("VSOCKRPC_FUZZ_EXAMPLES", "600"))
     descs=st.lists(desc_strategy, min_size=32, max_size=32),
     avail_ring=st.lists(st.integers(0, 40), min_size=32, max_size=32),
     start=st.integers(0, 0xFFFF),
-    ahead=st.integers(0, 0xFFFF),
+    ahead=st.one_of(st.integers(0, 32), st.integers(0, 0xFFFF)),
+    consistent=st.booleans(),
 )
 def test_fuzz_hostile_rings(  # noqa: PLR0917 - hypothesis passes each strategy by name
     memory: tuple[GuestMemory, mmap.mmap],
@@ -213,8 +221,14 @@ def test_fuzz_hostile_rings(  # noqa: PLR0917 - hypothesis passes each strategy 
     avail_ring: list[int],
     start: int,
     ahead: int,
+    consistent: bool,
 ) -> None:
     mem, raw = memory
+    if ahead <= 32:  # mostly plausible: up to num buffers posted, heads mostly in range
+        ahead %= num + 1
+        avail_ring = [h if h >= 32 else h % num for h in avail_ring]
+    if consistent:  # every descriptor in the ring's direction
+        descs = [(a, n, (f & ~2) | (2 if writable else 0), x) for a, n, f, x in descs]
     vq = make_ring(raw, mem, num, writable=writable)
     vq.stop()
     vq.last_avail_idx = start
@@ -241,7 +255,79 @@ def test_fuzz_hostile_rings(  # noqa: PLR0917 - hypothesis passes each strategy 
             vq.push(head, 0)
             assert popped <= num
         assert popped == ahead  # every posted buffer consumed (none when the ring is empty)
+        event("valid ring" if popped else "empty ring")
     except RingError:
+        event("RingError")
         vq.break_ring()
         assert vq.state is RingState.BROKEN
     vq.flush()
+
+
+@settings(
+    max_examples=max(50, FUZZ_EXAMPLES // 3),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    num=st.sampled_from([4, 8, 16, 32]),
+    writable=st.booleans(),
+    chains=st.lists(
+        st.lists(
+            st.tuples(
+                st.one_of(st.integers(0x1000, 0x9F000), st.integers(0xC8000, 0xFF000)),
+                st.integers(0, 0x1000),
+            ),
+            min_size=1,
+            max_size=4,
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    start=st.integers(0, 0xFFFF),
+)
+def test_valid_rings_are_consumed_exactly(
+    memory: tuple[GuestMemory, mmap.mmap],
+    num: int,
+    writable: bool,
+    chains: list[list[tuple[int, int]]],
+    start: int,
+) -> None:
+    """Chains laid out like a driver would (free-running indices, any chain shape) come back
+    segment for segment, and the used ring reports them in order."""
+    mem, raw = memory
+    vq = make_ring(raw, mem, num, writable=writable)
+    vq.stop()
+    vq.last_avail_idx = start
+    vq.start(mem)
+    next_desc = 0
+    heads = []
+    posted = []
+    for chain in chains:
+        if next_desc + len(chain) > num or len(heads) >= num:
+            break
+        head = next_desc
+        for k, (addr, length) in enumerate(chain):
+            more = k + 1 < len(chain)
+            flags = (2 if writable else 0) | (1 if more else 0)
+            DESC.pack_into(raw, RING_BASE + 16 * next_desc, addr, length, flags, next_desc + 1)
+            next_desc += 1
+        U16.pack_into(raw, RING_BASE + 0x1000 + 4 + 2 * ((start + len(heads)) % num), head)
+        heads.append(head)
+        posted.append(chain)
+    U16.pack_into(raw, RING_BASE + 0x1000 + 2, (start + len(heads)) & 0xFFFF)
+    for head, chain in zip(heads, posted, strict=True):
+        got = vq.pop()
+        assert got is not None and got[0] == head
+        assert [len(s) for s in got[1]] == [length for _, length in chain]
+        for seg, (addr, length) in zip(got[1], chain, strict=True):
+            if length:  # the view is exactly guest memory at addr
+                raw[addr] = 0x5A
+                assert seg[0] == 0x5A
+        vq.push(head, 7)
+    assert vq.pop() is None
+    vq.flush()
+    used_idx = U16.unpack_from(raw, RING_BASE + 0x2000 + 2)[0]
+    assert used_idx == (start + len(heads)) & 0xFFFF
+    for k, head in enumerate(heads):
+        slot = (start + k) % num
+        assert struct.unpack_from("<II", raw, RING_BASE + 0x2000 + 4 + 8 * slot) == (head, 7)
