@@ -32,8 +32,8 @@ __all__ = ["DEFAULT_RELEASE", "FORMAT", "ImageInfo", "build_image", "export_imag
 
 DEFAULT_RELEASE = "bookworm"
 # Bump when the build steps change in a way the inputs do not show (base layer, image layer).
-FORMAT = 3
-IMAGE_FORMAT = 3
+FORMAT = 4
+IMAGE_FORMAT = 4
 DEFAULT_EPOCH = 1_700_000_000  # 2023-11-14; overridden by $SOURCE_DATE_EPOCH
 MANIFEST = "manifest.json"
 FILES = {"kernel": "vmlinuz", "initrd": "initrd.cpio", "rootfs": "rootfs.ext4"}
