@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,29 @@ def test_cache_root_follows_the_environment(
     monkeypatch.setenv("VSOCKRPC_CACHE", str(tmp_path / "c"))
     assert cache.cache_root() == (tmp_path / "c").resolve()
     assert (tmp_path / "c").is_dir()
+
+
+def test_prune_keeps_recent_and_locked_entries(tmp_path: Path) -> None:
+    now = time.time()
+    for i in range(6):
+        e = cache.entry("images", f"k{i}", root=tmp_path)
+        with e.lock(), e.build() as tmp:
+            (tmp / "f").write_text(str(i))
+        os.utime(e.path, (now - 7200 - i * 60, now - 7200 - i * 60))  # k0 newest
+    young = cache.entry("images", "young", root=tmp_path)
+    with young.lock(), young.build() as tmp:
+        (tmp / "f").write_text("y")
+    os.utime(young.path, (now - 7200 - 9999, now))  # recently used, though oldest atime
+    busy = cache.entry("images", "k5", root=tmp_path)
+    with busy.lock():  # being read by someone: must survive
+        removed = cache.prune("images", keep=2, min_age=3600, root=tmp_path)
+    left = sorted(p.name for p in (tmp_path / "images").iterdir() if p.is_dir())
+    # kept: the 2 most recently used (young, k0) and the locked k5; k1..k4 removed
+    assert left == ["k0", "k5", "young"]
+    assert removed == 4
+    cache.touch(tmp_path / "images" / "k5")
+    assert (tmp_path / "images" / "k5").stat().st_mtime >= now
+    # keep=0: only entries used within min_age survive
+    assert cache.prune("images", keep=0, min_age=3600, root=tmp_path) == 1
+    left = sorted(p.name for p in (tmp_path / "images").iterdir() if p.is_dir())
+    assert left == ["k5", "young"]

@@ -34,6 +34,8 @@ DEFAULT_RELEASE = "bookworm"
 # Bump when the build steps change in a way the inputs do not show (base layer, image layer).
 FORMAT = 4
 IMAGE_FORMAT = 4
+KEEP_IMAGES = 4  # most recently used entries kept when a new one is built (cache.prune)
+KEEP_BASES = 2
 DEFAULT_EPOCH = 1_700_000_000  # 2023-11-14; overridden by $SOURCE_DATE_EPOCH
 MANIFEST = "manifest.json"
 FILES = {"kernel": "vmlinuz", "initrd": "initrd.cpio", "rootfs": "rootfs.ext4"}
@@ -153,6 +155,7 @@ def _build_base(release: str, mirror_lines: list[str], step: Step, cache_root: P
     entry = cache.entry("base", cache.digest(inputs), root=cache_root)
     with entry.lock():
         if entry.exists:
+            cache.touch(entry.path)
             return entry.path
         rootfs.require_root("building the guest rootfs")
         with entry.build() as tmp:
@@ -236,6 +239,7 @@ def build_image(
     entry = cache.entry("images", key, root=cache_root)
     with entry.lock():
         if entry.exists:
+            cache.touch(entry.path)
             return find_image(entry.path, cache_hit=True)
         with entry.build() as tmp:
             with step("guest root filesystem: base + vsockrpc agent → ext4"):
@@ -276,6 +280,8 @@ def build_image(
                 },
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    cache.prune("images", keep=KEEP_IMAGES, root=cache_root)
+    cache.prune("base", keep=KEEP_BASES, root=cache_root)
     return find_image(entry.path)
 
 

@@ -18,13 +18,14 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from vsockrpc.errors import ImageError
 
-__all__ = ["cache_root", "digest", "entry", "file_digest", "tree_digest"]
+__all__ = ["cache_root", "digest", "entry", "file_digest", "prune", "touch", "tree_digest"]
 
 
 def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
@@ -125,3 +126,45 @@ def entry(kind: str, key: str, *, root: Path | None = None) -> Entry:
             hint="set VSOCKRPC_CACHE to a writable directory",
         ) from err
     return Entry(kind_dir, key)
+
+
+def prune(kind: str, *, keep: int, min_age: float = 3600.0, root: Path | None = None) -> int:
+    """Remove all but the ``keep`` most recently used entries of ``kind`` older than
+    ``min_age`` seconds; returns how many were removed.
+
+    Every guest-side code change makes a new image (~140 MB), so without this the cache only
+    grows. Entries are taken under their lock (one being built or read is skipped); a VM
+    already running from a removed image keeps working, its open files stay readable.
+    """
+    kind_dir = (root if root is not None else cache_root()) / kind
+    if not kind_dir.is_dir():
+        return 0
+    entries = sorted(
+        (p for p in kind_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    removed = 0
+    now = time.time()
+    for path in entries[keep:]:
+        if now - path.stat().st_mtime < min_age:
+            continue
+        lock = kind_dir / f"{path.name}.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+            removed += 1
+        finally:
+            os.close(fd)
+    return removed
+
+
+def touch(path: Path) -> None:
+    """Mark an entry as recently used (its mtime orders :func:`prune`)."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
