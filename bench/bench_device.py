@@ -145,10 +145,13 @@ def rtt(connect: Callable[[], socket.socket], pings: int) -> tuple[float, float]
     samples = []
     with connect() as s:
         s.sendall(b"E")
-        for _ in range(pings):
+        for i in range(pings):
             t0 = time.perf_counter()
             s.sendall(msg)
-            recv_exact(s, 64)
+            try:
+                recv_exact(s, 64)
+            except TimeoutError as err:
+                raise TimeoutError(f"no echo for ping {i} of {pings}") from err
             samples.append(time.perf_counter() - t0)
     samples.sort()
     return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
@@ -264,6 +267,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per figure")
     parser.add_argument("--alone-mib", type=int, default=2048, help="bytes for backend alone")
     parser.add_argument("--skip-vm", action="store_true", help="backend-alone figures only")
+    parser.add_argument("--smp", type=int, default=1, help="guest vCPUs (TCG threads)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bdev", dir="/tmp"))
     try:
@@ -274,7 +278,7 @@ def main() -> int:
             vhost, uds = str(workdir / "vhost.sock"), str(workdir / "vm.vsock")
             with (
                 device_process(vhost, uds) as dev,
-                dg.launch(vmlinuz, initramfs, vhost, workdir) as vm,
+                dg.launch(vmlinuz, initramfs, vhost, workdir, smp=args.smp) as vm,
             ):
                 pids = {"dev": dev.pid, "qemu": vm.proc.pid}
                 vm.wait_console("PROBE-LISTEN tcp", 120)
@@ -311,6 +315,7 @@ def main() -> int:
                 for _ in range(args.rounds):
                     for path, connect in paths.items():
                         r = results[path]
+                        print(f"round {_ + 1}: {path}", file=sys.stderr, flush=True)
                         record(r, "h2g", lambda c=connect: {"h2g": h2g(c, data)})
                         record(r, "g2h", lambda c=connect: {"g2h": g2h(c, size)})
                         record(r, "p50", functools.partial(pings, connect))
@@ -326,7 +331,8 @@ def main() -> int:
             d, u = med["device"], med["usernet"]
             print()
             print(
-                f"QEMU TCG guest, {args.size_mib} MiB per run, median of {args.rounds} rounds, "
+                f"QEMU TCG guest ({args.smp} vCPU), {args.size_mib} MiB per run, "
+                f"median of {args.rounds} rounds, "
                 f"RTT over {args.pings} pings:"
             )
             print(f"  {'':24} {'vsock device':>14} {'user net (TCP)':>15} {'ratio':>7}  target")

@@ -193,6 +193,7 @@ def launch(
     workdir: Path,
     *,
     mem_mb: int = 512,
+    smp: int = 1,
     allow_reboot: bool = False,
 ) -> Iterator[GuestVm]:
     """Start QEMU (TCG) with our vhost-user-vsock device and a user-net NIC; kill it after."""
@@ -205,7 +206,7 @@ def launch(
         "-cpu",
         "max",
         "-smp",
-        "1",
+        str(smp),
         "-m",
         f"{mem_mb}M",
         "-object",
