@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +72,22 @@ def test_agent_crash_is_reported_not_a_hang(guest_image: ImageInfo) -> None:
         )
     assert time.monotonic() - start < 120
     assert "status 1" in str(info.value)
+
+
+def test_image_build_out_copies_a_bootable_image(
+    guest_image: ImageInfo, vsockrpc_cli: list[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "exported"
+    proc = subprocess.run(
+        [*vsockrpc_cli, "image", "build", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"image: {out} (cached;")
+    for name, meta in guest_image.manifest["files"].items():
+        assert (out / name).stat().st_size == meta["size"]
+        assert (out / name).stat().st_ino != (guest_image.path / name).stat().st_ino
+    assert json.loads((out / "manifest.json").read_text()) == guest_image.manifest

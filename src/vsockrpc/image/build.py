@@ -320,14 +320,22 @@ def find_image(path: Path | str, *, cache_hit: bool = False) -> ImageInfo:
 
 
 def export_image(info: ImageInfo, out: Path) -> ImageInfo:
-    """Place the image's files in ``out`` (hard links when possible), manifest last."""
+    """Copy the image's files into ``out`` (manifest last, each file renamed into place).
+
+    Copies, not hard links: a user editing the exported files must not alter the cache.
+    """
     out.mkdir(parents=True, exist_ok=True)
     for name in (*FILES.values(), MANIFEST):
         tmp = out / f".{name}.tmp"
         tmp.unlink(missing_ok=True)
         try:
-            os.link(info.path / name, tmp)
-        except OSError:
-            shutil.copy2(info.path / name, tmp)
-        os.replace(tmp, out / name)
-    return find_image(out)
+            subprocess.run(
+                ["cp", "--sparse=always", "--reflink=auto", str(info.path / name), str(tmp)],
+                check=True,
+                capture_output=True,
+            )
+            os.replace(tmp, out / name)
+        except (OSError, subprocess.CalledProcessError) as err:
+            tmp.unlink(missing_ok=True)
+            raise ImageError(f"cannot write {out / name}: {err}") from err
+    return find_image(out, cache_hit=info.cache_hit)
