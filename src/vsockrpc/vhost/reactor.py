@@ -43,8 +43,9 @@ class Reactor:
 
     def wake(self) -> None:
         """Interrupt :meth:`poll` from any thread."""
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._wake_fd, 1)
+        if self._wake_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(self._wake_fd, 1)
 
     def poll(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds (-1: forever) and run the callbacks of ready fds."""
@@ -60,6 +61,10 @@ class Reactor:
                 callback(mask)
 
     def close(self) -> None:
+        """Idempotent: a second call must not close an fd number reused by someone else."""
+        if self._wake_fd < 0:
+            return
         self._callbacks.clear()
         self._epoll.close()
         os.close(self._wake_fd)
+        self._wake_fd = -1
