@@ -72,6 +72,11 @@ def test_agent_crash_is_reported_not_a_hang(guest_image: ImageInfo) -> None:
         )
     assert time.monotonic() - start < 120
     assert "status 1" in str(info.value)
+    # the console outlives the run directory, for the user to read
+    assert info.value.hint is not None
+    kept = Path(info.value.hint.removeprefix("guest console: "))
+    assert "agent exited with status 1" in kept.read_text()
+    kept.unlink()
 
 
 def test_image_build_out_copies_a_bootable_image(

@@ -134,8 +134,15 @@ class Vm:
             msg = f"guest stopped before the agent was ready (QEMU exit {self.qemu.returncode})"
         return GuestError(
             f"{msg}: {detail}" if detail else msg,
-            hint=f"guest console: {self.run_dir / 'console.log'}",
+            hint=f"guest console: {self._keep_console()}",
         )
+
+    def _keep_console(self) -> Path:
+        """Copy the console log out of the run dir (removed at cleanup) for the user to read."""
+        kept = self.run_dir.parent.parent / f"{self.name}-failed-console.log"
+        with contextlib.suppress(OSError):
+            shutil.copyfile(self.run_dir / "console.log", kept)
+        return kept
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         """Block until the agent answers on vsock; GuestError when it crashes or times out."""
@@ -152,7 +159,7 @@ class Vm:
             if time.monotonic() > deadline:
                 raise GuestError(
                     f"guest agent not ready after {timeout:g} s",
-                    hint=f"guest console: {self.run_dir / 'console.log'}",
+                    hint=f"guest console: {self._keep_console()}",
                 )
             time.sleep(0.05)
         # The agent says it listens; now prove a gRPC connection crosses the vsock device.
