@@ -6,6 +6,7 @@ import hashlib
 import os
 import signal
 import stat
+import threading
 import time
 from collections.abc import Iterator
 
@@ -159,14 +160,29 @@ def test_pty_stty_size_after_resize(guest: Guest) -> None:
 
 
 def test_pty_has_controlling_terminal_and_sigint(guest: Guest) -> None:
-    with guest.exec_stream(["sh", "-c", "echo ready; sleep 60"], pty=True) as proc:
+    with guest.exec_stream(["sh", "-c", "echo ready; sleep 20; echo late"], pty=True) as proc:
         events = iter(proc)
         for event in events:
             if isinstance(event, Stdout) and b"ready" in event.data:
                 break
-        proc.send(b"\x03")  # ^C through the line discipline: needs a controlling terminal
-        tail = list(events)
+        # ^C through the line discipline: SIGINT needs a controlling terminal. Repeated in
+        # case the first byte lands while the shell is still between commands.
+        stop = threading.Event()
+
+        def interrupt() -> None:
+            while not stop.wait(0.0):
+                proc.send(b"\x03")
+                stop.wait(1.0)
+
+        sender = threading.Thread(target=interrupt, daemon=True)
+        sender.start()
+        try:
+            tail = list(events)
+        finally:
+            stop.set()
+            sender.join()
     assert tail[-1] == Exited(exit_code=None, signal=signal.SIGINT)
+    assert not any(isinstance(e, Stdout) and b"late" in e.data for e in tail)
 
 
 def test_reattach_keep_alive_process(guest: Guest, agent: AgentUnderTest) -> None:
