@@ -23,6 +23,13 @@ def test_kernel_is_fetched_once_and_has_the_guest_modules() -> None:
         deps = modinfo(load_order(kernel.modules_dir)[i]).get("depends", "")
         for dep in filter(None, deps.split(",")):
             assert names.index(dep) < i, f"{name} loaded before its dependency {dep}"
-    for needed in ("virtio_pci", "virtio_blk", "vsock", "vmw_vsock_virtio_transport"):
+    for needed in (
+        "virtio_pci",
+        "virtio_blk",
+        "vsock",
+        "vmw_vsock_virtio_transport",
+        "vsock_loopback",
+    ):
         assert needed in names
-    assert "vsock_loopback" not in names  # only what the guest needs
+    assert "vmw_vsock_vmci_transport" not in names  # only what the guest needs
+    assert len(names) == len(set(names)) == 11

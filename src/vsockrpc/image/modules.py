@@ -16,13 +16,14 @@ from vsockrpc.errors import ImageError
 
 __all__ = ["GUEST_MODULES", "load_order", "modinfo"]
 
-# What a guest needs, in an order that already respects dependencies (GUEST-BOOT.md):
-# virtio over PCI and MMIO, the root disk, and the vsock transport over virtio.
+# What a guest needs (GUEST-BOOT.md): virtio over PCI and MMIO, the root disk, the vsock
+# transport over virtio, and vsock loopback (CID 1: in-guest clients, e.g. the agent's tests).
 GUEST_MODULES = (
     "virtio_pci",
     "virtio_mmio",
     "virtio_blk",
     "vmw_vsock_virtio_transport",
+    "vsock_loopback",
 )
 
 
