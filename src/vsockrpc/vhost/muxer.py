@@ -39,7 +39,8 @@ LOCAL_PORT_FIRST = 1 << 30
 LOCAL_PORT_END = 1 << 31
 CONNECT_TIMEOUT = 2.0  # seconds to wait for the guest's RESPONSE / to flush before RST
 CREDIT_REQUEST_DELAY = 0.02  # seconds without credit before we send CREDIT_REQUEST
-READ_BATCH = 16  # rx buffers filled by one recvmsg_into
+READ_BATCH = 16  # rx buffers filled by one recvmsg_into ...
+READ_BATCH_BYTES = 64 * 1024  # ... up to this much payload (big buffers need no batching)
 RX_SIGNAL_BATCH = 32  # data packets per rx signal within one pass
 TX_SIGNAL_DELAY = 0.002  # seconds a tx completion signal may wait for company
 MAX_COMMAND = 64  # "CONNECT 4294967295\n" is 19 bytes
@@ -586,7 +587,7 @@ class Muxer:
             cap = min(cap, packet.MAX_PAYLOAD)
             bufs.append(first[HDR_SIZE : HDR_SIZE + cap])
             budget -= cap
-            if budget <= 0 or len(chains) >= READ_BATCH:
+            if budget <= 0 or len(chains) >= READ_BATCH or credit - budget >= READ_BATCH_BYTES:
                 break
             nxt = self._pop_rx(rx)
             if nxt is None:
