@@ -312,12 +312,18 @@ def main() -> int:
                     p50, p99 = rtt(c, args.pings)
                     return {"p50": p50, "p99": p99}
 
-                for _ in range(args.rounds):
+                def to_guest(c: Callable[[], socket.socket]) -> dict[str, float]:
+                    return {"h2g": h2g(c, data)}
+
+                def to_host(c: Callable[[], socket.socket]) -> dict[str, float]:
+                    return {"g2h": g2h(c, size)}
+
+                for n in range(args.rounds):
                     for path, connect in paths.items():
                         r = results[path]
-                        print(f"round {_ + 1}: {path}", file=sys.stderr, flush=True)
-                        record(r, "h2g", lambda c=connect: {"h2g": h2g(c, data)})
-                        record(r, "g2h", lambda c=connect: {"g2h": g2h(c, size)})
+                        print(f"round {n + 1}: {path}", file=sys.stderr, flush=True)
+                        record(r, "h2g", functools.partial(to_guest, connect))
+                        record(r, "g2h", functools.partial(to_host, connect))
                         record(r, "p50", functools.partial(pings, connect))
         print()
         print(f"backend alone (test driver as guest, no QEMU), {args.alone_mib} MiB each way:")
