@@ -10,7 +10,7 @@
  *     'G' u64 n u32 seed     send n pseudo-random bytes, then their crc32 (le32) (guest -> host)
  *     's' u64 n / 'g' u64 n  the same without checksums, reply/trailer 0 (benchmark: the
  *                            transport, not the guest's crc32 under TCG)
- *     'R'                    reboot the guest (tests the device across a guest reset)
+ *     'R'                    reply R-OK, wait for the host to close, reboot the guest
  *     'C' u32 port           connect to CID 2 port (from inside the guest), send
  *                            "hello from guest\n", read a reply line, forward it to the caller
  *
@@ -123,6 +123,11 @@ static void handle(int fd) {
         write_full(fd, &crc, 4);
     } else if (cmd == 'R') {
         write_full(fd, "R-OK\n", 5);
+        /* Reboot only once the host has read the reply and closed: bytes still in the tx ring
+         * when the guest resets the device are legitimately dropped with the connection. */
+        char c;
+        while (read(fd, &c, 1) > 0) {
+        }
         sync();
         reboot(RB_AUTOBOOT);
     } else if (cmd == 'C') {
