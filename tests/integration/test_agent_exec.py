@@ -8,30 +8,17 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Iterator
 
 import grpc
 import pytest
 
-from tests.integration.agent_harness import AgentUnderTest, running_agent
+from tests.integration.agent_harness import AgentUnderTest
 from vsockrpc.errors import AgentError
 from vsockrpc.proto.agent.v1 import agent_pb2 as pb
 from vsockrpc.proto.agent.v1 import agent_pb2_grpc as pb_grpc
 from vsockrpc.sdk import Exited, Guest, Started, Stderr, Stdout
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def agent() -> Iterator[AgentUnderTest]:
-    with running_agent() as a:
-        yield a
-
-
-@pytest.fixture
-def guest(agent: AgentUnderTest) -> Iterator[Guest]:
-    with Guest(agent.address, wait=10) as g:
-        yield g
 
 
 def _rss_bytes() -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.integration.agent_harness import AgentUnderTest, running_agent
+from tests.integration.agent_harness import AgentUnderTest
 from vsockrpc.errors import AgentError
 from vsockrpc.proto.agent.v1 import agent_pb2 as pb
 from vsockrpc.proto.agent.v1 import agent_pb2_grpc as pb_grpc
@@ -23,18 +23,6 @@ from vsockrpc.sdk import FileType, Guest
 pytestmark = pytest.mark.timeout(90)
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def agent() -> Iterator[AgentUnderTest]:
-    with running_agent() as a:
-        yield a
-
-
-@pytest.fixture
-def guest(agent: AgentUnderTest) -> Iterator[Guest]:
-    with Guest(agent.address, wait=10) as g:
-        yield g
 
 
 def _sha(path: Path) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -19,18 +18,6 @@ from vsockrpc.sdk import Guest
 from vsockrpc.services.agent import PeerPolicy, PowerAction
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def agent() -> Iterator[AgentUnderTest]:
-    with running_agent() as a:
-        yield a
-
-
-@pytest.fixture
-def guest(agent: AgentUnderTest) -> Iterator[Guest]:
-    with Guest(agent.address, wait=10) as g:
-        yield g
 
 
 def test_ping_and_info(guest: Guest) -> None:

@@ -221,14 +221,8 @@ class VsockDevice:
                 m.stats_packets_tx,
                 m.stats_credit_requests,
             )
-        self.muxer.reset()
-        self.muxer.rx = self.muxer.tx = None
+        self._stop_data_path()
         for ring in self.rings:
-            if ring.kick_fd is not None:
-                self.reactor.unregister(ring.kick_fd)
-            ring.stop()
-            ring.close_fds()
-            ring.enabled = False
             ring.last_avail_idx = 0
             ring.num = 0
         self.memory.clear()
