@@ -100,3 +100,22 @@ def test_accel_forced_tcg_and_cached_verdict(
     assert probes == [kernel]  # probed once, then the cached verdict
     monkeypatch.setattr(accel, "_kvm_device_usable", lambda: False)
     assert "not usable" in accel.choose_accel("qemu", kernel, tmp_path).reason
+
+
+def test_boot_kernel_prefers_pvh_unless_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vsockrpc.image.build import ImageInfo
+    from vsockrpc.vm.launcher import _boot_kernel
+
+    info = ImageInfo(tmp_path, {})
+    (tmp_path / "vmlinuz").write_bytes(b"bz")
+    monkeypatch.delenv("VSOCKRPC_KERNEL", raising=False)
+    assert _boot_kernel(info) == tmp_path / "vmlinuz"  # no PVH kernel in this image
+    (tmp_path / "vmlinux").write_bytes(b"elf")
+    assert _boot_kernel(info) == tmp_path / "vmlinux"
+    monkeypatch.setenv("VSOCKRPC_KERNEL", "bzimage")
+    assert _boot_kernel(info) == tmp_path / "vmlinuz"
+    monkeypatch.setenv("VSOCKRPC_KERNEL", "elf")
+    with pytest.raises(VmError, match="VSOCKRPC_KERNEL"):
+        _boot_kernel(info)

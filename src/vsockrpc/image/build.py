@@ -25,7 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from vsockrpc.errors import ImageError
-from vsockrpc.image import agent, cache, debs, ext4, initramfs, mirror, modules, rootfs, wheels
+from vsockrpc.image import (
+    agent,
+    cache,
+    debs,
+    ext4,
+    initramfs,
+    mirror,
+    modules,
+    pvh,
+    rootfs,
+    wheels,
+)
 from vsockrpc.image.kernel import fetch_kernel
 
 __all__ = ["DEFAULT_RELEASE", "FORMAT", "ImageInfo", "build_image", "export_image", "find_image"]
@@ -33,12 +44,14 @@ __all__ = ["DEFAULT_RELEASE", "FORMAT", "ImageInfo", "build_image", "export_imag
 DEFAULT_RELEASE = "bookworm"
 # Bump when the build steps change in a way the inputs do not show (base layer, image layer).
 FORMAT = 4
-IMAGE_FORMAT = 4
+IMAGE_FORMAT = 5  # 5: optional PVH kernel (vmlinux)
 KEEP_IMAGES = 4  # most recently used entries kept when a new one is built (cache.prune)
 KEEP_BASES = 2
 DEFAULT_EPOCH = 1_700_000_000  # 2023-11-14; overridden by $SOURCE_DATE_EPOCH
 MANIFEST = "manifest.json"
 FILES = {"kernel": "vmlinuz", "initrd": "initrd.cpio", "rootfs": "rootfs.ext4"}
+# Optional: the same kernel uncompressed with a PVH entry (image/pvh.py), booted when present.
+PVH_KERNEL = "vmlinux"
 CMDLINE = (
     "console=ttyS0 quiet panic=-1 root=/dev/vda rootfstype=ext4 random.trust_cpu=on "
     f"init={agent.INIT_PATH}"
@@ -62,6 +75,12 @@ class ImageInfo:
     @property
     def kernel(self) -> Path:
         return self.path / FILES["kernel"]
+
+    @property
+    def pvh_kernel(self) -> Path | None:
+        """The PVH-bootable ELF of the kernel (faster under TCG), if the image has one."""
+        path = self.path / PVH_KERNEL
+        return path if path.is_file() else None
 
     @property
     def initrd(self) -> Path:
@@ -258,6 +277,8 @@ def build_image(
                     initramfs.build_loader(busybox, mods, kernel.modules_dir, mtime=epoch)
                 )
                 shutil.copyfile(kernel.vmlinuz, tmp / FILES["kernel"])
+            with step("PVH kernel (uncompressed, skips the in-guest decompressor)"):
+                pvh.extract_pvh_kernel(kernel.vmlinuz, tmp / PVH_KERNEL)
             manifest = {
                 "format": FORMAT,
                 "key": key,
@@ -276,7 +297,8 @@ def build_image(
                         "sha256": cache.file_digest(tmp / name),
                         "size": (tmp / name).stat().st_size,
                     }
-                    for name in FILES.values()
+                    for name in (*FILES.values(), PVH_KERNEL)
+                    if (tmp / name).is_file()
                 },
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -325,7 +347,8 @@ def export_image(info: ImageInfo, out: Path) -> ImageInfo:
     Copies, not hard links: a user editing the exported files must not alter the cache.
     """
     out.mkdir(parents=True, exist_ok=True)
-    for name in (*FILES.values(), MANIFEST):
+    names = [*FILES.values(), *([PVH_KERNEL] if info.pvh_kernel else []), MANIFEST]
+    for name in names:
         tmp = out / f".{name}.tmp"
         tmp.unlink(missing_ok=True)
         try:
