@@ -7,7 +7,6 @@ As PID 1 (``init=/usr/local/bin/vsockrpc-init`` on the kernel command line) it r
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -20,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
         from vsockrpc.guest.init import main as init_main
 
         init_main()  # never returns
+    import argparse  # not at the top: PID 1 never needs it (boot time under TCG)
+
     parser = argparse.ArgumentParser(prog="python3 -m vsockrpc.guest")
     parser.add_argument("--listen", action="append", help=f"default vsock:-1:{DEFAULT_PORT}")
     args = parser.parse_args(argv)

@@ -23,7 +23,6 @@ import signal
 import sys
 import time
 import traceback
-from pathlib import Path
 from types import FrameType
 
 from vsockrpc.guest import markers, pid1
@@ -58,13 +57,14 @@ def _setup() -> None:
     problems: list[str] = []
     pid1.mount_essentials(problems)
     release = os.uname().release
-    loaded = pid1.load_modules(Path(f"/usr/lib/modules/{release}/vsockrpc.load"), problems)
+    loaded = pid1.load_modules(f"/usr/lib/modules/{release}/vsockrpc.load", problems)
     try:
         pid1.disable_ctrl_alt_del()
     except OSError as err:
         problems.append(str(err))
     try:
-        crng = Path("/proc/sys/kernel/random/entropy_avail").read_text().strip()
+        with open("/proc/sys/kernel/random/entropy_avail") as f:
+            crng = f.read().strip()
     except OSError:
         crng = "?"
     for problem in problems:
@@ -144,7 +144,8 @@ def main() -> None:
         os.environ.clear()
         os.environ.update(_ENV)
         _setup()
-        config = parse_cmdline(Path("/proc/cmdline").read_text())
+        with open("/proc/cmdline") as f:
+            config = parse_cmdline(f.read())
         status = _supervise(_spawn_agent(config.listen))
         _say(f"agent exited with status {status}")
     except BaseException:

@@ -8,10 +8,8 @@ through ctypes here, one small function each.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
-from pathlib import Path
 
 __all__ = [
     "MOUNTS",
@@ -34,7 +32,19 @@ MS_NOEXEC = 8
 # arch/x86/entry/syscalls/syscall_64.tbl (x86_64); arm64 uses the generic table (273).
 _SYS_FINIT_MODULE = {"x86_64": 313, "aarch64": 273}
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+def _open_libc() -> ctypes.CDLL:
+    # By soname first: ctypes.util.find_library runs `ldconfig -p` in a subprocess (and imports
+    # subprocess, tempfile, shutil), all slow for PID 1 under TCG.
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not glibc
+        from ctypes.util import find_library
+
+        return ctypes.CDLL(find_library("c") or "libc.so", use_errno=True)
+
+
+_libc = _open_libc()
 
 # (source, target, fstype, flags, data)
 MOUNTS: tuple[tuple[str, str, str, int, str], ...] = (
@@ -77,18 +87,20 @@ def mount_essentials(log: list[str]) -> None:
             log.append(f"cannot link /dev/ptmx: {err.strerror}")
 
 
-def load_modules(load_list: Path, log: list[str]) -> int:
+def load_modules(load_list: str | os.PathLike[str], log: list[str]) -> int:
     """finit_module(2) each module in ``load_list`` (paths, dependency order) not yet loaded.
 
     Returns how many were loaded; EEXIST (already loaded or built in) is fine.
     """
     number = _SYS_FINIT_MODULE.get(os.uname().machine)
-    if number is None or not load_list.is_file():
+    if number is None or not os.path.isfile(load_list):
         return 0
+    with open(load_list) as f:
+        lines = f.read().split()
     loaded = 0
-    for line in load_list.read_text().split():
-        path = Path(line)
-        if Path("/sys/module", path.name.removesuffix(".ko").replace("-", "_")).exists():
+    for path in lines:  # no pathlib here: PID 1 imports as little as it can (boot time)
+        name = os.path.basename(path).removesuffix(".ko").replace("-", "_")
+        if os.path.exists(f"/sys/module/{name}"):
             continue
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -99,7 +111,7 @@ def load_modules(load_list: Path, log: list[str]) -> int:
             if _libc.syscall(number, fd, b"", 0) != 0:
                 err_no = ctypes.get_errno()
                 if err_no != errno.EEXIST:
-                    log.append(f"finit_module {path.name}: {os.strerror(err_no)}")
+                    log.append(f"finit_module {os.path.basename(path)}: {os.strerror(err_no)}")
                     continue
             loaded += 1
         finally:

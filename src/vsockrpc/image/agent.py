@@ -29,9 +29,12 @@ __all__ = [
 GUEST_SUBPACKAGES = ("guest", "services", "rpc", "transport", "proto")
 
 INIT_PATH = "/usr/local/bin/vsockrpc-init"
-# -u: the console gets every line at once; -I: ignore PYTHON* variables and the CWD.
-INIT_SCRIPT = """#!/usr/bin/python3 -uI
+# -u: the console gets every line at once; -I: ignore PYTHON* variables and the CWD; -S: no
+# `site` (its import and .pth scan are slow under TCG), so the one directory it would
+# add — where the agent and the wheels live — is put on sys.path here ({site}, from the base).
+INIT_SCRIPT = """#!/usr/bin/python3 -uIS
 import sys
+sys.path.append({site!r})
 from vsockrpc.guest.__main__ import main
 sys.exit(main())
 """
@@ -68,5 +71,5 @@ def install_agent(root: Path, site_packages: Path) -> None:
         )
     init = root / INIT_PATH.lstrip("/")
     init.parent.mkdir(parents=True, exist_ok=True)
-    init.write_text(INIT_SCRIPT)
+    init.write_text(INIT_SCRIPT.format(site="/" + site_packages.relative_to(root).as_posix()))
     init.chmod(0o755)

@@ -38,7 +38,6 @@ import subprocess
 import termios
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -561,6 +560,8 @@ class ProcessTable:
                 os.close(slave_fd)
         with _reaped_lock:
             _owned_pids.add(popen.pid)
+        import uuid  # here, not at the top: uuid imports platform (guest boot time under TCG)
+
         process_id = uuid.uuid4().hex
         proc = ManagedProcess(
             process_id,
