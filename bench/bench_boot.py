@@ -9,15 +9,20 @@ Phases (monotonic clock on the host; console lines are stamped when the launcher
   Addition         → Addition(5, 7) answered
 and, after the table, the clean power-off time.
 
-Runs the same boot with 1 and 2 vCPUs side by side (median of --runs each, default 5) and
-prints the image size. Safe: the host only reaches the guest through the hybrid Unix socket.
+Runs the same boot in each configuration side by side, interleaved (median of --runs each,
+default 5): 1 and 2 vCPUs by default; ``--kernel pvh bzimage`` compares the PVH kernel with the
+bzImage path (``VSOCKRPC_KERNEL``, see vm/launcher.py). ``--json FILE`` also writes every run's
+phases (to combine runs of two source trees, e.g. before/after a guest-side change). Prints the
+image size. Safe: the host only reaches the guest through the hybrid Unix socket.
 
-    .venv/bin/python bench/bench_boot.py [--runs 5] [--cpus 1 2]
+    .venv/bin/python bench/bench_boot.py [--runs 5] [--cpus 1 2] [--kernel pvh bzimage]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import time
 
@@ -31,7 +36,8 @@ from vsockrpc.vm import launch
 PHASES = ("qemu start", "firmware+kernel", "init", "agent start", "first rpc", "Addition")
 
 
-def one_boot(info: ImageInfo, cpus: int) -> tuple[dict[str, float], float, str]:
+def one_boot(info: ImageInfo, cpus: int, kernel: str) -> tuple[dict[str, float], float, str]:
+    os.environ["VSOCKRPC_KERNEL"] = kernel
     vm = launch(info, cpus=cpus)
     with vm:
         phases = vm.timings.phases()
@@ -51,7 +57,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--kernel", nargs="+", choices=("pvh", "bzimage"), default=["pvh"])
+    parser.add_argument("--json", help="write every run's phases to this file")
     args = parser.parse_args()
+    configs = [(c, k) for c in args.cpus for k in args.kernel]
+
+    def label(config: tuple[int, str]) -> str:
+        cpus, kernel = config
+        return f"{cpus} vCPU" if len(args.kernel) == 1 else f"{cpus}cpu {kernel}"
 
     t = time.monotonic()
     info = build_image()
@@ -66,30 +79,30 @@ def main() -> None:
             f"{st.st_blocks * 512 / 1e6:7.1f} MB on disk"
         )
 
-    results: dict[int, list[dict[str, float]]] = {}
-    shutdowns: dict[int, list[float]] = {}
+    results: dict[tuple[int, str], list[dict[str, float]]] = {c: [] for c in configs}
     accel = "?"
     for run in range(args.runs):  # interleave configurations so load drifts hit both alike
-        for cpus in args.cpus:
-            phases, shutdown, accel = one_boot(info, cpus)
+        for config in configs:
+            phases, shutdown, accel = one_boot(info, *config)
             phases["total"] = sum(phases[p] for p in PHASES)
-            results.setdefault(cpus, []).append(phases)
-            shutdowns.setdefault(cpus, []).append(shutdown)
-            print(f"  run {run + 1} cpus={cpus}: total {phases['total']:.2f} s", flush=True)
+            phases["power-off"] = shutdown
+            results[config].append(phases)
+            print(f"  run {run + 1} {label(config)}: total {phases['total']:.2f} s", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({label(c): r for c, r in results.items()}, f, indent=1)
 
     print(f"\nmedian of {args.runs} boots, accelerator {accel} (seconds)")
-    header = f"{'phase':<17}" + "".join(f"{f'{c} vCPU':>10}" for c in args.cpus)
-    if len(args.cpus) == 2:
+    header = f"{'phase':<17}" + "".join(f"{label(c):>14}" for c in configs)
+    if len(configs) == 2:
         header += f"{'ratio':>8}"
     print(header)
-    for phase in (*PHASES, "total"):
-        meds = [statistics.median(r[phase] for r in results[c]) for c in args.cpus]
-        row = f"{phase:<17}" + "".join(f"{m:10.2f}" for m in meds)
+    for phase in (*PHASES, "total", "power-off"):
+        meds = [statistics.median(r[phase] for r in results[c]) for c in configs]
+        row = f"{phase:<17}" + "".join(f"{m:14.2f}" for m in meds)
         if len(meds) == 2 and meds[0] > 0:
             row += f"{meds[1] / meds[0]:8.2f}"
         print(row)
-    meds = [statistics.median(shutdowns[c]) for c in args.cpus]
-    print(f"{'power-off':<17}" + "".join(f"{m:10.2f}" for m in meds))
 
 
 if __name__ == "__main__":
