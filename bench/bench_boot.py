@@ -9,6 +9,10 @@ Phases (monotonic clock on the host; console lines are stamped when the launcher
   Addition         → Addition(5, 7) answered
 and, after the table, the clean power-off time.
 
+Wall-clock phases swing with whatever else runs on the host, so QEMU's own CPU time (user +
+system, sampled from /proc every 20 ms; under TCG that is the guest's emulated work) is
+reported per phase too ("cpu …" rows): it moves far less with load.
+
 Runs the same boot in each configuration side by side, interleaved (median of --runs each,
 default 5): 1 and 2 vCPUs by default; ``--kernel pvh bzimage`` compares the PVH kernel with the
 bzImage path (``VSOCKRPC_KERNEL``, see vm/launcher.py). ``--json FILE`` also writes every run's
@@ -24,6 +28,7 @@ import argparse
 import json
 import os
 import statistics
+import threading
 import time
 
 from vsockrpc import rpc
@@ -36,11 +41,65 @@ from vsockrpc.vm import launch
 PHASES = ("qemu start", "firmware+kernel", "init", "agent start", "first rpc", "Addition")
 
 
+class CpuSampler:
+    """(monotonic, CPU seconds of ``pid``) every 20 ms, until stopped."""
+
+    def __init__(self, pid: int) -> None:
+        self._stat = f"/proc/{pid}/stat"
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _read(self) -> float | None:
+        try:
+            with open(self._stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / self._tick  # utime, stime (proc(5))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            cpu = self._read()
+            if cpu is not None:
+                self.samples.append((time.monotonic(), cpu))
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def at(self, when: float) -> float:
+        """CPU seconds at ``when`` (the last sample not after it)."""
+        before = [cpu for t, cpu in self.samples if t <= when]
+        return before[-1] if before else 0.0
+
+
 def one_boot(info: ImageInfo, cpus: int, kernel: str) -> tuple[dict[str, float], float, str]:
     os.environ["VSOCKRPC_KERNEL"] = kernel
-    vm = launch(info, cpus=cpus)
+    vm = launch(info, cpus=cpus, wait=False)
     with vm:
+        with CpuSampler(vm.qemu.pid) as sampler:
+            vm.wait_ready()
         phases = vm.timings.phases()
+        tm = vm.timings
+        points = [
+            ("firmware+kernel", tm.kernel_done),
+            ("init", tm.init_started),
+            ("agent start", tm.agent_ready),
+            ("first rpc", tm.rpc_ready),
+        ]
+        last = sampler.at(tm.qemu_started or 0.0)
+        for name, when in points:
+            now = sampler.at(when or 0.0)
+            phases[f"cpu {name}"] = now - last
+            last = now
+        phases["cpu total"] = sum(phases[f"cpu {name}"] for name, _ in points)
         t = time.monotonic()
         with rpc.channel(vm.address()) as ch:
             stub = pb_grpc.VsockServiceStub(ch)  # type: ignore[no-untyped-call]
@@ -97,7 +156,8 @@ def main() -> None:
     if len(configs) == 2:
         header += f"{'ratio':>8}"
     print(header)
-    for phase in (*PHASES, "total", "power-off"):
+    cpu_rows = [f"cpu {p}" for p in PHASES[1:5]]
+    for phase in (*PHASES, "total", "power-off", *cpu_rows, "cpu total"):
         meds = [statistics.median(r[phase] for r in results[c]) for c in configs]
         row = f"{phase:<17}" + "".join(f"{m:14.2f}" for m in meds)
         if len(meds) == 2 and meds[0] > 0:
