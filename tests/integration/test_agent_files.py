@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import socket
@@ -235,13 +236,36 @@ def test_upload_no_overwrite(guest: Guest, tmp_path: Path) -> None:
     assert _leftovers(tmp_path) == []
 
 
-def test_crc32_transfers_round_trip_and_catch_corruption(
-    agent: AgentUnderTest, tmp_path: Path
+class _ReadOnly:
+    """A source with ``read`` but no ``readinto`` (the SDK's other upload path)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._file = io.BytesIO(data)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._file.read(n)
+
+
+def test_crc32_is_the_default_sha256_selectable_and_both_catch_corruption(
+    agent: AgentUnderTest, guest: Guest, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="vsockrpc.agent.files")
     data = os.urandom(3 * MIB + 17)
-    with Guest(agent.address, checksum="crc32") as g:
-        g.write_bytes(tmp_path / "c.bin", data)
-        assert g.read_bytes(tmp_path / "c.bin") == data
+    guest.write_bytes(tmp_path / "c.bin", data)  # the fixture's Guest: default checksum
+    assert guest.read_bytes(tmp_path / "c.bin") == data
+    with Guest(agent.address, checksum="sha256") as sha:
+        sha.upload(_ReadOnly(data), tmp_path / "s.bin", size=len(data))  # type: ignore[arg-type]
+        sink = io.BytesIO()
+        sha.download(tmp_path / "s.bin", sink)
+        assert sink.getvalue() == data
+    uploads = [r.getMessage() for r in caplog.records if r.getMessage().startswith("uploaded")]
+    assert len(uploads) == 2
+    assert uploads[0].endswith("c.bin' (3145745 bytes, crc32)"), uploads
+    assert uploads[1].endswith("s.bin' (3145745 bytes, sha256)"), uploads
+    assert any(
+        "s.bin' went over a data channel (3145745 bytes, sha256)" in r.getMessage()
+        for r in caplog.records
+    )
     header = pb.UploadHeader(
         path=bytes(tmp_path / "d.bin"), size=len(data), checksum=pb.CHECKSUM_CRC32
     )
@@ -308,4 +332,42 @@ def test_cut_data_channel_fails_loudly_and_leaves_nothing(
             stub.Upload(iter([pb.UploadRequest(header=bogus)]), timeout=10)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert not target.exists()
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("checksum", [pb.CHECKSUM_CRC32, pb.CHECKSUM_SHA256])
+def test_corrupt_bytes_on_the_data_channel_fail_loudly_and_leave_nothing(
+    agent: AgentUnderTest, tmp_path: Path, checksum: pb.Checksum.ValueType
+) -> None:
+    target = tmp_path / "corrupt.bin"
+    target.write_bytes(b"old content")
+    data = os.urandom(2 * MIB)
+    sent = bytearray(data)
+    sent[MIB] ^= 0x01  # one bit flipped in transit, size unchanged
+    if checksum == pb.CHECKSUM_CRC32:
+        digest = zlib.crc32(data).to_bytes(4, "big")
+    else:
+        digest = hashlib.sha256(data).digest()
+    with grpc.insecure_channel(agent.address) as channel:
+        stub = pb_grpc.FilesStub(channel)
+        reply = stub.OpenDataChannel(pb.OpenDataChannelRequest(), timeout=10)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+            raw.settimeout(20)
+            raw.connect(reply.unix_path)
+            raw.sendall(reply.ticket.encode() + b"\n")
+            header = pb.UploadHeader(
+                path=bytes(target), size=len(data), ticket=reply.ticket, checksum=checksum
+            )
+
+            def parts() -> Iterator[pb.UploadRequest]:
+                yield pb.UploadRequest(header=header)
+                raw.sendall(sent)
+                raw.close()
+                yield pb.UploadRequest(trailer=pb.TransferTrailer(digest=digest, size=len(data)))
+
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Upload(parts(), timeout=30)
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "checksum mismatch" in (info.value.details() or "")
+    assert target.read_bytes() == b"old content"
     assert _leftovers(tmp_path) == []

@@ -69,6 +69,10 @@ def _hasher(checksum: pb.Checksum.ValueType) -> Hasher:
         raise Status(_INVALID, str(err)) from None
 
 
+def _name(checksum: pb.Checksum.ValueType) -> str:
+    return pb.Checksum.Name(checksum).removeprefix("CHECKSUM_").lower()
+
+
 def _fsync_dir(path: bytes) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -179,7 +183,7 @@ class FilesServicer(pb_grpc.FilesServicer):
             os.replace(tmp, path)
             tmp_path = None
             _fsync_dir(parent)
-            log.info("uploaded %s (%d bytes)", show(path), received)
+            log.info("uploaded %s (%d bytes, %s)", show(path), received, _name(header.checksum))
             return file_info(path, os.stat(path))
         finally:
             if fd >= 0:
@@ -242,7 +246,12 @@ class FilesServicer(pb_grpc.FilesServicer):
                 sent = 0
                 if request.ticket:
                     sent = self._send_raw(request.ticket, fd, digest)
-                    log.info("download of %s went over a data channel", show(path))
+                    log.info(
+                        "download of %s went over a data channel (%d bytes, %s)",
+                        show(path),
+                        sent,
+                        _name(request.checksum),
+                    )
                 while not request.ticket:
                     data = os.read(fd, chunk)
                     if not data:
