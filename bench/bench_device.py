@@ -35,6 +35,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for tests/vm/_device_guest.py (the shared guest recipe)
@@ -167,39 +168,179 @@ def cpu_seconds(pid: int) -> float:
 
 
 # ----------------------------------------------------------------------------- backend alone
-def _host_sender(uds: str, port: int, total: int) -> None:
+STALL_SECONDS = 30.0  # no progress for this long: the transfer failed
+
+
+class TransferFailed(RuntimeError):
+    """A backend-alone transfer did not complete exactly: no figure is printed for it."""
+
+
+def _host_sender(uds: str, port: int, block: bytes, total: int) -> None:
+    """Send ``total`` bytes (``block`` repeated), then wait for the guest's close. Exit status 0
+    only if everything was written and the stream then ended cleanly."""
     s = hybrid_connect(uds, port)
-    block = os.urandom(4 * MiB)
     sent = 0
     while sent < total:
         n = min(len(block), total - sent)
-        s.sendall(block[:n])
+        s.sendall(block[:n])  # BrokenPipeError / ConnectionResetError: exit status 1
         sent += n
     s.shutdown(socket.SHUT_WR)
     s.recv(1)
     s.close()
 
 
-def _host_sink(uds: str, port: int, total: int) -> None:
+def _host_sink(uds: str, port: int, total: int, got: Any, crc: Any) -> None:
+    """Accept the guest's connection; record the bytes received (and their crc32 if ``crc``
+    is given: ``crc.value`` is -1 for "do not check")."""
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(f"{uds}_{port}")
     srv.listen()
     peer, _ = srv.accept()
+    peer.settimeout(STALL_SECONDS)
     buf = bytearray(4 * MiB)
-    got = 0
-    while got < total:
+    view = memoryview(buf)
+    n = 0
+    digest = 0
+    check = crc.value != -1
+    while True:
         r = peer.recv_into(buf)
         if not r:
             break
-        got += r
+        if check:
+            digest = zlib.crc32(view[:r], digest)
+        n += r
+        got.value = n
+    if check:
+        crc.value = digest
     peer.close()
     srv.close()
 
 
+def _repeated_crc(block: bytes, total: int) -> int:
+    crc = 0
+    for off in range(0, total, len(block)):
+        crc = zlib.crc32(memoryview(block)[: min(len(block), total - off)], crc)
+    return crc
+
+
+def _h2g_alone(g: GuestDriver, uds: str, port: int, total: int, *, check: bool) -> dict[str, float]:
+    """Host → guest through the device alone. ``check``: the driver crc32s what arrives
+    (untimed integrity run); otherwise it just counts, and the transfer must still end exactly:
+    every byte, then the host's EOF (SHUTDOWN), no RST, the sender exiting 0."""
+    ctx = multiprocessing.get_context("fork")
+    block = os.urandom(4 * MiB)
+    listener = g.listen(port)
+    sender = ctx.Process(target=_host_sender, args=(uds, port, block, total))
+    sender.start()
+    try:
+        stream = g.accept(listener, 10)
+        stream.discard = not check
+        digest = 0
+        packets = 0
+        got = 0
+        t0 = time.perf_counter()
+        last_progress = time.monotonic()
+        while True:
+            packets += g.pump(0.01)
+            if check:
+                data = stream.recv()
+                digest = zlib.crc32(data, digest)
+            now_got = stream.received
+            if now_got != got:
+                got, last_progress = now_got, time.monotonic()
+            if got > total:
+                raise TransferFailed(f"host→guest: guest counted {got} bytes of {total} sent")
+            if stream.reset:
+                raise TransferFailed(f"host→guest: stream reset by the device after {got} bytes")
+            if stream.eof:
+                break  # the host's EOF arrived: everything it sent is in
+            if sender.exitcode not in (None, 0):
+                raise TransferFailed(
+                    f"host→guest: sender died (exit {sender.exitcode}) after the guest got "
+                    f"{got} of {total} bytes"
+                )
+            if time.monotonic() - last_progress > STALL_SECONDS:
+                raise TransferFailed(f"host→guest: no progress for {STALL_SECONDS:.0f} s at {got}")
+        elapsed = time.perf_counter() - t0
+        if got != total:
+            raise TransferFailed(f"host→guest: EOF after {got} of {total} bytes")
+        if check and digest != _repeated_crc(block, total):
+            raise TransferFailed("host→guest: checksum mismatch")
+        stream.close()
+        g.wait_for(lambda: not sender.is_alive() or stream.reset, 10, "host close")
+        sender.join(10)
+        if sender.exitcode != 0:
+            raise TransferFailed(f"host→guest: sender exited {sender.exitcode}")
+        return {"MBps": total / elapsed / 1e6, "pps": packets / elapsed, "elapsed": elapsed}
+    finally:
+        if sender.is_alive():
+            sender.kill()
+        sender.join()
+        g.listeners.pop(port, None)
+
+
+def _g2h_alone(g: GuestDriver, uds: str, port: int, total: int, *, check: bool) -> dict[str, float]:
+    """Guest → host through the device alone; the sink must receive exactly ``total`` bytes
+    (crc32-checked when ``check``)."""
+    ctx = multiprocessing.get_context("fork")
+    got = ctx.Value("q", 0)
+    crc = ctx.Value("q", 0 if check else -1)
+    sink = ctx.Process(target=_host_sink, args=(uds, port, total, got, crc))
+    sink.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(f"{uds}_{port}") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stream = g.connect(port)
+        block = os.urandom(64 * 1024)
+        chunk = memoryview(block)
+        queued = 0
+        t0 = time.perf_counter()
+        packets = 0
+        last, last_progress = 0, time.monotonic()
+        while stream.unsent or queued < total:
+            while stream.unsent < 8 * MiB and queued < total:
+                n = min(len(chunk), total - queued)
+                stream.send(chunk[:n])
+                queued += n
+            before = stream.tx_cnt
+            g.pump(0.001)
+            packets += -(-((stream.tx_cnt - before) & 0xFFFFFFFF) // len(chunk))
+            if stream.reset or stream.eof:
+                raise TransferFailed(f"guest→host: stream ended by the device at {got.value}")
+            if not sink.is_alive():
+                raise TransferFailed(f"guest→host: sink gone after {got.value} of {total}")
+            if got.value != last:
+                last, last_progress = got.value, time.monotonic()
+            elif time.monotonic() - last_progress > STALL_SECONDS:
+                raise TransferFailed(f"guest→host: no progress at {got.value} of {total}")
+        stream.close()  # everything is queued: SHUTDOWN, the sink sees EOF after the last byte
+        while sink.is_alive():
+            g.pump(0.001)
+            sink.join(0.001)
+            if time.monotonic() - last_progress > STALL_SECONDS:
+                raise TransferFailed(f"guest→host: sink stalled at {got.value} of {total}")
+            if got.value != last:
+                last, last_progress = got.value, time.monotonic()
+        elapsed = time.perf_counter() - t0
+        if sink.exitcode != 0 or got.value != total:
+            raise TransferFailed(
+                f"guest→host: sink got {got.value} of {total} bytes (exit {sink.exitcode})"
+            )
+        if check and crc.value != _repeated_crc(block, total):
+            raise TransferFailed("guest→host: checksum mismatch")
+        return {"MBps": total / elapsed / 1e6, "pps": packets / elapsed, "elapsed": elapsed}
+    finally:
+        if sink.is_alive():
+            sink.kill()
+        sink.join()
+
+
 def backend_alone(workdir: Path, total: int) -> dict[str, float]:
+    """Each direction: a crc32-checked 64 MiB run (untimed), then the timed ``total`` run,
+    which must also end exactly (see _h2g_alone / _g2h_alone) or no figure is printed."""
     vhost, uds = str(workdir / "alone.vhost"), str(workdir / "alone.vsock")
     out: dict[str, float] = {}
-    ctx = multiprocessing.get_context("fork")
     with (
         device_process(vhost, uds) as dev,
         GuestDriver(
@@ -212,50 +353,16 @@ def backend_alone(workdir: Path, total: int) -> dict[str, float]:
         ) as g,
     ):
         g.boot()
-        # host → guest
-        listener = g.listen(9000)
-        sender = ctx.Process(target=_host_sender, args=(uds, 9000, total))
-        sender.start()
-        stream = g.accept(listener, 10)
-        stream.discard = True
-        packets0 = 0
-        cpu0 = cpu_seconds(dev.pid)
-        t0 = time.perf_counter()
-        while stream.received < total:
-            packets0 += g.pump(0.01)
-        elapsed = time.perf_counter() - t0
-        out["h2g_MBps"] = total / elapsed / 1e6
-        out["h2g_pps"] = packets0 / elapsed
-        out["h2g_cpu"] = total / max(cpu_seconds(dev.pid) - cpu0, 1e-9) / 1e6
-        stream.close()
-        for _ in range(10):
-            g.pump(0.01)
-        sender.join(10)
-        # guest → host
-        sink = ctx.Process(target=_host_sink, args=(uds, 9001, total))
-        sink.start()
-        deadline = time.monotonic() + 10
-        while not os.path.exists(f"{uds}_9001") and time.monotonic() < deadline:
-            time.sleep(0.01)
-        stream = g.connect(9001)
-        chunk = memoryview(os.urandom(64 * 1024))
-        queued = 0
-        cpu0 = cpu_seconds(dev.pid)
-        t0 = time.perf_counter()
-        packets = 0
-        while sink.is_alive():
-            while stream.unsent < 8 * MiB and queued < total:
-                stream.send(chunk)
-                queued += len(chunk)
-            before = stream.tx_cnt
-            g.pump(0.001)
-            packets += -(-((stream.tx_cnt - before) & 0xFFFFFFFF) // len(chunk))
-            if queued >= total and not stream.unsent:
-                sink.join(0.001)
-        elapsed = time.perf_counter() - t0
-        out["g2h_MBps"] = total / elapsed / 1e6
-        out["g2h_pps"] = packets / elapsed
-        out["g2h_cpu"] = total / max(cpu_seconds(dev.pid) - cpu0, 1e-9) / 1e6
+        port = 9000
+        for key, run in (("h2g", _h2g_alone), ("g2h", _g2h_alone)):
+            run(g, uds, port, min(total, 64 * MiB), check=True)
+            cpu0 = cpu_seconds(dev.pid)
+            r = run(g, uds, port + 1, total, check=False)
+            cpu = cpu_seconds(dev.pid) - cpu0
+            out[f"{key}_MBps"] = r["MBps"]
+            out[f"{key}_pps"] = r["pps"]
+            out[f"{key}_cpu"] = total / max(cpu, 1e-9) / 1e6
+            port += 2
     return out
 
 
@@ -271,7 +378,11 @@ def main() -> int:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bdev", dir="/tmp"))
     try:
-        alone = backend_alone(workdir, args.alone_mib * MiB)
+        try:
+            alone = backend_alone(workdir, args.alone_mib * MiB)
+        except TransferFailed as err:
+            print(f"backend alone: transfer failed, no figure: {err}", file=sys.stderr)
+            return 1
         results: dict[str, dict[str, list[float]]] = {"device": {}, "usernet": {}}
         if not args.skip_vm:
             vmlinuz, initramfs = dg.build_initramfs(workdir)

@@ -220,6 +220,14 @@ class GuestDriver:
         os.ftruncate(self.memfd, mem_size)
         self._mmap = mmap.mmap(self.memfd, mem_size)
         self.mem = memoryview(self._mmap)  # raw guest memory: gpa == offset here
+        self._brk = HIGH_START
+        try:
+            self._layout()
+        except DeviceError:  # memory too small: nothing else is open yet
+            self.mem.release()
+            self._mmap.close()
+            os.close(self.memfd)
+            raise
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         deadline = time.monotonic() + connect_timeout
         while True:
@@ -240,8 +248,6 @@ class GuestDriver:
         self.streams: dict[tuple[int, int], GuestStream] = {}
         self._next_port = 50000
         self._ctl: deque[bytes] = deque()  # control headers to send
-        self._brk = HIGH_START
-        self._layout()
 
     # ------------------------------------------------------------------ memory layout
     def _alloc(self, size: int, align: int = 4096) -> int:
@@ -265,6 +271,12 @@ class GuestDriver:
         self.tx_free: deque[int] = deque(range(self.tx_slots))
         self.avail_idx = [0, 0]
         self.last_used_idx = [0, 0]
+        # avail.idx / used.idx as single native u16s: the device reads avail.idx while we write
+        # it, so it is published with one 16-bit store; struct.pack_into zero-fills its target
+        # first and the device once saw avail.idx == 0 (→ "more than num ahead", ring broken,
+        # every connection reset). See vsockrpc.vhost.virtqueue for the device side.
+        self._avail_idx_view = [self.mem[a + 2 : a + 4].cast("H") for a in self.avail]
+        self._used_idx_view = [self.mem[u + 2 : u + 4].cast("H") for u in self.used]
 
     def _reset_rings(self) -> None:
         for q in range(2):
@@ -393,6 +405,8 @@ class GuestDriver:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.kick = self.call = self.err = []
+        for view in (*self._avail_idx_view, *self._used_idx_view):
+            view.release()
         self.mem.release()
         with contextlib.suppress(BufferError):
             self._mmap.close()
@@ -415,7 +429,7 @@ class GuestDriver:
         base = self.avail[q]
         U16.pack_into(self.mem, base + 4 + 2 * (self.avail_idx[q] % self.num), head)
         self.avail_idx[q] = (self.avail_idx[q] + 1) & 0xFFFF
-        U16.pack_into(self.mem, base + 2, self.avail_idx[q])  # 2.7.13.3: idx after the entry
+        self._avail_idx_view[q][0] = self.avail_idx[q]  # 2.7.13.3: idx after the entry, 1 store
 
     def post_rx(self, slots: list[int] | None = None) -> None:
         """Post rx buffers (all by default) without kicking."""
@@ -575,9 +589,21 @@ class GuestDriver:
             self._send_pending()
         return got
 
+    def _used_idx(self, q: int) -> int:
+        """Read used.idx once; like a guest driver, refuse a device that publishes entries it
+        was never given (Linux marks such a ring broken: "id is not a head")."""
+        idx: int = self._used_idx_view[q][0]
+        ahead = (idx - self.last_used_idx[q]) & 0xFFFF
+        if ahead > self.num:
+            raise DeviceError(
+                f"vring {q}: device published used.idx {idx}, {ahead} entries past "
+                f"{self.last_used_idx[q]} (queue size {self.num})"
+            )
+        return idx
+
     def _reap_tx(self) -> None:
         used = self.used[1]
-        idx = U16.unpack_from(self.mem, used + 2)[0]
+        idx = self._used_idx(1)
         while self.last_used_idx[1] != idx:
             head, _ = USED_ELEM.unpack_from(
                 self.mem, used + 4 + 8 * (self.last_used_idx[1] % self.num)
@@ -588,7 +614,7 @@ class GuestDriver:
     def _reap_rx(self) -> int:
         used = self.used[0]
         mem = self.mem
-        idx = U16.unpack_from(mem, used + 2)[0]
+        idx = self._used_idx(0)
         count = 0
         reposted: list[int] = []
         while self.last_used_idx[0] != idx:
@@ -596,6 +622,8 @@ class GuestDriver:
                 mem, used + 4 + 8 * (self.last_used_idx[0] % self.num)
             )
             self.last_used_idx[0] = (self.last_used_idx[0] + 1) & 0xFFFF
+            if head >= self.num:
+                raise DeviceError(f"vring 0: device returned descriptor {head} >= {self.num}")
             slot = head if self.rx_layout is RxLayout.SINGLE else head // 2
             if length >= HDR_SIZE:
                 addr = self.rx_bufs[slot]

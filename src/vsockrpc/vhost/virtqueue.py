@@ -10,6 +10,14 @@ indirect tables exist here.
 Memory ordering: Python has no fences. On x86 (TSO) stores become visible in program order, so
 writing the used element before ``used.idx`` and signalling the call eventfd afterwards (a
 syscall) is enough (2.7.8.2 "the device MUST ... update idx after ... the ring entry").
+
+The guest reads ``used.idx`` while we write it, so it is published with one aligned 16-bit store
+(an element of a ``memoryview.cast("H")``), never with ``struct.pack_into``: CPython's
+``pack_into`` zero-fills its target before writing the fields, and a guest that read ``used.idx``
+in that window saw it jump back to 0, i.e. ~65 000 "new" used entries (the test driver
+re-delivered stale buffers, counted phantom bytes and overfilled the avail ring, which we then
+took for corruption and reset every connection). Native order is little-endian (checked below),
+as virtio 1.x rings are (2.7).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import contextlib
 import enum
 import os
 import struct
+import sys
 import time
 
 from vsockrpc.errors import ProtocolError
@@ -32,6 +41,9 @@ USED_ELEM = struct.Struct("<II")
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
+
+if sys.byteorder != "little":  # the 16-bit index views below are native-endian
+    raise ImportError("vsockrpc.vhost needs a little-endian host (virtio rings are little-endian)")
 
 #: Largest queue size the virtio spec allows for split rings (2.7: "Queue Size ... max 32768").
 MAX_QUEUE_SIZE = 32768
@@ -72,6 +84,8 @@ class Virtqueue:
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
+        self._avail_idx_view: memoryview | None = None  # avail.idx as one native u16
+        self._used_idx_view: memoryview | None = None  # used.idx as one native u16
         self._mem: GuestMemory | None = None
         self._avail_idx = 0  # last avail.idx we read
         self._unflushed = 0  # used entries written but not yet published in used.idx
@@ -102,10 +116,15 @@ class Virtqueue:
             self._used = mem.uaddr(self.used_addr, 4 + 8 * self.num)
         except OutOfBounds as err:
             raise RingError(f"vring {self.index}: ring outside guest memory: {err}") from err
+        # Single 16-bit loads/stores for the two indices the other side touches concurrently
+        # (see the module docstring: struct.pack_into would expose a transient 0).
+        self._avail_idx_view = self._avail[2:4].cast("H")
+        self._used_idx_view = self._used[2:4].cast("H")
         self._mem = mem
 
     def unmap(self) -> None:
         self._desc = self._avail = self._used = None
+        self._avail_idx_view = self._used_idx_view = None
         self._mem = None
 
     def start(self, mem: GuestMemory) -> None:
@@ -139,8 +158,8 @@ class Virtqueue:
             return False
         if self._avail_idx != self.last_avail_idx:
             return True
-        assert self._avail is not None
-        self._avail_idx = U16.unpack_from(self._avail, 2)[0]
+        assert self._avail_idx_view is not None
+        self._avail_idx = self._avail_idx_view[0]
         return self._avail_idx != self.last_avail_idx
 
     def pop(self) -> Chain | None:
@@ -200,8 +219,9 @@ class Virtqueue:
         ``defer_below``: publish but do not signal while fewer than that many entries await a
         signal; :meth:`notify` sends it later (the device's loop does, after a short quiet
         spell). 2.7.7.2 lets a device skip interrupts; the guest still finds the entries."""
-        if self._unflushed and self._used is not None:
-            U16.pack_into(self._used, 2, self.used_idx)
+        if self._unflushed and self._used_idx_view is not None:
+            # 2.7.8.2: one store, after the entries (never struct.pack_into: it zero-fills first).
+            self._used_idx_view[0] = self.used_idx
             if not self._unsignaled:
                 self.unsignaled_since = time.monotonic()
             self._unsignaled += self._unflushed
