@@ -74,7 +74,8 @@ class VsockDevice:
         self.guest_cid = guest_cid
         self.uds_path = uds_path
         self.state = SessionState.WAITING
-        self._lock = threading.Lock()
+        # Set by stop() from any thread or a signal handler: a plain bool (one atomic store under
+        # the GIL) so a handler interrupting the loop can never block on a lock the loop holds.
         self._stop_requested = False
         self._serving = threading.Event()  # set while serve_forever runs
         self._served = threading.Event()  # set when serve_forever has returned
@@ -121,8 +122,7 @@ class VsockDevice:
 
     def stop(self) -> None:
         """Ask :meth:`serve_forever` to return (thread-safe, idempotent)."""
-        with self._lock:
-            self._stop_requested = True
+        self._stop_requested = True
         self.reactor.wake()
 
     def close(self) -> None:
