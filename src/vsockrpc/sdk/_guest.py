@@ -285,7 +285,7 @@ class Guest:
     Its job is to catch transfer errors (a bug in a relay or device, a cut stream), not an
     adversary — whoever can reach the agent is root in the guest anyway — and CRC-32 catches
     every burst error up to 32 bits and random corruption but for 1 in 2**32, at ~7x the speed
-    of SHA-256 in an emulated guest (where SHA-256, ~20-28 MiB/s, would bound every transfer).
+    of SHA-256 in an emulated guest (where SHA-256, 10-28 MiB/s, would bound every transfer).
     Choose "sha256" for a cryptographic digest of what arrived.
     ``data_channel``: large transfers use a raw socket beside the gRPC call when the agent
     offers one (needs an address, not a channel); otherwise the bytes go in-band.
