@@ -2,7 +2,7 @@
 
 QEMU boots an ELF ``-kernel`` that carries a ``XEN_ELFNOTE_PHYS32_ENTRY`` note straight at that
 32-bit entry (its ``pvh.bin`` option ROM), skipping the bzImage path: real-mode setup code, the
-in-guest decompressor and the KASLR relocation pass. Under TCG that path costs seconds (measured
+in-guest decompressor and the KASLR relocation pass. Under TCG that path costs ~0.6 s (measured
 in docs/system.md), while the host decompresses the payload once per image build.
 
 The payload is located with the boot protocol header (Documentation/arch/x86/boot.rst:
