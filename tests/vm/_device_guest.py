@@ -1,12 +1,12 @@
 """A minimal QEMU guest for the vsock device's VM tests and benchmark (GUEST-BOOT.md's recipe).
 
-Debian's cloud kernel (the version ``linux-image-cloud-amd64`` points at, fetched with
-``apt-get download`` and cached under ``~/.cache/vsockrpc/device-guest``), and a raw cpio
+Debian's cloud kernel (``vsockrpc.image.kernel.fetch_kernel``: the version
+``linux-image-cloud-amd64`` points at, cached like the image builder's), and a raw cpio
 initramfs holding busybox-static, the virtio/vsock/virtio-net modules (loaded with insmod in
 dependency order, decompressed if the package ships them compressed) and ``guest_probe`` (a
-static C program compiled here with gcc). Boots under TCG with ``-cpu max`` on q35 with shared
-memfd memory (vhost-user needs it), our device on ``vhost-user-vsock-pci`` and a user-networking
-virtio-net NIC for the comparison benchmark. Boots are judged by console markers.
+static C program compiled here with gcc). Boots under TCG with the launcher's CPU model on q35
+with shared memfd memory (vhost-user needs it), our device on ``vhost-user-vsock-pci`` and a
+user-networking virtio-net NIC for the comparison benchmark. Boots are judged by console markers.
 
 Shared by tests/vm/test_device_vm.py and bench/bench_device.py; not part of the library.
 """
@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import lzma
-import os
-import re
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from vsockrpc.image.kernel import fetch_kernel
+from vsockrpc.vm.accel import TCG_CPU
+
 HERE = Path(__file__).resolve().parent
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vsockrpc" / "device-guest"
 PROBE_PORT = 5000
 
 # insmod order: dependencies first.
@@ -70,33 +69,9 @@ def _run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[bytes]:
 
 
 def kernel() -> tuple[Path, Path]:
-    """(vmlinuz, modules dir) of the Debian cloud kernel, fetched once and cached."""
-    out = _run(["apt-cache", "depends", "linux-image-cloud-amd64"]).stdout.decode()
-    match = re.search(r"Depends:\s*(linux-image-\S+-cloud-amd64)", out)
-    if not match:
-        raise GuestBootError(f"cannot resolve the cloud kernel package: {out!r}")
-    package = match.group(1)
-    root = CACHE / package
-    if not (root / "done").exists():
-        tmp = Path(
-            tempfile.mkdtemp(prefix="kernel-", dir=CACHE.parent if CACHE.parent.exists() else None)
-        )
-        try:
-            os.chmod(tmp, 0o755)
-            _run(["apt-get", "download", package], cwd=tmp)
-            deb = next(tmp.glob("*.deb"))
-            extracted = tmp / "x"
-            _run(["dpkg-deb", "-x", str(deb), str(extracted)])
-            if root.exists():
-                shutil.rmtree(root)
-            root.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(extracted), str(root))
-            (root / "done").write_text(package)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    vmlinuz = next((root / "boot").glob("vmlinuz-*"))
-    modules = next((root / "lib" / "modules").iterdir())
-    return vmlinuz, modules
+    """(vmlinuz, modules dir) of the Debian cloud kernel: the image builder's own fetch, cached."""
+    k = fetch_kernel()
+    return k.vmlinuz, k.modules_dir
 
 
 def _find_module(modules: Path, name: str) -> Path:
@@ -204,7 +179,7 @@ def launch(
         "-machine",
         "q35,accel=tcg,memory-backend=mem",
         "-cpu",
-        "max",
+        TCG_CPU,
         "-smp",
         str(smp),
         "-m",
