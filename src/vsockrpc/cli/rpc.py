@@ -119,6 +119,9 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+_RELAY_CONNECT_MARGIN = 1.0  # seconds
+
+
 def _rpc_error(err: grpc.RpcError) -> RpcError:
     code: grpc.StatusCode = err.code()
     details = " ".join(str(err.details() or "").split())
@@ -130,8 +133,11 @@ def _add(args: argparse.Namespace) -> int:
     options = rpc.RETRY_OPTIONS if args.wait else ()
     deadline = time.monotonic() + args.wait
     delay = 0.05
-    # The relay's connect (and hybrid handshake) gets no more time than the call itself.
-    with rpc.channel(target, options=options, connect_timeout=args.timeout) as ch:
+    # The relay's connect (and hybrid handshake) is bounded by the call's own deadline, plus a
+    # margin so that the deadline the user set is what fires (DEADLINE_EXCEEDED) for a silent
+    # peer, rather than racing the relay's own timeout (which grpc would report as UNAVAILABLE).
+    connect_timeout = args.timeout + _RELAY_CONNECT_MARGIN
+    with rpc.channel(target, options=options, connect_timeout=connect_timeout) as ch:
         stub = pb_grpc.VsockServiceStub(ch)  # type: ignore[no-untyped-call]
         request = pb.AdditionRequest(a=args.a, b=args.b)
         while True:
