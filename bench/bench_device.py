@@ -42,6 +42,8 @@ sys.path.insert(0, str(ROOT))  # for tests/vm/_device_guest.py (the shared guest
 
 from tests.vm import _device_guest as dg  # noqa: E402
 
+from vsockrpc.addresses import HybridAddress  # noqa: E402
+from vsockrpc.transport import hybrid  # noqa: E402
 from vsockrpc.vhost.testing import GuestDriver, RxLayout  # noqa: E402
 
 GUEST_CID = 42
@@ -97,16 +99,9 @@ def recv_exact(s: socket.socket, n: int) -> bytes:
 
 
 def hybrid_connect(uds: str, port: int) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    """The project's hybrid client (``CONNECT``/``OK``), with a 60 s bound on every later call."""
+    s = hybrid.connect(HybridAddress(uds, port), timeout=60)
     s.settimeout(60)
-    s.connect(uds)
-    s.sendall(f"CONNECT {port}\n".encode())
-    line = b""
-    while not line.endswith(b"\n"):
-        c = s.recv(1)
-        if not c:
-            raise EOFError("EOF before OK")
-        line += c
     return s
 
 

@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from vsockrpc.addresses import HybridAddress
+from vsockrpc.transport import hybrid
 from vsockrpc.vhost.memory import GuestMemory
 from vsockrpc.vhost.testing import GuestDriver, GuestStream, RxLayout
 from vsockrpc.vhost.virtqueue import Virtqueue
@@ -171,16 +173,8 @@ def device_process() -> Iterator[tuple[str, str]]:
 
 def _send_all(uds: str, port: int, data: bytes, result: dict[str, object]) -> None:
     try:
-        with socket.socket(socket.AF_UNIX) as s:
+        with hybrid.connect(HybridAddress(uds, port), timeout=30) as s:
             s.settimeout(30)
-            s.connect(uds)
-            s.sendall(f"CONNECT {port}\n".encode())
-            line = b""
-            while not line.endswith(b"\n"):
-                c = s.recv(1)
-                if not c:
-                    raise EOFError("EOF before OK")
-                line += c
             s.sendall(data)
             s.shutdown(socket.SHUT_WR)
             result["eof"] = s.recv(1) == b""  # the guest closes after reading everything

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests.vm import _device_guest as dg
+from vsockrpc.addresses import HybridAddress
+from vsockrpc.transport import hybrid
 from vsockrpc.vhost import SessionState, VsockDevice
 from vsockrpc.vhost.testing import serving
 
@@ -39,18 +41,8 @@ class Guest:
 
     def connect(self, port: int = dg.PROBE_PORT) -> socket.socket:
         """Host → guest through the hybrid UDS (never AF_VSOCK on the host)."""
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s = hybrid.connect(HybridAddress(self.device.uds_path, port), timeout=30)
         s.settimeout(30)
-        s.connect(self.device.uds_path)
-        s.sendall(f"CONNECT {port}\n".encode())
-        line = b""
-        while not line.endswith(b"\n"):
-            c = s.recv(1)
-            if not c:
-                s.close()
-                raise EOFError(f"EOF before OK ({line!r})")
-            line += c
-        assert line.startswith(b"OK "), line
         return s
 
 
