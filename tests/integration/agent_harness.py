@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vsockrpc import rpc
+from vsockrpc.sdk import Guest, Process, Stdout
 from vsockrpc.services.agent import (
     AGENT_SERVICE_NAMES,
     FilesServicer,
@@ -51,3 +55,38 @@ def running_agent(policy: PeerPolicy | None = None) -> Iterator[AgentUnderTest]:
     finally:
         files.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a local file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stty_sizes_across_resize(
+    guest: Guest, first: tuple[int, int], second: tuple[int, int], *, settle: float, tail: str = ""
+) -> tuple[bytes, Process]:
+    """Run ``stty size; read x; stty size{tail}`` on a PTY opened at ``first`` rows x cols, resize
+    to ``second`` once the first size is printed, then let it finish. Returns all stdout and the
+    finished process (the caller asserts on both)."""
+    marker = f"{first[0]} {first[1]}".encode()
+    with guest.exec_stream(
+        ["sh", "-c", f"stty size; read x; stty size{tail}"], pty=True, window=first
+    ) as proc:
+        output = b""
+        events = iter(proc)
+        for event in events:
+            if isinstance(event, Stdout):
+                output += event.data
+                if marker in output:
+                    break
+        proc.resize(*second)
+        time.sleep(settle)
+        proc.send(b"\n")
+        for event in events:
+            if isinstance(event, Stdout):
+                output += event.data
+    return output, proc

@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from tests.integration.agent_harness import AgentUnderTest
+from tests.integration.agent_harness import AgentUnderTest, stty_sizes_across_resize
 from vsockrpc.errors import AgentError
 from vsockrpc.proto.agent.v1 import agent_pb2 as pb
 from vsockrpc.proto.agent.v1 import agent_pb2_grpc as pb_grpc
@@ -124,22 +124,7 @@ def test_slow_reader_back_pressures_the_process(guest: Guest, agent: AgentUnderT
 
 
 def test_pty_stty_size_after_resize(guest: Guest) -> None:
-    with guest.exec_stream(
-        ["sh", "-c", "stty size; read x; stty size; tty"], pty=True, window=(30, 100)
-    ) as proc:
-        output = b""
-        events = iter(proc)
-        for event in events:
-            if isinstance(event, Stdout):
-                output += event.data
-                if b"30 100" in output:
-                    break
-        proc.resize(40, 120)
-        time.sleep(0.2)
-        proc.send(b"\n")
-        for event in events:
-            if isinstance(event, Stdout):
-                output += event.data
+    output, proc = stty_sizes_across_resize(guest, (30, 100), (40, 120), settle=0.2, tail="; tty")
     assert b"30 100" in output
     assert b"40 120" in output
     assert b"/dev/pts/" in output

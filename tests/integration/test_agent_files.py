@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.integration.agent_harness import AgentUnderTest
+from tests.integration.agent_harness import AgentUnderTest, sha256_file
 from vsockrpc.errors import AgentError
 from vsockrpc.proto.agent.v1 import agent_pb2 as pb
 from vsockrpc.proto.agent.v1 import agent_pb2_grpc as pb_grpc
@@ -24,14 +24,6 @@ from vsockrpc.sdk import FileType, Guest
 pytestmark = pytest.mark.timeout(90)
 
 MIB = 1024 * 1024
-
-
-def _sha(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MIB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _leftovers(directory: Path) -> list[str]:
@@ -50,12 +42,12 @@ def test_64mib_upload_and_download_keep_checksum_mode_and_mtime(
     remote = tmp_path / "guest" / "deep" / "copy.bin"
     stats = guest.put(source, remote)
     assert stats.files == 1 and stats.bytes == 64 * MIB
-    assert _sha(remote) == _sha(source)
+    assert sha256_file(remote) == sha256_file(source)
     assert os.stat(remote).st_mode & 0o7777 == 0o640
     assert os.stat(remote).st_mtime_ns == 1_600_000_000_123_456_789
     back = tmp_path / "back.bin"
     guest.get(remote, back)
-    assert _sha(back) == _sha(source)
+    assert sha256_file(back) == sha256_file(source)
     assert os.stat(back).st_mode & 0o7777 == 0o640
     assert os.stat(back).st_mtime_ns == 1_600_000_000_123_456_789
     assert _leftovers(remote.parent) == [] and _leftovers(tmp_path) == []

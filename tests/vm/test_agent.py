@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.integration.agent_harness import sha256_file, stty_sizes_across_resize
 from vsockrpc import rpc
 from vsockrpc.errors import AgentError
 from vsockrpc.image import ImageInfo
@@ -82,32 +83,9 @@ def test_200mib_output_streams_with_flat_agent_rss(guest: Guest) -> None:
 
 
 def test_pty_stty_size_after_resize(guest: Guest) -> None:
-    with guest.exec_stream(
-        ["sh", "-c", "stty size; read x; stty size"], pty=True, window=(25, 90)
-    ) as proc:
-        output = b""
-        events = iter(proc)
-        for event in events:
-            if isinstance(event, Stdout):
-                output += event.data
-                if b"25 90" in output:
-                    break
-        proc.resize(50, 160)
-        time.sleep(0.5)
-        proc.send(b"\n")
-        for event in events:
-            if isinstance(event, Stdout):
-                output += event.data
+    output, proc = stty_sizes_across_resize(guest, (25, 90), (50, 160), settle=0.5)
     assert b"25 90" in output and b"50 160" in output
     assert proc.exited == Exited(exit_code=0, signal=None)
-
-
-def _sha(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MIB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @pytest.mark.timeout(600)
@@ -118,9 +96,9 @@ def test_64mib_file_and_tree_up_and_down(vm: Vm, guest: Guest, tmp_path: Path) -
             f.write(hashlib.sha512(str(i).encode()).digest() * (MIB // 64))
     guest.put(big, "/tmp/agent-test/big.bin")
     remote_sum = guest.run(["sha256sum", "/tmp/agent-test/big.bin"], check=True).stdout
-    assert remote_sum.split()[0].decode() == _sha(big)
+    assert remote_sum.split()[0].decode() == sha256_file(big)
     guest.get("/tmp/agent-test/big.bin", tmp_path / "big.back")
-    assert _sha(tmp_path / "big.back") == _sha(big)
+    assert sha256_file(tmp_path / "big.back") == sha256_file(big)
     # Both went over raw vsock data channels, not in-band (the agent logs to the console).
     console = vm.console_text()
     assert "'/tmp/agent-test/big.bin' came over a data channel" in console
