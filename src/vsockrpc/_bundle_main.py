@@ -1,8 +1,9 @@
 """Bootstrap of a ``vsockrpc bundle`` file (its ``__main__.py``): standard library only.
 
 Picks the bundled wheels matching this interpreter, extracts them and the vsockrpc sources
-once into a cache directory keyed by the bundle's content digest, then runs
-``vsockrpc.guest`` (the init when PID 1, else the agent server; arguments are passed on).
+once into a cache directory keyed by the bundle's content digest, then runs the manifest's
+entry module, ``vsockrpc.guest`` (the init when PID 1, else the agent server; arguments are
+passed on).
 This module is copied into bundles verbatim and is not imported by the package itself.
 
 Cache directory: the first writable of ``$VSOCKRPC_BUNDLE_CACHE``, ``$XDG_CACHE_HOME``,
@@ -13,6 +14,7 @@ none writable (read-only root before anything is mounted), a tmpfs is mounted on
 from __future__ import annotations
 
 import ctypes
+import importlib
 import json
 import os
 import platform
@@ -123,9 +125,8 @@ def main() -> None:
     site = _extract(archive, manifest, tag)
     sys.path.insert(0, site)
     sys.argv = [sys.argv[0], *args]
-    from vsockrpc.guest.__main__ import main as guest_main
-
-    raise SystemExit(guest_main(args))
+    entry = importlib.import_module(str(manifest["entry"]))  # the payload's entry module
+    raise SystemExit(entry.main(args))
 
 
 if __name__ == "__main__":

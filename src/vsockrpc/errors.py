@@ -17,6 +17,7 @@ prints one line (``str(err)``, plus ``err.hint`` when there is one) and exits no
     ├── RpcError                a gRPC call failed; carries the status code
     ├── DeviceError             the userspace vhost-user-vsock device
     │   └── ProtocolError       a peer (QEMU, guest, hybrid client) broke a protocol
+    ├── PayloadError            assembling what goes into a guest (pins, wheels, sources)
     ├── ImageError              building or finding a guest image
     ├── VmError                 launching or controlling a VM
     │   └── GuestError          the guest (kernel or agent) failed
@@ -35,6 +36,7 @@ __all__ = [
     "GuestError",
     "ImageError",
     "NotReadyError",
+    "PayloadError",
     "ProtocolError",
     "RpcError",
     "TransportError",
@@ -93,6 +95,10 @@ class DeviceError(VsockRpcError):
 
 class ProtocolError(DeviceError):
     """A peer (QEMU, the guest driver or a hybrid client) violated a protocol."""
+
+
+class PayloadError(VsockRpcError):
+    """What goes into a guest could not be assembled: no pin, no wheel, pip failed."""
 
 
 class ImageError(VsockRpcError):

@@ -1,14 +1,11 @@
-"""Which bundled wheels fit which interpreter (build side and bootstrap side agree)."""
+"""Which bundled wheels the bootstrap picks for an interpreter (the build side, which pip
+resolves, is in tests/integration/test_payload_wheels.py with the same wheel names)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 from vsockrpc import _bundle_main as bootstrap
-from vsockrpc.bundle import _select
-from vsockrpc.errors import BundleError
 
 GRPC311 = "grpcio-1.85.3-cp311-cp311-manylinux2014_x86_64.manylinux_2_17_x86_64.whl"
 GRPC312 = "grpcio-1.85.3-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.whl"
@@ -27,15 +24,3 @@ def test_bootstrap_picks_matching_cpython_abi3_and_pure_wheels(
     assert not bootstrap._compatible(PROTOBUF, "cp39")
     assert bootstrap._compatible(HEALTH, "cp314")
     assert not bootstrap._compatible(ARM, "cp311")
-
-
-def test_build_side_selection(tmp_path: Path) -> None:
-    for name in (GRPC311, GRPC312, PROTOBUF, HEALTH, ARM):
-        (tmp_path / name).write_bytes(b"")
-    assert _select(tmp_path, "grpcio==1.85.3", "3.12") == tmp_path / GRPC312
-    assert _select(tmp_path, "grpcio==1.85.3", "3.13") is None
-    assert _select(tmp_path, "grpcio==1.85.2", "3.11") is None
-    assert _select(tmp_path, "protobuf==7.36.2", "3.14") == tmp_path / PROTOBUF
-    assert _select(tmp_path, "grpcio-health-checking==1.85.1", None) == tmp_path / HEALTH
-    with pytest.raises(BundleError, match="unsupported Python"):
-        _select(tmp_path, "grpcio==1.85.3", "3.9")

@@ -18,8 +18,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="build the single-file guest agent",
         description="Write one executable file that runs the guest agent on any x86_64 Linux "
         "with Python >= 3.11: as init= (PID 1) or as a service (`FILE --listen ADDRESS`, "
-        "default vsock:-1:9999). It carries vsockrpc and manylinux wheels of grpcio and "
-        "protobuf for each --python version, extracted once into a cache directory.",
+        "default vsock:-1:9999). It carries the guest side of vsockrpc and manylinux wheels of "
+        "grpcio and protobuf for each --python version, extracted once into a cache directory.",
     )
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="FILE")
     parser.add_argument(

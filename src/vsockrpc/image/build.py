@@ -1,12 +1,15 @@
 """Building a bootable guest image, in two cached layers.
 
-1. **base** (``<cache>/base/<key>``): the mmdebstrap rootfs with the guest wheels installed and
-   precompiled and the kernel modules the guest needs. Key: release, mirror lines, packages,
-   wheel pins and platform, kernel package digest, module list, epoch. Slow (~40 s), rare.
-2. **image** (``<cache>/images/<key>``): base + the vsockrpc package + init script as an ext4
-   file, the loader initramfs, the kernel, ``manifest.json``. Key: base key, agent digest,
-   loader and busybox digests, kernel command line. A few seconds; redone when the agent
-   source changes.
+What goes into the guest is :mod:`vsockrpc.payload`'s decision; this module lays it out.
+
+1. **base** (``<cache>/base/<key>``): the mmdebstrap rootfs with the payload's wheels installed
+   and precompiled and the kernel modules the guest needs. Key: release, mirror lines,
+   packages, the payload's pins and the arch, kernel package digest, module list, epoch.
+   Slow (~40 s), rare.
+2. **image** (``<cache>/images/<key>``): base + the payload's vsockrpc sources + init script as
+   an ext4 file, the loader initramfs, the kernel, ``manifest.json``. Key: base key, agent
+   digest (the payload's source digest), loader and busybox digests, kernel command line. A
+   few seconds; redone when the guest-side source changes.
 
 Both layers are published atomically (:mod:`vsockrpc.image.cache`). Times are pinned to
 ``SOURCE_DATE_EPOCH`` so the same inputs give the same bytes where the tools allow.
@@ -38,6 +41,7 @@ from vsockrpc.image import (
     wheels,
 )
 from vsockrpc.image.kernel import fetch_kernel
+from vsockrpc.payload import Payload, guest_payload
 
 __all__ = ["DEFAULT_RELEASE", "FORMAT", "ImageInfo", "build_image", "export_image", "find_image"]
 
@@ -155,10 +159,12 @@ def _compile(root: Path, dirs: list[str], epoch: int) -> None:
     )
 
 
-def _build_base(release: str, mirror_lines: list[str], step: Step, cache_root: Path) -> Path:
+def _build_base(
+    release: str, mirror_lines: list[str], payload: Payload, step: Step, cache_root: Path
+) -> Path:
     kernel = fetch_kernel(cache_root=cache_root)
     mods = modules.load_order(kernel.modules_dir)
-    pins = wheels.pinned_versions()
+    pins = dict(payload.pins)
     epoch = _epoch()
     inputs = {
         "format": FORMAT,
@@ -194,8 +200,10 @@ def _build_base(release: str, mirror_lines: list[str], step: Step, cache_root: P
                 f"guest wheels for CPython {python}: "
                 + ", ".join(f"{k}=={v}" for k, v in sorted(pins.items()))
             ):
-                wheel_dir = wheels.download(pins, arch=kernel.arch, python=python, root=cache_root)
-                wheels.install(wheel_dir, root / site.lstrip("/"))
+                wheel_set = payload.wheels(
+                    wheels.target(kernel.arch, python), cache_root=cache_root
+                )
+                wheels.install(wheel_set, root / site.lstrip("/"))
             with step("byte-compiling the guest's Python (unchecked-hash .pyc)"):
                 _compile(
                     root,
@@ -221,7 +229,7 @@ def _build_base(release: str, mirror_lines: list[str], step: Step, cache_root: P
                 "kernel_version": kernel.version,
                 "kernel_package": f"{kernel.package.name} {kernel.package.version}",
                 "packages": _dpkg_versions(root),
-                "wheels": {p.name: cache.file_digest(p) for p in sorted(wheel_dir.glob("*.whl"))},
+                "wheels": wheel_set.hashes(),
             }
             (tmp / "base.json").write_text(json.dumps(base_manifest, indent=2, sort_keys=True))
     return entry.path
@@ -240,7 +248,8 @@ def build_image(
         mirror_lines = [f"deb {mirror_uri} {release} main"]
     else:
         mirror_lines = mirror.mirror_lines(release, mirror.host_sources(), mirror.host_codename())
-    base = _build_base(release, mirror_lines, step, cache_root)
+    payload = guest_payload()
+    base = _build_base(release, mirror_lines, payload, step, cache_root)
     base_manifest = json.loads((base / "base.json").read_text())
     kernel = fetch_kernel(cache_root=cache_root)
     busybox_pkg = debs.resolve("busybox-static")
@@ -249,7 +258,7 @@ def build_image(
     inputs = {
         "format": IMAGE_FORMAT,
         "base": base.name,
-        "agent": agent.agent_digest(),
+        "agent": agent.agent_digest(payload),
         "loader": cache.digest(initramfs.LOADER_INIT),
         "busybox": busybox_pkg.sha256,
         "cmdline": CMDLINE,
@@ -266,7 +275,7 @@ def build_image(
                 rootfs.require_root("assembling the guest rootfs")
                 subprocess.run(["cp", "-a", str(base / "root"), str(work)], check=True)
                 site = base_manifest["site_packages"]
-                agent.install_agent(work, work / site.lstrip("/"))
+                agent.install_agent(payload, work, work / site.lstrip("/"))
                 _compile(work, [f"{site}/vsockrpc"], epoch)
                 rootfs.clamp_mtimes(work, epoch)
                 ext4.make_ext4(work, tmp / FILES["rootfs"], key=key, epoch=epoch)

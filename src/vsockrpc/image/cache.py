@@ -24,19 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from vsockrpc.errors import ImageError
+from vsockrpc.payload import default_cache_root
 
 __all__ = ["cache_root", "digest", "entry", "file_digest", "prune", "touch", "tree_digest"]
 
 
 def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
     """The cache root, created if needed; :class:`ImageError` when it cannot be written."""
-    if override is not None:
-        root = Path(override)
-    elif os.environ.get("VSOCKRPC_CACHE"):
-        root = Path(os.environ["VSOCKRPC_CACHE"])
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        root = Path(base) / "vsockrpc"
+    # The default is the payload's: its wheels live under the same root.
+    root = Path(override) if override is not None else default_cache_root()
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=root, prefix=".probe-")  # noqa: SIM115
