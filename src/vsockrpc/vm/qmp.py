@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient, QMPError
-
 from vsockrpc.errors import VmError
+
+try:
+    from qemu.qmp import QMPClient, QMPError
+except ImportError as err:  # a dependency of vsockrpc: missing only from a broken install
+    raise VmError(
+        "the Python package qemu.qmp (QEMU's QMP client) is not installed: "
+        "the VM launcher needs it",
+        hint=f"install it into this environment: {sys.executable} -m pip install qemu.qmp",
+    ) from err
 
 __all__ = ["CTRL_ALT_DEL", "qmp_command"]
 
