@@ -104,20 +104,23 @@ def run_pip(args: Sequence[str], what: str, *, isolated: bool = False) -> None:
         lines = proc.stderr.strip().splitlines() or ["no output"]
         missing = [ln for ln in lines if "No matching distribution found for" in ln]
         if missing:
-            raise _MissingWheel(missing[0].rsplit(" ", 1)[-1])
+            raise _MissingWheel(what, missing[0].rsplit(" ", 1)[-1])
         raise PayloadError(f"{what} failed: {lines[-1]}")
 
 
 class _MissingWheel(PayloadError):
-    def __init__(self, requirement: str) -> None:
-        super().__init__(requirement)
+    """pip found no distribution for ``requirement`` (reworded by the caller)."""
+
+    def __init__(self, what: str, requirement: str) -> None:
+        super().__init__(f"{what} failed: no matching distribution for {requirement}")
         self.requirement = requirement
 
 
 def _download(
-    requirements: Sequence[str], target: Target, dest: Path, find_links: Path | None
+    requirements: Sequence[str], target: Target, dest: Path, find_links: Path | None, deps: bool
 ) -> None:
-    args = ["download", "--quiet", "--only-binary=:all:", "--no-deps", f"--dest={dest}"]
+    args = ["download", "--quiet", "--only-binary=:all:", f"--dest={dest}"]
+    args += [] if deps else ["--no-deps"]
     args += [f"--python-version={target.python}", "--implementation=cp"]
     args += [f"--platform={p}" for p in target.platforms]
     if find_links is not None:
@@ -133,7 +136,7 @@ def _download(
         raise PayloadError(
             f"no manylinux {target.machine} wheel of {err.requirement} "
             f"for Python {target.python}{where}",
-            hint="drop --offline to let pip download it, or put the wheel there"
+            hint=f"put that wheel in {find_links}, or let pip download it (no wheel directory)"
             if find_links is not None
             else None,
         ) from err
@@ -150,9 +153,10 @@ def resolve_wheels(
     cache_root: Path | None = None,
     find_links: Path | None = None,
     offline: bool = False,
+    deps: bool = False,
 ) -> WheelSet:
-    """The wheels of ``requirements`` (``name==version``, no dependencies followed) for
-    ``target``.
+    """The wheels of ``requirements`` for ``target``: exactly those (``name==version`` pins),
+    or with ``deps`` what pip resolves for them, dependencies included (user requirements).
 
     From the cache (``<cache_root>/wheels/<key>``), else downloaded into it by pip; with
     ``find_links`` the wheels come only from that directory (nothing is downloaded or cached,
@@ -160,7 +164,7 @@ def resolve_wheels(
     """
     if find_links is not None:
         with tempfile.TemporaryDirectory(prefix="vsockrpc-wheels-") as tmp:
-            _download(requirements, target, Path(tmp), find_links)
+            _download(requirements, target, Path(tmp), find_links, deps)
             names = sorted(p.name for p in Path(tmp).glob("*.whl"))
         return WheelSet(target, tuple(find_links / name for name in names))
     inputs = {
@@ -168,7 +172,7 @@ def resolve_wheels(
         "platforms": list(target.platforms),
         "python": target.python,
         "implementation": "cp",
-        "deps": False,
+        "deps": deps,
     }
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     kind_dir = (cache_root if cache_root is not None else default_cache_root()) / "wheels"
@@ -189,7 +193,7 @@ def resolve_wheels(
             hint="set VSOCKRPC_CACHE to a writable directory",
         ) from err
     try:
-        _download(requirements, target, staging, None)
+        _download(requirements, target, staging, None, deps)
         os.chmod(staging, 0o755)
         try:
             os.rename(staging, final)
