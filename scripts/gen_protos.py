@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Regenerate the checked-in gRPC/protobuf stubs from every ``src/vsockrpc/proto/**/*.proto``.
+"""Regenerate the checked-in gRPC/protobuf stubs from every ``*.proto`` under ``src/vsockrpc``.
 
+A proto sits beside the code it belongs to (``vsockrpc/proto/`` for the seed's Addition,
+``vsockrpc/agent/v1/`` for the agent contract) and its stubs are written next to it.
 Usage: ``python scripts/gen_protos.py [--out DIR]`` (default: in place). Needs the pinned
 grpcio-tools and mypy-protobuf from requirements/constraints.txt. Protos are compiled with
-``src/`` as the include root, so generated imports are package-absolute (``vsockrpc.proto...``).
+``src/`` as the include root, so generated imports are package-absolute (``vsockrpc.agent...``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
-PROTO_DIR = SRC / "vsockrpc" / "proto"
+PACKAGE_DIR = SRC / "vsockrpc"
 
 
 def generate(out: Path) -> list[Path]:
@@ -25,7 +27,7 @@ def generate(out: Path) -> list[Path]:
 
     # protoc finds the mypy-protobuf plugin (protoc-gen-mypy) on PATH, next to this interpreter.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    protos = sorted(PROTO_DIR.rglob("*.proto"))
+    protos = sorted(PACKAGE_DIR.rglob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as tmp:
         args = [

@@ -16,7 +16,9 @@ from vsockrpc.sdk import Guest, Process, Stdout
 from vsockrpc.services.agent import (
     AGENT_SERVICE_NAMES,
     FilesServicer,
+    PeerGuard,
     PeerPolicy,
+    PeerResolver,
     PowerAction,
     ProcessTable,
     agent_services,
@@ -34,14 +36,18 @@ class AgentUnderTest:
 
 
 @contextmanager
-def running_agent(policy: PeerPolicy | None = None) -> Iterator[AgentUnderTest]:
-    """Serve the agent; clock and power hooks record their calls instead of acting."""
+def running_agent(
+    policy: PeerPolicy | None = None, resolver: PeerResolver = rpc.peer_address
+) -> Iterator[AgentUnderTest]:
+    """Serve the agent; clock and power hooks record their calls instead of acting.
+    ``resolver`` finds the caller (as the guest's server does), or pretends one."""
     directory = tempfile.mkdtemp(prefix="agent-", dir="/tmp")
     table = ProcessTable()
     admitted = policy if policy is not None else PeerPolicy()
-    files = FilesServicer(admitted)
+    files = FilesServicer(PeerGuard(admitted, resolver))
     agent = AgentUnderTest(f"unix:{directory}/agent.sock", directory, table)
     services = agent_services(
+        peer_resolver=resolver,
         policy=admitted,
         power_control=agent.power_calls.append,
         clock_setter=agent.clock_calls.append,

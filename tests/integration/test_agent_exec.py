@@ -13,9 +13,9 @@ import grpc
 import pytest
 
 from tests.integration.agent_harness import AgentUnderTest, stty_sizes_across_resize
+from vsockrpc.agent.v1 import agent_pb2 as pb
+from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
 from vsockrpc.errors import AgentError
-from vsockrpc.proto.agent.v1 import agent_pb2 as pb
-from vsockrpc.proto.agent.v1 import agent_pb2_grpc as pb_grpc
 from vsockrpc.sdk import Exited, Guest, Started, Stderr, Stdout
 
 pytestmark = pytest.mark.timeout(60)

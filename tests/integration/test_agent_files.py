@@ -16,9 +16,9 @@ import grpc
 import pytest
 
 from tests.integration.agent_harness import AgentUnderTest, sha256_file
+from vsockrpc.agent.v1 import agent_pb2 as pb
+from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
 from vsockrpc.errors import AgentError
-from vsockrpc.proto.agent.v1 import agent_pb2 as pb
-from vsockrpc.proto.agent.v1 import agent_pb2_grpc as pb_grpc
 from vsockrpc.sdk import FileType, Guest
 
 pytestmark = pytest.mark.timeout(90)

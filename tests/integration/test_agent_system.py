@@ -80,8 +80,10 @@ def test_health_and_reflection(agent: AgentUnderTest) -> None:
 def test_peer_outside_allow_list_is_refused_and_logged(
     cid: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    policy = PeerPolicy(resolver=lambda _context: VsockAddress(cid, 1234))
-    with running_agent(policy) as agent, Guest(agent.address) as g:
+    def pretend(_context: object) -> VsockAddress:
+        return VsockAddress(cid, 1234)
+
+    with running_agent(PeerPolicy(), pretend) as agent, Guest(agent.address) as g:
         caplog.set_level(logging.WARNING, logger="vsockrpc.agent.peers")
         for call in (g.ping, g.info, lambda: g.run(["true"]), lambda: g.stat("/")):
             with pytest.raises(AgentError) as err:
@@ -93,8 +95,10 @@ def test_peer_outside_allow_list_is_refused_and_logged(
 
 
 def test_host_cid_is_admitted() -> None:
-    policy = PeerPolicy(resolver=lambda _context: VsockAddress(2, 1234))
-    with running_agent(policy) as agent, Guest(agent.address) as g:
+    def host(_context: object) -> VsockAddress:
+        return VsockAddress(2, 1234)
+
+    with running_agent(PeerPolicy(), host) as agent, Guest(agent.address) as g:
         assert g.run(["true"]).exit_code == 0
 
 

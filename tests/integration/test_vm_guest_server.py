@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vsockrpc import rpc
-from vsockrpc.guest import markers
+from vsockrpc.agent import markers
 from vsockrpc.proto import vsock_service_pb2 as pb
 from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
 

@@ -19,10 +19,10 @@ import pytest
 
 from tests.integration.agent_harness import sha256_file, stty_sizes_across_resize
 from vsockrpc import rpc
+from vsockrpc.agent.v1 import agent_pb2 as pb
+from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
 from vsockrpc.errors import AgentError
 from vsockrpc.image import ImageInfo
-from vsockrpc.proto.agent.v1 import agent_pb2 as pb
-from vsockrpc.proto.agent.v1 import agent_pb2_grpc as pb_grpc
 from vsockrpc.sdk import Exited, Guest, Stdout
 from vsockrpc.vm import Vm, launch
 
@@ -179,7 +179,7 @@ def test_loopback_peer_inside_the_guest_is_refused(vm: Vm, guest: Guest) -> None
     script = (
         "import grpc\n"
         "from vsockrpc import rpc\n"
-        "from vsockrpc.proto.agent.v1 import agent_pb2 as pb, agent_pb2_grpc as pbg\n"
+        "from vsockrpc.agent.v1 import agent_pb2 as pb, agent_pb2_grpc as pbg\n"
         "with rpc.channel('vsock:1:%d') as ch:\n"
         "    try:\n"
         "        pbg.SystemStub(ch).Ping(pb.PingRequest(), timeout=60)\n"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.vm.conftest import process_alive
+from vsockrpc.agent import markers
 from vsockrpc.errors import GuestError
-from vsockrpc.guest import markers
 from vsockrpc.image import ImageInfo, build_image
 from vsockrpc.vm import Vm, launch
 

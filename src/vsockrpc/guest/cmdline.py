@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEFAULT_PORT = 9999
+from vsockrpc.agent import CMDLINE_LISTEN, CMDLINE_PORT, DEFAULT_PORT
 
 __all__ = ["DEFAULT_PORT", "GuestConfig", "parse_cmdline"]
 
@@ -24,10 +24,10 @@ def parse_cmdline(text: str) -> GuestConfig:
     listen: list[str] = []
     for word in text.split():
         key, _, value = word.partition("=")
-        if key == "vsockrpc.port":
+        if key == CMDLINE_PORT:
             if not value.isdigit() or not 0 < int(value) < 2**32:
-                raise ValueError(f"bad vsockrpc.port={value!r} on the kernel command line")
+                raise ValueError(f"bad {CMDLINE_PORT}={value!r} on the kernel command line")
             port = int(value)
-        elif key == "vsockrpc.listen":
+        elif key == CMDLINE_LISTEN:
             listen.append(value)
     return GuestConfig(tuple(listen) or (f"vsock:-1:{port}",))

@@ -25,7 +25,8 @@ import time
 import traceback
 from types import FrameType
 
-from vsockrpc.guest import markers, pid1
+from vsockrpc.agent import markers
+from vsockrpc.guest import pid1
 from vsockrpc.guest.cmdline import parse_cmdline
 
 __all__ = ["main", "request_poweroff"]

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from vsockrpc.guest import markers
+from vsockrpc.agent import markers
 
 __all__ = ["GRACE", "run_server"]
 

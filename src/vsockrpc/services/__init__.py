@@ -13,6 +13,7 @@ __all__ = ["default_services"]
 
 def default_services() -> list[Callable[[grpc.Server], None]]:
     """Service registrars for :func:`vsockrpc.rpc.serve`: everything the guest agent serves."""
+    from vsockrpc.rpc import peer_address  # the agent's peer lookup is injected, here
     from vsockrpc.services.agent import (
         AGENT_SERVICE_NAMES,
         agent_services,
@@ -21,6 +22,7 @@ def default_services() -> list[Callable[[grpc.Server], None]]:
 
     return [
         addition.register,
-        *agent_services(),  # Exec, Files, System; peers checked (VSOCKRPC_AGENT_ALLOWED_CIDS)
+        # Exec, Files, System; peers checked (VSOCKRPC_AGENT_ALLOWED_CIDS)
+        *agent_services(peer_resolver=peer_address),
         health_and_reflection(["popovicu_vsock.VsockService", *AGENT_SERVICE_NAMES]),
     ]

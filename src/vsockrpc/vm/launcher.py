@@ -23,8 +23,8 @@ from typing import Any, TextIO
 
 from vsockrpc import rpc
 from vsockrpc.addresses import Address, HybridAddress, VsockAddress
+from vsockrpc.agent import DEFAULT_PORT, markers
 from vsockrpc.errors import GuestError, ImageError, TransportError, VmError
-from vsockrpc.guest import markers
 from vsockrpc.image import ImageInfo, find_image
 from vsockrpc.image.cache import cache_root
 from vsockrpc.vm import accel as accel_mod
@@ -37,7 +37,6 @@ from vsockrpc.vm.vsockdev import UserspaceDevice, kernel_vhost_vsock_usable
 
 __all__ = ["DEFAULT_PORT", "Vm", "launch"]
 
-DEFAULT_PORT = 9999
 READY_TIMEOUT = 120.0
 POWEROFF_TIMEOUT = 20.0
 QUIT_TIMEOUT = 5.0

@@ -2,8 +2,14 @@
 and the standard health and reflection services.
 
 :func:`agent_services` returns ``serve()`` registrars; every agent call is checked against a
-:class:`PeerPolicy` (default: only the host, CID 2, plus Unix-socket peers). The PID-1 init
-hooks in with :func:`install_power_control` and :func:`record_reaped`.
+:class:`PeerPolicy` (default: only the host, CID 2, plus Unix-socket peers), with the caller
+found by the ``peer_resolver`` the server's starter passes in. The PID-1 init hooks in with
+:func:`install_power_control` and :func:`record_reaped`. What the host side must agree on
+(proto, checksums, data-channel tickets) lives in the agent contract, :mod:`vsockrpc.agent`.
+
+Modules: :mod:`.exec` (the Exec servicer) over :mod:`.exec_stream` (its stream protocol) over
+the gRPC-free process manager :mod:`.spawn` + :mod:`.process`; :mod:`.files` with
+:mod:`.datachannel`; :mod:`.system`; :mod:`.peers`.
 """
 
 from __future__ import annotations
@@ -12,16 +18,19 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from vsockrpc.proto.agent.v1 import agent_pb2 as pb
-from vsockrpc.proto.agent.v1 import agent_pb2_grpc as pb_grpc
-from vsockrpc.services.agent.exec import ExecServicer, ProcessTable, is_agent_child, record_reaped
+from vsockrpc.agent.v1 import agent_pb2 as pb
+from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
+from vsockrpc.services.agent.exec import ExecServicer
 from vsockrpc.services.agent.files import FilesServicer
 from vsockrpc.services.agent.peers import (
+    PeerGuard,
     PeerPolicy,
     PeerPolicyInterceptor,
     PeerResolver,
     guarded,
 )
+from vsockrpc.services.agent.process import is_agent_child, record_reaped
+from vsockrpc.services.agent.spawn import ProcessSpec, ProcessTable
 from vsockrpc.services.agent.system import (
     ClockSetter,
     PowerAction,
@@ -37,11 +46,13 @@ __all__ = [
     "ClockSetter",
     "ExecServicer",
     "FilesServicer",
+    "PeerGuard",
     "PeerPolicy",
     "PeerPolicyInterceptor",
     "PeerResolver",
     "PowerAction",
     "PowerControl",
+    "ProcessSpec",
     "ProcessTable",
     "SystemServicer",
     "agent_services",
@@ -62,6 +73,7 @@ AGENT_SERVICE_NAMES = tuple(
 
 def agent_services(
     *,
+    peer_resolver: PeerResolver,
     policy: PeerPolicy | None = None,
     power_control: PowerControl | None = None,
     clock_setter: ClockSetter = set_realtime_clock,
@@ -69,11 +81,12 @@ def agent_services(
     files: FilesServicer | None = None,
 ) -> list[Registrar]:
     """Registrars for the Exec, Files and System services, each call checked by ``policy``
-    (default :meth:`PeerPolicy.from_env`). Pass ``table``/``files`` to keep handles for
-    cleanup (``table.close()`` kills processes, ``files.close()`` closes data listeners)."""
-    admitted = policy if policy is not None else PeerPolicy.from_env()
+    (default :meth:`PeerPolicy.from_env`) against the caller ``peer_resolver`` finds (e.g.
+    :func:`vsockrpc.rpc.peer_address`). Pass ``table``/``files`` to keep handles for cleanup
+    (``table.close()`` kills processes, ``files.close()`` closes data listeners)."""
+    guard = PeerGuard(policy if policy is not None else PeerPolicy.from_env(), peer_resolver)
     exec_servicer = ExecServicer(table)
-    files_servicer = files if files is not None else FilesServicer(admitted)
+    files_servicer = files if files is not None else FilesServicer(guard)
     system_servicer = SystemServicer(power_control=power_control, clock_setter=clock_setter)
 
     def register_exec(server: grpc.Server) -> None:
@@ -85,7 +98,7 @@ def agent_services(
     def register_system(server: grpc.Server) -> None:
         pb_grpc.add_SystemServicer_to_server(system_servicer, server)  # type: ignore[no-untyped-call]
 
-    return [guarded(r, admitted) for r in (register_exec, register_files, register_system)]
+    return [guarded(r, guard) for r in (register_exec, register_files, register_system)]
 
 
 def health_and_reflection(service_names: Sequence[str]) -> Registrar:

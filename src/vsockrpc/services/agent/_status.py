@@ -1,53 +1,65 @@
-"""Turning failures into gRPC statuses: one exception carrying a status, OSError mapped by errno.
+"""Expected failures of the agent, without gRPC: a :class:`Status` carrying a :class:`Code`.
 
-Servicer code raises :class:`Status` (or lets an ``OSError`` escape); :func:`statuses` converts
-both to ``context.abort(code, message)`` so every expected failure reaches the client as a proper
-status code with a one-line message, and the agent keeps serving.
+Agent code raises :class:`Status` (or lets an ``OSError`` escape, mapped by errno with
+:func:`from_os_error`); the servicers turn both into ``context.abort`` (:mod:`._rpc`), so every
+expected failure reaches the client as a proper status code with a one-line message and the
+agent keeps serving. The process manager uses this too and so stays free of grpc.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
-import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import NoReturn
 
-import grpc
+__all__ = ["Code", "Status", "check_path", "from_os_error", "show"]
 
-log = logging.getLogger("vsockrpc.agent")
 
-_ERRNO_CODES: dict[int, grpc.StatusCode] = {
-    errno.ENOENT: grpc.StatusCode.NOT_FOUND,
-    errno.EACCES: grpc.StatusCode.PERMISSION_DENIED,
-    errno.EPERM: grpc.StatusCode.PERMISSION_DENIED,
-    errno.EROFS: grpc.StatusCode.PERMISSION_DENIED,
-    errno.EEXIST: grpc.StatusCode.ALREADY_EXISTS,
-    errno.ENOTDIR: grpc.StatusCode.FAILED_PRECONDITION,
-    errno.EISDIR: grpc.StatusCode.FAILED_PRECONDITION,
-    errno.ENOTEMPTY: grpc.StatusCode.FAILED_PRECONDITION,
-    errno.EXDEV: grpc.StatusCode.FAILED_PRECONDITION,
-    errno.ELOOP: grpc.StatusCode.FAILED_PRECONDITION,
-    errno.EBUSY: grpc.StatusCode.FAILED_PRECONDITION,
-    errno.ETXTBSY: grpc.StatusCode.FAILED_PRECONDITION,
-    errno.ENOEXEC: grpc.StatusCode.FAILED_PRECONDITION,
-    errno.ENAMETOOLONG: grpc.StatusCode.INVALID_ARGUMENT,
-    errno.EINVAL: grpc.StatusCode.INVALID_ARGUMENT,
-    errno.E2BIG: grpc.StatusCode.INVALID_ARGUMENT,
-    errno.ENOSPC: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errno.EDQUOT: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errno.EMFILE: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errno.ENFILE: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errno.ENOMEM: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errno.EAGAIN: grpc.StatusCode.RESOURCE_EXHAUSTED,
+class Code(enum.Enum):
+    """The status codes the agent answers with; the names are gRPC's (``grpc.StatusCode``)."""
+
+    INVALID_ARGUMENT = enum.auto()
+    NOT_FOUND = enum.auto()
+    ALREADY_EXISTS = enum.auto()
+    PERMISSION_DENIED = enum.auto()
+    RESOURCE_EXHAUSTED = enum.auto()
+    FAILED_PRECONDITION = enum.auto()
+    DEADLINE_EXCEEDED = enum.auto()
+    UNIMPLEMENTED = enum.auto()
+    INTERNAL = enum.auto()
+    DATA_LOSS = enum.auto()
+
+
+_ERRNO_CODES: dict[int, Code] = {
+    errno.ENOENT: Code.NOT_FOUND,
+    errno.EACCES: Code.PERMISSION_DENIED,
+    errno.EPERM: Code.PERMISSION_DENIED,
+    errno.EROFS: Code.PERMISSION_DENIED,
+    errno.EEXIST: Code.ALREADY_EXISTS,
+    errno.ENOTDIR: Code.FAILED_PRECONDITION,
+    errno.EISDIR: Code.FAILED_PRECONDITION,
+    errno.ENOTEMPTY: Code.FAILED_PRECONDITION,
+    errno.EXDEV: Code.FAILED_PRECONDITION,
+    errno.ELOOP: Code.FAILED_PRECONDITION,
+    errno.EBUSY: Code.FAILED_PRECONDITION,
+    errno.ETXTBSY: Code.FAILED_PRECONDITION,
+    errno.ENOEXEC: Code.FAILED_PRECONDITION,
+    errno.ENAMETOOLONG: Code.INVALID_ARGUMENT,
+    errno.EINVAL: Code.INVALID_ARGUMENT,
+    errno.E2BIG: Code.INVALID_ARGUMENT,
+    errno.ENOSPC: Code.RESOURCE_EXHAUSTED,
+    errno.EDQUOT: Code.RESOURCE_EXHAUSTED,
+    errno.EMFILE: Code.RESOURCE_EXHAUSTED,
+    errno.ENFILE: Code.RESOURCE_EXHAUSTED,
+    errno.ENOMEM: Code.RESOURCE_EXHAUSTED,
+    errno.EAGAIN: Code.RESOURCE_EXHAUSTED,
 }
 
 
 class Status(Exception):
-    """An expected failure with the gRPC status code the client should see."""
+    """An expected failure with the status code the client should see."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: Code, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -61,37 +73,18 @@ def show(path: bytes | str) -> str:
 
 def from_os_error(err: OSError, what: str = "") -> Status:
     """The :class:`Status` for ``err`` (by errno), naming ``what`` (or the error's filename)."""
-    code = _ERRNO_CODES.get(err.errno or 0, grpc.StatusCode.INTERNAL)
+    code = _ERRNO_CODES.get(err.errno or 0, Code.INTERNAL)
     subject = what or (show(err.filename) if err.filename is not None else "")
     reason = err.strerror or str(err)
     return Status(code, f"{subject}: {reason}" if subject else reason)
 
 
-def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    context.abort(code, message)
-    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
-
-
-@contextmanager
-def statuses(context: grpc.ServicerContext, method: str) -> Iterator[None]:
-    """Convert :class:`Status` and ``OSError`` raised in the block to ``context.abort``."""
-    try:
-        yield
-    except Status as err:
-        log.info("%s failed: %s %s", method, err.code.name, err.message)
-        abort(context, err.code, err.message)
-    except OSError as err:
-        status = from_os_error(err)
-        log.info("%s failed: %s %s", method, status.code.name, status.message)
-        abort(context, status.code, status.message)
-
-
 def check_path(raw: bytes, what: str = "path") -> bytes:
     """An absolute path without NUL bytes, else INVALID_ARGUMENT."""
     if not raw:
-        raise Status(grpc.StatusCode.INVALID_ARGUMENT, f"{what} is empty")
+        raise Status(Code.INVALID_ARGUMENT, f"{what} is empty")
     if b"\0" in raw:
-        raise Status(grpc.StatusCode.INVALID_ARGUMENT, f"{what} {show(raw)} contains a NUL byte")
+        raise Status(Code.INVALID_ARGUMENT, f"{what} {show(raw)} contains a NUL byte")
     if not raw.startswith(b"/"):
-        raise Status(grpc.StatusCode.INVALID_ARGUMENT, f"{what} {show(raw)} is not absolute")
+        raise Status(Code.INVALID_ARGUMENT, f"{what} {show(raw)} is not absolute")
     return raw

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import shutil
 import socket
 import tempfile
@@ -26,16 +25,12 @@ import threading
 import time
 from collections.abc import Callable
 
-import grpc
-
 from vsockrpc.addresses import Address, UnixAddress, VsockAddress
-from vsockrpc.services.agent._status import Status
+from vsockrpc.agent.datachannel import TICKET_LINE_MAX, TICKET_TTL, new_ticket, parse_ticket_line
+from vsockrpc.services.agent._status import Code, Status
 
 log = logging.getLogger("vsockrpc.agent.data")
 
-TICKET_TTL = 60.0
-TICKET_BYTES = 16
-_TICKET_LINE = TICKET_BYTES * 2 + 1  # hex + "\n"
 _VMADDR_CID_ANY = 0xFFFFFFFF
 _VMADDR_PORT_ANY = 0xFFFFFFFF
 
@@ -83,10 +78,10 @@ class DataChannels:
                 port, path = 0, str(self._unix.sock.getsockname())
             else:
                 raise Status(
-                    grpc.StatusCode.FAILED_PRECONDITION,
+                    Code.FAILED_PRECONDITION,
                     f"no data channel for peer {peer}: send the data in-band",
                 )
-            ticket = secrets.token_hex(TICKET_BYTES)
+            ticket = new_ticket()
             self._tickets[ticket] = time.monotonic() + TICKET_TTL
             self._prune()
         return port, path, ticket
@@ -96,13 +91,13 @@ class DataChannels:
         try:
             sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         except OSError as err:
-            raise Status(grpc.StatusCode.FAILED_PRECONDITION, f"no AF_VSOCK: {err}") from err
+            raise Status(Code.FAILED_PRECONDITION, f"no AF_VSOCK: {err}") from err
         try:
             sock.bind((_VMADDR_CID_ANY, _VMADDR_PORT_ANY))  # the kernel picks a free port
             sock.listen(16)
         except OSError as err:
             sock.close()
-            raise Status(grpc.StatusCode.FAILED_PRECONDITION, f"data listener: {err}") from err
+            raise Status(Code.FAILED_PRECONDITION, f"data listener: {err}") from err
         return sock
 
     def _listen_unix(self) -> socket.socket:
@@ -113,7 +108,7 @@ class DataChannels:
             sock.listen(16)
         except OSError as err:
             sock.close()
-            raise Status(grpc.StatusCode.FAILED_PRECONDITION, f"data listener: {err}") from err
+            raise Status(Code.FAILED_PRECONDITION, f"data listener: {err}") from err
         return sock
 
     def register(self, conn: socket.socket, peer: object) -> None:
@@ -127,13 +122,13 @@ class DataChannels:
                     return
             conn.settimeout(10)
             line = b""
-            while not line.endswith(b"\n") and len(line) < _TICKET_LINE:
-                chunk = conn.recv(_TICKET_LINE - len(line))
+            while not line.endswith(b"\n") and len(line) < TICKET_LINE_MAX:
+                chunk = conn.recv(TICKET_LINE_MAX - len(line))
                 if not chunk:
                     break
                 line += chunk
             conn.settimeout(None)
-            ticket = line.strip().decode("ascii", "replace")
+            ticket = parse_ticket_line(line)
             with self._lock:
                 expiry = self._tickets.pop(ticket, None)
                 if expiry is None or expiry < time.monotonic():
@@ -152,13 +147,11 @@ class DataChannels:
         with self._lock:
             while ticket not in self._ready:
                 if ticket not in self._tickets:
-                    raise Status(grpc.StatusCode.NOT_FOUND, "unknown or used data channel ticket")
+                    raise Status(Code.NOT_FOUND, "unknown or used data channel ticket")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self._tickets.pop(ticket, None)
-                    raise Status(
-                        grpc.StatusCode.DEADLINE_EXCEEDED, "the data channel was never connected"
-                    )
+                    raise Status(Code.DEADLINE_EXCEEDED, "the data channel was never connected")
                 self._lock.wait(remaining)
             return self._ready.pop(ticket)
 

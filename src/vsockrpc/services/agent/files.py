@@ -21,19 +21,20 @@ from collections.abc import Iterator
 
 import grpc
 
-from vsockrpc.proto.agent.v1 import agent_pb2 as pb
-from vsockrpc.proto.agent.v1 import agent_pb2_grpc as pb_grpc
-from vsockrpc.services.agent._status import Status, check_path, show, statuses
-from vsockrpc.services.agent.checksum import Hasher, new_hasher
+from vsockrpc.agent.checksum import Hasher, checksum_name, new_hasher
+from vsockrpc.agent.v1 import agent_pb2 as pb
+from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
+from vsockrpc.services.agent._rpc import statuses
+from vsockrpc.services.agent._status import Code, Status, check_path, show
 from vsockrpc.services.agent.datachannel import DataChannels
-from vsockrpc.services.agent.peers import PeerPolicy
+from vsockrpc.services.agent.peers import PeerGuard
 
 log = logging.getLogger("vsockrpc.agent.files")
 
 DEFAULT_CHUNK = 256 * 1024
 DATA_BUFFER = 1024 * 1024
 MAX_CHUNK = 1024 * 1024
-_INVALID = grpc.StatusCode.INVALID_ARGUMENT
+_INVALID = Code.INVALID_ARGUMENT
 
 
 def _file_type(mode: int) -> pb.FileType.ValueType:
@@ -69,10 +70,6 @@ def _hasher(checksum: pb.Checksum.ValueType) -> Hasher:
         raise Status(_INVALID, str(err)) from None
 
 
-def _name(checksum: pb.Checksum.ValueType) -> str:
-    return pb.Checksum.Name(checksum).removeprefix("CHECKSUM_").lower()
-
-
 def _fsync_dir(path: bytes) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -84,12 +81,12 @@ def _fsync_dir(path: bytes) -> None:
 class FilesServicer(pb_grpc.FilesServicer):
     """``vsockrpc.agent.v1.Files``: paths are absolute bytes; see the module docstring.
 
-    ``policy`` finds the caller's address for data channels and admits their connections.
+    ``guard`` finds the caller's address for data channels and admits their connections.
     """
 
-    def __init__(self, policy: PeerPolicy | None = None) -> None:
-        self._policy = policy if policy is not None else PeerPolicy()
-        self.data = DataChannels(self._policy.admits)
+    def __init__(self, guard: PeerGuard) -> None:
+        self._guard = guard
+        self.data = DataChannels(guard.admits)
 
     def close(self) -> None:
         self.data.close()
@@ -98,7 +95,7 @@ class FilesServicer(pb_grpc.FilesServicer):
         self, request: pb.OpenDataChannelRequest, context: grpc.ServicerContext
     ) -> pb.DataChannel:
         with statuses(context, "OpenDataChannel"):
-            port, path, ticket = self.data.open(self._policy.resolver(context))
+            port, path, ticket = self.data.open(self._guard.caller(context))
             return pb.DataChannel(vsock_port=port, unix_path=path, ticket=ticket)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -120,13 +117,22 @@ class FilesServicer(pb_grpc.FilesServicer):
         if header.make_parents:
             os.makedirs(parent, exist_ok=True)
         elif not os.path.isdir(parent):
-            raise Status(grpc.StatusCode.NOT_FOUND, f"directory {show(parent)} does not exist")
+            raise Status(Code.NOT_FOUND, f"directory {show(parent)} does not exist")
+        return self._write(header, path, parent, name, parts)
+
+    def _write(
+        self,
+        header: pb.UploadHeader,
+        path: bytes,
+        parent: bytes,
+        name: bytes,
+        parts: Iterator[pb.UploadRequest],
+    ) -> pb.FileInfo:
+        """Receive the file into a temporary beside ``path``; rename it there once verified."""
         if os.path.isdir(path):
-            raise Status(
-                grpc.StatusCode.FAILED_PRECONDITION, f"{show(path)} is an existing directory"
-            )
+            raise Status(Code.FAILED_PRECONDITION, f"{show(path)} is an existing directory")
         if header.no_overwrite and os.path.lexists(path):
-            raise Status(grpc.StatusCode.ALREADY_EXISTS, f"{show(path)} already exists")
+            raise Status(Code.ALREADY_EXISTS, f"{show(path)} already exists")
         digest = _hasher(header.checksum)
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=b"." + name[:64] + b".", suffix=b".part")
         tmp_path: bytes | None = tmp
@@ -137,7 +143,7 @@ class FilesServicer(pb_grpc.FilesServicer):
                 received = self._receive_raw(header, fd, digest)
                 if received != header.size:
                     raise Status(
-                        grpc.StatusCode.DATA_LOSS,
+                        Code.DATA_LOSS,
                         f"upload of {show(path)}: data channel closed after {received} of "
                         f"{header.size} bytes",
                     )
@@ -159,19 +165,17 @@ class FilesServicer(pb_grpc.FilesServicer):
                     raise Status(_INVALID, f"unexpected {kind!r} message in an upload")
             if trailer is None:
                 raise Status(
-                    grpc.StatusCode.DATA_LOSS,
+                    Code.DATA_LOSS,
                     f"upload of {show(path)} ended after {received} of {header.size} bytes",
                 )
             if received != header.size or trailer.size != received:
                 raise Status(
-                    grpc.StatusCode.DATA_LOSS,
+                    Code.DATA_LOSS,
                     f"upload of {show(path)}: received {received} bytes, "
                     f"announced {header.size}, trailer says {trailer.size}",
                 )
             if digest.digest() != trailer.digest:
-                raise Status(
-                    grpc.StatusCode.DATA_LOSS, f"upload of {show(path)}: checksum mismatch"
-                )
+                raise Status(Code.DATA_LOSS, f"upload of {show(path)}: checksum mismatch")
             os.fchmod(fd, (header.mode & 0o7777) or 0o644)
             os.fsync(fd)
             os.close(fd)
@@ -179,11 +183,13 @@ class FilesServicer(pb_grpc.FilesServicer):
             if header.mtime_ns:
                 os.utime(tmp, ns=(header.mtime_ns, header.mtime_ns))
             if header.no_overwrite and os.path.lexists(path):
-                raise Status(grpc.StatusCode.ALREADY_EXISTS, f"{show(path)} already exists")
+                raise Status(Code.ALREADY_EXISTS, f"{show(path)} already exists")
             os.replace(tmp, path)
             tmp_path = None
             _fsync_dir(parent)
-            log.info("uploaded %s (%d bytes, %s)", show(path), received, _name(header.checksum))
+            log.info(
+                "uploaded %s (%d bytes, %s)", show(path), received, checksum_name(header.checksum)
+            )
             return file_info(path, os.stat(path))
         finally:
             if fd >= 0:
@@ -239,9 +245,7 @@ class FilesServicer(pb_grpc.FilesServicer):
             try:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
-                    raise Status(
-                        grpc.StatusCode.FAILED_PRECONDITION, f"{show(path)} is not a regular file"
-                    )
+                    raise Status(Code.FAILED_PRECONDITION, f"{show(path)} is not a regular file")
                 yield pb.DownloadResponse(header=file_info(path, st))
                 sent = 0
                 if request.ticket:
@@ -250,7 +254,7 @@ class FilesServicer(pb_grpc.FilesServicer):
                         "download of %s went over a data channel (%d bytes, %s)",
                         show(path),
                         sent,
-                        _name(request.checksum),
+                        checksum_name(request.checksum),
                     )
                 while not request.ticket:
                     data = os.read(fd, chunk)
@@ -277,10 +281,8 @@ class FilesServicer(pb_grpc.FilesServicer):
             root = check_path(request.path)
             if not os.path.isdir(root):
                 if not os.path.lexists(root):
-                    raise Status(grpc.StatusCode.NOT_FOUND, f"{show(root)}: no such directory")
-                raise Status(
-                    grpc.StatusCode.FAILED_PRECONDITION, f"{show(root)} is not a directory"
-                )
+                    raise Status(Code.NOT_FOUND, f"{show(root)}: no such directory")
+                raise Status(Code.FAILED_PRECONDITION, f"{show(root)} is not a directory")
             pending: list[bytes] = [b""]
             while pending:
                 rel_dir = pending.pop(0)
@@ -306,7 +308,7 @@ class FilesServicer(pb_grpc.FilesServicer):
                 os.makedirs(path, mode=(request.mode & 0o7777) or 0o755, exist_ok=True)
             except FileExistsError:
                 raise Status(
-                    grpc.StatusCode.ALREADY_EXISTS, f"{show(path)} exists and is not a directory"
+                    Code.ALREADY_EXISTS, f"{show(path)} exists and is not a directory"
                 ) from None
             return file_info(path, os.stat(path))
         raise AssertionError("unreachable")  # pragma: no cover
@@ -321,7 +323,7 @@ class FilesServicer(pb_grpc.FilesServicer):
             except FileNotFoundError:
                 if request.missing_ok:
                     return pb.RemoveResponse(removed=False)
-                raise Status(grpc.StatusCode.NOT_FOUND, f"{show(path)}: no such file") from None
+                raise Status(Code.NOT_FOUND, f"{show(path)}: no such file") from None
             if stat.S_ISDIR(st.st_mode):
                 if request.recursive:
                     shutil.rmtree(path)
@@ -338,9 +340,9 @@ class FilesServicer(pb_grpc.FilesServicer):
             source = check_path(request.source, "source")
             destination = check_path(request.destination, "destination")
             if not os.path.lexists(source):
-                raise Status(grpc.StatusCode.NOT_FOUND, f"{show(source)}: no such file")
+                raise Status(Code.NOT_FOUND, f"{show(source)}: no such file")
             if request.no_overwrite and os.path.lexists(destination):
-                raise Status(grpc.StatusCode.ALREADY_EXISTS, f"{show(destination)} already exists")
+                raise Status(Code.ALREADY_EXISTS, f"{show(destination)} already exists")
             os.rename(source, destination)
             return file_info(destination, os.lstat(destination))
         raise AssertionError("unreachable")  # pragma: no cover

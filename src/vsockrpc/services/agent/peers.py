@@ -9,6 +9,10 @@ on the host: by the hybrid socket's file mode (our userspace device) or by who m
 peers are admitted (the socket's file mode is the control); TCP peers only when asked for
 (``allow_tcp``), since anything that can reach the port would get in. A refused call gets
 ``PERMISSION_DENIED`` and one WARNING log line naming the peer and the method.
+
+Who is calling is not looked up here: a :data:`PeerResolver` is injected by whoever starts the
+server (it knows the transport; :func:`vsockrpc.rpc.peer_address` sees through the relay), and
+:class:`PeerGuard` pairs it with the policy.
 """
 
 from __future__ import annotations
@@ -16,35 +20,31 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from vsockrpc.addresses import Address, TcpAddress, UnixAddress, VsockAddress
+from vsockrpc.agent import CMDLINE_ALLOWED_CIDS, ENV_ALLOWED_CIDS
 from vsockrpc.errors import AddressError
+
+__all__ = [
+    "PeerGuard",
+    "PeerPolicy",
+    "PeerPolicyInterceptor",
+    "PeerResolver",
+    "guard_handler",
+    "guarded",
+]
 
 log = logging.getLogger("vsockrpc.agent.peers")
 
 VMADDR_CID_HOST = 2
-ENV_ALLOWED_CIDS = "VSOCKRPC_AGENT_ALLOWED_CIDS"
-"""Comma-separated CIDs the agent admits (``any`` for every CID); default ``2``."""
-CMDLINE_ALLOWED_CIDS = "vsockrpc.allowed_cids"
-"""The same setting on the guest kernel command line (used when the variable is unset)."""
 
 PeerResolver = Callable[[grpc.ServicerContext], Address | None]
+"""The address of a call's peer (None when unknown), e.g. :func:`vsockrpc.rpc.peer_address`."""
 Registrar = Callable[[grpc.Server], None]
-
-
-def _default_resolver(context: grpc.ServicerContext) -> Address | None:
-    from vsockrpc.rpc import peer_address
-
-    peer = peer_address(context)
-    if peer is None and context.peer() == "unix:":
-        # An unnamed local Unix-socket client (the relay's inner sockets are always bound to a
-        # name, so they never look like this): access was decided by the socket's file mode.
-        return UnixAddress("")
-    return peer
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,6 @@ class PeerPolicy:
     allowed_cids: frozenset[int] | None = frozenset({VMADDR_CID_HOST})
     allow_unix: bool = True
     allow_tcp: bool = False
-    resolver: PeerResolver = field(default=_default_resolver, compare=False)
 
     @classmethod
     def from_env(
@@ -94,17 +93,37 @@ class PeerPolicy:
             return self.allow_tcp
         return False  # unknown peer: refuse
 
+
+@dataclass(frozen=True)
+class PeerGuard:
+    """A :class:`PeerPolicy` applied to calls, whose peer ``resolver`` tells apart."""
+
+    policy: PeerPolicy
+    resolver: PeerResolver
+
+    def caller(self, context: grpc.ServicerContext) -> Address | None:
+        """The address of the call's peer."""
+        peer = self.resolver(context)
+        if peer is None and context.peer() == "unix:":
+            # An unnamed local Unix-socket client (the relay's inner sockets are always bound to
+            # a name, so they never look like this): access was decided by the socket's mode.
+            return UnixAddress("")
+        return peer
+
+    def admits(self, peer: Address | None) -> bool:
+        return self.policy.admits(peer)
+
     def check(self, context: grpc.ServicerContext, method: str) -> None:
         """Abort the call with PERMISSION_DENIED unless the peer is admitted."""
-        peer = self.resolver(context)
-        if self.admits(peer):
+        peer = self.caller(context)
+        if self.policy.admits(peer):
             return
         log.warning("refused %s from peer %s (%s)", method, peer, context.peer())
         context.abort(grpc.StatusCode.PERMISSION_DENIED, f"peer {peer} is not allowed")
 
 
-def guard_handler(handler: Any, policy: PeerPolicy, method: str) -> Any:
-    """``handler`` (a grpc.RpcMethodHandler) with ``policy`` checked before the behaviour runs."""
+def guard_handler(handler: Any, guard: PeerGuard, method: str) -> Any:
+    """``handler`` (a grpc.RpcMethodHandler) with ``guard`` checked before the behaviour runs."""
     if handler is None:
         return None
     replaced: dict[str, Any] = {}
@@ -114,7 +133,7 @@ def guard_handler(handler: Any, policy: PeerPolicy, method: str) -> Any:
             continue
 
         def guarded(request: Any, context: grpc.ServicerContext, _b: Any = behaviour) -> Any:
-            policy.check(context, method)
+            guard.check(context, method)
             return _b(request, context)
 
         replaced[kind] = guarded
@@ -122,52 +141,53 @@ def guard_handler(handler: Any, policy: PeerPolicy, method: str) -> Any:
 
 
 class _GuardedGenericHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
-    def __init__(self, inner: Any, policy: PeerPolicy) -> None:
+    def __init__(self, inner: Any, guard: PeerGuard) -> None:
         self._inner = inner
-        self._policy = policy
+        self._guard = guard
 
     def service(self, handler_call_details: Any) -> Any:
         handler = self._inner.service(handler_call_details)
-        return guard_handler(handler, self._policy, handler_call_details.method)
+        return guard_handler(handler, self._guard, handler_call_details.method)
 
 
 class _GuardedServer:
     """Stands in for grpc.Server while a generated ``add_*_to_server`` registers handlers."""
 
-    def __init__(self, server: grpc.Server, policy: PeerPolicy) -> None:
+    def __init__(self, server: grpc.Server, guard: PeerGuard) -> None:
         self._server = server
-        self._policy = policy
+        self._guard = guard
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         self._server.add_generic_rpc_handlers(
-            tuple(_GuardedGenericHandler(h, self._policy) for h in handlers)
+            tuple(_GuardedGenericHandler(h, self._guard) for h in handlers)
         )
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
         self._server.add_registered_method_handlers(
             service,
             {
-                name: guard_handler(h, self._policy, f"/{service}/{name}")
+                name: guard_handler(h, self._guard, f"/{service}/{name}")
                 for name, h in handlers.items()
             },
         )
 
 
-def guarded(register: Registrar, policy: PeerPolicy) -> Registrar:
-    """A registrar registering the same services with every call checked against ``policy``."""
+def guarded(register: Registrar, guard: PeerGuard) -> Registrar:
+    """A registrar registering the same services with every call checked by ``guard``."""
 
     def register_guarded(server: grpc.Server) -> None:
-        register(_GuardedServer(server, policy))
+        register(_GuardedServer(server, guard))
 
     return register_guarded
 
 
 class PeerPolicyInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """The same check for a whole server: ``serve(..., interceptors=[PeerPolicyInterceptor()])``."""
+    """The same check for a whole server:
+    ``serve(..., interceptors=[PeerPolicyInterceptor(rpc.peer_address)])``."""
 
-    def __init__(self, policy: PeerPolicy | None = None) -> None:
-        self._policy = policy if policy is not None else PeerPolicy.from_env()
+    def __init__(self, resolver: PeerResolver, policy: PeerPolicy | None = None) -> None:
+        self._guard = PeerGuard(policy if policy is not None else PeerPolicy.from_env(), resolver)
 
     def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
-        return guard_handler(handler, self._policy, handler_call_details.method)
+        return guard_handler(handler, self._guard, handler_call_details.method)

@@ -25,9 +25,10 @@ from collections.abc import Callable
 import grpc
 
 from vsockrpc import __version__
-from vsockrpc.proto.agent.v1 import agent_pb2 as pb
-from vsockrpc.proto.agent.v1 import agent_pb2_grpc as pb_grpc
-from vsockrpc.services.agent._status import Status, abort, statuses
+from vsockrpc.agent.v1 import agent_pb2 as pb
+from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
+from vsockrpc.services.agent._rpc import abort, statuses
+from vsockrpc.services.agent._status import Code, Status
 
 log = logging.getLogger("vsockrpc.agent.system")
 
@@ -181,7 +182,7 @@ class SystemServicer(pb_grpc.SystemServicer):
     ) -> pb.SetTimeResponse:
         with statuses(context, "SetTime"):
             if request.time_ns <= 0:
-                raise Status(grpc.StatusCode.INVALID_ARGUMENT, "time_ns must be positive")
+                raise Status(Code.INVALID_ARGUMENT, "time_ns must be positive")
             previous = time.time_ns()
             self._clock_setter(request.time_ns)
             log.info(
@@ -202,7 +203,7 @@ class SystemServicer(pb_grpc.SystemServicer):
         if control is default_power_control and not can_carry_out(action):
             abort(
                 context,
-                grpc.StatusCode.UNIMPLEMENTED,
+                Code.UNIMPLEMENTED,
                 f"this guest's init cannot {action.value}; power it off and boot it again",
             )
         with self._power_lock:

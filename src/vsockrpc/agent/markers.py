@@ -1,9 +1,12 @@
 """Lines the guest prints on its console, which the host-side launcher watches for.
 
-Shared by both sides so they cannot drift apart; plain constants, nothing to import.
+Written by the guest's PID 1 and agent (:mod:`vsockrpc.guest`), read by the launcher
+(:mod:`vsockrpc.vm`). Plain constants: importing this loads nothing else.
 """
 
 from __future__ import annotations
+
+__all__ = ["AGENT_EXITED", "INIT_STARTED", "POWERING_OFF", "PREFIX", "READY"]
 
 PREFIX = "vsockrpc-guest:"
 INIT_STARTED = f"{PREFIX} init started"

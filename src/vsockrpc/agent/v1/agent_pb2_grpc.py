@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from vsockrpc.proto.agent.v1 import agent_pb2 as vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2
+from vsockrpc.agent.v1 import agent_pb2 as vsockrpc_dot_agent_dot_v1_dot_agent__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in vsockrpc/proto/agent/v1/agent_pb2_grpc.py depends on'
+        + ' but the generated code in vsockrpc/agent/v1/agent_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,18 +38,18 @@ class ExecStub:
         """
         self.Exec = channel.stream_stream(
                 '/vsockrpc.agent.v1.Exec/Exec',
-                request_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ExecRequest.SerializeToString,
-                response_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ExecEvent.FromString,
+                request_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ExecRequest.SerializeToString,
+                response_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ExecEvent.FromString,
                 _registered_method=True)
         self.Signal = channel.unary_unary(
                 '/vsockrpc.agent.v1.Exec/Signal',
-                request_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.SignalRequest.SerializeToString,
-                response_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.SignalResponse.FromString,
+                request_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.SignalRequest.SerializeToString,
+                response_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.SignalResponse.FromString,
                 _registered_method=True)
         self.ListProcesses = channel.unary_unary(
                 '/vsockrpc.agent.v1.Exec/ListProcesses',
-                request_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ListProcessesRequest.SerializeToString,
-                response_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ListProcessesResponse.FromString,
+                request_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ListProcessesRequest.SerializeToString,
+                response_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ListProcessesResponse.FromString,
                 _registered_method=True)
 
 
@@ -87,18 +87,18 @@ def add_ExecServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Exec': grpc.stream_stream_rpc_method_handler(
                     servicer.Exec,
-                    request_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ExecRequest.FromString,
-                    response_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ExecEvent.SerializeToString,
+                    request_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ExecRequest.FromString,
+                    response_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ExecEvent.SerializeToString,
             ),
             'Signal': grpc.unary_unary_rpc_method_handler(
                     servicer.Signal,
-                    request_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.SignalRequest.FromString,
-                    response_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.SignalResponse.SerializeToString,
+                    request_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.SignalRequest.FromString,
+                    response_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.SignalResponse.SerializeToString,
             ),
             'ListProcesses': grpc.unary_unary_rpc_method_handler(
                     servicer.ListProcesses,
-                    request_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ListProcessesRequest.FromString,
-                    response_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ListProcessesResponse.SerializeToString,
+                    request_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ListProcessesRequest.FromString,
+                    response_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ListProcessesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -128,8 +128,8 @@ class Exec:
             request_iterator,
             target,
             '/vsockrpc.agent.v1.Exec/Exec',
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ExecRequest.SerializeToString,
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ExecEvent.FromString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ExecRequest.SerializeToString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ExecEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -155,8 +155,8 @@ class Exec:
             request,
             target,
             '/vsockrpc.agent.v1.Exec/Signal',
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.SignalRequest.SerializeToString,
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.SignalResponse.FromString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.SignalRequest.SerializeToString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.SignalResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -182,8 +182,8 @@ class Exec:
             request,
             target,
             '/vsockrpc.agent.v1.Exec/ListProcesses',
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ListProcessesRequest.SerializeToString,
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ListProcessesResponse.FromString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ListProcessesRequest.SerializeToString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ListProcessesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -208,43 +208,43 @@ class FilesStub:
         """
         self.Upload = channel.stream_unary(
                 '/vsockrpc.agent.v1.Files/Upload',
-                request_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.UploadRequest.SerializeToString,
-                response_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
+                request_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.UploadRequest.SerializeToString,
+                response_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
                 _registered_method=True)
         self.Download = channel.unary_stream(
                 '/vsockrpc.agent.v1.Files/Download',
-                request_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.DownloadRequest.SerializeToString,
-                response_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.DownloadResponse.FromString,
+                request_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.DownloadRequest.SerializeToString,
+                response_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.DownloadResponse.FromString,
                 _registered_method=True)
         self.Stat = channel.unary_unary(
                 '/vsockrpc.agent.v1.Files/Stat',
-                request_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.StatRequest.SerializeToString,
-                response_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
+                request_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.StatRequest.SerializeToString,
+                response_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
                 _registered_method=True)
         self.List = channel.unary_stream(
                 '/vsockrpc.agent.v1.Files/List',
-                request_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ListRequest.SerializeToString,
-                response_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
+                request_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ListRequest.SerializeToString,
+                response_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
                 _registered_method=True)
         self.MakeDirs = channel.unary_unary(
                 '/vsockrpc.agent.v1.Files/MakeDirs',
-                request_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.MakeDirsRequest.SerializeToString,
-                response_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
+                request_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.MakeDirsRequest.SerializeToString,
+                response_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
                 _registered_method=True)
         self.Remove = channel.unary_unary(
                 '/vsockrpc.agent.v1.Files/Remove',
-                request_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.RemoveRequest.SerializeToString,
-                response_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.RemoveResponse.FromString,
+                request_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.RemoveRequest.SerializeToString,
+                response_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.RemoveResponse.FromString,
                 _registered_method=True)
         self.Rename = channel.unary_unary(
                 '/vsockrpc.agent.v1.Files/Rename',
-                request_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.RenameRequest.SerializeToString,
-                response_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
+                request_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.RenameRequest.SerializeToString,
+                response_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
                 _registered_method=True)
         self.OpenDataChannel = channel.unary_unary(
                 '/vsockrpc.agent.v1.Files/OpenDataChannel',
-                request_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.OpenDataChannelRequest.SerializeToString,
-                response_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.DataChannel.FromString,
+                request_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.OpenDataChannelRequest.SerializeToString,
+                response_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.DataChannel.FromString,
                 _registered_method=True)
 
 
@@ -316,43 +316,43 @@ def add_FilesServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Upload': grpc.stream_unary_rpc_method_handler(
                     servicer.Upload,
-                    request_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.UploadRequest.FromString,
-                    response_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.FileInfo.SerializeToString,
+                    request_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.UploadRequest.FromString,
+                    response_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.FileInfo.SerializeToString,
             ),
             'Download': grpc.unary_stream_rpc_method_handler(
                     servicer.Download,
-                    request_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.DownloadRequest.FromString,
-                    response_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.DownloadResponse.SerializeToString,
+                    request_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.DownloadRequest.FromString,
+                    response_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.DownloadResponse.SerializeToString,
             ),
             'Stat': grpc.unary_unary_rpc_method_handler(
                     servicer.Stat,
-                    request_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.StatRequest.FromString,
-                    response_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.FileInfo.SerializeToString,
+                    request_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.StatRequest.FromString,
+                    response_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.FileInfo.SerializeToString,
             ),
             'List': grpc.unary_stream_rpc_method_handler(
                     servicer.List,
-                    request_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ListRequest.FromString,
-                    response_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.FileInfo.SerializeToString,
+                    request_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ListRequest.FromString,
+                    response_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.FileInfo.SerializeToString,
             ),
             'MakeDirs': grpc.unary_unary_rpc_method_handler(
                     servicer.MakeDirs,
-                    request_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.MakeDirsRequest.FromString,
-                    response_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.FileInfo.SerializeToString,
+                    request_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.MakeDirsRequest.FromString,
+                    response_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.FileInfo.SerializeToString,
             ),
             'Remove': grpc.unary_unary_rpc_method_handler(
                     servicer.Remove,
-                    request_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.RemoveRequest.FromString,
-                    response_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.RemoveResponse.SerializeToString,
+                    request_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.RemoveRequest.FromString,
+                    response_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.RemoveResponse.SerializeToString,
             ),
             'Rename': grpc.unary_unary_rpc_method_handler(
                     servicer.Rename,
-                    request_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.RenameRequest.FromString,
-                    response_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.FileInfo.SerializeToString,
+                    request_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.RenameRequest.FromString,
+                    response_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.FileInfo.SerializeToString,
             ),
             'OpenDataChannel': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenDataChannel,
-                    request_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.OpenDataChannelRequest.FromString,
-                    response_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.DataChannel.SerializeToString,
+                    request_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.OpenDataChannelRequest.FromString,
+                    response_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.DataChannel.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -382,8 +382,8 @@ class Files:
             request_iterator,
             target,
             '/vsockrpc.agent.v1.Files/Upload',
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.UploadRequest.SerializeToString,
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.UploadRequest.SerializeToString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -409,8 +409,8 @@ class Files:
             request,
             target,
             '/vsockrpc.agent.v1.Files/Download',
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.DownloadRequest.SerializeToString,
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.DownloadResponse.FromString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.DownloadRequest.SerializeToString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.DownloadResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -436,8 +436,8 @@ class Files:
             request,
             target,
             '/vsockrpc.agent.v1.Files/Stat',
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.StatRequest.SerializeToString,
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.StatRequest.SerializeToString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -463,8 +463,8 @@ class Files:
             request,
             target,
             '/vsockrpc.agent.v1.Files/List',
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ListRequest.SerializeToString,
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ListRequest.SerializeToString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -490,8 +490,8 @@ class Files:
             request,
             target,
             '/vsockrpc.agent.v1.Files/MakeDirs',
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.MakeDirsRequest.SerializeToString,
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.MakeDirsRequest.SerializeToString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -517,8 +517,8 @@ class Files:
             request,
             target,
             '/vsockrpc.agent.v1.Files/Remove',
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.RemoveRequest.SerializeToString,
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.RemoveResponse.FromString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.RemoveRequest.SerializeToString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.RemoveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -544,8 +544,8 @@ class Files:
             request,
             target,
             '/vsockrpc.agent.v1.Files/Rename',
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.RenameRequest.SerializeToString,
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.RenameRequest.SerializeToString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.FileInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -571,8 +571,8 @@ class Files:
             request,
             target,
             '/vsockrpc.agent.v1.Files/OpenDataChannel',
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.OpenDataChannelRequest.SerializeToString,
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.DataChannel.FromString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.OpenDataChannelRequest.SerializeToString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.DataChannel.FromString,
             options,
             channel_credentials,
             insecure,
@@ -597,23 +597,23 @@ class SystemStub:
         """
         self.Ping = channel.unary_unary(
                 '/vsockrpc.agent.v1.System/Ping',
-                request_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.PingRequest.SerializeToString,
-                response_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.PingResponse.FromString,
+                request_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.PingRequest.SerializeToString,
+                response_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.PingResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/vsockrpc.agent.v1.System/Info',
-                request_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.InfoRequest.SerializeToString,
-                response_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.InfoResponse.FromString,
+                request_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.InfoRequest.SerializeToString,
+                response_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.InfoResponse.FromString,
                 _registered_method=True)
         self.SetTime = channel.unary_unary(
                 '/vsockrpc.agent.v1.System/SetTime',
-                request_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.SetTimeRequest.SerializeToString,
-                response_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.SetTimeResponse.FromString,
+                request_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.SetTimeRequest.SerializeToString,
+                response_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.SetTimeResponse.FromString,
                 _registered_method=True)
         self.Shutdown = channel.unary_unary(
                 '/vsockrpc.agent.v1.System/Shutdown',
-                request_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ShutdownRequest.SerializeToString,
-                response_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ShutdownResponse.FromString,
+                request_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ShutdownRequest.SerializeToString,
+                response_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ShutdownResponse.FromString,
                 _registered_method=True)
 
 
@@ -653,23 +653,23 @@ def add_SystemServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Ping': grpc.unary_unary_rpc_method_handler(
                     servicer.Ping,
-                    request_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.PingRequest.FromString,
-                    response_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.PingResponse.SerializeToString,
+                    request_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.PingRequest.FromString,
+                    response_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.PingResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.InfoRequest.FromString,
-                    response_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.InfoResponse.SerializeToString,
+                    request_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.InfoRequest.FromString,
+                    response_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.InfoResponse.SerializeToString,
             ),
             'SetTime': grpc.unary_unary_rpc_method_handler(
                     servicer.SetTime,
-                    request_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.SetTimeRequest.FromString,
-                    response_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.SetTimeResponse.SerializeToString,
+                    request_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.SetTimeRequest.FromString,
+                    response_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.SetTimeResponse.SerializeToString,
             ),
             'Shutdown': grpc.unary_unary_rpc_method_handler(
                     servicer.Shutdown,
-                    request_deserializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ShutdownRequest.FromString,
-                    response_serializer=vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ShutdownResponse.SerializeToString,
+                    request_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ShutdownRequest.FromString,
+                    response_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ShutdownResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -699,8 +699,8 @@ class System:
             request,
             target,
             '/vsockrpc.agent.v1.System/Ping',
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.PingRequest.SerializeToString,
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.PingResponse.FromString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.PingRequest.SerializeToString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.PingResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -726,8 +726,8 @@ class System:
             request,
             target,
             '/vsockrpc.agent.v1.System/Info',
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.InfoRequest.SerializeToString,
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.InfoResponse.FromString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.InfoRequest.SerializeToString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -753,8 +753,8 @@ class System:
             request,
             target,
             '/vsockrpc.agent.v1.System/SetTime',
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.SetTimeRequest.SerializeToString,
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.SetTimeResponse.FromString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.SetTimeRequest.SerializeToString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.SetTimeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -780,8 +780,8 @@ class System:
             request,
             target,
             '/vsockrpc.agent.v1.System/Shutdown',
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ShutdownRequest.SerializeToString,
-            vsockrpc_dot_proto_dot_agent_dot_v1_dot_agent__pb2.ShutdownResponse.FromString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ShutdownRequest.SerializeToString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ShutdownResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,17 +1,28 @@
-"""End-to-end transfer checksums (``vsockrpc.agent.v1.Checksum``), shared by agent and SDK."""
+"""End-to-end transfer checksums (``vsockrpc.agent.v1.Checksum``), computed by both sides.
+
+The sender hashes what it sends and puts the digest in the ``TransferTrailer``; the receiver
+hashes what arrived and compares. CRC-32 digests are 4 bytes big-endian.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-from vsockrpc.proto.agent.v1 import agent_pb2 as pb
+from vsockrpc.agent.v1 import agent_pb2 as pb
 
-__all__ = ["Hasher", "new_hasher"]
+__all__ = ["CHECKSUMS", "Hasher", "checksum_name", "new_hasher"]
+
+CHECKSUMS: Mapping[str, pb.Checksum.ValueType] = {
+    "crc32": pb.CHECKSUM_CRC32,
+    "sha256": pb.CHECKSUM_SHA256,
+}
+"""The algorithms by the name users give them."""
 
 
 class Hasher(Protocol):
@@ -40,3 +51,8 @@ def new_hasher(checksum: pb.Checksum.ValueType) -> Hasher:
     if checksum == pb.CHECKSUM_CRC32:
         return _Crc32()
     raise ValueError(f"unknown checksum algorithm {checksum}")
+
+
+def checksum_name(checksum: pb.Checksum.ValueType) -> str:
+    """``"crc32"`` or ``"sha256"`` (for logs and messages)."""
+    return pb.Checksum.Name(checksum).removeprefix("CHECKSUM_").lower()

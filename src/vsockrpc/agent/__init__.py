@@ -1,0 +1,41 @@
+"""The agent contract: everything both sides of the guest agent agree on.
+
+The host side (:mod:`vsockrpc.sdk`, :mod:`vsockrpc.vm`) and the guest side
+(:mod:`vsockrpc.services.agent`, :mod:`vsockrpc.guest`) import this package and never each
+other, so a change to one side that breaks the other shows up here, in one place.
+
+- :mod:`vsockrpc.agent.v1` — the wire protocol: ``agent.proto`` (protobuf package
+  ``vsockrpc.agent.v1``: services Exec, Files, System) beside its generated stubs
+  ``agent_pb2`` and ``agent_pb2_grpc`` (regenerate with ``python scripts/gen_protos.py``).
+- :mod:`vsockrpc.agent.markers` — the console lines the guest prints and the launcher waits for.
+- :mod:`vsockrpc.agent.checksum` — the end-to-end transfer checksums (CRC-32, SHA-256).
+- :mod:`vsockrpc.agent.datachannel` — the raw data channel's ticket line.
+- this module — the default port, the guest's kernel command-line keys and the peer-policy
+  variable.
+
+Importing this package, :mod:`~vsockrpc.agent.markers` or :mod:`~vsockrpc.agent.datachannel`
+loads only the standard library (the guest's PID 1 imports the markers, and it never loads
+protobuf or grpc); :mod:`~vsockrpc.agent.checksum` and :mod:`~vsockrpc.agent.v1` load protobuf.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CMDLINE_ALLOWED_CIDS",
+    "CMDLINE_LISTEN",
+    "CMDLINE_PORT",
+    "DEFAULT_PORT",
+    "ENV_ALLOWED_CIDS",
+]
+
+DEFAULT_PORT = 9999
+"""The vsock port the agent listens on unless told otherwise (the seed demo's port)."""
+
+CMDLINE_PORT = "vsockrpc.port"
+"""Guest kernel command-line key: ``vsockrpc.port=N`` makes the agent listen on ``vsock:-1:N``."""
+CMDLINE_LISTEN = "vsockrpc.listen"
+"""Guest kernel command-line key: ``vsockrpc.listen=ADDRESS`` (may repeat) replaces the port."""
+CMDLINE_ALLOWED_CIDS = "vsockrpc.allowed_cids"
+"""Guest kernel command-line key: the CIDs the agent admits (when the variable is unset)."""
+ENV_ALLOWED_CIDS = "VSOCKRPC_AGENT_ALLOWED_CIDS"
+"""The agent's environment: comma-separated CIDs it admits (``any`` for every CID); default 2."""
