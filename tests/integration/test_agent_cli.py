@@ -144,3 +144,52 @@ def test_shell_on_a_terminal_raw_mode_and_resize(agent: AgentUnderTest) -> None:
             proc.kill()
             proc.wait()
         os.close(master)
+
+
+def test_cp_to_a_path_the_agent_may_not_write_blames_the_path_not_the_peer_policy(
+    agent: AgentUnderTest, tmp_path: Path
+) -> None:
+    # Permission denied by the filesystem (sysfs refuses new files, even to root): the peer
+    # was admitted, so the VSOCKRPC_AGENT_ALLOWED_CIDS hint would send the user astray.
+    source = tmp_path / "f.txt"
+    source.write_text("x")
+    done = vsockrpc("cp", agent.address, str(source), "guest:/sys/vsockrpc-test-f.txt")
+    assert done.returncode == 1
+    assert b"PERMISSION_DENIED" in done.stderr
+    assert b"ALLOWED_CIDS" not in done.stderr, done.stderr
+
+
+def test_cp_through_a_missing_directory_and_dotdot_creates_nothing_extra(
+    agent: AgentUnderTest, tmp_path: Path
+) -> None:
+    source = tmp_path / "f.txt"
+    source.write_text("content")
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "g.txt").write_text("g")
+    guest_dir = tmp_path / "guest"
+    guest_dir.mkdir()
+    done = vsockrpc("cp", agent.address, str(source), f"guest:{guest_dir}/a/../b")
+    assert done.returncode == 0, done.stderr
+    assert (guest_dir / "b").read_text() == "content"
+    done = vsockrpc("cp", agent.address, str(tree), f"guest:{guest_dir}/c/d/../../t")
+    assert done.returncode == 0, done.stderr
+    assert (guest_dir / "t" / "sub" / "g.txt").read_text() == "g"
+    assert sorted(p.name for p in guest_dir.iterdir()) == ["b", "t"]  # no empty a/, c/, c/d/
+
+
+def test_exec_of_an_empty_program_name_is_a_usage_error(agent: AgentUnderTest) -> None:
+    done = vsockrpc("exec", agent.address, "--", "")
+    assert done.returncode == 2
+    lines = done.stderr.decode().splitlines()
+    assert "program name" in lines[-1] and "empty" in lines[-1], lines
+    assert "argv is empty" not in done.stderr.decode()
+
+
+def test_exec_timeout_says_it_timed_out(agent: AgentUnderTest) -> None:
+    started = time.monotonic()
+    done = vsockrpc("exec", "--timeout", "0.5", agent.address, "--", "sleep", "30")
+    assert time.monotonic() - started < 20
+    assert done.returncode == 137
+    lines = done.stderr.decode().splitlines()
+    assert len(lines) == 1 and "timed out" in lines[0] and "'sleep'" in lines[0], lines

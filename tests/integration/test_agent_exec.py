@@ -276,3 +276,13 @@ def test_signal_right_after_start_reaches_a_pty_process(guest: Guest, attempt: i
     with guest.exec_stream(["sleep", "30"], pty=True) as proc:
         proc.signal(signal.SIGTERM)
         assert list(proc)[-1] == Exited(exit_code=None, signal=signal.SIGTERM)
+
+
+def test_empty_program_name_and_empty_argv_are_told_apart(guest: Guest) -> None:
+    with pytest.raises(AgentError) as empty_name:
+        guest.run([""])
+    assert empty_name.value.code == "INVALID_ARGUMENT"
+    assert "program name" in str(empty_name.value) and "argv is empty" not in str(empty_name.value)
+    with pytest.raises(AgentError) as empty_argv:
+        guest.run([])
+    assert empty_argv.value.code == "INVALID_ARGUMENT" and "argv is empty" in str(empty_argv.value)

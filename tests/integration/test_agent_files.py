@@ -363,3 +363,26 @@ def test_corrupt_bytes_on_the_data_channel_fail_loudly_and_leave_nothing(
     assert "checksum mismatch" in (info.value.details() or "")
     assert target.read_bytes() == b"old content"
     assert _leftovers(tmp_path) == []
+
+
+def test_failed_upload_removes_the_parents_it_created(
+    agent: AgentUnderTest, tmp_path: Path
+) -> None:
+    data = os.urandom(1000)
+    header = pb.UploadHeader(
+        path=bytes(tmp_path / "new" / "deeper" / "f.bin"), size=len(data), make_parents=True
+    )
+
+    def corrupt() -> Iterator[pb.UploadRequest]:
+        yield pb.UploadRequest(header=header)
+        yield pb.UploadRequest(data=data)
+        bad = hashlib.sha256(data + b"x").digest()
+        yield pb.UploadRequest(trailer=pb.TransferTrailer(digest=bad, size=len(data)))
+
+    assert _raw_upload(agent, corrupt()).code() == grpc.StatusCode.DATA_LOSS
+    assert list(tmp_path.iterdir()) == []  # neither new/ nor new/deeper/ stays behind
+    (tmp_path / "kept").mkdir()
+    header.path = bytes(tmp_path / "kept" / "new" / "f.bin")
+    assert _raw_upload(agent, corrupt()).code() == grpc.StatusCode.DATA_LOSS
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]  # what existed before stays
+    assert list((tmp_path / "kept").iterdir()) == []

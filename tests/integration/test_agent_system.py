@@ -89,6 +89,7 @@ def test_peer_outside_allow_list_is_refused_and_logged(
             with pytest.raises(AgentError) as err:
                 call()
             assert err.value.code == "PERMISSION_DENIED"
+            assert err.value.hint and "VSOCKRPC_AGENT_ALLOWED_CIDS" in err.value.hint
         assert agent.table.list() == []  # nothing was started
     refusals = [r for r in caplog.records if "refused" in r.getMessage()]
     assert refusals and f"vsock:{cid}:1234" in refusals[0].getMessage()

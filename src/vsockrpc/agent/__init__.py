@@ -10,8 +10,8 @@ other, so a change to one side that breaks the other shows up here, in one place
 - :mod:`vsockrpc.agent.markers` — the console lines the guest prints and the launcher waits for.
 - :mod:`vsockrpc.agent.checksum` — the end-to-end transfer checksums (CRC-32, SHA-256).
 - :mod:`vsockrpc.agent.datachannel` — the raw data channel's ticket line.
-- this module — the default port, the guest's kernel command-line keys and the peer-policy
-  variable.
+- this module — the default port, the guest's kernel command-line keys, the peer-policy
+  variable and the metadata key that marks a call refused by that policy.
 
 Importing this package, :mod:`~vsockrpc.agent.markers` or :mod:`~vsockrpc.agent.datachannel`
 loads only the standard library (the guest's PID 1 imports the markers, and it never loads
@@ -26,6 +26,7 @@ __all__ = [
     "CMDLINE_PORT",
     "DEFAULT_PORT",
     "ENV_ALLOWED_CIDS",
+    "REFUSED_PEER_KEY",
 ]
 
 DEFAULT_PORT = 9999
@@ -39,3 +40,10 @@ CMDLINE_ALLOWED_CIDS = "vsockrpc.allowed_cids"
 """Guest kernel command-line key: the CIDs the agent admits (when the variable is unset)."""
 ENV_ALLOWED_CIDS = "VSOCKRPC_AGENT_ALLOWED_CIDS"
 """The agent's environment: comma-separated CIDs it admits (``any`` for every CID); default 2."""
+
+REFUSED_PEER_KEY = "vsockrpc-refused-peer"
+"""Trailing-metadata key the agent sets (value: the peer) when its peer policy refused a call.
+
+A refused call and a file the agent may not write both end in ``PERMISSION_DENIED``; this key
+is how a client tells them apart (and hints at :data:`ENV_ALLOWED_CIDS` only for the first).
+"""

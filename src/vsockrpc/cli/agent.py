@@ -65,11 +65,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     ex.add_argument("-e", "--env", type=_env, action="append", default=[], metavar="NAME=VALUE")
     ex.add_argument("--cwd", help="working directory in the guest (absolute)")
     ex.add_argument("-u", "--user", help="run as this guest user (name or uid)")
-    ex.add_argument("--timeout", type=float, help="kill the command after SECONDS")
+    ex.add_argument(
+        "--timeout", type=float, help="kill the command after SECONDS (it then exits 137)"
+    )
     ex.add_argument("-t", "--tty", action="store_true", help="run on a pseudo-terminal")
     ex.add_argument("-n", "--no-stdin", action="store_true", help="do not forward stdin")
     ex.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD")
-    ex.set_defaults(func=_exec)
+    ex.set_defaults(func=_exec, usage_error=ex.error)
 
     sh = sub.add_parser(
         "shell",
@@ -80,7 +82,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     _common(sh)
     sh.add_argument("-u", "--user", help="run as this guest user (name or uid)")
     sh.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD")
-    sh.set_defaults(func=_shell)
+    sh.set_defaults(func=_shell, usage_error=sh.error)
 
     cp = sub.add_parser(
         "cp",
@@ -124,6 +126,8 @@ def _command(args: argparse.Namespace, default: list[str] | None = None) -> list
         if default is None:
             raise AgentError("no command given", hint="vsockrpc exec ADDRESS -- CMD [ARG...]")
         return default
+    if not command[0]:
+        args.usage_error("the program name (the first word after --) is empty")  # exits 2
     return command
 
 
@@ -147,14 +151,14 @@ def _forward_stdin(proc: Process) -> threading.Thread:
     return thread
 
 
-def _stream(proc: Process) -> int:
+def _stream(proc: Process) -> Exited:
     for event in proc:
         if isinstance(event, Stdout):
             _write_all(1, event.data)
         elif isinstance(event, Stderr):
             _write_all(2, event.data)
         elif isinstance(event, Exited):
-            return event.status
+            return event
     raise AgentError("the exec stream ended without an exit status")
 
 
@@ -179,7 +183,14 @@ def _exec(args: argparse.Namespace) -> int:
         ) as proc:
             if not args.no_stdin:
                 _forward_stdin(proc)
-            return _stream(proc)
+            exited = _stream(proc)
+    if exited.timed_out:
+        print(
+            f"vsockrpc: error: {command[0]!r} timed out after {args.timeout:g} s and was killed "
+            f"(exit status {exited.status})",
+            file=sys.stderr,
+        )
+    return exited.status
 
 
 def _shell(args: argparse.Namespace) -> int:
@@ -212,7 +223,7 @@ def _shell(args: argparse.Namespace) -> int:
             tty.setraw(0, termios.TCSANOW)  # keep type-ahead
         try:
             _forward_stdin(proc)
-            return _stream(proc)
+            return _stream(proc).status
         finally:
             if saved is not None:
                 termios.tcsetattr(0, termios.TCSADRAIN, saved)

@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from vsockrpc.agent import ENV_ALLOWED_CIDS
+from vsockrpc.agent import ENV_ALLOWED_CIDS, REFUSED_PEER_KEY
 from vsockrpc.errors import AgentError
 
 __all__ = ["CHUNK_SIZE", "Arg", "StrPath", "agent_error", "fsencode", "unary"]
@@ -23,6 +23,12 @@ def fsencode(value: Arg) -> bytes:
     return os.fsencode(value)
 
 
+def _refused_by_policy(err: grpc.RpcError) -> bool:
+    """Whether the agent's peer policy refused the call (not e.g. a file it may not write)."""
+    metadata = err.trailing_metadata() if callable(getattr(err, "trailing_metadata", None)) else ()
+    return any(key == REFUSED_PEER_KEY for key, _value in metadata or ())
+
+
 def agent_error(err: grpc.RpcError, what: str) -> AgentError:
     """An :class:`AgentError` for a failed call, carrying the status code name."""
     code = err.code() if callable(getattr(err, "code", None)) else None
@@ -31,7 +37,7 @@ def agent_error(err: grpc.RpcError, what: str) -> AgentError:
     hint = None
     if name == "UNAVAILABLE":
         hint = "is the guest running and its agent listening on that address?"
-    elif name == "PERMISSION_DENIED":
+    elif name == "PERMISSION_DENIED" and _refused_by_policy(err):
         hint = f"the agent admits only allowed peers ({ENV_ALLOWED_CIDS} in the guest)"
     return AgentError(f"{what}: {name}: {details}", code=name, hint=hint)
 

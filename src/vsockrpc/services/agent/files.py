@@ -5,7 +5,9 @@ checked (size and checksum from the trailer: SHA-256, or CRC-32 when asked), giv
 mode and mtime, fsynced and renamed over the target; the directory is fsynced after the
 rename. Any failure — a stream cut midway, a wrong checksum, a full disk — removes the
 temporary file, so the target name holds either the old content or the complete new one,
-never a partial file.
+never a partial file. Parent directories an upload creates (``make_parents``) are removed
+again when it fails, and a ``NAME/..`` over a directory that does not exist yet is cancelled
+rather than created (``/tmp/a/../b`` writes ``/tmp/b`` and leaves no empty ``/tmp/a``).
 """
 
 from __future__ import annotations
@@ -70,6 +72,52 @@ def _hasher(checksum: pb.Checksum.ValueType) -> Hasher:
         raise Status(_INVALID, str(err)) from None
 
 
+def _split_existing(path: bytes) -> tuple[bytes, list[bytes]]:
+    """``path`` as its longest prefix that exists and the names after it that do not, with each
+    ``NAME/..`` among those cancelled.
+
+    Over an existing directory ``..`` is left to the kernel (which resolves it physically, e.g.
+    through a symlink); over one that does not exist yet it can only mean "not this one", and
+    creating NAME just to step out of it would leave an empty directory behind.
+    """
+    parts = [part for part in path.split(b"/") if part and part != b"."]
+    existing = b"/"
+    index = 0
+    while index < len(parts) and os.path.lexists(os.path.join(existing, parts[index])):
+        existing = os.path.join(existing, parts[index])
+        index += 1
+    missing: list[bytes] = []
+    for part in parts[index:]:
+        if part == b".." and missing and missing[-1] != b"..":
+            missing.pop()
+        else:
+            missing.append(part)
+    return existing, missing
+
+
+def _make_parents(existing: bytes, missing: list[bytes]) -> list[bytes]:
+    """Create the ``missing`` directories below ``existing``; returns those made, outermost first.
+
+    ``os.makedirs`` would not say which it made, and those are what a failure must remove.
+    """
+    created: list[bytes] = []
+    directory = existing
+    for name in missing:
+        directory = os.path.join(directory, name)
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            continue  # raced, or `..`: not ours (a non-directory fails the next step)
+        created.append(directory)
+    return created
+
+
+def _remove_created(created: list[bytes]) -> None:
+    for directory in reversed(created):
+        with contextlib.suppress(OSError):  # only while empty: never what someone else put there
+            os.rmdir(directory)
+
+
 def _fsync_dir(path: bytes) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -114,11 +162,18 @@ class FilesServicer(pb_grpc.FilesServicer):
         parent, name = os.path.split(path.rstrip(b"/") if path != b"/" else path)
         if not name or name in (b".", b".."):
             raise Status(_INVALID, f"path {show(path)} does not name a file")
-        if header.make_parents:
-            os.makedirs(parent, exist_ok=True)
-        elif not os.path.isdir(parent):
-            raise Status(Code.NOT_FOUND, f"directory {show(parent)} does not exist")
-        return self._write(header, path, parent, name, parts)
+        if not header.make_parents:
+            if not os.path.isdir(parent):
+                raise Status(Code.NOT_FOUND, f"directory {show(parent)} does not exist")
+            return self._write(header, path, parent, name, parts)
+        existing, missing = _split_existing(parent)
+        parent = os.path.join(existing, *missing) if missing else existing
+        created = _make_parents(existing, missing)
+        try:
+            return self._write(header, os.path.join(parent, name), parent, name, parts)
+        except BaseException:
+            _remove_created(created)
+            raise
 
     def _write(
         self,
@@ -304,6 +359,8 @@ class FilesServicer(pb_grpc.FilesServicer):
     def MakeDirs(self, request: pb.MakeDirsRequest, context: grpc.ServicerContext) -> pb.FileInfo:
         with statuses(context, "MakeDirs"):
             path = check_path(request.path)
+            existing, missing = _split_existing(path)
+            path = os.path.join(existing, *missing) if missing else existing
             try:
                 os.makedirs(path, mode=(request.mode & 0o7777) or 0o755, exist_ok=True)
             except FileExistsError:

@@ -8,7 +8,8 @@ on the host: by the hybrid socket's file mode (our userspace device) or by who m
 ``/dev/vhost-vsock``/create AF_VSOCK sockets (kernel vhost-vsock: any host user!). Unix-socket
 peers are admitted (the socket's file mode is the control); TCP peers only when asked for
 (``allow_tcp``), since anything that can reach the port would get in. A refused call gets
-``PERMISSION_DENIED`` and one WARNING log line naming the peer and the method.
+``PERMISSION_DENIED``, the trailing metadata :data:`~vsockrpc.agent.REFUSED_PEER_KEY` and one
+WARNING log line naming the peer and the method.
 
 Who is calling is not looked up here: a :data:`PeerResolver` is injected by whoever starts the
 server (it knows the transport; :func:`vsockrpc.rpc.peer_address` sees through the relay), and
@@ -26,7 +27,7 @@ from typing import Any
 import grpc
 
 from vsockrpc.addresses import Address, TcpAddress, UnixAddress, VsockAddress
-from vsockrpc.agent import CMDLINE_ALLOWED_CIDS, ENV_ALLOWED_CIDS
+from vsockrpc.agent import CMDLINE_ALLOWED_CIDS, ENV_ALLOWED_CIDS, REFUSED_PEER_KEY
 from vsockrpc.errors import AddressError
 
 __all__ = [
@@ -119,6 +120,8 @@ class PeerGuard:
         if self.policy.admits(peer):
             return
         log.warning("refused %s from peer %s (%s)", method, peer, context.peer())
+        shown = str(peer).encode("ascii", "backslashreplace").decode("ascii")
+        context.set_trailing_metadata(((REFUSED_PEER_KEY, shown),))
         context.abort(grpc.StatusCode.PERMISSION_DENIED, f"peer {peer} is not allowed")
 
 

@@ -134,8 +134,10 @@ def _build_env(spec: ProcessSpec, account: pwd.struct_passwd | None) -> dict[byt
 
 
 def _check_argv(argv: list[bytes]) -> None:
-    if not argv or not argv[0]:
-        raise Status(Code.INVALID_ARGUMENT, "argv is empty")
+    if not argv:
+        raise Status(Code.INVALID_ARGUMENT, "argv is empty: no program to run")
+    if not argv[0]:
+        raise Status(Code.INVALID_ARGUMENT, "the program name (argv[0]) is empty")
     if any(b"\0" in arg for arg in argv):
         raise Status(Code.INVALID_ARGUMENT, "argv contains a NUL byte")
 
