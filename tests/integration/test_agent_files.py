@@ -6,8 +6,12 @@ import hashlib
 import io
 import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -386,3 +390,51 @@ def test_failed_upload_removes_the_parents_it_created(
     assert _raw_upload(agent, corrupt()).code() == grpc.StatusCode.DATA_LOSS
     assert [p.name for p in tmp_path.iterdir()] == ["kept"]  # what existed before stays
     assert list((tmp_path / "kept").iterdir()) == []
+
+
+class _KillsTheAgentAfterOneChunk(io.RawIOBase):
+    """A source that SIGKILLs the agent process once the first chunk went out."""
+
+    def __init__(self, agent: subprocess.Popen[bytes]) -> None:
+        self._agent = agent
+        self.reads = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        self.reads += 1
+        if self.reads == 2:
+            self._agent.send_signal(signal.SIGKILL)
+            self._agent.wait(timeout=10)
+        buffer[:] = bytes(len(buffer))
+        return len(buffer)
+
+
+def test_upload_cut_by_a_dying_agent_fails_with_one_line_and_no_grpc_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    address = f"unix:{tmp_path}/agent.sock"
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "vsockrpc.guest", "--listen", address],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    caplog.set_level(logging.DEBUG)
+    try:
+        with Guest(address, wait=20) as g:
+            source = _KillsTheAgentAfterOneChunk(agent)
+            with pytest.raises(AgentError) as info:
+                g.upload(source, tmp_path / "big.bin", size=64 * MIB)  # a data channel
+        assert source.reads >= 2
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        agent.wait(timeout=10)
+    message = str(info.value)
+    assert "\n" not in message and "upload to" in message, message
+    assert "Exception iterating requests" not in caplog.text
+    assert "Traceback" not in caplog.text and "Traceback" not in capfd.readouterr().err
+    time.sleep(0.2)  # a late log line from grpc's request thread would land here
+    assert "Exception iterating requests" not in caplog.text
+    assert not (tmp_path / "big.bin").exists()

@@ -192,23 +192,35 @@ class FilesClient:
         data = self._open_data_channel() if size >= DATA_CHANNEL_MIN else None
         if data is not None:
             header.ticket = data[1]
+        failed: list[Exception] = []
 
         def parts() -> Iterator[pb.UploadRequest]:
-            yield pb.UploadRequest(header=header)
-            digest = new_hasher(self._checksum)
-            sent = 0
-            if data is not None:
-                sent = _send_raw(data[0], source, digest, chunk_size)
-                data[0].close()
-            while data is None and (chunk := source.read(chunk_size)):
-                digest.update(chunk)
-                sent += len(chunk)
-                yield pb.UploadRequest(data=chunk)
-            yield pb.UploadRequest(trailer=pb.TransferTrailer(digest=digest.digest(), size=sent))
+            # Runs on grpc's request thread, which logs anything raised here with a traceback
+            # ("Exception iterating requests!"): keep the failure for the caller instead and
+            # end the stream without a trailer, which makes the agent discard the file.
+            try:
+                yield pb.UploadRequest(header=header)
+                digest = new_hasher(self._checksum)
+                sent = 0
+                if data is not None:
+                    sent = _send_raw(data[0], source, digest, chunk_size)
+                    data[0].close()
+                while data is None and (chunk := source.read(chunk_size)):
+                    digest.update(chunk)
+                    sent += len(chunk)
+                    yield pb.UploadRequest(data=chunk)
+                trailer = pb.TransferTrailer(digest=digest.digest(), size=sent)
+                yield pb.UploadRequest(trailer=trailer)
+            except Exception as err:
+                failed.append(err)
 
         try:
             return _file_info(self._files.Upload(parts()))
         except grpc.RpcError as err:
+            if failed and err.code() != grpc.StatusCode.UNAVAILABLE:
+                # The local side failed first (reading the source, the data channel broke):
+                # that is the cause; what the agent says about the cut stream is the effect.
+                raise AgentError(f"{what}: {failed[0]}") from failed[0]
             raise agent_error(err, what) from err
         finally:
             if data is not None:
