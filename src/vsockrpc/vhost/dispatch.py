@@ -1,0 +1,164 @@
+"""Guest dispatch: packets the guest puts on the tx ring (virtio 1.2, 5.10.6 "Device
+Operation"), parsed once and handled by op through a table (:data:`OP_HANDLERS`).
+
+Validation order, before any connection is touched: the header is copied out once (the guest may
+change its memory under us); ``dst_cid`` must be the host and ``src_cid`` the guest (5.10.6.1);
+``len`` must fit the chain and 64 KiB; the type must be STREAM. A packet for no connection is a
+REQUEST (guest-initiated connect) or answered with RST; RST is never answered with RST.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from vsockrpc.vhost import packet
+from vsockrpc.vhost.connection import Connection, ConnState
+from vsockrpc.vhost.flow import FlowControl
+from vsockrpc.vhost.hybrid import CONNECT_TIMEOUT, HybridHost
+from vsockrpc.vhost.packet import HDR, HDR_SIZE, HOST_CID, Op
+from vsockrpc.vhost.segments import skip, truncate
+from vsockrpc.vhost.virtqueue import Virtqueue
+
+__all__ = ["OP_HANDLERS", "GuestDispatch"]
+
+log = logging.getLogger(__name__)
+
+
+class GuestDispatch(FlowControl):
+    """Consumes the tx ring and applies each guest packet to its connection."""
+
+    host: HybridHost  # set by the muxer: where guest-initiated connections go
+    max_connections: int
+
+    def _drain_tx(self, tx: Virtqueue) -> None:
+        while True:
+            chain = tx.pop()
+            if chain is None:
+                return
+            head, segments = chain
+            self.stats_packets_tx += 1
+            try:
+                self._on_guest_packet(segments)
+            finally:
+                tx.push(head, 0)  # tx buffers are only read (2.7.8: used len = bytes written)
+
+    def _on_guest_packet(self, segments: list[memoryview]) -> None:
+        first = segments[0]
+        if len(first) >= HDR_SIZE:
+            hdr = HDR.unpack_from(first)
+            body_segments = [first[HDR_SIZE:], *segments[1:]]
+        else:
+            # Odd layout: the header spans descriptors. Copy just its 44 bytes out, once (the
+            # guest may change guest memory under us; never re-read it).
+            raw = b"".join(bytes(s) for s in truncate(segments, HDR_SIZE))
+            if len(raw) < HDR_SIZE:
+                log.debug("dropping a %d-byte tx packet", len(raw))
+                return
+            hdr = HDR.unpack(raw)
+            body_segments = skip(segments, HDR_SIZE)
+        src_cid, dst_cid, src_port, dst_port, length, ptype, op, flags, buf_alloc, fwd_cnt = hdr
+        # 5.10.6.1: the device drops packets not addressed host-wards from the guest's own CID.
+        if dst_cid != HOST_CID or src_cid != self.guest_cid:
+            return
+        key = (dst_port, src_port)
+        if length > sum(len(s) for s in body_segments) or length > packet.MAX_PAYLOAD:
+            if op != Op.RST:
+                self._stateless_rst(dst_port, src_port)
+            conn = self.conns.get(key)
+            if conn is not None:
+                self._drop(conn)
+            return
+        if ptype != packet.TYPE_STREAM:
+            if op != Op.RST:
+                self._stateless_rst(dst_port, src_port)
+            return
+        conn = self.conns.get(key)
+        if conn is None:
+            if op == Op.REQUEST:
+                self._guest_connect(dst_port, src_port, buf_alloc, fwd_cnt)
+            elif op != Op.RST:  # never answer RST with RST
+                self._stateless_rst(dst_port, src_port)
+            return
+        self._take_peer_credit(conn, buf_alloc, fwd_cnt)
+        OP_HANDLERS.get(op, GuestDispatch._on_bad_op)(self, conn, flags, body_segments, length)
+
+    # ---------------------------------------------------------------- one handler per op
+    def _on_rw(self, conn: Connection, flags: int, body: list[memoryview], length: int) -> None:
+        if conn.state is not ConnState.ESTABLISHED or conn.peer_shut_send:
+            self._reset_conn(conn)
+            return
+        self._guest_data(conn, body, length)
+
+    def _on_response(
+        self, conn: Connection, flags: int, body: list[memoryview], length: int
+    ) -> None:
+        if conn.state is not ConnState.LOCAL_INIT:
+            self._reset_conn(conn)
+            return
+        conn.state = ConnState.ESTABLISHED
+        conn.deadline = None
+        self._deadlines.pop(conn, None)
+        reply = f"OK {conn.local_port}\n".encode()
+        conn.pending_out.append(reply)
+        conn.pending_bytes += len(reply)
+        conn.rx_cnt = conn.fwd_cnt = 0  # the OK line is not guest payload
+        self._flush_out(conn, count=False)
+        if conn.host_readable:
+            self._readable[conn] = None
+
+    def _on_rst(self, conn: Connection, flags: int, body: list[memoryview], length: int) -> None:
+        self._drop(conn)
+
+    def _on_shutdown(
+        self, conn: Connection, flags: int, body: list[memoryview], length: int
+    ) -> None:
+        if flags & packet.SHUTDOWN_RCV:
+            conn.peer_shut_rcv = True
+            self._readable.pop(conn, None)
+        if flags & packet.SHUTDOWN_SEND:
+            conn.peer_shut_send = True
+        if conn.peer_shut_rcv and conn.peer_shut_send:
+            # Linux close(): SHUTDOWN RCV|SEND, expects RST once we are done.
+            conn.state = ConnState.CLOSING
+            conn.deadline = time.monotonic() + CONNECT_TIMEOUT
+            self._deadlines[conn] = None
+        self._after_forward(conn)
+
+    def _on_credit_request(
+        self, conn: Connection, flags: int, body: list[memoryview], length: int
+    ) -> None:
+        self._queue_ctl(conn, Op.CREDIT_UPDATE)
+
+    def _on_credit_update(
+        self, conn: Connection, flags: int, body: list[memoryview], length: int
+    ) -> None:
+        pass  # credit already taken from the header
+
+    def _on_bad_op(self, conn: Connection, flags: int, body: list[memoryview], length: int) -> None:
+        self._reset_conn(conn)  # a second REQUEST on a live connection, or an unknown op
+
+    # ---------------------------------------------------------------- guest-initiated connect
+    def _guest_connect(self, local_port: int, peer_port: int, buf_alloc: int, fwd_cnt: int) -> None:
+        sock = None if len(self.conns) >= self.max_connections else self.host.open_port(local_port)
+        if sock is None:
+            self._stateless_rst(local_port, peer_port)  # RST at once: no 2 s hang in the guest
+            return
+        conn = Connection(sock, local_port, peer_port, ConnState.ESTABLISHED, self.buf_alloc)
+        conn.update_peer_credit(buf_alloc, fwd_cnt)
+        self._add(conn)
+        self._queue_ctl(conn, Op.RESPONSE)
+
+
+_Handler = Callable[[GuestDispatch, Connection, int, list[memoryview], int], None]
+
+#: op → handler for packets on a known connection; anything else resets it.
+OP_HANDLERS: dict[int, _Handler] = {
+    Op.RW: GuestDispatch._on_rw,
+    Op.RESPONSE: GuestDispatch._on_response,
+    Op.RST: GuestDispatch._on_rst,
+    Op.SHUTDOWN: GuestDispatch._on_shutdown,
+    Op.CREDIT_REQUEST: GuestDispatch._on_credit_request,
+    Op.CREDIT_UPDATE: GuestDispatch._on_credit_update,
+}

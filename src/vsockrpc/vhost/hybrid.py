@@ -1,0 +1,149 @@
+"""The host side of hybrid vsock (Firecracker ``docs/vsock.md``, rust-vmm vhost-device-vsock):
+host clients on the device's Unix socket and the ``CONNECT <port>\\n`` handshake, plus the
+``<uds_path>_<port>`` sockets that guest-initiated connections reach.
+
+A client is *pending* from ``accept`` until its command line is complete. What it sends is
+consumed into a per-client buffer as it arrives: the listener fd is level-triggered, so bytes
+that were only peeked at would be reported again and again (a client that sent ``C`` and waited
+kept the loop at 100 % of a core). Only the bytes up to and including ``\\n`` are taken; payload
+sent right behind the command stays queued in the socket for the data path.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vsockrpc.vhost.reactor import IN, Reactor
+
+__all__ = ["CONNECT_TIMEOUT", "HybridHost", "parse_connect"]
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 2.0  # seconds a client has to send its command line (and the guest to answer)
+MAX_COMMAND = 64  # "CONNECT 4294967295\n" is 19 bytes
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
+_U32 = 0xFFFFFFFF
+
+#: Called with a client whose command line named guest ``port``; takes ownership of the socket.
+OnConnect = Callable[[socket.socket, int], None]
+
+
+@dataclass(slots=True)
+class PendingClient:
+    sock: socket.socket
+    deadline: float  # monotonic: rejected (closed) if the line is not complete by then
+    line: bytearray = field(default_factory=bytearray)  # the command line received so far
+
+
+class HybridHost:
+    """Accepts host clients on the hybrid socket and reads their ``CONNECT`` lines."""
+
+    def __init__(self, reactor: Reactor, uds_path: str, on_connect: OnConnect) -> None:
+        self.reactor = reactor
+        self.uds_path = uds_path
+        self._on_connect = on_connect
+        self._clients: dict[int, PendingClient] = {}  # fd → client awaiting its command line
+
+    # ------------------------------------------------------------------ host-initiated
+    def on_listener(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:  # EMFILE and friends: keep serving the rest
+                log.warning("hybrid accept failed: %s", err)
+                return
+            sock.setblocking(False)
+            fd = sock.fileno()
+            self._clients[fd] = PendingClient(sock, time.monotonic() + CONNECT_TIMEOUT)
+            self.reactor.register(fd, IN, functools.partial(self._on_client_event, fd))
+
+    def _on_client_event(self, fd: int, mask: int) -> None:
+        self._on_client(fd)
+
+    def _on_client(self, fd: int) -> None:
+        """Consume what arrived of ``CONNECT <port>\\n``, never a byte past the newline."""
+        client = self._clients[fd]
+        sock = client.sock
+        try:
+            peek = sock.recv(MAX_COMMAND - len(client.line), socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            peek = b""
+        if not peek:  # EOF or error before a full line
+            self._reject(fd)
+            return
+        nl = peek.find(b"\n")
+        try:
+            # No newline yet: every peeked byte belongs to the command line, take it all.
+            client.line += sock.recv(len(peek) if nl < 0 else nl + 1)
+        except OSError:
+            self._reject(fd)
+            return
+        if nl < 0:
+            if len(client.line) >= MAX_COMMAND:
+                self._reject(fd)
+            return
+        del self._clients[fd]
+        self.reactor.unregister(fd)
+        port = parse_connect(bytes(client.line))
+        if port is None:
+            sock.close()  # garbage: EOF without a message
+            return
+        self._on_connect(sock, port)
+
+    def _reject(self, fd: int) -> None:
+        client = self._clients.pop(fd)
+        self.reactor.unregister(fd)
+        client.sock.close()
+
+    # ------------------------------------------------------------------ timers
+    def has_timers(self) -> bool:
+        return bool(self._clients)
+
+    def next_deadline(self) -> float | None:
+        return min((c.deadline for c in self._clients.values()), default=None)
+
+    def expire(self, now: float) -> None:
+        for fd in [fd for fd, c in self._clients.items() if c.deadline <= now]:
+            self._reject(fd)
+
+    def close(self) -> None:
+        for fd in list(self._clients):
+            self._reject(fd)
+
+    # ------------------------------------------------------------------ guest-initiated
+    def open_port(self, port: int) -> socket.socket | None:
+        """Connect to ``<uds_path>_<port>`` (non-blocking), or None if nothing listens there."""
+        path = f"{self.uds_path}_{port}"
+        if len(path.encode()) > SUN_PATH_MAX:
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+        except OSError as err:
+            # ENOENT/ECONNREFUSED: nobody listens. EAGAIN: backlog full. The caller answers RST
+            # at once, so the guest's connect() fails instead of hanging (unlike
+            # vhost-device-vsock, which forgets the RST).
+            log.debug("guest connect to %s failed: %s", path, errno.errorcode.get(err.errno or 0))
+            sock.close()
+            return None
+        return sock
+
+
+def parse_connect(line: bytes) -> int | None:
+    """``CONNECT <port>\\n`` (or ``connect``) → port, else None."""
+    parts = line.strip().split()
+    if len(parts) != 2 or parts[0].upper() != b"CONNECT" or not parts[1].isdigit():
+        return None
+    port = int(parts[1])
+    return port if port <= _U32 else None
