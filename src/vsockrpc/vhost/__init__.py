@@ -11,6 +11,6 @@ rings), :mod:`~vsockrpc.vhost.packet` (virtio-vsock header), :mod:`~vsockrpc.vho
 
 from __future__ import annotations
 
-from vsockrpc.vhost.device import SessionState, VsockDevice
+from vsockrpc.vhost.device import SessionState, StateError, VsockDevice
 
-__all__ = ["SessionState", "VsockDevice"]
+__all__ = ["SessionState", "StateError", "VsockDevice"]

@@ -9,8 +9,6 @@ sockets. QEMU disconnecting unmaps everything and the device waits for the next 
 from __future__ import annotations
 
 import contextlib
-import enum
-import functools
 import logging
 import os
 import select
@@ -24,38 +22,32 @@ from vsockrpc.vhost import protocol as vu
 from vsockrpc.vhost.memory import GuestMemory
 from vsockrpc.vhost.muxer import Muxer
 from vsockrpc.vhost.packet import RESERVED_CIDS
-from vsockrpc.vhost.protocol import Message, Request
-from vsockrpc.vhost.reactor import ERR, ET, IN, Reactor
-from vsockrpc.vhost.virtqueue import RingError, RingState, Virtqueue
+from vsockrpc.vhost.paths import DEFAULT_MODE, BoundPath, listen_unix
+from vsockrpc.vhost.reactor import ERR, IN, Reactor
+from vsockrpc.vhost.session import RX_QUEUE, TX_QUEUE, SessionState, StateError, VhostUserSession
+from vsockrpc.vhost.virtqueue import Virtqueue
 
-__all__ = ["SessionState", "VsockDevice"]
+__all__ = ["SessionState", "StateError", "VsockDevice"]
 
 log = logging.getLogger(__name__)
 
-RX_QUEUE = 0
-TX_QUEUE = 1
-NUM_QUEUES = 2  # vhost-user-vsock: QEMU hands the back-end only rx and tx
 DEFAULT_BUF_ALLOC = 256 * 1024
 DEFAULT_MAX_CONNECTIONS = 1023  # Firecracker's cap
 
 
-class SessionState(enum.Enum):
-    """The vhost-user session (vhost-user.rst "Communication"; order seen in GUEST-BOOT.md)."""
-
-    WAITING = "waiting"  # no front-end connected
-    CONNECTED = "connected"  # front-end connected, not yet SET_OWNER
-    OWNED = "owned"  # SET_OWNER received
-    CONFIGURED = "configured"  # SET_FEATURES + SET_MEM_TABLE received
-    RUNNING = "running"  # both rings started and enabled
-    STOPPING = "stopping"  # stop() called
-
-
-class VsockDevice:
+class VsockDevice(VhostUserSession):
     """A vhost-user-vsock back-end with a Firecracker-compatible hybrid Unix socket.
 
     ``vhost_socket`` is a path to listen on, or an already listening Unix socket (the VM launcher
     binds it before QEMU starts). ``uds_path`` is the hybrid socket host clients connect to
-    (``CONNECT <port>\\n``); guest connections to CID 2 port P go to ``<uds_path>_P``.
+    (``CONNECT <port>\\n``); guest connections to CID 2 port P go to ``<uds_path>_P``;
+    ``uds_socket`` is that socket already listening (bound by the caller), else the device binds
+    ``uds_path``. Socket files the device binds get ``socket_mode`` and are removed at close only
+    if they are still the files it bound.
+
+    Lifetime: ``exit_on_disconnect`` ends :meth:`serve_forever` when the first front-end (QEMU)
+    disconnects instead of waiting for the next one; ``exit_with_pid`` ends it when that process
+    exits (watched through a pidfd). Either way the device's QEMU going away stops it.
     """
 
     def __init__(
@@ -66,6 +58,10 @@ class VsockDevice:
         guest_cid: int,
         buf_alloc: int = DEFAULT_BUF_ALLOC,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        uds_socket: socket.socket | None = None,
+        socket_mode: int = DEFAULT_MODE,
+        exit_on_disconnect: bool = False,
+        exit_with_pid: int | None = None,
     ) -> None:
         if guest_cid in RESERVED_CIDS or not 0 < guest_cid < 0xFFFFFFFF:
             raise DeviceError(f"guest CID {guest_cid} is reserved or out of range (use >= 3)")
@@ -80,19 +76,27 @@ class VsockDevice:
         self._serving = threading.Event()  # set while serve_forever runs
         self._served = threading.Event()  # set when serve_forever has returned
         self._served.set()
-        self._owned_paths: list[str] = []
+        self._owned_paths: list[BoundPath] = []
+        self.exit_on_disconnect = exit_on_disconnect
+        self.stop_reason = ""  # why serve_forever returned on its own ("" after stop())
+        self._pidfd: int | None = None
         self.reactor = Reactor()
         try:
+            if exit_with_pid is not None:
+                self._pidfd = _open_pidfd(exit_with_pid)
             if isinstance(vhost_socket, socket.socket):
                 self._listener = vhost_socket
                 self.vhost_path: str | None = None
             else:
-                self._listener = _listen_unix(vhost_socket)
-                self._owned_paths.append(vhost_socket)
+                self._listener, bound = listen_unix(vhost_socket, mode=socket_mode)
+                self._owned_paths.append(bound)
                 self.vhost_path = vhost_socket
             self._listener.setblocking(False)
-            self._uds = _listen_unix(uds_path)
-            self._owned_paths.append(uds_path)
+            if uds_socket is not None:
+                self._uds = uds_socket
+            else:
+                self._uds, bound = listen_unix(uds_path, mode=socket_mode)
+                self._owned_paths.append(bound)
             self._uds.setblocking(False)
         except BaseException:
             self.close()
@@ -125,6 +129,12 @@ class VsockDevice:
         self._stop_requested = True
         self.reactor.wake()
 
+    def _stop_for(self, reason: str) -> None:
+        if not self._stop_requested:
+            log.info("stopping: %s", reason)
+            self.stop_reason = reason
+        self.stop()
+
     def close(self) -> None:
         """Release sockets, mappings and fds; remove the socket files we created. Waits for a
         running :meth:`serve_forever` (in another thread) to return first."""
@@ -140,10 +150,16 @@ class VsockDevice:
         if hasattr(self, "muxer"):
             self._disconnect()
             self.muxer.close()
-        for path in self._owned_paths:
+        for bound in self._owned_paths:
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                if not bound.unlink():
+                    log.info("not removing %s: no longer the socket this device bound", bound.path)
         self._owned_paths = []
+        if getattr(self, "_pidfd", None) is not None:
+            assert self._pidfd is not None
+            with contextlib.suppress(OSError):
+                os.close(self._pidfd)
+            self._pidfd = None
         if hasattr(self, "reactor"):
             with contextlib.suppress(OSError):
                 self.reactor.close()
@@ -155,6 +171,9 @@ class VsockDevice:
         self._serving.set()
         reactor.register(self._listener.fileno(), IN, lambda _m: self._accept())
         reactor.register(self._uds.fileno(), IN, lambda _m: self.muxer.on_listener(self._uds))
+        if self._pidfd is not None:
+            gone = "the watched process exited"
+            reactor.register(self._pidfd, IN, lambda _m: self._stop_for(gone))
         muxer = self.muxer
         try:
             monotonic = time.monotonic
@@ -181,6 +200,8 @@ class VsockDevice:
             self.state = SessionState.STOPPING
             reactor.unregister(self._listener.fileno())
             reactor.unregister(self._uds.fileno())
+            if self._pidfd is not None:
+                reactor.unregister(self._pidfd)
             self._disconnect()
             self._serving.clear()
             self._served.set()
@@ -209,6 +230,8 @@ class VsockDevice:
             self.reactor.unregister(self._conn.fileno())
             self._conn.close()
             self._conn = None
+            if self.exit_on_disconnect:
+                self._stop_for("the vhost-user front-end disconnected")
             if not self._stop_requested:
                 self.reactor.register(self._listener.fileno(), IN, lambda _m: self._accept())
             m = self.muxer
@@ -259,248 +282,12 @@ class VsockDevice:
             if not poller.poll(0):
                 return
 
-    def _reply(self, request: int, payload: bytes) -> None:
-        assert self._conn is not None
-        vu.send_reply(self._conn, request, payload)
 
-    # ------------------------------------------------------------------ requests
-    def _dispatch(self, msg: Message) -> None:
-        req = msg.request
-        payload = msg.payload
-        replied = False
-        # Guard (vhost-user.rst "Communication"): only queries and SET_OWNER may come before
-        # the front-end took ownership; anything touching memory or rings needs it.
-        if self.state is SessionState.CONNECTED and req not in _BEFORE_OWNER:
-            raise ProtocolError(f"vhost-user request {req} before SET_OWNER")
-        if req == Request.GET_FEATURES:
-            self._reply(req, vu.U64.pack(vu.DEVICE_FEATURES))
-            replied = True
-        elif req == Request.SET_FEATURES:
-            # Bits we never offered are ignored (AND with our offer).
-            self._features = _u64(payload) & vu.DEVICE_FEATURES
-            self._advance(SessionState.CONFIGURED if self.memory.regions else None)
-        elif req == Request.GET_PROTOCOL_FEATURES:
-            self._reply(req, vu.U64.pack(vu.PROTOCOL_FEATURES))
-            replied = True
-        elif req == Request.SET_PROTOCOL_FEATURES:
-            self._protocol_features = _u64(payload) & vu.PROTOCOL_FEATURES
-        elif req == Request.GET_QUEUE_NUM:
-            self._reply(req, vu.U64.pack(NUM_QUEUES))
-            replied = True
-        elif req == Request.SET_OWNER:
-            if self.state is SessionState.CONNECTED:
-                self.state = SessionState.OWNED
-        elif req == Request.RESET_OWNER:
-            self._stop_data_path()
-            self.state = SessionState.CONNECTED
-        elif req == Request.SET_MEM_TABLE:
-            self._set_mem_table(msg)
-        elif req == Request.SET_VRING_NUM:
-            index, num = self._vring_state(payload)
-            self.rings[index].set_num(num)
-        elif req == Request.SET_VRING_ADDR:
-            if len(payload) != vu.VRING_ADDR.size:
-                raise ProtocolError("SET_VRING_ADDR: bad size")
-            index, _flags, desc, used, avail, _log = vu.VRING_ADDR.unpack(payload)
-            ring = self._ring(index)
-            ring.desc_addr, ring.used_addr, ring.avail_addr = desc, used, avail
-            if ring.state in (RingState.STARTED, RingState.ENABLED):
-                ring.map(self.memory)
-        elif req == Request.SET_VRING_BASE:
-            index, base = self._vring_state(payload)
-            if base > 0xFFFF:
-                raise ProtocolError(f"SET_VRING_BASE {base} out of range")
-            self.rings[index].last_avail_idx = base
-        elif req == Request.GET_VRING_BASE:
-            index, _ = self._vring_state(payload)
-            ring = self.rings[index]
-            # Stopping a ring ends the data path: every connection is dropped (guest reset).
-            self.muxer.reset()
-            if ring.kick_fd is not None:
-                self.reactor.unregister(ring.kick_fd)
-                ring.set_fd("kick_fd", None)
-            base = ring.stop()
-            ring.enabled = False
-            self._reply(req, vu.VRING_STATE.pack(index, base))
-            replied = True
-            self._update_running()
-        elif req in (Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR):
-            self._set_vring_fd(msg)
-        elif req == Request.SET_VRING_ENABLE:
-            index, enable = self._vring_state(payload)
-            ring = self.rings[index]
-            ring.enabled = bool(enable)
-            if ring.state is RingState.STARTED and ring.enabled:
-                ring.state = RingState.ENABLED
-            elif ring.state is RingState.ENABLED and not ring.enabled:
-                ring.state = RingState.STARTED
-                self.muxer.reset()
-            self._update_running()
-        elif req == Request.GET_CONFIG:
-            self._get_config(payload)
-            replied = True
-        elif req == Request.SET_CONFIG:
-            pass  # the vsock config space (guest_cid) is read-only for the driver
-        elif req == Request.SET_VRING_ENDIAN:
-            pass
-        else:
-            raise ProtocolError(f"unsupported vhost-user request {req}")
-        # vhost-user.rst "REPLY_ACK": NEED_REPLY and no other reply → u64 0 for success.
-        if msg.need_reply and not replied and self._protocol_features & vu.PF_REPLY_ACK:
-            self._reply(req, vu.U64.pack(0))
-
-    def _advance(self, state: SessionState | None) -> None:
-        if state is not None and self.state in (SessionState.OWNED, SessionState.CONNECTED):
-            self.state = state
-
-    def _ring(self, index: int) -> Virtqueue:
-        if not 0 <= index < NUM_QUEUES:
-            raise ProtocolError(f"vring index {index} out of range")
-        return self.rings[index]
-
-    def _vring_state(self, payload: bytes) -> tuple[int, int]:
-        if len(payload) != vu.VRING_STATE.size:
-            raise ProtocolError("vring state message has the wrong size")
-        index, num = vu.VRING_STATE.unpack(payload)
-        self._ring(index)
-        return index, num
-
-    def _set_mem_table(self, msg: Message) -> None:
-        payload = msg.payload
-        if len(payload) < vu.MEM_TABLE_HEAD.size:
-            raise ProtocolError("SET_MEM_TABLE too short")
-        (count, _pad) = vu.MEM_TABLE_HEAD.unpack_from(payload)
-        if count > 8 or len(payload) < vu.MEM_TABLE_HEAD.size + count * vu.MEM_REGION.size:
-            raise ProtocolError(f"SET_MEM_TABLE: bad region count {count}")
-        if len(msg.fds) != count:
-            raise ProtocolError(f"SET_MEM_TABLE: {count} regions but {len(msg.fds)} fds")
-        # Remap: connections and rings keep working after re-translation (QEMU may resend).
-        self.muxer.release_held_rx()
-        for ring in self.rings:
-            ring.unmap()
-        self.memory.clear()
-        for i in range(count):
-            gpa, size, uaddr, offset = vu.MEM_REGION.unpack_from(
-                payload, vu.MEM_TABLE_HEAD.size + i * vu.MEM_REGION.size
-            )
-            self.memory.add_region(msg.fds[i], gpa, size, uaddr, offset)
-        for ring in self.rings:
-            if ring.state in (RingState.STARTED, RingState.ENABLED):
-                try:
-                    ring.map(self.memory)
-                except RingError:
-                    ring.break_ring()
-        self._advance(SessionState.CONFIGURED if self._features else None)
-        self._update_running()
-
-    def _set_vring_fd(self, msg: Message) -> None:
-        value = _u64(msg.payload)
-        ring = self._ring(value & vu.VRING_IDX_MASK)
-        fd = None if value & vu.VRING_NOFD_MASK else msg.take_fd()
-        if fd is None and not value & vu.VRING_NOFD_MASK:
-            raise ProtocolError("vring fd message without an fd")
-        if msg.request == Request.SET_VRING_CALL:
-            ring.set_fd("call_fd", fd)
-        elif msg.request == Request.SET_VRING_ERR:
-            ring.set_fd("err_fd", fd)
-        else:
-            if ring.kick_fd is not None:
-                self.reactor.unregister(ring.kick_fd)
-            ring.set_fd("kick_fd", fd)
-            # vhost-user.rst "Starting and stopping rings": a ring starts at SET_VRING_KICK.
-            try:
-                ring.start(self.memory)
-            except RingError as err:
-                log.warning("%s", err)
-                ring.break_ring()
-            if fd is not None:
-                os.set_blocking(fd, False)
-                # Edge-triggered: every eventfd write is a new edge, so the counter never needs
-                # draining (one syscall less per kick); epoll consumes the edge before we scan
-                # avail.idx, and a later kick makes a new one.
-                self.reactor.register(fd, IN | ET, functools.partial(self._on_kick_event, ring))
-            self._update_running()
-
-    def _on_kick_event(self, ring: Virtqueue, mask: int) -> None:
-        self._on_kick(ring)
-
-    def _on_kick(self, ring: Virtqueue) -> None:
-        if ring.index == TX_QUEUE:
-            self.muxer.tx_kicked = True
-        else:
-            self.muxer.rx_kicked = True
-
-    def _update_running(self) -> None:
-        rx, tx = self.rings
-        if rx.ready and tx.ready:
-            if self.muxer.rx is None:
-                self.muxer.attach(rx, tx)
-            self.state = SessionState.RUNNING
-        else:
-            if self.muxer.rx is not None:
-                self.muxer.reset()
-                self.muxer.rx = self.muxer.tx = None
-            if self.state is SessionState.RUNNING:
-                self.state = SessionState.CONFIGURED
-
-    def _stop_data_path(self) -> None:
-        self.muxer.reset()
-        self.muxer.rx = self.muxer.tx = None
-        for ring in self.rings:
-            if ring.kick_fd is not None:
-                self.reactor.unregister(ring.kick_fd)
-            ring.stop()
-            ring.close_fds()
-            ring.enabled = False
-
-    def _get_config(self, payload: bytes) -> None:
-        if len(payload) < vu.CONFIG_HEAD.size:
-            raise ProtocolError("GET_CONFIG too short")
-        offset, size, flags = vu.CONFIG_HEAD.unpack_from(payload)
-        if size > 256:
-            raise ProtocolError(f"GET_CONFIG size {size} too large")
-        # 5.10.4: the vsock config space is one le64 guest_cid.
-        space = self.guest_cid.to_bytes(8, "little")
-        data = space[offset : offset + size] if offset < len(space) else b""
-        data = data.ljust(size, b"\0")
-        self._reply(Request.GET_CONFIG, vu.CONFIG_HEAD.pack(offset, size, flags) + data)
-
-
-_BEFORE_OWNER = frozenset(
-    {
-        Request.GET_FEATURES,
-        Request.GET_PROTOCOL_FEATURES,
-        Request.SET_PROTOCOL_FEATURES,
-        Request.GET_QUEUE_NUM,
-        Request.SET_OWNER,
-        Request.GET_CONFIG,
-        Request.SET_VRING_CALL,
-        Request.SET_VRING_ERR,
-    }
-)
-
-
-def _u64(payload: bytes) -> int:
-    if len(payload) != 8:
-        raise ProtocolError(f"expected a u64 payload, got {len(payload)} bytes")
-    value: int = vu.U64.unpack(payload)[0]
-    return value
-
-
-def _listen_unix(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _open_pidfd(pid: int) -> int:
+    """A pidfd for ``pid`` (Linux >= 5.3): readable once the process has exited."""
     try:
-        try:
-            if os.path.exists(path) and not os.path.isdir(path):
-                import stat
-
-                if stat.S_ISSOCK(os.lstat(path).st_mode):
-                    os.unlink(path)  # a stale socket from an earlier run
-            sock.bind(path)
-        except OSError as err:
-            raise DeviceError(f"cannot listen on {path}: {err}") from err
-        sock.listen(1024)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise DeviceError(f"process {pid} to exit with is not running") from None
+    except OSError as err:
+        raise DeviceError(f"cannot watch process {pid}: {err.strerror or err}") from err
