@@ -1,24 +1,30 @@
 """The guest's vsock device: kernel vhost-vsock when usable, else our userspace back-end.
 
 Capability check up front (like mkosi's ``QemuDeviceNode.available()``): ``/dev/vhost-vsock``
-must open read-write. Otherwise the userspace device runs as a child process
-(``vsockrpc device --socket-fd N``): the vhost-user socket is bound and listening here, before
-QEMU starts (QEMU's chardev is the client, GUEST-BOOT.md pitfall 3), and handed over as an
-inherited fd rather than started by path and polled for.
+must open read-write. Otherwise the userspace device runs as a child process through its own
+entry point (``python -m vsockrpc.vhost``, :mod:`vsockrpc.vhost.command`). Both of its sockets
+are bound and listening here, before QEMU starts (QEMU's chardev is the client, GUEST-BOOT.md
+pitfall 3), and handed over as inherited fds rather than started by path and polled for; so
+this side owns both socket files and removes them only if they are still the ones it bound.
+
+The device never outlives its VM: it exits when QEMU disconnects from it
+(``--exit-on-disconnect``: QEMU dying closes the vhost-user socket) and, for a VM that lives
+only as long as this process (not detached), when this process exits (``--exit-with-pid``,
+a pidfd watch that also covers SIGKILL of the launcher).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from vsockrpc.errors import VmError
+from vsockrpc.errors import DeviceError, VmError
+from vsockrpc.vhost.paths import BoundPath, listen_unix
 
-__all__ = ["UserspaceDevice", "kernel_vhost_vsock_usable"]
+__all__ = ["UserspaceDevice", "device_argv", "kernel_vhost_vsock_usable"]
 
 log = logging.getLogger(__name__)
 STOP_TIMEOUT = 5.0
@@ -33,8 +39,40 @@ def kernel_vhost_vsock_usable() -> bool:
     return True
 
 
+def device_argv(
+    *,
+    vhost_fd: int,
+    hybrid_socket: Path,
+    hybrid_fd: int,
+    guest_cid: int,
+    exit_with_pid: int | None,
+) -> list[str]:
+    """The device's command line: inherited sockets, exit when QEMU (and ``exit_with_pid``)
+    goes away."""
+    argv = [
+        sys.executable,
+        "-m",
+        "vsockrpc.vhost",
+        "--socket-fd",
+        str(vhost_fd),
+        "--uds",
+        str(hybrid_socket),
+        "--uds-fd",
+        str(hybrid_fd),
+        "--cid",
+        str(guest_cid),
+        "--exit-on-disconnect",
+    ]
+    if exit_with_pid is not None:
+        argv += ["--exit-with-pid", str(exit_with_pid)]
+    return argv
+
+
 class UserspaceDevice:
-    """``vsockrpc device`` as a child process; a context manager that stops it."""
+    """The device as a child process; a context manager that stops it.
+
+    ``detach``: the device runs in its own session and outlives this process (it still exits
+    when QEMU disconnects); otherwise it also exits when this process does."""
 
     def __init__(
         self,
@@ -48,36 +86,33 @@ class UserspaceDevice:
     ) -> None:
         self.vhost_socket = vhost_socket
         self.hybrid_socket = hybrid_socket
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._bound: list[BoundPath] = []
         try:
-            vhost_socket.unlink(missing_ok=True)
-            listener.bind(str(vhost_socket))
-            listener.listen(1)
-            with log_file.open("ab") as out:
-                self.process = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "vsockrpc.cli.main",
-                        "device",
-                        "--socket-fd",
-                        str(listener.fileno()),
-                        "--uds",
-                        str(hybrid_socket),
-                        "--cid",
-                        str(guest_cid),
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    pass_fds=(listener.fileno(), *extra_fds),
-                    # own process group (see launcher._detached_or_own_group)
-                    **({"start_new_session": True} if detach else {"process_group": 0}),
-                )
-        except OSError as err:
+            vhost, bound = listen_unix(str(vhost_socket), backlog=1)
+            self._bound.append(bound)
+            with vhost:
+                hybrid, bound = listen_unix(str(hybrid_socket))
+                self._bound.append(bound)
+                with hybrid, log_file.open("ab") as out:
+                    self.process = subprocess.Popen(
+                        device_argv(
+                            vhost_fd=vhost.fileno(),
+                            hybrid_socket=hybrid_socket,
+                            hybrid_fd=hybrid.fileno(),
+                            guest_cid=guest_cid,
+                            exit_with_pid=None if detach else os.getpid(),
+                        ),
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        pass_fds=(vhost.fileno(), hybrid.fileno(), *extra_fds),
+                        # own process group (see launcher._detached_or_own_group)
+                        **({"start_new_session": True} if detach else {"process_group": 0}),
+                    )
+            # The child holds its own copies of both listening sockets from here on.
+        except (OSError, DeviceError) as err:
+            self._unlink()
             raise VmError(f"cannot start the userspace vsock device: {err}") from err
-        finally:
-            listener.close()  # the child holds its own copy
 
     @property
     def pid(self) -> int:
@@ -97,8 +132,13 @@ class UserspaceDevice:
                 log.warning("vsock device did not stop in %.0f s: killing it", STOP_TIMEOUT)
                 self.process.kill()
                 self.process.wait()
-        self.vhost_socket.unlink(missing_ok=True)
-        self.hybrid_socket.unlink(missing_ok=True)
+        self._unlink()
+
+    def _unlink(self) -> None:
+        """Remove the socket files, unless another device has bound the same paths since."""
+        for bound in self._bound:
+            bound.unlink()
+        self._bound = []
 
     def __enter__(self) -> UserspaceDevice:
         return self

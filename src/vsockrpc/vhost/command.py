@@ -1,0 +1,219 @@
+"""The device's own entry point, ``python -m vsockrpc.vhost``: serve QEMU's
+``vhost-user-vsock-pci`` until SIGTERM/SIGINT/SIGHUP, or until its QEMU goes away.
+
+The VM launcher and ``vsockrpc device`` both run this (the CLI reuses :func:`add_arguments` and
+:func:`run`); nothing here depends on the CLI. Exit status: 0 after a stop (signal, front-end
+gone, watched process gone), 1 when the device cannot run (one line on stderr, a traceback only
+with ``--debug``), 2 on a usage error.
+
+Lifetime flags, for a device that must never outlive its VM:
+
+* ``--exit-on-disconnect``: exit when the vhost-user front-end (QEMU) disconnects — QEMU
+  dying closes the socket, so this covers ``kill -9`` of QEMU once it has connected.
+* ``--exit-with-pid PID``: exit when process PID exits (a pidfd in the event loop; no polling,
+  no race with PID reuse once the device runs). The launcher passes its own pid.
+* ``--exit-with-parent``: ``prctl(PR_SET_PDEATHSIG, SIGTERM)``, plus an immediate exit if the
+  parent is already gone. Linux delivers it when the parent *thread* that forked us exits, so
+  prefer ``--exit-with-pid`` when the parent may start the device from a short-lived thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import traceback
+from collections.abc import Sequence
+from types import FrameType
+
+from vsockrpc.errors import DeviceError
+from vsockrpc.vhost.paths import DEFAULT_MODE
+
+__all__ = ["add_arguments", "main", "run"]
+
+log = logging.getLogger(__name__)
+
+PROG = "python -m vsockrpc.vhost"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+DESCRIPTION = (
+    "Serve QEMU's vhost-user-vsock-pci on a Unix socket and map guest vsock streams to host "
+    "Unix sockets (Firecracker-style hybrid vsock): host clients connect to --uds and send "
+    "'CONNECT <port>\\n'; guest connections to CID 2 port P reach '<uds>_P'."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The device's options (shared with ``vsockrpc device``)."""
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", metavar="PATH", help="vhost-user socket to listen on")
+    where.add_argument(
+        "--socket-fd", metavar="N", type=_fd, help="an inherited, listening vhost-user socket"
+    )
+    parser.add_argument("--uds", metavar="PATH", required=True, help="hybrid vsock Unix socket")
+    parser.add_argument(
+        "--uds-fd",
+        metavar="N",
+        type=_fd,
+        help="an inherited socket already listening on --uds (the caller owns the path)",
+    )
+    parser.add_argument("--cid", metavar="N", type=int, required=True, help="guest CID (>= 3)")
+    parser.add_argument(
+        "--mode",
+        metavar="OCTAL",
+        type=_mode,
+        default=DEFAULT_MODE,
+        help="permissions of the socket files the device creates (default 0600)",
+    )
+    parser.add_argument(
+        "--buf-alloc",
+        metavar="BYTES",
+        type=_positive,
+        help="per-connection guest→host buffer (default 256 KiB)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=_positive,
+        help="connection cap (default 1023, as Firecracker)",
+    )
+    parser.add_argument(
+        "--exit-on-disconnect",
+        action="store_true",
+        help="exit when the vhost-user front-end (QEMU) disconnects instead of accepting another",
+    )
+    parser.add_argument(
+        "--exit-with-pid",
+        metavar="PID",
+        type=_positive,
+        help="exit when process PID exits (e.g. the VM launcher or QEMU)",
+    )
+    parser.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="exit when the parent process dies (PR_SET_PDEATHSIG)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the device until it is stopped; raises DeviceError when it cannot run."""
+    # Imported here: `vsockrpc device --help` and the CLI's other commands need none of it.
+    from vsockrpc.vhost.device import DEFAULT_BUF_ALLOC, DEFAULT_MAX_CONNECTIONS, VsockDevice
+
+    if args.exit_with_parent:
+        _die_with_parent()
+    vhost: str | socket.socket = (
+        _inherited(args.socket_fd, "--socket-fd") if args.socket_fd is not None else args.socket
+    )
+    uds_socket = _inherited(args.uds_fd, "--uds-fd") if args.uds_fd is not None else None
+    with VsockDevice(
+        vhost_socket=vhost,
+        uds_path=args.uds,
+        guest_cid=args.cid,
+        buf_alloc=args.buf_alloc or DEFAULT_BUF_ALLOC,
+        max_connections=args.max_connections or DEFAULT_MAX_CONNECTIONS,
+        uds_socket=uds_socket,
+        socket_mode=args.mode,
+        exit_on_disconnect=args.exit_on_disconnect,
+        exit_with_pid=args.exit_with_pid,
+    ) as device:
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %d: stopping", signum)
+            device.stop()
+
+        stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        previous = {s: signal.signal(s, on_signal) for s in stop_signals}
+        try:
+            log.info(
+                "vsock device: vhost-user %s, hybrid %s, guest CID %d",
+                args.socket or f"fd {args.socket_fd}",
+                args.uds,
+                args.cid,
+            )
+            device.serve_forever()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
+    add_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=max(logging.WARNING - 10 * args.verbose, logging.DEBUG),
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return run(args)
+    except DeviceError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---------------------------------------------------------------------- helpers
+def _die_with_parent() -> None:
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise DeviceError(f"--exit-with-parent: prctl failed: {os.strerror(err)}")
+    # The parent may have died before prctl: then we were re-parented and no signal comes.
+    if parent == 1 or os.getppid() != parent:
+        raise DeviceError("--exit-with-parent: the parent process is already gone")
+
+
+def _inherited(fd: int, flag: str) -> socket.socket:
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise DeviceError(f"{flag} {fd} is not a socket")
+        sock = socket.socket(fileno=fd)
+    except OSError as err:
+        raise DeviceError(f"{flag} {fd}: {err.strerror or err}") from err
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise DeviceError(f"{flag} {fd} is not a Unix stream socket")
+    return sock
+
+
+def _fd(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file descriptor number") from None
+    if value < 3:
+        raise argparse.ArgumentTypeError(f"{text!r} is stdin/stdout/stderr, not a socket")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def _mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 0600") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a permission mode (0000-0777)")
+    return value
