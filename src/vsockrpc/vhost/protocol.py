@@ -23,8 +23,14 @@ from vsockrpc.errors import ProtocolError
 __all__ = [
     "HEADER",
     "MAX_PAYLOAD",
+    "MemRegion",
     "Message",
     "Request",
+    "parse_header",
+    "parse_mem_table",
+    "parse_u64",
+    "parse_vring_addr",
+    "parse_vring_state",
     "recv_message",
     "send_reply",
 ]
@@ -51,6 +57,9 @@ PF_MQ = 1 << 0
 PF_REPLY_ACK = 1 << 3
 PF_CONFIG = 1 << 9  # mandatory for vhost-user-vsock: the CID comes from GET_CONFIG
 PROTOCOL_FEATURES = PF_MQ | PF_REPLY_ACK | PF_CONFIG
+
+#: Memory regions per SET_MEM_TABLE (VHOST_MEMORY_BASELINE_NREGIONS: one fd each).
+MAX_REGIONS = 8
 
 #: vring index in bits 0-7 of SET_VRING_KICK/CALL/ERR; bit 8 says "no fd, poll instead".
 VRING_IDX_MASK = 0xFF
@@ -125,6 +134,76 @@ class Message:
         self.fds.clear()
 
 
+# ---------------------------------------------------------------------- payload parsing
+# Pure functions over received bytes: every size is checked before unpacking, so a short,
+# long or hostile payload is a ProtocolError, never a struct.error or a misread field.
+
+
+def parse_header(data: bytes) -> tuple[int, int, int]:
+    """``(request, flags, size)`` of a 12-byte header; ``size`` bounded by MAX_PAYLOAD."""
+    if len(data) != HEADER.size:
+        raise ProtocolError(f"vhost-user header is {len(data)} bytes, expected {HEADER.size}")
+    request, flags, size = HEADER.unpack(data)
+    if size > MAX_PAYLOAD:
+        raise ProtocolError(f"vhost-user message {request} too large: {size} bytes")
+    return request, flags, size
+
+
+def parse_u64(payload: bytes) -> int:
+    if len(payload) != U64.size:
+        raise ProtocolError(f"expected a u64 payload, got {len(payload)} bytes")
+    value: int = U64.unpack(payload)[0]
+    return value
+
+
+def parse_vring_state(payload: bytes, num_queues: int) -> tuple[int, int]:
+    """``{u32 index, u32 num}`` with ``index < num_queues``."""
+    if len(payload) != VRING_STATE.size:
+        raise ProtocolError(f"vring state message has {len(payload)} bytes, expected 8")
+    index, num = VRING_STATE.unpack(payload)
+    check_vring_index(index, num_queues)
+    return index, num
+
+
+def parse_vring_addr(payload: bytes, num_queues: int) -> tuple[int, int, int, int]:
+    """SET_VRING_ADDR → ``(index, desc, used, avail)`` (front-end virtual addresses)."""
+    if len(payload) != VRING_ADDR.size:
+        raise ProtocolError(f"SET_VRING_ADDR has {len(payload)} bytes, expected 40")
+    index, _flags, desc, used, avail, _log = VRING_ADDR.unpack(payload)
+    check_vring_index(index, num_queues)
+    return index, desc, used, avail
+
+
+def check_vring_index(index: int, num_queues: int) -> None:
+    if not 0 <= index < num_queues:
+        raise ProtocolError(f"vring index {index} out of range")
+
+
+@dataclass(frozen=True, slots=True)
+class MemRegion:
+    """One SET_MEM_TABLE region (vhost-user.rst "Memory regions description")."""
+
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    mmap_offset: int
+
+
+def parse_mem_table(payload: bytes, nfds: int) -> list[MemRegion]:
+    """``{u32 nregions, u32 padding}`` + nregions regions, one fd each (``nfds`` received)."""
+    if len(payload) < MEM_TABLE_HEAD.size:
+        raise ProtocolError("SET_MEM_TABLE too short")
+    (count, _pad) = MEM_TABLE_HEAD.unpack_from(payload)
+    if count > MAX_REGIONS or len(payload) < MEM_TABLE_HEAD.size + count * MEM_REGION.size:
+        raise ProtocolError(f"SET_MEM_TABLE: bad region count {count}")
+    if nfds != count:
+        raise ProtocolError(f"SET_MEM_TABLE: {count} regions but {nfds} fds")
+    return [
+        MemRegion(*MEM_REGION.unpack_from(payload, MEM_TABLE_HEAD.size + i * MEM_REGION.size))
+        for i in range(count)
+    ]
+
+
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
     chunks = bytearray()
     while len(chunks) < size:
@@ -156,9 +235,7 @@ def recv_message(sock: socket.socket) -> Message:
             raise ProtocolError("vhost-user message carried more than 8 file descriptors")
         if len(data) < HEADER.size:
             data += _recv_exact(sock, HEADER.size - len(data))
-        request, flags, size = HEADER.unpack(data)
-        if size > MAX_PAYLOAD:
-            raise ProtocolError(f"vhost-user message {request} too large: {size} bytes")
+        request, flags, size = parse_header(data)
         payload = _recv_exact(sock, size) if size else b""
     except BaseException:
         for fd in fd_list:

@@ -130,7 +130,7 @@ class VhostUserSession:
     @handles(Request.SET_FEATURES)
     def _set_features(self, msg: Message) -> None:
         # Bits we never offered are ignored (AND with our offer).
-        self._features = _u64(msg.payload) & vu.DEVICE_FEATURES
+        self._features = vu.parse_u64(msg.payload) & vu.DEVICE_FEATURES
         self._advance(SessionState.CONFIGURED if self.memory.regions else None)
 
     @handles(Request.GET_PROTOCOL_FEATURES, requires=ANY_SESSION)
@@ -139,7 +139,7 @@ class VhostUserSession:
 
     @handles(Request.SET_PROTOCOL_FEATURES, requires=ANY_SESSION)
     def _set_protocol_features(self, msg: Message) -> None:
-        self._protocol_features = _u64(msg.payload) & vu.PROTOCOL_FEATURES
+        self._protocol_features = vu.parse_u64(msg.payload) & vu.PROTOCOL_FEATURES
 
     @handles(Request.GET_QUEUE_NUM, requires=ANY_SESSION)
     def _get_queue_num(self, msg: Message) -> bytes:
@@ -162,10 +162,8 @@ class VhostUserSession:
 
     @handles(Request.SET_VRING_ADDR)
     def _set_vring_addr(self, msg: Message) -> None:
-        if len(msg.payload) != vu.VRING_ADDR.size:
-            raise ProtocolError("SET_VRING_ADDR: bad size")
-        index, _flags, desc, used, avail, _log = vu.VRING_ADDR.unpack(msg.payload)
-        ring = self._ring(index)
+        index, desc, used, avail = vu.parse_vring_addr(msg.payload, NUM_QUEUES)
+        ring = self.rings[index]
         ring.desc_addr, ring.used_addr, ring.avail_addr = desc, used, avail
         if ring.state in (RingState.STARTED, RingState.ENABLED):
             ring.map(self.memory)
@@ -213,37 +211,24 @@ class VhostUserSession:
             self.state = state
 
     def _ring(self, index: int) -> Virtqueue:
-        if not 0 <= index < NUM_QUEUES:
-            raise ProtocolError(f"vring index {index} out of range")
+        vu.check_vring_index(index, NUM_QUEUES)
         return self.rings[index]
 
     def _vring_state(self, payload: bytes) -> tuple[int, int]:
-        if len(payload) != vu.VRING_STATE.size:
-            raise ProtocolError("vring state message has the wrong size")
-        index, num = vu.VRING_STATE.unpack(payload)
-        self._ring(index)
-        return index, num
+        return vu.parse_vring_state(payload, NUM_QUEUES)
 
     @handles(Request.SET_MEM_TABLE)
     def _set_mem_table(self, msg: Message) -> None:
-        payload = msg.payload
-        if len(payload) < vu.MEM_TABLE_HEAD.size:
-            raise ProtocolError("SET_MEM_TABLE too short")
-        (count, _pad) = vu.MEM_TABLE_HEAD.unpack_from(payload)
-        if count > 8 or len(payload) < vu.MEM_TABLE_HEAD.size + count * vu.MEM_REGION.size:
-            raise ProtocolError(f"SET_MEM_TABLE: bad region count {count}")
-        if len(msg.fds) != count:
-            raise ProtocolError(f"SET_MEM_TABLE: {count} regions but {len(msg.fds)} fds")
+        regions = vu.parse_mem_table(msg.payload, len(msg.fds))
         # Remap: connections and rings keep working after re-translation (QEMU may resend).
         self.muxer.release_held_rx()
         for ring in self.rings:
             ring.unmap()
         self.memory.clear()
-        for i in range(count):
-            gpa, size, uaddr, offset = vu.MEM_REGION.unpack_from(
-                payload, vu.MEM_TABLE_HEAD.size + i * vu.MEM_REGION.size
+        for fd, r in zip(msg.fds, regions, strict=True):
+            self.memory.add_region(
+                fd, r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset
             )
-            self.memory.add_region(msg.fds[i], gpa, size, uaddr, offset)
         for ring in self.rings:
             if ring.state in (RingState.STARTED, RingState.ENABLED):
                 try:
@@ -257,7 +242,7 @@ class VhostUserSession:
     @handles(Request.SET_VRING_CALL, requires=ANY_SESSION)
     @handles(Request.SET_VRING_ERR, requires=ANY_SESSION)
     def _set_vring_fd(self, msg: Message) -> None:
-        value = _u64(msg.payload)
+        value = vu.parse_u64(msg.payload)
         ring = self._ring(value & vu.VRING_IDX_MASK)
         fd = None if value & vu.VRING_NOFD_MASK else msg.take_fd()
         if fd is None and not value & vu.VRING_NOFD_MASK:
@@ -329,10 +314,3 @@ class VhostUserSession:
         data = space[offset : offset + size] if offset < len(space) else b""
         data = data.ljust(size, b"\0")
         return vu.CONFIG_HEAD.pack(offset, size, flags) + data
-
-
-def _u64(payload: bytes) -> int:
-    if len(payload) != 8:
-        raise ProtocolError(f"expected a u64 payload, got {len(payload)} bytes")
-    value: int = vu.U64.unpack(payload)[0]
-    return value
