@@ -197,6 +197,7 @@ desc_strategy = st.one_of(plausible_desc, plausible_desc, hostile_desc)
 
 #: Cases per run (CI default keeps the unit tier quick; raise it for a deeper soak).
 FUZZ_EXAMPLES = int(os.environ.get("VSOCKRPC_FUZZ_EXAMPLES", "600"))
+CHAIN_EXAMPLES = int(os.environ.get("VSOCKRPC_FUZZ_CHAIN_EXAMPLES", max(50, FUZZ_EXAMPLES // 3)))
 
 
 @settings(
@@ -264,7 +265,7 @@ def test_fuzz_hostile_rings(  # noqa: PLR0917 - hypothesis passes each strategy 
 
 
 @settings(
-    max_examples=max(50, FUZZ_EXAMPLES // 3),
+    max_examples=CHAIN_EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )

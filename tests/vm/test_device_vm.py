@@ -29,7 +29,6 @@ GUEST_CID = 42
 MiB = 1 << 20
 
 
-
 class Guest:
     def __init__(self, device: VsockDevice, vm: dg.GuestVm, workdir: Path) -> None:
         self.device = device

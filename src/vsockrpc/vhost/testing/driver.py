@@ -4,6 +4,7 @@ vsock stack), and :func:`serving` to run a device in a thread."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -78,8 +79,12 @@ class GuestDriver(GuestVsock, VhostFrontend):
         self._ctl: deque[bytes] = deque()  # control headers to send
 
     def reset(self) -> None:
-        """A guest reboot: rings stopped, streams gone, a fresh start with clean rings."""
+        """A guest reboot: rings stopped, streams gone, a fresh start with clean rings and
+        quiet notifiers (what the device signalled about the old rings is read and dropped)."""
         self.stop_rings()
+        for fd in (*self.call, *self.err):
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(fd)
         self.streams.clear()
         self.listeners.clear()
         self.packets.clear()
