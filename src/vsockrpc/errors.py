@@ -18,6 +18,7 @@ prints one line (``str(err)``, plus ``err.hint`` when there is one) and exits no
     ├── DeviceError             the userspace vhost-user-vsock device
     │   └── ProtocolError       a peer (QEMU, guest, hybrid client) broke a protocol
     ├── PayloadError            assembling what goes into a guest (pins, wheels, sources)
+    │   └── SpecError           an image spec (vsockrpc.toml) is invalid              exit 2
     ├── ImageError              building or finding a guest image
     ├── VmError                 launching or controlling a VM
     │   └── GuestError          the guest (kernel or agent) failed
@@ -39,6 +40,7 @@ __all__ = [
     "PayloadError",
     "ProtocolError",
     "RpcError",
+    "SpecError",
     "TransportError",
     "TransportTimeout",
     "VmError",
@@ -101,6 +103,12 @@ class PayloadError(VsockRpcError):
     """What goes into a guest could not be assembled: no pin, no wheel, pip failed."""
 
 
+class SpecError(PayloadError):
+    """An image spec is invalid: the message names the file, the line and the key."""
+
+    exit_code = 2
+
+
 class ImageError(VsockRpcError):
     """A guest image could not be built, found or used."""
 
@@ -110,7 +118,13 @@ class VmError(VsockRpcError):
 
 
 class GuestError(VmError):
-    """The guest failed: kernel panic, agent crashed, never became ready."""
+    """The guest failed: kernel panic, agent crashed, never became ready.
+
+    ``console_tail``: the guest's last console lines up to the failure (e.g. the traceback of
+    a user service that failed to import), when the launcher saw them.
+    """
+
+    console_tail: tuple[str, ...] = ()
 
 
 class AgentError(VsockRpcError):
