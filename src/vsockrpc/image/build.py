@@ -36,12 +36,14 @@ from vsockrpc.image import (
     initramfs,
     mirror,
     modules,
+    names,
     pvh,
     rootfs,
+    spec_layers,
     wheels,
 )
 from vsockrpc.image.kernel import fetch_kernel
-from vsockrpc.payload import Payload, guest_payload
+from vsockrpc.payload import ImageSpec, Payload, guest_payload
 
 __all__ = ["DEFAULT_RELEASE", "FORMAT", "ImageInfo", "build_image", "export_image", "find_image"]
 
@@ -159,24 +161,36 @@ def _compile(root: Path, dirs: list[str], epoch: int) -> None:
     )
 
 
-def _build_base(
-    release: str, mirror_lines: list[str], payload: Payload, step: Step, cache_root: Path
-) -> Path:
+def _base_inputs(
+    release: str,
+    mirror_lines: list[str],
+    payload: Payload,
+    cache_root: Path,
+    extra_packages: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Every input of the base layer (its key); ``extra_packages``: an image spec's apt."""
     kernel = fetch_kernel(cache_root=cache_root)
     mods = modules.load_order(kernel.modules_dir)
-    pins = dict(payload.pins)
-    epoch = _epoch()
-    inputs = {
+    extra = [p for p in extra_packages if p not in rootfs.PACKAGES]
+    return {
         "format": FORMAT,
         "release": release,
         "mirrors": mirror_lines,
-        "packages": list(rootfs.PACKAGES),
-        "pins": pins,
+        "packages": [*rootfs.PACKAGES, *extra],
+        "pins": dict(payload.pins),
         "arch": kernel.arch,
         "kernel": kernel.package.sha256,
         "modules": [m.relative_to(kernel.modules_dir).as_posix() for m in mods],
-        "epoch": epoch,
+        "epoch": _epoch(),
     }
+
+
+def _build_base(inputs: dict[str, Any], payload: Payload, step: Step, cache_root: Path) -> Path:
+    kernel = fetch_kernel(cache_root=cache_root)
+    mods = modules.load_order(kernel.modules_dir)
+    pins = dict(payload.pins)
+    epoch = int(inputs["epoch"])
+    release = str(inputs["release"])
     entry = cache.entry("base", cache.digest(inputs), root=cache_root)
     with entry.lock():
         if entry.exists:
@@ -185,11 +199,13 @@ def _build_base(
         rootfs.require_root("building the guest rootfs")
         with entry.build() as tmp:
             root = tmp / "root"
-            with step(f"mmdebstrap {release} rootfs (variant essential + python3)"):
+            extra = "".join(f", {p}" for p in inputs["packages"][len(rootfs.PACKAGES) :])
+            with step(f"mmdebstrap {release} rootfs (variant essential + python3{extra})"):
                 rootfs.build_rootfs(
                     root,
                     release=release,
-                    mirrors=mirror_lines,
+                    mirrors=inputs["mirrors"],
+                    packages=inputs["packages"],
                     epoch=epoch,
                     log=tmp / "mmdebstrap.log",
                 )
@@ -241,16 +257,44 @@ def build_image(
     mirror_uri: str | None = None,
     step: Step = _no_progress,
     cache_root: Path | None = None,
+    spec: ImageSpec | None = None,
+    name: str | None = None,
 ) -> ImageInfo:
-    """The image for these inputs: from the cache, or built (needs root for the base layer)."""
+    """The image for these inputs: from the cache, or built (needs root for the base layer).
+
+    ``spec``: an image spec's packages, files and services on top (:mod:`.spec_layers`);
+    ``name``: the name :func:`vsockrpc.image.names.resolve` finds the image by afterwards.
+    Everything a spec names is checked (apt index, pip wheels) before a layer is built.
+    """
     cache_root = cache.cache_root(cache_root)
     if mirror_uri:
         mirror_lines = [f"deb {mirror_uri} {release} main"]
     else:
         mirror_lines = mirror.mirror_lines(release, mirror.host_sources(), mirror.host_codename())
     payload = guest_payload()
-    base = _build_base(release, mirror_lines, payload, step, cache_root)
+    same_release = release == mirror.host_codename()
+    if spec is not None and same_release:
+        spec_layers.check_apt(spec.apt)
+    user_set = None
+    if spec is not None and spec.pip and same_release:
+        # Resolved before any layer is built: a requirement without a wheel changes nothing.
+        python = spec_layers.predicted_python()
+        if python is not None:
+            target = wheels.target(debs.host_arch(), python)
+            user_set = spec_layers.resolve_pip(spec, payload, target, cache_root)
+    base_inputs = _base_inputs(
+        release, mirror_lines, payload, cache_root, spec.apt if spec is not None else ()
+    )
+    base = _build_base(base_inputs, payload, step, cache_root)
     base_manifest = json.loads((base / "base.json").read_text())
+    python_dir = None
+    if spec is not None and spec.pip:
+        if user_set is None or user_set.target.python != base_manifest["python"]:
+            target = wheels.target(debs.host_arch(), base_manifest["python"])
+            user_set = spec_layers.resolve_pip(spec, payload, target, cache_root)
+        with step(f"python layer: {', '.join(spec.pip)}"):
+            python_dir = spec_layers.python_layer(base.name, user_set, cache_root)
+    cmdline = f"{CMDLINE} {spec.kernel_cmdline}".strip() if spec is not None else CMDLINE
     kernel = fetch_kernel(cache_root=cache_root)
     busybox_pkg = debs.resolve("busybox-static")
     busybox = debs.unpack(busybox_pkg, root=cache_root) / "bin" / "busybox"
@@ -261,13 +305,18 @@ def build_image(
         "agent": agent.agent_digest(payload),
         "loader": cache.digest(initramfs.LOADER_INIT),
         "busybox": busybox_pkg.sha256,
-        "cmdline": CMDLINE,
+        "cmdline": cmdline,
     }
+    if spec is not None:  # absent without a spec: the key of a plain image is unchanged
+        inputs["spec"] = spec.top_digest()
+        inputs["python_layer"] = python_dir.name if python_dir is not None else None
     key = cache.digest(inputs)
     entry = cache.entry("images", key, root=cache_root)
     with entry.lock():
         if entry.exists:
             cache.touch(entry.path)
+            if name is not None:
+                names.register(name, entry.path, spec.path if spec else None, cache_root)
             return find_image(entry.path, cache_hit=True)
         with entry.build() as tmp:
             with step("guest root filesystem: base + vsockrpc agent → ext4"):
@@ -276,7 +325,13 @@ def build_image(
                 subprocess.run(["cp", "-a", str(base / "root"), str(work)], check=True)
                 site = base_manifest["site_packages"]
                 agent.install_agent(payload, work, work / site.lstrip("/"))
-                _compile(work, [f"{site}/vsockrpc"], epoch)
+                compiled = [f"{site}/vsockrpc"]
+                if spec is not None:
+                    spec_layers.install_top(spec, work, work / site.lstrip("/"), python_dir)
+                    compiled += [
+                        f"{site}/{n}" for n in spec_layers.top_level_names(spec, python_dir)
+                    ]
+                _compile(work, compiled, epoch)
                 rootfs.clamp_mtimes(work, epoch)
                 ext4.make_ext4(work, tmp / FILES["rootfs"], key=key, epoch=epoch)
                 shutil.rmtree(work)
@@ -293,7 +348,7 @@ def build_image(
                 "key": key,
                 "arch": kernel.arch,
                 "release": release,
-                "cmdline": CMDLINE,
+                "cmdline": cmdline,
                 "inputs": inputs,
                 "kernel": {"version": kernel.version, "package": base_manifest["kernel_package"]},
                 "agent": {"version": _agent_version(), "digest": inputs["agent"]},
@@ -310,9 +365,15 @@ def build_image(
                     if (tmp / name).is_file()
                 },
             }
+            if spec is not None:
+                manifest["spec"] = spec_layers.spec_manifest(spec, user_set)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    cache.prune("images", keep=KEEP_IMAGES, root=cache_root)
-    cache.prune("base", keep=KEEP_BASES, root=cache_root)
+    if name is not None:
+        names.register(name, entry.path, spec.path if spec is not None else None, cache_root)
+    keep = names.protected(cache_root)
+    cache.prune("images", keep=KEEP_IMAGES, root=cache_root, protect=keep["images"])
+    cache.prune("python", keep=KEEP_BASES, root=cache_root, protect=keep["python"])
+    cache.prune("base", keep=KEEP_BASES, root=cache_root, protect=keep["base"])
     return find_image(entry.path)
 
 

@@ -124,9 +124,17 @@ def entry(kind: str, key: str, *, root: Path | None = None) -> Entry:
     return Entry(kind_dir, key)
 
 
-def prune(kind: str, *, keep: int, min_age: float = 3600.0, root: Path | None = None) -> int:
+def prune(
+    kind: str,
+    *,
+    keep: int,
+    min_age: float = 3600.0,
+    root: Path | None = None,
+    protect: frozenset[str] = frozenset(),
+) -> int:
     """Remove all but the ``keep`` most recently used entries of ``kind`` older than
-    ``min_age`` seconds; returns how many were removed.
+    ``min_age`` seconds (never a key in ``protect``: named images and their layers);
+    returns how many were removed.
 
     Every guest-side code change makes a new image (~140 MB), so without this the cache only
     grows. Entries are taken under their lock (one being built or read is skipped); a VM
@@ -143,7 +151,7 @@ def prune(kind: str, *, keep: int, min_age: float = 3600.0, root: Path | None = 
     removed = 0
     now = time.time()
     for path in entries[keep:]:
-        if now - path.stat().st_mtime < min_age:
+        if path.name in protect or now - path.stat().st_mtime < min_age:
             continue
         lock = kind_dir / f"{path.name}.lock"
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)

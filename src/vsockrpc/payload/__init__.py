@@ -20,8 +20,9 @@ Public surface::
     Payload.sources / source_digest() / write_sources(site_packages)
     run_pip(args, what)                   # the one pip wrapper (the image's install uses it)
 
-This layer imports only :mod:`vsockrpc.errors`. User packages and services (an image spec)
-extend a payload: more requirements, more sources, more entry points, same two outputs.
+This layer imports only :mod:`vsockrpc.errors`. User packages and services (an image spec,
+:mod:`.spec`) extend a payload: more requirements (:func:`user_wheels`, resolved with their
+dependencies against the guest's own pins), more sources, more entry points, same two outputs.
 """
 
 from __future__ import annotations
@@ -52,24 +53,41 @@ from vsockrpc.payload._wheels import (
     resolve_wheels,
     run_pip,
 )
+from vsockrpc.payload.spec import (
+    GUEST_CONFIG_PATH,
+    Command,
+    CopyItem,
+    ImageSpec,
+    PythonService,
+    load_spec,
+    require_spec_name,
+)
 
 __all__ = [
     "ENTRY_MODULE",
+    "GUEST_CONFIG_PATH",
     "GUEST_DISTRIBUTIONS",
     "GUEST_PARTS",
+    "Command",
+    "CopyItem",
+    "ImageSpec",
     "Payload",
+    "PythonService",
     "SourceFile",
     "Target",
     "WheelSet",
     "constraints_file",
     "default_cache_root",
     "guest_payload",
+    "load_spec",
     "normalize",
     "package_dir",
     "pinned_versions",
+    "require_spec_name",
     "resolve_wheels",
     "run_pip",
     "source_files",
+    "user_wheels",
 ]
 
 
@@ -129,3 +147,29 @@ class Payload:
 def guest_payload() -> Payload:
     """vsockrpc's own guest side: :data:`GUEST_DISTRIBUTIONS` pinned, :data:`GUEST_PARTS`."""
     return Payload(pins=pinned_versions(GUEST_DISTRIBUTIONS), sources=source_files(GUEST_PARTS))
+
+
+def user_wheels(
+    spec: ImageSpec, payload: Payload, target: Target, *, cache_root: Path | None = None
+) -> WheelSet:
+    """The wheels of ``spec``'s pip requirements and their dependencies for ``target``,
+    resolved together with ``payload``'s pins (so a conflicting pin fails here, naming the
+    packages) and with the payload's own wheels left out (the guest has them already).
+
+    The payload's wheels come from its cached set; the rest from the index pip is configured
+    with, or only from the spec's ``pip_find_links`` directory when it names one (offline).
+    """
+    if not spec.pip:
+        return WheelSet(target, ())
+    own_set = payload.wheels(target, cache_root=cache_root)
+    own_dirs = sorted({w.parent for w in own_set.wheels})
+    resolved = resolve_wheels(
+        [*spec.pip, *payload.requirements],
+        target,
+        cache_root=cache_root,
+        find_links=spec.pip_find_links,
+        deps=True,
+        also_from=own_dirs,
+    )
+    own = {w.name for w in own_set.wheels}
+    return WheelSet(target, tuple(w for w in resolved.wheels if w.name not in own))

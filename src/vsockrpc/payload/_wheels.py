@@ -105,7 +105,11 @@ def run_pip(args: Sequence[str], what: str, *, isolated: bool = False) -> None:
         missing = [ln for ln in lines if "No matching distribution found for" in ln]
         if missing:
             raise _MissingWheel(what, missing[0].rsplit(" ", 1)[-1])
-        raise PayloadError(f"{what} failed: {lines[-1]}")
+        # A resolver conflict: pip's own line names the packages ("Cannot install a==1 and
+        # b==2 because these package versions have conflicting dependencies.").
+        conflict = [ln for ln in lines if "conflicting dependencies" in ln]
+        detail = conflict[0].removeprefix("ERROR: ") if conflict else lines[-1]
+        raise PayloadError(f"{what} failed: {detail}")
 
 
 class _MissingWheel(PayloadError):
@@ -117,7 +121,13 @@ class _MissingWheel(PayloadError):
 
 
 def _download(
-    requirements: Sequence[str], target: Target, dest: Path, find_links: Path | None, deps: bool
+    requirements: Sequence[str],
+    target: Target,
+    dest: Path,
+    find_links: Path | None,
+    deps: bool,
+    *,
+    also_from: Sequence[Path] = (),
 ) -> None:
     args = ["download", "--quiet", "--only-binary=:all:", f"--dest={dest}"]
     args += [] if deps else ["--no-deps"]
@@ -125,6 +135,7 @@ def _download(
     args += [f"--platform={p}" for p in target.platforms]
     if find_links is not None:
         args += ["--no-index", f"--find-links={find_links}"]
+    args += [f"--find-links={d}" for d in also_from]
     where = f" in {find_links}" if find_links is not None else ""
     try:
         run_pip(
@@ -154,6 +165,7 @@ def resolve_wheels(
     find_links: Path | None = None,
     offline: bool = False,
     deps: bool = False,
+    also_from: Sequence[Path] = (),
 ) -> WheelSet:
     """The wheels of ``requirements`` for ``target``: exactly those (``name==version`` pins),
     or with ``deps`` what pip resolves for them, dependencies included (user requirements).
@@ -161,12 +173,18 @@ def resolve_wheels(
     From the cache (``<cache_root>/wheels/<key>``), else downloaded into it by pip; with
     ``find_links`` the wheels come only from that directory (nothing is downloaded or cached,
     the set refers to its files); with ``offline`` a set missing from the cache is an error.
+    ``also_from``: more wheel directories pip looks in first (e.g. the guest's own cached
+    wheels, so a user's requirements resolve against them without downloading them again).
     """
     if find_links is not None:
         with tempfile.TemporaryDirectory(prefix="vsockrpc-wheels-") as tmp:
-            _download(requirements, target, Path(tmp), find_links, deps)
+            _download(requirements, target, Path(tmp), find_links, deps, also_from=also_from)
             names = sorted(p.name for p in Path(tmp).glob("*.whl"))
-        return WheelSet(target, tuple(find_links / name for name in names))
+        dirs = [find_links, *also_from]
+        return WheelSet(
+            target,
+            tuple(next((d / n for d in dirs if (d / n).is_file()), find_links / n) for n in names),
+        )
     inputs = {
         "requirements": sorted(requirements),
         "platforms": list(target.platforms),
@@ -193,7 +211,7 @@ def resolve_wheels(
             hint="set VSOCKRPC_CACHE to a writable directory",
         ) from err
     try:
-        _download(requirements, target, staging, None, deps)
+        _download(requirements, target, staging, None, deps, also_from=also_from)
         os.chmod(staging, 0o755)
         try:
             os.rename(staging, final)
