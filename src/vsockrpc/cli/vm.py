@@ -26,8 +26,10 @@ def _positive(text: str) -> int:
 
 def _boot_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cid", type=_positive, help="guest CID (default: the lowest free one)")
-    parser.add_argument("--memory", type=_positive, default=512, metavar="MIB", help="RAM (512)")
-    parser.add_argument("--cpus", type=_positive, default=1, help="virtual CPUs (1)")
+    parser.add_argument(
+        "--memory", type=_positive, metavar="MIB", help="RAM (the image spec's, else 512)"
+    )
+    parser.add_argument("--cpus", type=_positive, help="virtual CPUs (the image spec's, else 1)")
     parser.add_argument("--port", type=_positive, default=9999, help="agent vsock port (9999)")
     parser.add_argument(
         "--timeout",
@@ -51,8 +53,18 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
             "answers. Foreground by default (console streamed; Ctrl-C powers it off)."
         ),
     )
-    run.add_argument(
-        "--image", type=Path, help="image directory (default: build/find the cached one)"
+    which = run.add_mutually_exclusive_group()
+    which.add_argument(
+        "--image",
+        metavar="NAME|DIR",
+        help="a named image (vsockrpc image list) or an image directory "
+        "(default: build/find the cached one)",
+    )
+    which.add_argument(
+        "--spec",
+        metavar="FILE",
+        type=Path,
+        help="image spec (vsockrpc.toml): build its image, or reuse the cached build",
     )
     _boot_options(run)
     run.add_argument("--name", help="VM name (default vm<CID>)")
@@ -78,25 +90,42 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     demo.set_defaults(func=_demo)
 
 
-def _image(path: Path | None) -> Any:
-    from vsockrpc.image import build_image, find_image
+def _image(path: Path | str | None, spec_file: Path | None = None) -> Any:
+    from vsockrpc.image import build_image, find_image, names
 
+    if spec_file is not None:
+        from vsockrpc.payload import load_spec
+
+        spec = load_spec(spec_file)  # SpecError (exit 2) before anything is built
+        with step("guest image (image spec)"):
+            return build_image(step=step, spec=spec, name=spec.name)
     if path is not None:
-        return find_image(path)
+        text = str(path)
+        if names.valid_name(text) and not Path(text).exists():
+            return find_image(names.resolve(text))
+        return find_image(Path(text))
     with step("guest image"):
         return build_image(step=step)
+
+
+def _spec_default(info: Any, key: str, given: int | None, fallback: int) -> int:
+    """``given`` (a command-line option), else the image spec's value, else ``fallback``."""
+    if given is not None:
+        return given
+    value = (info.manifest.get("spec") or {}).get(key)
+    return int(value) if value else fallback
 
 
 def _run(args: argparse.Namespace) -> int:
     from vsockrpc.vm import launch
 
-    info = _image(args.image)
+    info = _image(args.image, args.spec)
     echo = None if (args.quiet or args.detach) else sys.stdout
     vm = launch(
         info,
         cid=args.cid,
-        memory_mib=args.memory,
-        cpus=args.cpus,
+        memory_mib=_spec_default(info, "memory", args.memory, 512),
+        cpus=_spec_default(info, "cpus", args.cpus, 1),
         port=args.port,
         append=args.append,
         name=args.name,
@@ -165,8 +194,8 @@ def _demo(args: argparse.Namespace) -> int:
         vm = launch(
             info,
             cid=args.cid,
-            memory_mib=args.memory,
-            cpus=args.cpus,
+            memory_mib=args.memory or 512,
+            cpus=args.cpus or 1,
             port=args.port,
             ready_timeout=args.timeout,
         )

@@ -26,7 +26,7 @@ import traceback
 from types import FrameType
 
 from vsockrpc.agent import markers
-from vsockrpc.guest import pid1
+from vsockrpc.guest import pid1, userconfig
 from vsockrpc.guest.cmdline import parse_cmdline
 
 __all__ = ["main", "request_poweroff"]
@@ -147,6 +147,11 @@ def main() -> None:
         _setup()
         with open("/proc/cmdline") as f:
             config = parse_cmdline(f.read())
+        user = userconfig.load()
+        if user.commands:  # an image spec's commands: their own supervisor process
+            from vsockrpc.guest import supervise  # subprocess, threads: only when needed
+
+            supervise.start(user, dict(os.environ))
         status = _supervise(_spawn_agent(config.listen))
         _say(f"agent exited with status {status}")
     except BaseException:

@@ -24,7 +24,8 @@ log = logging.getLogger("vsockrpc.guest")
 
 def run_server(listen: Sequence[str]) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status (0 after a requested stop)."""
-    from vsockrpc import rpc, services  # grpc import (~1 s in a TCG guest) after the fork
+    from vsockrpc import rpc  # grpc import (~1 s in a TCG guest) after the fork
+    from vsockrpc.guest import user_services, userconfig
 
     stop = threading.Event()
 
@@ -34,7 +35,9 @@ def run_server(listen: Sequence[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    with rpc.serve(services.default_services(), listen=list(listen)) as server:
+    # An image spec's services join vsockrpc's own (the default services without one).
+    registrars = user_services.registrars(userconfig.load())
+    with rpc.serve(registrars, listen=list(listen)) as server:
         bound = " ".join(str(a) for a in server.addresses)
         print(f"{markers.READY} on {bound}", file=sys.stderr, flush=True)
         while not stop.wait(0.5):

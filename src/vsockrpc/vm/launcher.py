@@ -39,6 +39,7 @@ __all__ = ["DEFAULT_PORT", "Vm", "launch"]
 
 READY_TIMEOUT = 120.0
 POWEROFF_TIMEOUT = 20.0
+TAIL_LINES = 12  # console lines a GuestError carries (console_tail)
 QUIT_TIMEOUT = 5.0
 
 
@@ -131,10 +132,14 @@ class Vm:
             msg = f"guest agent crashed before it was ready ({what})"
         else:
             msg = f"guest stopped before the agent was ready (QEMU exit {self.qemu.returncode})"
-        return GuestError(
+        error = GuestError(
             f"{msg}: {detail}" if detail else msg,
             hint=f"guest console: {self._keep_console()}",
         )
+        # The traceback (e.g. of a user service that failed to import), for callers to show.
+        start = max((i for i, ln in enumerate(lines[:cut]) if "Traceback (most" in ln), default=cut)
+        error.console_tail = tuple(ln.rstrip() for ln in lines[start:cut][-TAIL_LINES:])
+        return error
 
     def _keep_console(self) -> Path:
         """Copy the console log out of the run dir (removed at cleanup) for the user to read."""
@@ -167,6 +172,24 @@ class Vm:
         except TransportError as err:
             raise GuestError(f"guest agent announced readiness but does not answer: {err}") from err
         self.timings.rpc_ready = time.monotonic()
+        self._wait_commands_ready(deadline, timeout)
+
+    def _wait_commands_ready(self, deadline: float, timeout: float) -> None:
+        """An image spec's supervised commands with a readiness condition: until each one's
+        ``command NAME ready`` console line (its port accepts inside the guest)."""
+        spec = self.image.manifest.get("spec") or {}
+        waiting = [c["name"] for c in spec.get("commands", []) if c.get("ready")]
+        while waiting:
+            waiting = [n for n in waiting if not self.console.seen(f"command {n} ready")]
+            failure = self._guest_failure()
+            if failure is not None:
+                raise failure
+            if waiting and time.monotonic() > deadline:
+                raise GuestError(
+                    f"supervised command {waiting[0]} not ready after {timeout:g} s",
+                    hint=f"guest console: {self._keep_console()}",
+                )
+            time.sleep(0.05)
 
     def _update_timings(self) -> None:
         t = self.timings
