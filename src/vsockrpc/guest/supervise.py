@@ -21,11 +21,11 @@ import threading
 import time
 from types import FrameType
 
+from vsockrpc.agent.markers import PREFIX
 from vsockrpc.guest.userconfig import CommandConfig, GuestConfig
 
 __all__ = ["READY", "STOP_TIMEOUT", "Supervisor", "start"]
 
-PREFIX = "vsockrpc-guest:"
 READY = "ready"  # "vsockrpc-guest: command NAME ready"
 STOP_TIMEOUT = 5.0
 MAX_DELAY = 10.0

@@ -90,6 +90,7 @@ def _user_registrar(entries: Sequence[str], names: list[str]) -> Registrar:
 
 def registrars(config: GuestConfig) -> list[Registrar]:
     """What the agent serves for ``config`` (a plain image: vsockrpc's default services)."""
+    from vsockrpc.rpc import peer_address
     from vsockrpc.services import addition, default_services
     from vsockrpc.services.agent import (
         AGENT_SERVICE_NAMES,
@@ -105,7 +106,8 @@ def registrars(config: GuestConfig) -> list[Registrar]:
     own: list[Registrar] = []
     own_names: list[str] = []
     if config.agent:
-        own = [addition.register, *agent_services()]
+        # As in default_services(), whose health registrar cannot take the user's names.
+        own = [addition.register, *agent_services(peer_resolver=peer_address)]
         own_names = ["popovicu_vsock.VsockService", *AGENT_SERVICE_NAMES]
 
     def health_with_user_names(server: grpc.Server) -> None:
