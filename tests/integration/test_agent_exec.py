@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
+import logging
 import os
 import signal
 import stat
@@ -286,3 +289,39 @@ def test_empty_program_name_and_empty_argv_are_told_apart(guest: Guest) -> None:
     with pytest.raises(AgentError) as empty_argv:
         guest.run([])
     assert empty_argv.value.code == "INVALID_ARGUMENT" and "argv is empty" in str(empty_argv.value)
+
+
+class _BrokenStdin(io.RawIOBase):
+    """Gives one chunk, then fails like a disk error."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        self.reads += 1
+        if self.reads > 1:
+            raise OSError(errno.EIO, "Input/output error")
+        return b"first chunk\n"
+
+
+def test_failing_stdin_source_ends_the_call_with_one_error_and_no_grpc_traceback(
+    guest: Guest, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with (
+        pytest.raises(AgentError) as info,
+        guest.exec_stream(["cat"], stdin=_BrokenStdin()) as proc,
+    ):
+        proc.wait()
+    message = str(info.value)
+    assert "stdin" in message and "Input/output error" in message and "\n" not in message
+    time.sleep(0.2)  # a late log line from grpc's request thread would land here
+    assert "Exception iterating requests" not in caplog.text
+    assert "Traceback" not in capfd.readouterr().err
+    deadline = time.monotonic() + 10
+    while guest.processes() and time.monotonic() < deadline:  # the agent killed `cat`
+        time.sleep(0.05)
+    assert guest.processes() == []

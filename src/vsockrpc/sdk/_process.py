@@ -74,7 +74,10 @@ class Process:
         self._requests: queue.Queue[pb.ExecRequest] = queue.Queue(maxsize=16)
         self._closed = threading.Event()
         self._stdin = stdin
+        self._stdin_error: Exception | None = None
+        self._call_made = threading.Event()
         self._call = stub.Exec(self._request_iterator(first))
+        self._call_made.set()
         self.exited: Exited | None = None
         first_event = self._next_raw()
         if not isinstance(first_event, Started):
@@ -90,10 +93,18 @@ class Process:
         # process does not consume stdin), which is the back-pressure we want.
         yield first
         if self._stdin is not None:
-            for chunk in _stdin_chunks(self._stdin):
-                if self._closed.is_set():
-                    return
-                yield pb.ExecRequest(stdin=chunk)
+            try:
+                for chunk in _stdin_chunks(self._stdin):
+                    if self._closed.is_set():
+                        return
+                    yield pb.ExecRequest(stdin=chunk)
+            except Exception as err:
+                # grpc would log this with a traceback: end the call, report it from the stream.
+                self._stdin_error = err
+                self._closed.set()
+                self._call_made.wait()
+                self._call.cancel()
+                return
             yield pb.ExecRequest(close_stdin=True)
         while not self._closed.is_set():
             try:
@@ -116,6 +127,9 @@ class Process:
             return None
         except grpc.RpcError as err:
             self._closed.set()
+            if self._stdin_error is not None:
+                cause = self._stdin_error
+                raise AgentError(f"exec: reading its stdin failed: {cause}") from cause
             raise agent_error(err, "exec") from err
         if isinstance(event, Exited):
             self.exited = event
