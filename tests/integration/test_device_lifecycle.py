@@ -294,6 +294,36 @@ def test_launcher_device_dies_with_the_launcher(tmp: str) -> None:
         _wait_exit(device_pid)
 
 
+@pytest.mark.timeout(60)
+def test_launcher_device_serves_qemu_and_exits_with_it(tmp: str) -> None:
+    """The launcher's device on its inherited sockets: a front-end (the test driver as QEMU)
+    boots, a host client reaches the guest through the hybrid socket, and the device exits
+    when that front-end goes away."""
+    from pathlib import Path
+
+    from vsockrpc.vm.vsockdev import UserspaceDevice
+
+    d = Path(tmp)
+    with UserspaceDevice(
+        vhost_socket=d / "v", hybrid_socket=d / "u", guest_cid=14, log_file=d / "log"
+    ) as dev:
+        with GuestDriver(str(d / "v"), guest_cid=14) as guest:
+            guest.boot()
+            assert guest.config_cid == 14
+            listener = guest.listen(77)
+            with socket.socket(socket.AF_UNIX) as c:
+                c.settimeout(10)
+                c.connect(str(d / "u"))
+                c.sendall(b"CONNECT 77\nhello")
+                stream = guest.accept(listener)
+                guest.wait_for(lambda: len(stream.rxbuf) >= 5, 10, "payload")
+                assert stream.recv() == b"hello"
+                assert c.recv(100).startswith(b"OK ")
+        _wait_exit(dev.pid)  # --exit-on-disconnect: QEMU gone, device gone
+        assert dev.process.wait(5) == 0
+    assert not (d / "u").exists() and not (d / "v").exists()
+
+
 # ---------------------------------------------------------------------- socket ownership
 @pytest.mark.timeout(60)
 def test_old_device_exit_keeps_a_new_devices_socket(tmp: str) -> None:
