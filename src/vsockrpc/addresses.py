@@ -9,11 +9,14 @@ form                           meaning
                                Cloud Hypervisor / vhost-user-vsock device, plus the guest
                                port sent as ``CONNECT PORT``. ``PATH`` may hold colons;
                                the last colon separates the port.
-``unix:PATH``                  a Unix stream socket (``unix:///abs/path`` also accepted).
+``unix:PATH``                  a Unix stream socket; gRPC's URI form ``unix:///abs/path`` is
+                               accepted too (``/abs/path``), ``unix://x`` (an authority) is not.
 ``tcp:HOST:PORT``, ``HOST:PORT``  TCP; IPv6 hosts in brackets: ``tcp:[::1]:50051``.
 =============================  ===========================================================
 
 Every malformed input raises :class:`vsockrpc.errors.AddressError` naming the bad part.
+Each dataclass carries its ``scheme`` (a class attribute); what an address kind *does*
+(connect, listen, how grpcio reaches it) lives in :mod:`vsockrpc.transport`, one module per kind.
 """
 
 from __future__ import annotations
@@ -21,22 +24,26 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 from vsockrpc.errors import AddressError
+from vsockrpc.vm_sockets import VMADDR_CID_ANY, VMADDR_CID_HOST
 
 __all__ = [
+    "SUN_PATH_MAX",
     "VMADDR_CID_ANY",
     "VMADDR_CID_HOST",
     "Address",
     "HybridAddress",
+    "Scheme",
     "TcpAddress",
     "UnixAddress",
     "VsockAddress",
     "parse_address",
 ]
 
-VMADDR_CID_ANY = 0xFFFFFFFF  # include/uapi/linux/vm_sockets.h
-VMADDR_CID_HOST = 2
+Scheme = Literal["vsock", "hvsock", "unix", "tcp"]
+
 _U32_MAX = 0xFFFFFFFF
 # sun_path is 108 bytes including the terminating NUL (unix(7)).
 SUN_PATH_MAX = 107
@@ -46,6 +53,7 @@ SUN_PATH_MAX = 107
 class VsockAddress:
     """AF_VSOCK endpoint ``cid:port``; ``cid == VMADDR_CID_ANY`` means any (listen only)."""
 
+    scheme: ClassVar[Literal["vsock"]] = "vsock"
     cid: int
     port: int
 
@@ -64,6 +72,7 @@ class VsockAddress:
 class HybridAddress:
     """A guest ``port`` reached through a hybrid-vsock Unix socket at ``path``."""
 
+    scheme: ClassVar[Literal["hvsock"]] = "hvsock"
     path: str
     port: int
 
@@ -73,6 +82,9 @@ class HybridAddress:
 
 @dataclass(frozen=True, slots=True)
 class UnixAddress:
+    """A Unix stream socket at ``path``."""
+
+    scheme: ClassVar[Literal["unix"]] = "unix"
     path: str
 
     def __str__(self) -> str:
@@ -81,6 +93,9 @@ class UnixAddress:
 
 @dataclass(frozen=True, slots=True)
 class TcpAddress:
+    """TCP ``host:port`` (IPv6 hosts without brackets)."""
+
+    scheme: ClassVar[Literal["tcp"]] = "tcp"
     host: str
     port: int
 
@@ -136,7 +151,12 @@ def _parse_hybrid(rest: str, whole: str) -> HybridAddress:
 
 
 def _parse_unix(rest: str, whole: str) -> UnixAddress:
-    if rest.startswith("///"):  # gRPC's URI form unix:///abs/path
+    if rest.startswith("//"):  # URI form: an empty authority, then the absolute path
+        if not rest.startswith("///"):
+            raise AddressError(
+                f"bad address {whole!r}: unix:// takes an absolute path (unix:///abs/path); "
+                "use unix:PATH for a relative one"
+            )
         rest = rest[2:]
     return UnixAddress(_parse_path(rest, whole))
 

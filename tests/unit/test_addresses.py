@@ -25,6 +25,7 @@ from vsockrpc.errors import AddressError, VsockRpcError
         ("unix:/tmp/x.sock", UnixAddress("/tmp/x.sock")),
         ("unix:rel.sock", UnixAddress("rel.sock")),
         ("unix:///tmp/x.sock", UnixAddress("/tmp/x.sock")),
+        ("unix:/", UnixAddress("/")),
         ("tcp:127.0.0.1:50051", TcpAddress("127.0.0.1", 50051)),
         ("tcp:localhost:1", TcpAddress("localhost", 1)),
         ("tcp:[::1]:50051", TcpAddress("::1", 50051)),
@@ -70,6 +71,10 @@ def test_round_trip(text: str) -> None:
         ("hvsock:/x", "missing port"),
         ("hvsock:/x:-1", "port '-1'"),
         ("unix:", "empty socket path"),
+        # unix://x is a URI with authority x: neither the path /x nor the relative x.
+        ("unix://relative", "unix:///abs/path"),
+        ("unix://tmp/x.sock", "unix://tmp/x.sock"),
+        ("unix://", "unix:///abs/path"),
         ("unix:" + "a" * 200, "bytes"),
         ("tcp:host:70000", "port 70000"),
         ("tcp::80", "empty host"),
@@ -98,3 +103,8 @@ def test_frozen() -> None:
 def test_address_objects_pass_through() -> None:
     addr = UnixAddress("/x")
     assert parse_address(addr) is addr
+
+
+def test_each_address_kind_names_its_scheme() -> None:
+    for text in ("vsock:3:1", "hvsock:/x:1", "unix:/x", "tcp:h.x:1"):
+        assert parse_address(text).scheme == text.partition(":")[0]

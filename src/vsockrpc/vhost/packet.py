@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 import struct
 
+from vsockrpc.vm_sockets import RESERVED_GUEST_CIDS, VMADDR_CID_HOST
+
 __all__ = [
     "HDR",
     "HDR_SIZE",
@@ -26,8 +28,8 @@ HDR_SIZE = HDR.size  # 44
 assert HDR_SIZE == 44
 
 #: 5.10.4 "Device configuration layout": CID 2 is the host; 0, 1 and 0xffffffff are reserved.
-HOST_CID = 2
-RESERVED_CIDS = frozenset({0, 1, 2, 0xFFFFFFFF})
+HOST_CID = VMADDR_CID_HOST
+RESERVED_CIDS = RESERVED_GUEST_CIDS
 
 TYPE_STREAM = 1  # VIRTIO_VSOCK_TYPE_STREAM
 TYPE_SEQPACKET = 2  # not offered (VIRTIO_VSOCK_F_SEQPACKET not negotiated)
