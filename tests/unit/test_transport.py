@@ -5,13 +5,24 @@ SAFETY: nothing here calls connect() on an AF_VSOCK socket (see DEVELOPERS.md / 
 
 from __future__ import annotations
 
+import ast
 import errno
+import pathlib
 import socket
+from typing import Any
 
 import pytest
 
+import vsockrpc
 from vsockrpc import transport
-from vsockrpc.addresses import VMADDR_CID_ANY, HybridAddress, VsockAddress, parse_address
+from vsockrpc.addresses import (
+    VMADDR_CID_ANY,
+    HybridAddress,
+    TcpAddress,
+    UnixAddress,
+    VsockAddress,
+    parse_address,
+)
 from vsockrpc.errors import (
     AddressError,
     ConnectError,
@@ -21,6 +32,7 @@ from vsockrpc.errors import (
 )
 from vsockrpc.transport import hybrid, vsock
 from vsockrpc.transport._errors import mapping_connect_errors, mapping_listen_errors
+from vsockrpc.vm_sockets import VMADDR_PORT_ANY
 
 HAS_VSOCK = hasattr(socket, "AF_VSOCK")
 
@@ -125,3 +137,160 @@ def test_listen_errors_carry_a_hint() -> None:
     with pytest.raises(TransportError) as info, mapping_listen_errors("tcp:127.0.0.1:80"):
         raise OSError(errno.EADDRINUSE, "Address already in use")
     assert info.value.hint and "another process" in info.value.hint
+
+
+# ---- each address kind carries its behaviour ------------------------------------------------
+
+
+class _Accepted:
+    """Stands in for an accepted socket: accepted_peer only looks at its family."""
+
+    def __init__(self, family: int) -> None:
+        self.family = family
+
+
+@pytest.mark.parametrize(
+    ("text", "target"),
+    [
+        ("unix:/run/x.sock", "unix:/run/x.sock"),
+        ("unix:rel.sock", "unix:rel.sock"),
+        ("unix:////odd", "unix:////odd"),  # never read as an authority
+        ("tcp:127.0.0.1:80", "127.0.0.1:80"),
+        ("tcp:[::1]:80", "[::1]:80"),
+        ("vsock:3:9999", "vsock:3:9999"),
+        ("hvsock:/run/vm.sock:9999", None),  # no grpcio speaks CONNECT: relayed
+    ],
+)
+def test_grpc_target_per_kind(text: str, target: str | None) -> None:
+    assert transport.grpc_target(parse_address(text)) == target
+
+
+def test_grpc_target_refuses_cid_any() -> None:
+    with pytest.raises(AddressError, match="only for listening"):
+        transport.grpc_target(VsockAddress(VMADDR_CID_ANY, 1))
+
+
+def test_grpc_listen_target_and_bound_address(tmp_path: pathlib.Path) -> None:
+    assert transport.prepare_grpc_listen(parse_address("vsock:-1:0")) == (
+        f"vsock:{VMADDR_CID_ANY}:{VMADDR_PORT_ANY}"
+    )
+    assert transport.prepare_grpc_listen(parse_address("hvsock:/x:1")) is None
+    # A stale socket file is cleared for grpcio (a live one would be refused).
+    stale = tmp_path / "stale.sock"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(stale))
+    sock.close()
+    assert transport.prepare_grpc_listen(UnixAddress(str(stale))) == f"unix:{stale}"
+    assert not stale.exists()
+    assert transport.bound_address(TcpAddress("::", 0), 4242) == TcpAddress("::", 4242)
+    assert transport.bound_address(VsockAddress(VMADDR_CID_ANY, 0), 1025) == VsockAddress(
+        VMADDR_CID_ANY, 1025
+    )
+    assert transport.bound_address(VsockAddress(3, 0), VMADDR_PORT_ANY) == VsockAddress(3, 0)
+    assert transport.bound_address(UnixAddress("/x"), 0) == UnixAddress("/x")
+
+
+def test_listening_address_fills_in_the_port() -> None:
+    with transport.listen("tcp:127.0.0.1:0") as listener:
+        bound = transport.listening_address(TcpAddress("127.0.0.1", 0), listener)
+        assert bound == TcpAddress("127.0.0.1", listener.getsockname()[1])
+        assert isinstance(bound, TcpAddress) and bound.port > 0
+
+
+def test_accepted_peer_per_kind() -> None:
+    vsock_family = getattr(socket, "AF_VSOCK", 40)
+    conn: Any = _Accepted(vsock_family)
+    assert transport.accepted_peer(VsockAddress(VMADDR_CID_ANY, 9), conn, (2, 1034)) == (
+        VsockAddress(2, 1034)
+    )
+    unix_conn: Any = _Accepted(socket.AF_UNIX)
+    # A hybrid listener is reached by the device on the guest's behalf: no address to tell.
+    assert transport.accepted_peer(HybridAddress("/d", 9), unix_conn, "") is None
+    assert transport.accepted_peer(UnixAddress("/s"), unix_conn, "") == UnixAddress("")
+    assert transport.accepted_peer(UnixAddress("/s"), unix_conn, "/c") == UnixAddress("/c")
+    tcp_conn: Any = _Accepted(socket.AF_INET)
+    assert transport.accepted_peer(TcpAddress("h", 1), tcp_conn, ("10.0.0.1", 5)) == (
+        TcpAddress("10.0.0.1", 5)
+    )
+
+
+def test_sibling_is_the_same_peer_elsewhere() -> None:
+    assert transport.sibling(HybridAddress("/d", 9999), port=1025) == HybridAddress("/d", 1025)
+    assert transport.sibling(VsockAddress(3, 9999), port=1025) == VsockAddress(3, 1025)
+    assert transport.sibling(TcpAddress("h", 1), port=2) == TcpAddress("h", 2)
+    assert transport.sibling(UnixAddress("/a"), path="/b") == UnixAddress("/b")
+    # What a kind can't use gives None (an agent reply without a port or path).
+    assert transport.sibling(VsockAddress(3, 9999), path="/b") is None
+    assert transport.sibling(UnixAddress("/a"), port=5) is None
+
+
+def test_callback_address_per_kind() -> None:
+    def path() -> str:
+        return "/private/data.sock"
+
+    assert transport.callback_address(VsockAddress(2, 1034), path) == VsockAddress(
+        VMADDR_CID_ANY, 0
+    )
+    assert transport.callback_address(UnixAddress(""), path) == UnixAddress("/private/data.sock")
+    assert transport.callback_address(TcpAddress("h", 1), path) is None
+    assert transport.callback_address(HybridAddress("/d", 1), path) is None
+
+
+def test_every_kind_has_a_transport() -> None:
+    for text in ("vsock:3:1", "hvsock:/x:1", "unix:/x", "tcp:h.x:1"):
+        address = parse_address(text)
+        assert transport.transport_for(address).scheme == address.scheme
+
+
+def test_default_dialer_opens_real_sockets(tmp_path: pathlib.Path) -> None:
+    with transport.listen(f"unix:{tmp_path}/s.sock") as listener:
+        sock = transport.DEFAULT_DIALER.connect(UnixAddress(f"{tmp_path}/s.sock"), timeout=5)
+        with sock, listener.accept()[0]:
+            assert sock.family == socket.AF_UNIX
+
+
+# ---- the layering rules this module's interface exists for ---------------------------------
+
+_SRC = pathlib.Path(vsockrpc.__file__).parent
+_ADDRESS_CLASSES = {"VsockAddress", "HybridAddress", "UnixAddress", "TcpAddress"}
+
+
+def _outside_transport_layer() -> list[pathlib.Path]:
+    return [
+        path
+        for path in sorted(_SRC.rglob("*.py"))
+        if path.name != "addresses.py" and "transport" not in path.relative_to(_SRC).parts
+    ]
+
+
+def test_nothing_above_transport_branches_on_the_address_class() -> None:
+    offenders = []
+    for path in _outside_transport_layer():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "isinstance"
+                and len(node.args) == 2
+                and _ADDRESS_CLASSES
+                & {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)}
+            ) or (
+                isinstance(node, ast.MatchClass)
+                and getattr(node.cls, "id", None) in _ADDRESS_CLASSES
+            ):
+                offenders.append(f"{path.relative_to(_SRC)}:{node.lineno}")
+    assert offenders == []
+
+
+def test_vsock_constants_are_defined_once() -> None:
+    names = {"VMADDR_CID_ANY", "VMADDR_CID_HOST", "VMADDR_PORT_ANY", "_VMADDR_CID_ANY"}
+    offenders = []
+    for path in sorted(_SRC.rglob("*.py")):
+        if path.name == "vm_sockets.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+                for target in node.targets:
+                    if isinstance(target, ast.Name) and target.id.lstrip("_") in names:
+                        offenders.append(f"{path.relative_to(_SRC)}:{node.lineno}")
+    assert offenders == []

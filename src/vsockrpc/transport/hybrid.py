@@ -16,13 +16,22 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 
-from vsockrpc.addresses import SUN_PATH_MAX, HybridAddress
+from vsockrpc.addresses import SUN_PATH_MAX, Address, HybridAddress
 from vsockrpc.errors import AddressError, NotReadyError, TransportTimeout
 from vsockrpc.transport import unix
 from vsockrpc.transport._errors import mapping_connect_errors
 
-__all__ = ["MAX_REPLY", "connect", "listen", "listen_path_for", "parse_reply"]
+__all__ = [
+    "MAX_REPLY",
+    "TRANSPORT",
+    "HybridTransport",
+    "connect",
+    "listen",
+    "listen_path_for",
+    "parse_reply",
+]
 
 # "OK 4294967295\n" is 14 bytes; anything much longer is not a handshake reply.
 MAX_REPLY = 64
@@ -96,3 +105,41 @@ def listen_path_for(address: HybridAddress) -> str:
 def listen(address: HybridAddress, *, backlog: int = 128) -> socket.socket:
     """Listen where the device forwards guest connections to host port ``address.port``."""
     return unix.listen_path(listen_path_for(address), backlog=backlog, what=str(address))
+
+
+class HybridTransport:
+    """``hvsock:PATH:PORT``: no grpcio speaks the ``CONNECT`` handshake, so always relayed."""
+
+    scheme = "hvsock"
+
+    def connect(self, address: HybridAddress, *, timeout: float | None = None) -> socket.socket:
+        return connect(address, timeout=timeout)
+
+    def listen(self, address: HybridAddress, *, backlog: int = 128) -> socket.socket:
+        return listen(address, backlog=backlog)
+
+    def listening_address(self, address: HybridAddress, listener: socket.socket) -> HybridAddress:
+        return address
+
+    def grpc_target(self, address: HybridAddress) -> str | None:
+        return None
+
+    def prepare_grpc_listen(self, address: HybridAddress) -> str | None:
+        return None
+
+    def bound_address(self, address: HybridAddress, port: int) -> HybridAddress:
+        return address
+
+    def accepted_peer(self, conn: socket.socket, peer: object) -> Address | None:
+        return None  # the device connected on the guest's behalf; its CID is not ours to know
+
+    def sibling(self, address: HybridAddress, *, port: int = 0, path: str = "") -> Address | None:
+        return HybridAddress(address.path, port) if port else None
+
+    def callback_address(
+        self, peer: HybridAddress, socket_path: Callable[[], str]
+    ) -> Address | None:
+        return None
+
+
+TRANSPORT = HybridTransport()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
-from vsockrpc.addresses import TcpAddress
+from vsockrpc.addresses import Address, TcpAddress
 from vsockrpc.errors import TransportError
 from vsockrpc.transport._errors import mapping_connect_errors, mapping_listen_errors
 
-__all__ = ["connect", "listen"]
+__all__ = ["TRANSPORT", "TcpTransport", "connect", "listen"]
 
 
 def connect(address: TcpAddress, *, timeout: float | None = None) -> socket.socket:
@@ -38,3 +39,42 @@ def listen(address: TcpAddress, *, backlog: int = 128) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class TcpTransport:
+    """``tcp:HOST:PORT``: grpcio dials and binds it itself."""
+
+    scheme = "tcp"
+
+    def connect(self, address: TcpAddress, *, timeout: float | None = None) -> socket.socket:
+        return connect(address, timeout=timeout)
+
+    def listen(self, address: TcpAddress, *, backlog: int = 128) -> socket.socket:
+        return listen(address, backlog=backlog)
+
+    def listening_address(self, address: TcpAddress, listener: socket.socket) -> TcpAddress:
+        return TcpAddress(address.host, int(listener.getsockname()[1]))
+
+    def grpc_target(self, address: TcpAddress) -> str | None:
+        host = f"[{address.host}]" if ":" in address.host else address.host
+        return f"{host}:{address.port}"
+
+    def prepare_grpc_listen(self, address: TcpAddress) -> str | None:
+        return self.grpc_target(address)
+
+    def bound_address(self, address: TcpAddress, port: int) -> TcpAddress:
+        return TcpAddress(address.host, port)
+
+    def accepted_peer(self, conn: socket.socket, peer: object) -> Address | None:
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            return TcpAddress(str(peer[0]), int(peer[1]))
+        return None
+
+    def sibling(self, address: TcpAddress, *, port: int = 0, path: str = "") -> Address | None:
+        return TcpAddress(address.host, port) if port else None
+
+    def callback_address(self, peer: TcpAddress, socket_path: Callable[[], str]) -> Address | None:
+        return None  # anything that reaches a port would get in: no call-back over TCP
+
+
+TRANSPORT = TcpTransport()

@@ -6,12 +6,21 @@ import errno
 import os
 import socket
 import stat
+from collections.abc import Callable
 
-from vsockrpc.addresses import UnixAddress
+from vsockrpc.addresses import Address, UnixAddress
 from vsockrpc.errors import TransportError
 from vsockrpc.transport._errors import mapping_connect_errors, mapping_listen_errors
 
-__all__ = ["connect", "connect_path", "listen", "listen_path", "remove_stale_socket"]
+__all__ = [
+    "TRANSPORT",
+    "UnixTransport",
+    "connect",
+    "connect_path",
+    "listen",
+    "listen_path",
+    "remove_stale_socket",
+]
 
 
 def connect_path(
@@ -75,3 +84,48 @@ def listen_path(path: str, *, backlog: int = 128, what: str | None = None) -> so
 
 def listen(address: UnixAddress, *, backlog: int = 128) -> socket.socket:
     return listen_path(address.path, backlog=backlog)
+
+
+def grpc_target_for_path(path: str) -> str:
+    """grpcio's target for a Unix socket at ``path`` (``unix://`` + path when it starts with
+    ``//``, which grpcio would otherwise read as an authority)."""
+    return f"unix://{path}" if path.startswith("//") else f"unix:{path}"
+
+
+class UnixTransport:
+    """``unix:PATH``: grpcio dials and binds it itself."""
+
+    scheme = "unix"
+
+    def connect(self, address: UnixAddress, *, timeout: float | None = None) -> socket.socket:
+        return connect(address, timeout=timeout)
+
+    def listen(self, address: UnixAddress, *, backlog: int = 128) -> socket.socket:
+        return listen(address, backlog=backlog)
+
+    def listening_address(self, address: UnixAddress, listener: socket.socket) -> UnixAddress:
+        return address
+
+    def grpc_target(self, address: UnixAddress) -> str | None:
+        return grpc_target_for_path(address.path)
+
+    def prepare_grpc_listen(self, address: UnixAddress) -> str | None:
+        remove_stale_socket(address.path, str(address))
+        return grpc_target_for_path(address.path)
+
+    def bound_address(self, address: UnixAddress, port: int) -> UnixAddress:
+        return address
+
+    def accepted_peer(self, conn: socket.socket, peer: object) -> Address | None:
+        # An unnamed client (the usual case) is UnixAddress(""): access was decided by the
+        # socket file's mode.
+        return UnixAddress(peer if isinstance(peer, str) else "")
+
+    def sibling(self, address: UnixAddress, *, port: int = 0, path: str = "") -> Address | None:
+        return UnixAddress(path) if path else None
+
+    def callback_address(self, peer: UnixAddress, socket_path: Callable[[], str]) -> Address | None:
+        return UnixAddress(socket_path())
+
+
+TRANSPORT = UnixTransport()

@@ -8,14 +8,22 @@ VMADDR_PORT_ANY, like TCP port 0). ``connect`` refuses CID ANY, which names no p
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
-from vsockrpc.addresses import VsockAddress
+from vsockrpc.addresses import Address, VsockAddress
 from vsockrpc.errors import AddressError, TransportError
 from vsockrpc.transport._errors import mapping_connect_errors, mapping_listen_errors
+from vsockrpc.vm_sockets import VMADDR_CID_ANY, VMADDR_PORT_ANY
 
-__all__ = ["VMADDR_PORT_ANY", "connect", "listen", "sockaddr_for_connect", "sockaddr_for_listen"]
-
-VMADDR_PORT_ANY = 0xFFFFFFFF  # include/uapi/linux/vm_sockets.h
+__all__ = [
+    "TRANSPORT",
+    "VMADDR_PORT_ANY",
+    "VsockTransport",
+    "connect",
+    "listen",
+    "sockaddr_for_connect",
+    "sockaddr_for_listen",
+]
 
 
 def _new_socket() -> socket.socket:
@@ -69,3 +77,46 @@ def listen(address: VsockAddress, *, backlog: int = 128) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class VsockTransport:
+    """``vsock:CID:PORT``: grpcio dials it natively only when built with vsock (not PyPI's)."""
+
+    scheme = "vsock"
+
+    def connect(self, address: VsockAddress, *, timeout: float | None = None) -> socket.socket:
+        return connect(address, timeout=timeout)
+
+    def listen(self, address: VsockAddress, *, backlog: int = 128) -> socket.socket:
+        return listen(address, backlog=backlog)
+
+    def listening_address(self, address: VsockAddress, listener: socket.socket) -> VsockAddress:
+        return VsockAddress(address.cid, int(listener.getsockname()[1]))
+
+    def grpc_target(self, address: VsockAddress) -> str | None:
+        cid, port = sockaddr_for_connect(address)
+        return f"vsock:{cid}:{port}"
+
+    def prepare_grpc_listen(self, address: VsockAddress) -> str | None:
+        cid, port = sockaddr_for_listen(address)
+        return f"vsock:{cid}:{port}"
+
+    def bound_address(self, address: VsockAddress, port: int) -> VsockAddress:
+        return VsockAddress(address.cid, port) if 0 < port < VMADDR_PORT_ANY else address
+
+    def accepted_peer(self, conn: socket.socket, peer: object) -> Address | None:
+        # accept() on AF_VSOCK gives (cid, port); the CID is set by the hypervisor/kernel.
+        if conn.family == getattr(socket, "AF_VSOCK", None) and isinstance(peer, tuple):
+            return VsockAddress(int(peer[0]), int(peer[1]))
+        return None
+
+    def sibling(self, address: VsockAddress, *, port: int = 0, path: str = "") -> Address | None:
+        return VsockAddress(address.cid, port) if port else None
+
+    def callback_address(
+        self, peer: VsockAddress, socket_path: Callable[[], str]
+    ) -> Address | None:
+        return VsockAddress(VMADDR_CID_ANY, 0)  # any CID, a port the kernel picks
+
+
+TRANSPORT = VsockTransport()
