@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vsockrpc import rpc
+from vsockrpc import rpc, transport
 from vsockrpc.sdk import Guest, Process, Stdout
 from vsockrpc.services.agent import (
     AGENT_SERVICE_NAMES,
@@ -44,7 +44,7 @@ def running_agent(
     directory = tempfile.mkdtemp(prefix="agent-", dir="/tmp")
     table = ProcessTable()
     admitted = policy if policy is not None else PeerPolicy()
-    files = FilesServicer(PeerGuard(admitted, resolver))
+    files = FilesServicer(PeerGuard(admitted, resolver), sockets=transport)
     agent = AgentUnderTest(f"unix:{directory}/agent.sock", directory, table)
     services = agent_services(
         peer_resolver=resolver,

@@ -10,12 +10,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tests.integration._relay_helpers import HybridPeer
 from vsockrpc import rpc, transport
 from vsockrpc.addresses import HybridAddress
 from vsockrpc.errors import NotReadyError, TransportTimeout
+from vsockrpc.proto import vsock_service_pb2 as pb
+from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
 from vsockrpc.services import default_services
 
 CLI = [sys.executable, "-m", "vsockrpc.cli.main"]
@@ -207,3 +210,56 @@ def test_cli_timeout_bounds_a_silent_device(device: HybridPeer) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("vsockrpc: error: DEADLINE_EXCEEDED"), result.stderr
     assert elapsed < 10, elapsed  # not the relay's default 10 s connect timeout on top
+
+
+# ---- errors name the user's address and the real cause, never the relay's private socket ----
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("target", ["/nonexistent.sock", "missing"])
+def test_cli_add_to_a_missing_device_names_it(tmp_path: Path, target: str) -> None:
+    path = target if target.startswith("/") else str(tmp_path / "missing.sock")
+    result = run_add(f"hvsock:{path}:9999")
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"vsockrpc: error: UNAVAILABLE: cannot connect to hvsock:{path}:9999: "
+        "No such file or directory\n"
+    )
+
+
+@pytest.mark.timeout(60)
+def test_cli_add_to_a_port_nobody_listens_on_says_so(device: HybridPeer) -> None:
+    result = run_add(f"hvsock:{device.path}:9999")  # the guest side (guest9999.sock) is absent
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert f"hvsock:{device.path}:9999" in result.stderr
+    assert "not listening" in result.stderr
+    assert "vsockrpc-" not in result.stderr and "relay" not in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_relayed_call_errors_carry_the_dial_error(tmp_path: Path) -> None:
+    address = f"hvsock:{tmp_path}/gone.sock:9999"
+    expected = f"cannot connect to {address}: No such file or directory"
+    with rpc.channel(address) as ch:
+        stub = pb_grpc.VsockServiceStub(ch)  # type: ignore[no-untyped-call]
+        request = pb.AdditionRequest(a=1, b=2)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Addition(request, timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert info.value.details() == expected
+        assert expected in str(info.value)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Addition.with_call(request, timeout=10)
+        assert info.value.details() == expected
+        future = stub.Addition.future(request, timeout=10)
+        error = future.exception(timeout=10)
+        assert isinstance(error, grpc.RpcError) and error.details() == expected
+        with pytest.raises(grpc.RpcError) as info:
+            future.result(timeout=10)
+        assert info.value.details() == expected
+        stream = ch.unary_stream("/vsockrpc.test.Stream/Nothing")(b"", timeout=10)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stream)
+        assert info.value.details() == expected
+        assert stream.details() == expected

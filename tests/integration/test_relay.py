@@ -9,10 +9,18 @@ outer side is the hybrid protocol through a stand-in device):
 from __future__ import annotations
 
 import errno
+import gc
+import glob
 import hashlib
+import json
 import os
+import shutil
+import signal
 import socket
 import struct
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,16 +35,16 @@ from tests.integration._relay_helpers import (
     count_fds,
     register_stream_service,
 )
-from vsockrpc import rpc
-from vsockrpc.addresses import VsockAddress
+from vsockrpc import rpc, transport
+from vsockrpc.addresses import Address, UnixAddress, VsockAddress
 from vsockrpc.proto import vsock_service_pb2 as pb
 from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
-from vsockrpc.rpc import server as server_module
 from vsockrpc.rpc._relay import Link, Relay
 from vsockrpc.services import default_services
 from vsockrpc.transport import unix
 
 MiB = 1024 * 1024
+REPO = Path(__file__).resolve().parents[2]
 SERVICES = [*default_services(), register_stream_service]
 BIG_MESSAGES = [("grpc.max_receive_message_length", 32 * MiB)]
 
@@ -262,7 +270,9 @@ def test_peer_address_survives_the_relay(
         # A hybrid listener can't know the guest's CID: unknown, never a made-up address.
         assert ch.unary_unary(peer_call)(b"", timeout=10) == b"None"
     # What an AF_VSOCK accept() hands the server relay (the host, CID 2): conveyed by name.
-    monkeypatch.setattr(server_module, "original_peer", lambda _conn, _peer: VsockAddress(2, 61234))
+    monkeypatch.setattr(
+        transport, "accepted_peer", lambda _listening, _conn, _peer: VsockAddress(2, 61234)
+    )
     with rpc.channel(address) as ch:
         assert ch.unary_unary(peer_call)(b"", timeout=10) == b"VsockAddress(cid=2, port=61234)"
     # Direct Unix clients are reported as such.
@@ -294,3 +304,144 @@ def test_no_fd_or_thread_leak_after_1000_connections(
         [t.name for t in threading.enumerate()],
     )
     assert wait_for(lambda: count_fds() <= fds), (count_fds(), fds)
+
+
+# ---- unclosed channels: nothing outlives them, nothing outlives the process ------------------
+
+_DROPPED_CHANNELS = r"""
+import gc, glob, json, os, resource, sys, tempfile, threading, time
+from tests.integration._relay_helpers import HybridPeer, count_fds
+from vsockrpc import rpc
+from vsockrpc.proto import vsock_service_pb2 as pb, vsock_service_pb2_grpc as pb_grpc
+from vsockrpc.services import default_services
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+device = sys.argv[1]
+address = f"hvsock:{device}:5000"
+
+def dirs():
+    return len(glob.glob(os.path.join(tempfile.gettempdir(), "vsockrpc-*")))
+
+def use_and_drop(i):
+    # Neither the channel nor its stub is closed: both just go out of scope.
+    stub = pb_grpc.VsockServiceStub(rpc.channel(address))
+    assert stub.Addition(pb.AdditionRequest(a=i, b=1), timeout=10).c == i + 1
+
+def settle(fds, threads):
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        gc.collect()
+        if count_fds() <= fds and threading.active_count() <= threads:
+            return
+        time.sleep(0.05)
+
+peer = HybridPeer(device, {5000: device + "_5000"})
+with rpc.serve(default_services(), [address]), peer:
+    use_and_drop(-1)  # warm up grpcio's lazily started threads
+    gc.collect()
+    time.sleep(0.5)
+    before = (count_fds(), threading.active_count(), dirs())
+    for i in range(int(sys.argv[2])):
+        use_and_drop(i)
+    settle(*before[:2])
+    after = (count_fds(), threading.active_count(), dirs())
+print(json.dumps({"before": before, "after": after, "end_dirs": dirs()}))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_dropped_channels_release_relay_threads_fds_and_dirs(tmp_path: Path) -> None:
+    tmpdir = tempfile.mkdtemp(prefix="t", dir="/tmp")  # the relay's sockets live below it
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _DROPPED_CHANNELS, str(tmp_path / "vm.vsock"), "1000"],
+            capture_output=True,
+            check=False,
+            text=True,
+            timeout=580,
+            env={**os.environ, "TMPDIR": tmpdir},
+            cwd=REPO,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        counts = json.loads(result.stdout)
+        fds, threads, dirs = counts["before"]
+        assert counts["after"][0] <= fds, counts
+        assert counts["after"][1] <= threads, counts
+        assert counts["after"][2] <= dirs <= 1, counts  # the server's own, at most
+        assert counts["end_dirs"] == 0, counts
+        assert "Exception" not in result.stderr, result.stderr[-3000:]
+        assert os.listdir(tmpdir) == []
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def test_a_stub_keeps_its_channel_alive(stack: tuple[rpc.Server, HybridPeer, str]) -> None:
+    _, _, address = stack
+    stub = pb_grpc.VsockServiceStub(rpc.channel(address))  # type: ignore[no-untyped-call]
+    gc.collect()
+    reply: pb.AdditionResponse = stub.Addition(pb.AdditionRequest(a=2, b=3), timeout=10)
+    assert reply.c == 5
+
+
+_HOLD_A_CHANNEL = r"""
+import signal, sys, time
+from vsockrpc import rpc
+if sys.argv[2] == "own-handler":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
+ch = rpc.channel(sys.argv[1])
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("handler", "status"), [("default", -signal.SIGTERM), ("own-handler", 3)])
+def test_sigterm_leaves_no_private_directory(tmp_path: Path, handler: str, status: int) -> None:
+    tmpdir = tempfile.mkdtemp(prefix="t", dir="/tmp")
+    try:
+        with subprocess.Popen(
+            [sys.executable, "-c", _HOLD_A_CHANNEL, f"hvsock:{tmp_path}/absent.sock:1", handler],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TMPDIR": tmpdir},
+        ) as proc:
+            try:
+                assert proc.stdout is not None
+                assert proc.stdout.readline() == "ready\n"
+                assert len(glob.glob(f"{tmpdir}/vsockrpc-*/relay-*")) == 1
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=20) == status  # the signal's usual outcome
+            finally:
+                proc.kill()
+        assert os.listdir(tmpdir) == []
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+# ---- dialing is injectable -------------------------------------------------------------------
+
+
+class _LoopbackDialer:
+    """Reaches any address through one Unix socket, recording what it was asked for."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.dialled: list[tuple[Address, float | None]] = []
+
+    def connect(self, address: Address, *, timeout: float | None = None) -> socket.socket:
+        self.dialled.append((address, timeout))
+        return unix.connect_path(self.path, timeout=timeout)
+
+
+@pytest.mark.timeout(60)
+def test_channel_dials_through_an_injected_dialer(tmp_path: Path) -> None:
+    path = str(tmp_path / "server.sock")
+    dialer = _LoopbackDialer(path)
+    with rpc.serve(SERVICES, [f"unix:{path}"]):
+        # A vsock address: only the dialer is asked to reach it (no AF_VSOCK socket here).
+        with rpc.channel("vsock:7:1234", dialer=dialer, connect_timeout=4) as ch:
+            assert add(ch) == 12
+        with rpc.channel(f"unix:{tmp_path}/elsewhere.sock", dialer=dialer) as ch:
+            assert add(ch, 1, 1) == 2
+    assert dialer.dialled[0] == (VsockAddress(7, 1234), 4)
+    assert dialer.dialled[-1][0] == UnixAddress(f"{tmp_path}/elsewhere.sock")

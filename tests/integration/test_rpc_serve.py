@@ -6,6 +6,8 @@ import glob
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,3 +133,67 @@ def test_wait_until_ready_times_out_with_transport_timeout(tmp_path: Path) -> No
         pytest.raises(TransportTimeout, match="no gRPC server answered"),
     ):
         rpc.wait_until_ready(f"unix:{tmp_path}/mute.sock", timeout=0.5)
+
+
+# ---- unix:// URIs and grpc core's own log lines ----------------------------------------------
+
+CLI = [sys.executable, "-m", "vsockrpc.cli.main"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["add", "5", "7", "--target", "unix://tmp/x.sock"],
+        ["add", "5", "7", "--target", "unix://relative"],
+        ["serve", "--listen", "unix://tmp/x"],
+    ],
+)
+def test_unix_uri_with_an_authority_is_a_usage_error(args: list[str]) -> None:
+    result = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=25, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()[-1:]
+    assert args[-1] in line and "unix:///abs/path" in line, result.stderr
+    assert "E1201" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_unix_uri_with_an_absolute_path_works(tmp_path: Path) -> None:
+    path = f"{tmp_path}/uri.sock"
+    with rpc.serve([addition.register], [f"unix://{path}"]) as server:
+        assert server.addresses == (UnixAddress(path),)
+        with rpc.channel(f"unix://{path}") as ch:
+            assert _add(ch) == 12
+
+
+_GRPC_CORE_ERROR = r"""
+import vsockrpc.rpc  # as the CLI and SDK do: vsockrpc first (grpc reads its log level on import)
+import grpc
+ch = grpc.insecure_channel("unix://tmp/x.sock")  # grpc core logs E... lines for this one
+try:
+    grpc.channel_ready_future(ch).result(timeout=0.5)
+except grpc.FutureTimeoutError:
+    print("timed out")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_grpc_core_log_lines_stay_off_the_terminal_by_default() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+
+    def run(**extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", _GRPC_CORE_ERROR],
+            capture_output=True,
+            text=True,
+            timeout=50,
+            check=False,
+            env={**env, **extra},
+        )
+
+    quiet = run()
+    assert (quiet.stdout, quiet.stderr) == ("timed out\n", "")
+    # An explicit choice is left alone (and shows the test provokes real log lines).
+    loud = run(GRPC_VERBOSITY="ERROR")
+    assert "authority-based URIs not supported" in loud.stderr

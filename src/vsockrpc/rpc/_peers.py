@@ -38,7 +38,7 @@ def untrust_directory(path: str) -> None:
 def client_name(directory: str, peer: Address | None) -> str:
     """A fresh path in ``directory`` to bind the relay's inner client socket to."""
     serial = next(_counter)
-    if isinstance(peer, VsockAddress):
+    if peer is not None and peer.scheme == "vsock":  # the only identity worth conveying
         return os.path.join(directory, f"c{serial}-vsock-{peer.cid}-{peer.port}")
     return os.path.join(directory, f"c{serial}")
 

@@ -1,4 +1,10 @@
-"""Capture what grpc core logs to fd 2 during a call (a failed bind logs ``E... add_port.cc``).
+"""Keep grpc core's own log lines off the terminal.
+
+By default they are off: ``vsockrpc/__init__.py`` sets ``GRPC_VERBOSITY=NONE`` unless the
+environment chose a level (grpc reads it once, when it is imported; a program that imports grpc
+before vsockrpc sets it itself).
+
+Capture what grpc core logs to fd 2 during a call (a failed bind logs ``E... add_port.cc``).
 
 grpc core writes straight to file descriptor 2, below Python's ``sys.stderr``, so the only way
 to keep a failed bind from printing a second, differently formatted error line (or the native

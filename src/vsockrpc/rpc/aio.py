@@ -1,7 +1,9 @@
 """``vsockrpc.rpc.aio.channel()``: the asyncio flavour of :func:`vsockrpc.rpc.channel`.
 
-The relay is thread-based and independent of the event loop, so an asyncio client gets the
-same relaying; closing the channel stops the relay (its threads are joined off the loop).
+The same implementation (:func:`vsockrpc.rpc.channel.route` and
+:class:`~vsockrpc.rpc.channel.Relayed`): the relay is thread-based and independent of the event
+loop, so an asyncio client gets the same relaying; closing the channel stops the relay (its
+threads are joined off the loop), and an unclosed one is released when collected.
 """
 
 from __future__ import annotations
@@ -14,31 +16,22 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from vsockrpc.addresses import Address, VsockAddress, parse_address
-from vsockrpc.errors import TransportError
-from vsockrpc.rpc._private import PrivateDir
-from vsockrpc.rpc._relay import Relay
-from vsockrpc.rpc.channel import DEFAULT_CONNECT_TIMEOUT, open_relay
-from vsockrpc.rpc.server import DEFAULT_OPTIONS, native_target
-from vsockrpc.transport import vsock as vsock_transport
+from vsockrpc.addresses import Address
+from vsockrpc.rpc._client import ClientRelay
+from vsockrpc.rpc._native import DEFAULT_OPTIONS
+from vsockrpc.rpc.channel import DEFAULT_CONNECT_TIMEOUT, Relayed, route
+from vsockrpc.transport import Dialer
 
 __all__ = ["AioRelayChannel", "channel"]
 
 
-class AioRelayChannel(grpc.aio.Channel):  # type: ignore[misc]  # grpc ships no type information
+class AioRelayChannel(Relayed, grpc.aio.Channel):  # type: ignore[misc]  # grpc ships no types
     """A ``grpc.aio`` channel whose connections a relay forwards to ``address``."""
 
-    def __init__(
-        self, inner: grpc.aio.Channel, relay: Relay, private_dir: PrivateDir, address: Address
-    ) -> None:
+    def __init__(self, inner: grpc.aio.Channel, forwarder: ClientRelay) -> None:
         self._inner = inner
-        self._relay = relay
-        self._private_dir = private_dir
-        self.address = address
-
-    @property
-    def relay(self) -> Relay:
-        return self._relay
+        # Collected unclosed: grpc.aio closes its own channel; the relay is ours to stop.
+        self._attach(forwarder, forwarder.close)
 
     async def __aenter__(self) -> AioRelayChannel:
         return self
@@ -53,8 +46,7 @@ class AioRelayChannel(grpc.aio.Channel):  # type: ignore[misc]  # grpc ships no 
 
     async def close(self, grace: float | None = None) -> None:
         await self._inner.close(grace)
-        await asyncio.to_thread(self._relay.close)
-        self._private_dir.close()
+        await asyncio.to_thread(self._finalizer)
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         return self._inner.get_state(try_to_connect)
@@ -66,16 +58,16 @@ class AioRelayChannel(grpc.aio.Channel):  # type: ignore[misc]  # grpc ships no 
         await self._inner.channel_ready()
 
     def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._inner.unary_unary(method, *args, **kwargs)
+        return self._wrap(self._inner.unary_unary(method, *args, **kwargs))
 
     def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._inner.unary_stream(method, *args, **kwargs)
+        return self._wrap(self._inner.unary_stream(method, *args, **kwargs))
 
     def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._inner.stream_unary(method, *args, **kwargs)
+        return self._wrap(self._inner.stream_unary(method, *args, **kwargs))
 
     def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._inner.stream_stream(method, *args, **kwargs)
+        return self._wrap(self._inner.stream_stream(method, *args, **kwargs))
 
 
 def channel(
@@ -84,17 +76,13 @@ def channel(
     options: Sequence[tuple[str, Any]] = (),
     connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
     relay: bool | None = None,
+    dialer: Dialer | None = None,
 ) -> grpc.aio.Channel:
     """Like :func:`vsockrpc.rpc.channel`, for ``grpc.aio``; use ``async with``."""
-    parsed = parse_address(address)
-    if isinstance(parsed, VsockAddress):
-        vsock_transport.sockaddr_for_connect(parsed)
-    all_options = [*DEFAULT_OPTIONS, *options]
-    target = native_target(parsed)
-    if relay is False and target is None:
-        raise TransportError(f"grpcio cannot dial {parsed} without the relay")
-    if target is not None and not relay:
-        return grpc.aio.insecure_channel(target, options=all_options)
-    forwarder, private_dir, path = open_relay(parsed, connect_timeout)
-    inner = grpc.aio.insecure_channel(f"unix:{path}", options=all_options)
-    return AioRelayChannel(inner, forwarder, private_dir, parsed)
+    _, target, forwarder = route(
+        address, connect_timeout=connect_timeout, relay=relay, dialer=dialer
+    )
+    inner = grpc.aio.insecure_channel(target, options=[*DEFAULT_OPTIONS, *options])
+    if forwarder is None:
+        return inner
+    return AioRelayChannel(inner, forwarder)

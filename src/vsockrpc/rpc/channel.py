@@ -1,9 +1,15 @@
-"""``channel()``: a grpcio channel to any address, relayed when grpcio can't dial it itself."""
+"""``channel()``: a grpcio channel to any address, relayed when grpcio can't dial it itself.
+
+The sync channel here and :func:`vsockrpc.rpc.aio.channel` share :func:`route` (how an address
+is reached: a grpcio target, or a :class:`~vsockrpc.rpc._client.ClientRelay`) and
+:class:`Relayed` (the relay's lifecycle: closed by ``close()``, or by a finalizer when the channel
+is garbage-collected unclosed, or at interpreter exit).
+"""
 
 from __future__ import annotations
 
-import socket
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
@@ -11,15 +17,22 @@ from typing import Any
 import grpc
 
 from vsockrpc import transport
-from vsockrpc.addresses import Address, VsockAddress, parse_address
+from vsockrpc.addresses import Address, parse_address
 from vsockrpc.errors import TransportError, TransportTimeout, VsockRpcError
-from vsockrpc.rpc._private import PrivateDir
+from vsockrpc.rpc._client import ClientRelay, wrap_multicallable
+from vsockrpc.rpc._native import DEFAULT_OPTIONS, native_target
 from vsockrpc.rpc._relay import Relay
-from vsockrpc.rpc.server import DEFAULT_OPTIONS, native_target
-from vsockrpc.transport import unix as unix_transport
-from vsockrpc.transport import vsock as vsock_transport
+from vsockrpc.transport import DEFAULT_DIALER, Dialer
 
-__all__ = ["RETRY_OPTIONS", "RelayChannel", "channel", "channel_ready", "wait_until_ready"]
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "RETRY_OPTIONS",
+    "RelayChannel",
+    "channel",
+    "channel_ready",
+    "route",
+    "wait_until_ready",
+]
 
 # Reconnect quickly while a guest boots (grpcio's defaults start at 1 s and grow to 120 s).
 RETRY_OPTIONS: tuple[tuple[str, Any], ...] = (
@@ -32,21 +45,67 @@ RETRY_OPTIONS: tuple[tuple[str, Any], ...] = (
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
 
-class RelayChannel(grpc.Channel):  # type: ignore[misc]  # grpc ships no type information
-    """A grpcio channel on a private Unix socket whose connections a relay forwards to
-    ``address``. Closing the channel stops the relay and joins its threads."""
+def route(
+    address: Address | str,
+    *,
+    connect_timeout: float | None,
+    relay: bool | None,
+    dialer: Dialer | None,
+) -> tuple[Address, str, ClientRelay | None]:
+    """How to reach ``address``: (parsed address, grpcio target, relay or None).
 
-    def __init__(
-        self, inner: grpc.Channel, relay: Relay, private_dir: PrivateDir, address: Address
-    ):
-        self._inner = inner
-        self._relay = relay
-        self._private_dir = private_dir
-        self.address = address
+    The address is parsed once, here. grpcio dials Unix and TCP itself (and vsock when built
+    with it) unless ``relay`` is True or a ``dialer`` is given; everything else goes through a
+    relay that opens each connection with ``dialer`` (default: real sockets).
+    """
+    parsed = parse_address(address)
+    target = native_target(parsed)  # AddressError now for an address naming no peer (CID -1)
+    if relay is False and target is None:
+        raise TransportError(f"grpcio cannot dial {parsed} without the relay")
+    if target is not None and not relay and dialer is None:
+        return parsed, target, None
+    forwarder = ClientRelay(parsed, dialer or DEFAULT_DIALER, connect_timeout)
+    return parsed, forwarder.target, forwarder
+
+
+def _close_sync(inner: Any, forwarder: ClientRelay) -> None:
+    inner.close()
+    forwarder.close()
+
+
+class Relayed:
+    """What a relayed channel (sync or aio) adds to grpcio's: the relay and its lifecycle."""
+
+    address: Address
+    _forwarder: ClientRelay
+    _finalizer: weakref.finalize[Any, Any]
+
+    def _attach(self, forwarder: ClientRelay, release: Callable[[], None]) -> None:
+        self.address = forwarder.address
+        self._forwarder = forwarder
+        # Runs once: on close(), when the channel is collected unclosed, or at exit.
+        self._finalizer = weakref.finalize(self, release)
 
     @property
     def relay(self) -> Relay:
-        return self._relay
+        return self._forwarder.relay
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the relay's last connection attempt failed (None after a success)."""
+        return self._forwarder.last_error
+
+    def _wrap(self, inner: Any) -> Any:
+        return wrap_multicallable(inner, self._forwarder.fix, self)
+
+
+class RelayChannel(Relayed, grpc.Channel):  # type: ignore[misc]  # grpc ships no type information
+    """A grpcio channel on a private Unix socket whose connections a relay forwards to
+    ``address``. Closing the channel (or dropping it) stops the relay and joins its threads."""
+
+    def __init__(self, inner: grpc.Channel, forwarder: ClientRelay) -> None:
+        self._inner = inner
+        self._attach(forwarder, lambda: _close_sync(inner, forwarder))
 
     def subscribe(self, callback: Callable[..., None], try_to_connect: bool = False) -> None:
         self._inner.subscribe(callback, try_to_connect=try_to_connect)
@@ -55,21 +114,19 @@ class RelayChannel(grpc.Channel):  # type: ignore[misc]  # grpc ships no type in
         self._inner.unsubscribe(callback)
 
     def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._inner.unary_unary(method, *args, **kwargs)
+        return self._wrap(self._inner.unary_unary(method, *args, **kwargs))
 
     def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._inner.unary_stream(method, *args, **kwargs)
+        return self._wrap(self._inner.unary_stream(method, *args, **kwargs))
 
     def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._inner.stream_unary(method, *args, **kwargs)
+        return self._wrap(self._inner.stream_unary(method, *args, **kwargs))
 
     def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._inner.stream_stream(method, *args, **kwargs)
+        return self._wrap(self._inner.stream_stream(method, *args, **kwargs))
 
     def close(self) -> None:
-        self._inner.close()
-        self._relay.close()
-        self._private_dir.close()
+        self._finalizer()
 
     def __enter__(self) -> RelayChannel:
         return self
@@ -89,44 +146,26 @@ def channel(
     options: Sequence[tuple[str, Any]] = (),
     connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
     relay: bool | None = None,
+    dialer: Dialer | None = None,
 ) -> grpc.Channel:
     """An insecure grpcio channel to ``address``; use it as a context manager.
 
     Unix and TCP (and vsock with a vsock-enabled grpcio) are dialled by grpcio; vsock and
     hybrid vsock otherwise go through a relay: grpcio dials a private Unix socket and each
-    connection there is forwarded to a fresh :func:`vsockrpc.transport.connect` (bounded by
-    ``connect_timeout``). A connection the relay can't open is closed, which grpcio reports as
-    ``UNAVAILABLE`` and retries with backoff. ``relay=True`` relays any address (tests and
-    benchmarks measure the relay with Unix sockets as its outer side), ``False`` never does.
+    connection there is forwarded to a fresh ``dialer.connect(address, timeout=connect_timeout)``
+    (:data:`vsockrpc.transport.DEFAULT_DIALER` unless given; giving one relays any address).
+    A connection the relay can't open is closed, which grpcio reports as ``UNAVAILABLE`` (with
+    the dial's error as details) and retries with backoff. ``relay=True`` relays any address
+    (tests and benchmarks measure the relay with Unix sockets as its outer side), ``False``
+    never does. An unclosed relayed channel is released when it is garbage-collected.
     """
-    parsed = parse_address(address)
-    if isinstance(parsed, VsockAddress):
-        vsock_transport.sockaddr_for_connect(parsed)  # CID -1 names no peer: AddressError now
-    all_options = [*DEFAULT_OPTIONS, *options]
-    target = native_target(parsed)
-    if relay is False and target is None:
-        raise TransportError(f"grpcio cannot dial {parsed} without the relay")
-    if target is not None and not relay:
-        return grpc.insecure_channel(target, options=all_options)
-    forwarder, private_dir, path = open_relay(parsed, connect_timeout)
-    inner = grpc.insecure_channel(f"unix:{path}", options=all_options)
-    return RelayChannel(inner, forwarder, private_dir, parsed)
-
-
-def open_relay(address: Address, connect_timeout: float | None) -> tuple[Relay, PrivateDir, str]:
-    """Start a client-side relay to ``address``; returns it, its directory and socket path."""
-
-    def dial(_conn: socket.socket, _peer: object) -> socket.socket:
-        return transport.connect(address, timeout=connect_timeout)
-
-    private_dir = PrivateDir()
-    try:
-        path = private_dir.join("relay")
-        forwarder = Relay(unix_transport.listen_path(path), dial, name=f"channel {address}")
-    except BaseException:
-        private_dir.close()
-        raise
-    return forwarder.start(), private_dir, path
+    _, target, forwarder = route(
+        address, connect_timeout=connect_timeout, relay=relay, dialer=dialer
+    )
+    inner = grpc.insecure_channel(target, options=[*DEFAULT_OPTIONS, *options])
+    if forwarder is None:
+        return inner
+    return RelayChannel(inner, forwarder)
 
 
 def channel_ready(
@@ -144,7 +183,7 @@ def channel_ready(
     try:
         grpc.channel_ready_future(ch).result(timeout=timeout)
     except grpc.FutureTimeoutError as err:
-        last = ch.relay.last_error if isinstance(ch, RelayChannel) else None
+        last = ch.last_error if isinstance(ch, Relayed) else None
         if last is None and address is not None:
             last = _diagnose(address)
         detail = f": {last}" if last else ""

@@ -16,23 +16,18 @@ from typing import Any
 import grpc
 
 from vsockrpc import transport
-from vsockrpc.addresses import Address, TcpAddress, UnixAddress, VsockAddress
+from vsockrpc.addresses import Address
 from vsockrpc.addresses import parse_address as _parse
 from vsockrpc.errors import AddressError, TransportError
 from vsockrpc.rpc import _peers
-from vsockrpc.rpc._native import native_vsock_supported
+from vsockrpc.rpc._native import DEFAULT_OPTIONS, native_listen_target
 from vsockrpc.rpc._private import PrivateDir
 from vsockrpc.rpc._quiet import capturing_stderr
 from vsockrpc.rpc._relay import Relay
-from vsockrpc.transport import unix as unix_transport
-from vsockrpc.transport import vsock as vsock_transport
 
 __all__ = ["Server", "serve"]
 
 Registrar = Callable[[grpc.Server], None]
-
-# grpcio's default would honour $http_proxy for our loopback/guest addresses: never wanted here.
-DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.enable_http_proxy", 0),)
 
 
 class Server:
@@ -103,19 +98,6 @@ def _unlink_socket(path: str) -> None:
             os.unlink(path)
 
 
-def native_target(address: Address) -> str | None:
-    """The grpcio target string for ``address``, or None when it must be relayed."""
-    match address:
-        case UnixAddress(path=path):
-            return f"unix:{path}"
-        case TcpAddress(host=host, port=port):
-            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        case VsockAddress(cid=cid, port=port) if native_vsock_supported():
-            return f"vsock:{cid}:{port}"
-        case _:
-            return None
-
-
 def _add_port(server: grpc.Server, target: str, what: str) -> int:
     with capturing_stderr() as captured:
         try:
@@ -131,28 +113,12 @@ def _add_port(server: grpc.Server, target: str, what: str) -> int:
     raise TransportError(f"cannot listen on {what}: {reason}") from failure
 
 
-def _bound_address(address: Address, port: int) -> Address:
-    match address:
-        case TcpAddress(host=host):
-            return TcpAddress(host, port)
-        case VsockAddress(cid=cid) if 0 < port < vsock_transport.VMADDR_PORT_ANY:
-            return VsockAddress(cid, port)
-        case _:
-            return address
-
-
-def original_peer(conn: socket.socket, peer: object) -> Address | None:
-    """The address to convey for a connection the relay accepted (vsock peers only)."""
-    if conn.family == getattr(socket, "AF_VSOCK", None) and isinstance(peer, tuple):
-        return VsockAddress(int(peer[0]), int(peer[1]))
-    return None
-
-
 def _relay_dial(
-    private_dir: PrivateDir, inner_path: str
+    private_dir: PrivateDir, inner_path: str, listening: Address
 ) -> Callable[[socket.socket, object], socket.socket]:
     def dial(conn: socket.socket, peer: object) -> socket.socket:
-        name = _peers.client_name(private_dir.path, original_peer(conn, peer))
+        original = transport.accepted_peer(listening, conn, peer)
+        name = _peers.client_name(private_dir.path, original)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(name)
@@ -200,15 +166,10 @@ def serve(
         private_dir: PrivateDir | None = None
         inner_path = ""
         for address in addresses:
-            target = native_target(address)
-            if target is not None and isinstance(address, VsockAddress):
-                cid, port = vsock_transport.sockaddr_for_listen(address)  # port 0: any
-                target = f"vsock:{cid}:{port}"
+            target = native_listen_target(address)
             if target is not None:
-                if isinstance(address, UnixAddress):
-                    unix_transport.remove_stale_socket(address.path, str(address))
                 port = _add_port(server, target, str(address))
-                bound.append(_bound_address(address, port))
+                bound.append(transport.bound_address(address, port))
                 continue
             if private_dir is None:
                 private_dir = cleanup.enter_context(PrivateDir())
@@ -220,20 +181,13 @@ def serve(
             if listener.family == socket.AF_UNIX:  # hybrid: <path>_<port>; grpcio-like cleanup
                 socket_files.append(listener.getsockname())
                 cleanup.callback(_unlink_socket, socket_files[-1])
-            relay = Relay(listener, _relay_dial(private_dir, inner_path), name=f"serve {address}")
+            dial = _relay_dial(private_dir, inner_path, address)
+            relay = Relay(listener, dial, name=f"serve {address}")
             cleanup.callback(relay.close)
             relays.append(relay)
-            bound.append(_listening_address(address, listener))
+            bound.append(transport.listening_address(address, listener))
         server.start()
         for relay in relays:
             relay.start()
         cleanup.pop_all()
     return Server(server, bound, relays, private_dir, socket_files)
-
-
-def _listening_address(address: Address, listener: socket.socket) -> Address:
-    """``address`` with the port the kernel picked (vsock port 0); others as given."""
-    if isinstance(address, VsockAddress):
-        _, port = listener.getsockname()
-        return VsockAddress(address.cid, int(port))
-    return address

@@ -18,7 +18,8 @@ from typing import IO
 
 import grpc
 
-from vsockrpc.addresses import Address, HybridAddress, UnixAddress, VsockAddress
+from vsockrpc import transport
+from vsockrpc.addresses import Address
 from vsockrpc.agent.checksum import Hasher, new_hasher
 from vsockrpc.agent.datachannel import ticket_line
 from vsockrpc.agent.v1 import agent_pb2 as pb
@@ -147,18 +148,11 @@ class FilesClient:
                 self._data_channel = False  # this agent can't: stop asking
                 return None
             raise agent_error(err, "open data channel") from err
-        target: Address | None = None
-        if isinstance(self._address, HybridAddress) and reply.vsock_port:
-            target = HybridAddress(self._address.path, reply.vsock_port)
-        elif isinstance(self._address, VsockAddress) and reply.vsock_port:
-            target = VsockAddress(self._address.cid, reply.vsock_port)
-        elif isinstance(self._address, UnixAddress) and reply.unix_path:
-            target = UnixAddress(reply.unix_path)
+        # The same guest on the port (or at the socket path) the agent opened for us.
+        target = transport.sibling(self._address, port=reply.vsock_port, path=reply.unix_path)
         if target is None:
             self._data_channel = False
             return None
-        from vsockrpc import transport
-
         sock = transport.connect(target, timeout=30)
         try:
             sock.sendall(ticket_line(reply.ticket))

@@ -70,7 +70,7 @@ class Guest:
             address = parse_address(target)
             from vsockrpc import rpc
 
-            self._owned = rpc.channel(target)
+            self._owned = rpc.channel(address)
             channel = self._owned
             if wait > 0:
                 try:

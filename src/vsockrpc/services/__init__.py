@@ -13,7 +13,8 @@ __all__ = ["default_services"]
 
 def default_services() -> list[Callable[[grpc.Server], None]]:
     """Service registrars for :func:`vsockrpc.rpc.serve`: everything the guest agent serves."""
-    from vsockrpc.rpc import peer_address  # the agent's peer lookup is injected, here
+    from vsockrpc import transport  # the agent's data-channel sockets are injected, here
+    from vsockrpc.rpc import peer_address  # and so is its peer lookup
     from vsockrpc.services.agent import (
         AGENT_SERVICE_NAMES,
         agent_services,
@@ -23,6 +24,6 @@ def default_services() -> list[Callable[[grpc.Server], None]]:
     return [
         addition.register,
         # Exec, Files, System; peers checked (VSOCKRPC_AGENT_ALLOWED_CIDS)
-        *agent_services(peer_resolver=peer_address),
+        *agent_services(peer_resolver=peer_address, sockets=transport),
         health_and_reflection(["popovicu_vsock.VsockService", *AGENT_SERVICE_NAMES]),
     ]

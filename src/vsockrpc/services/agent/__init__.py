@@ -20,6 +20,7 @@ import grpc
 
 from vsockrpc.agent.v1 import agent_pb2 as pb
 from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
+from vsockrpc.services.agent.datachannel import DataSockets
 from vsockrpc.services.agent.exec import ExecServicer
 from vsockrpc.services.agent.files import FilesServicer
 from vsockrpc.services.agent.peers import (
@@ -79,14 +80,16 @@ def agent_services(
     clock_setter: ClockSetter = set_realtime_clock,
     table: ProcessTable | None = None,
     files: FilesServicer | None = None,
+    sockets: DataSockets | None = None,
 ) -> list[Registrar]:
     """Registrars for the Exec, Files and System services, each call checked by ``policy``
     (default :meth:`PeerPolicy.from_env`) against the caller ``peer_resolver`` finds (e.g.
     :func:`vsockrpc.rpc.peer_address`). Pass ``table``/``files`` to keep handles for cleanup
-    (``table.close()`` kills processes, ``files.close()`` closes data listeners)."""
+    (``table.close()`` kills processes, ``files.close()`` closes data listeners). ``sockets``
+    (e.g. :mod:`vsockrpc.transport`) opens raw data channels; without it transfers go in-band."""
     guard = PeerGuard(policy if policy is not None else PeerPolicy.from_env(), peer_resolver)
     exec_servicer = ExecServicer(table)
-    files_servicer = files if files is not None else FilesServicer(guard)
+    files_servicer = files if files is not None else FilesServicer(guard, sockets)
     system_servicer = SystemServicer(power_control=power_control, clock_setter=clock_setter)
 
     def register_exec(server: grpc.Server) -> None:

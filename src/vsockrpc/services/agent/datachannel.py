@@ -8,6 +8,12 @@ a newline. The Upload/Download call then names the ticket: header and trailer (s
 stay on the gRPC stream, the bytes flow on the socket. Design after Apple's vminitd, which
 copies files on a separate vsock stream.
 
+Sockets come from the injected :class:`DataSockets` (the server's starter passes
+:mod:`vsockrpc.transport`): the listener for a caller is where that caller can connect back
+(``callback_address``), and an accepted connection's peer is what the transport says it is
+(``accepted_peer``), the same function the server-side relay uses. Without it, transfers go
+in-band.
+
 Admission: the listener only exists for peers the policy admitted (OpenDataChannel is a guarded
 RPC), a vsock connection must come from an admitted CID too, and the ticket (128 random bits,
 one use, 60 s) ties it to the call that asked for it.
@@ -24,20 +30,37 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
-from vsockrpc.addresses import Address, UnixAddress, VsockAddress
+from vsockrpc.addresses import Address
 from vsockrpc.agent.datachannel import TICKET_LINE_MAX, TICKET_TTL, new_ticket, parse_ticket_line
+from vsockrpc.errors import VsockRpcError
 from vsockrpc.services.agent._status import Code, Status
 
 log = logging.getLogger("vsockrpc.agent.data")
 
-_VMADDR_CID_ANY = 0xFFFFFFFF
-_VMADDR_PORT_ANY = 0xFFFFFFFF
+
+class DataSockets(Protocol):
+    """The socket operations data channels need (:mod:`vsockrpc.transport` provides them)."""
+
+    def callback_address(self, peer: Address, socket_path: Callable[[], str]) -> Address | None: ...
+
+    def listen(self, address: Address, *, backlog: int = 128) -> socket.socket: ...
+
+    def listening_address(self, address: Address, listener: socket.socket) -> Address: ...
+
+    def accepted_peer(
+        self, listening: Address, conn: socket.socket, peer: object
+    ) -> Address | None: ...
 
 
 class _Listener:
-    def __init__(self, sock: socket.socket, hub: DataChannels) -> None:
+    def __init__(
+        self, sock: socket.socket, address: Address, sockets: DataSockets, hub: DataChannels
+    ) -> None:
         self.sock = sock
+        self.address = address  # as listened on, the port filled in
+        self._sockets = sockets
         self._hub = hub
         self._thread = threading.Thread(target=self._accept, name="agent-data", daemon=True)
         self._thread.start()
@@ -49,77 +72,67 @@ class _Listener:
             except OSError:
                 return  # closed
             threading.Thread(
-                target=self._hub.register, args=(conn, peer), name="agent-data-conn", daemon=True
+                target=self._hub.register,
+                args=(conn, self._sockets.accepted_peer(self.address, conn, peer)),
+                name="agent-data-conn",
+                daemon=True,
             ).start()
 
 
 class DataChannels:
-    """Listeners (one per transport family, opened on first use) and pending connections."""
+    """Listeners (one per address kind, opened on first use) and pending connections."""
 
-    def __init__(self, admits: Callable[[Address | None], bool]) -> None:
+    def __init__(
+        self, admits: Callable[[Address | None], bool], sockets: DataSockets | None = None
+    ) -> None:
         self._admits = admits
+        self._sockets = sockets
         self._lock = threading.Condition()
-        self._vsock: _Listener | None = None
-        self._unix: _Listener | None = None
+        self._listeners: dict[str, _Listener] = {}  # by scheme
         self._unix_dir: str | None = None
         self._tickets: dict[str, float] = {}  # issued, not connected yet: expiry
         self._ready: dict[str, socket.socket] = {}  # connected, not taken yet
 
     def open(self, peer: Address | None) -> tuple[int, str, str]:
         """(vsock_port, unix_path, ticket) of a channel for a caller at ``peer``."""
+        sockets = self._sockets
         with self._lock:
-            if isinstance(peer, VsockAddress):
-                if self._vsock is None:
-                    self._vsock = _Listener(self._listen_vsock(), self)
-                port, path = int(self._vsock.sock.getsockname()[1]), ""
-            elif isinstance(peer, UnixAddress):
-                if self._unix is None:
-                    self._unix = _Listener(self._listen_unix(), self)
-                port, path = 0, str(self._unix.sock.getsockname())
-            else:
+            address = None
+            if sockets is not None and peer is not None:
+                address = sockets.callback_address(peer, self._unix_path)
+            if sockets is None or address is None:
                 raise Status(
                     Code.FAILED_PRECONDITION,
                     f"no data channel for peer {peer}: send the data in-band",
                 )
+            listener = self._listeners.get(address.scheme)
+            if listener is None:
+                try:
+                    sock = sockets.listen(address, backlog=16)
+                except VsockRpcError as err:
+                    raise Status(Code.FAILED_PRECONDITION, f"data listener: {err}") from err
+                bound = sockets.listening_address(address, sock)
+                listener = self._listeners[address.scheme] = _Listener(sock, bound, sockets, self)
+            # The reply names a port (vsock) or a socket path (Unix): whichever the kind has.
+            port = getattr(listener.address, "port", 0)
+            path = getattr(listener.address, "path", "")
             ticket = new_ticket()
             self._tickets[ticket] = time.monotonic() + TICKET_TTL
             self._prune()
         return port, path, ticket
 
-    @staticmethod
-    def _listen_vsock() -> socket.socket:
-        try:
-            sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        except OSError as err:
-            raise Status(Code.FAILED_PRECONDITION, f"no AF_VSOCK: {err}") from err
-        try:
-            sock.bind((_VMADDR_CID_ANY, _VMADDR_PORT_ANY))  # the kernel picks a free port
-            sock.listen(16)
-        except OSError as err:
-            sock.close()
-            raise Status(Code.FAILED_PRECONDITION, f"data listener: {err}") from err
-        return sock
+    def _unix_path(self) -> str:
+        if self._unix_dir is None:
+            self._unix_dir = tempfile.mkdtemp(prefix="vsockrpc-data-")  # 0700: only us
+        return os.path.join(self._unix_dir, "data.sock")
 
-    def _listen_unix(self) -> socket.socket:
-        self._unix_dir = tempfile.mkdtemp(prefix="vsockrpc-data-")  # 0700: only us
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(os.path.join(self._unix_dir, "data.sock"))
-            sock.listen(16)
-        except OSError as err:
-            sock.close()
-            raise Status(Code.FAILED_PRECONDITION, f"data listener: {err}") from err
-        return sock
-
-    def register(self, conn: socket.socket, peer: object) -> None:
+    def register(self, conn: socket.socket, peer: Address | None) -> None:
         """A new connection: check its peer, read its ticket line, park it for :meth:`take`."""
         try:
-            if conn.family == socket.AF_VSOCK and isinstance(peer, tuple):
-                address: Address | None = VsockAddress(int(peer[0]), int(peer[1]))
-                if not self._admits(address):
-                    log.warning("refused data connection from %s", address)
-                    conn.close()
-                    return
+            if not self._admits(peer):
+                log.warning("refused data connection from %s", peer)
+                conn.close()
+                return
             conn.settimeout(10)
             line = b""
             while not line.endswith(b"\n") and len(line) < TICKET_LINE_MAX:
@@ -162,15 +175,14 @@ class DataChannels:
 
     def close(self) -> None:
         with self._lock:
-            for listener in (self._vsock, self._unix):
-                if listener is not None:
-                    with contextlib.suppress(OSError):
-                        listener.sock.shutdown(socket.SHUT_RDWR)
-                    listener.sock.close()
+            for listener in self._listeners.values():
+                with contextlib.suppress(OSError):
+                    listener.sock.shutdown(socket.SHUT_RDWR)
+                listener.sock.close()
             for conn in self._ready.values():
                 conn.close()
             self._ready.clear()
-            self._vsock = self._unix = None
+            self._listeners.clear()
             if self._unix_dir is not None:
                 shutil.rmtree(self._unix_dir, ignore_errors=True)
                 self._unix_dir = None

@@ -28,7 +28,7 @@ from vsockrpc.agent.v1 import agent_pb2 as pb
 from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
 from vsockrpc.services.agent._rpc import statuses
 from vsockrpc.services.agent._status import Code, Status, check_path, show
-from vsockrpc.services.agent.datachannel import DataChannels
+from vsockrpc.services.agent.datachannel import DataChannels, DataSockets
 from vsockrpc.services.agent.peers import PeerGuard
 
 log = logging.getLogger("vsockrpc.agent.files")
@@ -129,12 +129,14 @@ def _fsync_dir(path: bytes) -> None:
 class FilesServicer(pb_grpc.FilesServicer):
     """``vsockrpc.agent.v1.Files``: paths are absolute bytes; see the module docstring.
 
-    ``guard`` finds the caller's address for data channels and admits their connections.
+    ``guard`` finds the caller's address for data channels and admits their connections;
+    ``sockets`` (:mod:`vsockrpc.transport`, injected by the server's starter) opens them: without
+    it, transfers go in-band.
     """
 
-    def __init__(self, guard: PeerGuard) -> None:
+    def __init__(self, guard: PeerGuard, sockets: DataSockets | None = None) -> None:
         self._guard = guard
-        self.data = DataChannels(guard.admits)
+        self.data = DataChannels(guard.admits, sockets)
 
     def close(self) -> None:
         self.data.close()

@@ -26,9 +26,10 @@ from typing import Any
 
 import grpc
 
-from vsockrpc.addresses import Address, TcpAddress, UnixAddress, VsockAddress
+from vsockrpc.addresses import Address, UnixAddress
 from vsockrpc.agent import CMDLINE_ALLOWED_CIDS, ENV_ALLOWED_CIDS, REFUSED_PEER_KEY
 from vsockrpc.errors import AddressError
+from vsockrpc.vm_sockets import VMADDR_CID_HOST
 
 __all__ = [
     "PeerGuard",
@@ -41,7 +42,6 @@ __all__ = [
 
 log = logging.getLogger("vsockrpc.agent.peers")
 
-VMADDR_CID_HOST = 2
 
 PeerResolver = Callable[[grpc.ServicerContext], Address | None]
 """The address of a call's peer (None when unknown), e.g. :func:`vsockrpc.rpc.peer_address`."""
@@ -86,13 +86,11 @@ class PeerPolicy:
         return cls(allowed_cids=cids)
 
     def admits(self, peer: Address | None) -> bool:
-        if isinstance(peer, VsockAddress):
+        if peer is None:
+            return False  # unknown peer: refuse
+        if peer.scheme == "vsock":
             return self.allowed_cids is None or peer.cid in self.allowed_cids
-        if isinstance(peer, UnixAddress):
-            return self.allow_unix
-        if isinstance(peer, TcpAddress):
-            return self.allow_tcp
-        return False  # unknown peer: refuse
+        return {"unix": self.allow_unix, "tcp": self.allow_tcp}.get(peer.scheme, False)
 
 
 @dataclass(frozen=True)
