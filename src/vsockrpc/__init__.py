@@ -7,6 +7,13 @@ README.
 
 from __future__ import annotations
 
+import os as _os
+
+# grpc core reads GRPC_VERBOSITY once, when grpc is imported: set the default before anything
+# here imports it. Its "E1201 ..." lines repeat errors vsockrpc reports itself, in another
+# format; GRPC_VERBOSITY=ERROR (or DEBUG) in the environment brings them back.
+_os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 from vsockrpc.addresses import (
     Address,
     HybridAddress,
