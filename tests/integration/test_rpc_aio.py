@@ -8,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import grpc
+import grpc.aio
 import pytest
 
 from tests.integration._relay_helpers import HybridPeer
@@ -41,3 +43,19 @@ def test_aio_addition_direct_and_relayed(tmp_path: Path, monkeypatch: pytest.Mon
         assert peer.commands == [b"CONNECT 9999"]
     assert glob.glob(os.path.join(tempfile.gettempdir(), "*")) == []
     os.rmdir(tempfile.gettempdir())
+
+
+@pytest.mark.timeout(60)
+def test_aio_relayed_errors_carry_the_dial_error(tmp_path: Path) -> None:
+    address = f"hvsock:{tmp_path}/gone.sock:9999"
+
+    async def call() -> grpc.aio.AioRpcError:
+        async with aio.channel(address) as ch:
+            stub = pb_grpc.VsockServiceStub(ch)  # type: ignore[no-untyped-call]
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Addition(pb.AdditionRequest(a=1, b=2), timeout=10)
+            return info.value
+
+    error = asyncio.run(call())
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.details() == f"cannot connect to {address}: No such file or directory"

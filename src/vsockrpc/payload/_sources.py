@@ -22,7 +22,17 @@ PACKAGE = "vsockrpc"
 # What runs in the guest (ARCHITECTURE.md: guest → services → the agent contract, rpc → transport,
 # proto, plus the shared leaves). A module moved into a new top-level package is added here, and
 # only here.
-GUEST_PARTS = ("addresses", "errors", "agent", "guest", "services", "rpc", "transport", "proto")
+GUEST_PARTS = (
+    "addresses",
+    "vm_sockets",
+    "errors",
+    "agent",
+    "guest",
+    "services",
+    "rpc",
+    "transport",
+    "proto",
+)
 # The module the guest runs: PID 1 (``init=``) or the agent alone (``--listen``); its ``main``
 # is what the image's init script and the bundle's bootstrap call.
 ENTRY_MODULE = "vsockrpc.guest.__main__"

@@ -16,10 +16,11 @@ import contextlib
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any
 
 import grpc
+import grpc.aio
 
 from vsockrpc.addresses import Address
 from vsockrpc.errors import VsockRpcError
@@ -85,6 +86,10 @@ class ClientRelay:
         if not isinstance(details, str) or self._directory not in details:
             return err
         cause = self.last_error or details.replace(self.target, str(self.address))
+        if isinstance(err, grpc.aio.AioRpcError):  # what asyncio callers catch
+            return grpc.aio.AioRpcError(
+                err.code(), err.initial_metadata(), err.trailing_metadata(), cause, cause
+            )
         return RelayedRpcError(err, cause)
 
 
@@ -169,23 +174,55 @@ class _Call:
         self._call.add_done_callback(lambda _call: fn(self))
 
 
+class _AioCall:
+    """A ``grpc.aio`` call object whose errors go through ``fix`` (awaited or iterated)."""
+
+    __slots__ = ("_call", "_fix")
+
+    def __init__(self, call: Any, fix: Fix) -> None:
+        self._call = call
+        self._fix = fix
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        try:
+            return (yield from self._call.__await__())
+        except grpc.aio.AioRpcError as err:
+            raise self._fix(err) from None
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        try:
+            async for item in self._call:
+                yield item
+        except grpc.aio.AioRpcError as err:
+            raise self._fix(err) from None
+
+    async def read(self) -> Any:
+        try:
+            return await self._call.read()
+        except grpc.aio.AioRpcError as err:
+            raise self._fix(err) from None
+
+
 class _Multicallable:
     """Any of grpcio's four multicallables, holding the channel that made it."""
 
-    __slots__ = ("_fix", "_inner", "_owner")
+    __slots__ = ("_fix", "_inner", "_owner", "_wrap")
 
-    def __init__(self, inner: Any, fix: Fix, owner: object) -> None:
+    def __init__(self, inner: Any, fix: Fix, owner: object, wrap: Wrap | None) -> None:
         self._inner = inner
         self._fix = fix
         self._owner = owner  # keeps the channel, and so its relay, alive while a stub is
+        self._wrap = wrap
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             result = self._inner(*args, **kwargs)
         except grpc.RpcError as err:
             raise self._fix(err) from None
-        # Streaming responses are call objects that raise while being iterated.
-        return _Call(result, self._fix) if isinstance(result, grpc.Call) else result
+        return result if self._wrap is None else self._wrap(result, self._fix)
 
     def with_call(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -201,6 +238,13 @@ class _Multicallable:
         return getattr(self._inner, name)
 
 
-def wrap_multicallable(inner: Any, fix: Fix, owner: object) -> Any:
-    """``inner`` with errors going through ``fix`` and ``owner`` kept alive."""
-    return _Multicallable(inner, fix, owner)
+Wrap = Callable[[Any, Fix], Any]
+
+
+def wrap_multicallable(inner: Any, fix: Fix, owner: object, *, kind: str, aio: bool) -> Any:
+    """``inner`` (a multicallable of ``kind``, e.g. ``"unary_stream"``) with errors going through
+    ``fix`` and ``owner`` kept alive. What a call returns is wrapped only where it can still
+    fail later: every ``grpc.aio`` call, sync streaming responses; a sync unary call returns
+    the response itself (or raises), so nothing is added to it."""
+    wrap: Wrap | None = _AioCall if aio else _Call if kind.endswith("_stream") else None
+    return _Multicallable(inner, fix, owner, wrap)

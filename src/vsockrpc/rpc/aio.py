@@ -28,6 +28,8 @@ __all__ = ["AioRelayChannel", "channel"]
 class AioRelayChannel(Relayed, grpc.aio.Channel):  # type: ignore[misc]  # grpc ships no types
     """A ``grpc.aio`` channel whose connections a relay forwards to ``address``."""
 
+    _aio = True
+
     def __init__(self, inner: grpc.aio.Channel, forwarder: ClientRelay) -> None:
         self._inner = inner
         # Collected unclosed: grpc.aio closes its own channel; the relay is ours to stop.
@@ -58,16 +60,16 @@ class AioRelayChannel(Relayed, grpc.aio.Channel):  # type: ignore[misc]  # grpc 
         await self._inner.channel_ready()
 
     def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._wrap(self._inner.unary_unary(method, *args, **kwargs))
+        return self._wrap(self._inner.unary_unary(method, *args, **kwargs), "unary_unary")
 
     def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._wrap(self._inner.unary_stream(method, *args, **kwargs))
+        return self._wrap(self._inner.unary_stream(method, *args, **kwargs), "unary_stream")
 
     def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._wrap(self._inner.stream_unary(method, *args, **kwargs))
+        return self._wrap(self._inner.stream_unary(method, *args, **kwargs), "stream_unary")
 
     def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._wrap(self._inner.stream_stream(method, *args, **kwargs))
+        return self._wrap(self._inner.stream_stream(method, *args, **kwargs), "stream_stream")
 
 
 def channel(

@@ -95,8 +95,10 @@ class Relayed:
         """Why the relay's last connection attempt failed (None after a success)."""
         return self._forwarder.last_error
 
-    def _wrap(self, inner: Any) -> Any:
-        return wrap_multicallable(inner, self._forwarder.fix, self)
+    _aio = False
+
+    def _wrap(self, inner: Any, kind: str) -> Any:
+        return wrap_multicallable(inner, self._forwarder.fix, self, kind=kind, aio=self._aio)
 
 
 class RelayChannel(Relayed, grpc.Channel):  # type: ignore[misc]  # grpc ships no type information
@@ -114,16 +116,16 @@ class RelayChannel(Relayed, grpc.Channel):  # type: ignore[misc]  # grpc ships n
         self._inner.unsubscribe(callback)
 
     def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._wrap(self._inner.unary_unary(method, *args, **kwargs))
+        return self._wrap(self._inner.unary_unary(method, *args, **kwargs), "unary_unary")
 
     def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._wrap(self._inner.unary_stream(method, *args, **kwargs))
+        return self._wrap(self._inner.unary_stream(method, *args, **kwargs), "unary_stream")
 
     def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._wrap(self._inner.stream_unary(method, *args, **kwargs))
+        return self._wrap(self._inner.stream_unary(method, *args, **kwargs), "stream_unary")
 
     def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._wrap(self._inner.stream_stream(method, *args, **kwargs))
+        return self._wrap(self._inner.stream_stream(method, *args, **kwargs), "stream_stream")
 
     def close(self) -> None:
         self._finalizer()
