@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from vsockrpc.errors import AddressError
-from vsockrpc.vm_sockets import VMADDR_CID_ANY, VMADDR_CID_HOST
+from vsockrpc.vsock_constants import VMADDR_CID_ANY, VMADDR_CID_HOST
 
 __all__ = [
     "SUN_PATH_MAX",

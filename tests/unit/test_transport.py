@@ -32,7 +32,7 @@ from vsockrpc.errors import (
 )
 from vsockrpc.transport import hybrid, vsock
 from vsockrpc.transport._errors import mapping_connect_errors, mapping_listen_errors
-from vsockrpc.vm_sockets import VMADDR_PORT_ANY
+from vsockrpc.vsock_constants import VMADDR_PORT_ANY
 
 HAS_VSOCK = hasattr(socket, "AF_VSOCK")
 
@@ -286,7 +286,7 @@ def test_vsock_constants_are_defined_once() -> None:
     names = {"VMADDR_CID_ANY", "VMADDR_CID_HOST", "VMADDR_PORT_ANY", "_VMADDR_CID_ANY"}
     offenders = []
     for path in sorted(_SRC.rglob("*.py")):
-        if path.name == "vm_sockets.py":
+        if path.name == "vsock_constants.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):

@@ -24,7 +24,7 @@ PACKAGE = "vsockrpc"
 # only here.
 GUEST_PARTS = (
     "addresses",
-    "vm_sockets",
+    "vsock_constants",
     "errors",
     "agent",
     "guest",

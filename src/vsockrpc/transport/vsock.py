@@ -13,7 +13,7 @@ from collections.abc import Callable
 from vsockrpc.addresses import Address, VsockAddress
 from vsockrpc.errors import AddressError, TransportError
 from vsockrpc.transport._errors import mapping_connect_errors, mapping_listen_errors
-from vsockrpc.vm_sockets import VMADDR_CID_ANY, VMADDR_PORT_ANY
+from vsockrpc.vsock_constants import VMADDR_CID_ANY, VMADDR_PORT_ANY
 
 __all__ = [
     "TRANSPORT",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import struct
 
-from vsockrpc.vm_sockets import RESERVED_GUEST_CIDS, VMADDR_CID_HOST
+from vsockrpc.vsock_constants import RESERVED_GUEST_CIDS, VMADDR_CID_HOST
 
 __all__ = [
     "HDR",

@@ -29,7 +29,7 @@ import grpc
 from vsockrpc.addresses import Address, UnixAddress
 from vsockrpc.agent import CMDLINE_ALLOWED_CIDS, ENV_ALLOWED_CIDS, REFUSED_PEER_KEY
 from vsockrpc.errors import AddressError
-from vsockrpc.vm_sockets import VMADDR_CID_HOST
+from vsockrpc.vsock_constants import VMADDR_CID_HOST
 
 __all__ = [
     "PeerGuard",
