@@ -48,6 +48,7 @@ def running_agent(
     agent = AgentUnderTest(f"unix:{directory}/agent.sock", directory, table)
     services = agent_services(
         peer_resolver=resolver,
+        sockets=transport,
         policy=admitted,
         power_control=agent.power_calls.append,
         clock_setter=agent.clock_calls.append,

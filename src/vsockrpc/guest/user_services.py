@@ -90,6 +90,7 @@ def _user_registrar(entries: Sequence[str], names: list[str]) -> Registrar:
 
 def registrars(config: GuestConfig) -> list[Registrar]:
     """What the agent serves for ``config`` (a plain image: vsockrpc's default services)."""
+    from vsockrpc import transport
     from vsockrpc.rpc import peer_address
     from vsockrpc.services import addition, default_services
     from vsockrpc.services.agent import (
@@ -107,7 +108,8 @@ def registrars(config: GuestConfig) -> list[Registrar]:
     own_names: list[str] = []
     if config.agent:
         # As in default_services(), whose health registrar cannot take the user's names.
-        own = [addition.register, *agent_services(peer_resolver=peer_address)]
+        agent = agent_services(peer_resolver=peer_address, sockets=transport)
+        own = [addition.register, *agent]
         own_names = ["popovicu_vsock.VsockService", *AGENT_SERVICE_NAMES]
 
     def health_with_user_names(server: grpc.Server) -> None:

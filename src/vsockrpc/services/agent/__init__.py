@@ -75,18 +75,19 @@ AGENT_SERVICE_NAMES = tuple(
 def agent_services(
     *,
     peer_resolver: PeerResolver,
+    sockets: DataSockets | None,
     policy: PeerPolicy | None = None,
     power_control: PowerControl | None = None,
     clock_setter: ClockSetter = set_realtime_clock,
     table: ProcessTable | None = None,
     files: FilesServicer | None = None,
-    sockets: DataSockets | None = None,
 ) -> list[Registrar]:
     """Registrars for the Exec, Files and System services, each call checked by ``policy``
     (default :meth:`PeerPolicy.from_env`) against the caller ``peer_resolver`` finds (e.g.
     :func:`vsockrpc.rpc.peer_address`). Pass ``table``/``files`` to keep handles for cleanup
     (``table.close()`` kills processes, ``files.close()`` closes data listeners). ``sockets``
-    (e.g. :mod:`vsockrpc.transport`) opens raw data channels; without it transfers go in-band."""
+    (:mod:`vsockrpc.transport`, injected like the peer lookup) opens raw data channels; with
+    None, transfers go in-band."""
     guard = PeerGuard(policy if policy is not None else PeerPolicy.from_env(), peer_resolver)
     exec_servicer = ExecServicer(table)
     files_servicer = files if files is not None else FilesServicer(guard, sockets)
