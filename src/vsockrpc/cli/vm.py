@@ -1,11 +1,20 @@
-"""``vsockrpc vm run|stop|list`` and ``vsockrpc demo``."""
+"""``vsockrpc vm run|stop|list`` and ``vsockrpc demo``.
+
+Exit codes beyond main's: a bad option (name, CID, port, size, timeout) is a usage error,
+exit 2, reported before any image is built; a name or CID another VM holds is a failed
+operation, exit 1 (the input is well-formed, the machine's state refuses it). A foreground
+``vm run``/``demo`` treats SIGINT, SIGTERM and SIGHUP alike: during the boot everything is
+stopped and removed (exit 130), once running the guest is powered off (exit 0 when it was).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -14,23 +23,20 @@ from vsockrpc.cli._output import step
 from vsockrpc.errors import VmError
 
 
-def _positive(text: str) -> int:
+def _integer(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {value}")
-    return value
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
 
 
 def _boot_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cid", type=_positive, help="guest CID (default: the lowest free one)")
+    parser.add_argument("--cid", type=_integer, help="guest CID (default: the lowest free one)")
     parser.add_argument(
-        "--memory", type=_positive, metavar="MIB", help="RAM (the image spec's, else 512)"
+        "--memory", type=_integer, metavar="MIB", help="RAM (the image spec's, else 512)"
     )
-    parser.add_argument("--cpus", type=_positive, help="virtual CPUs (the image spec's, else 1)")
-    parser.add_argument("--port", type=_positive, default=9999, help="agent vsock port (9999)")
+    parser.add_argument("--cpus", type=_integer, help="virtual CPUs (the image spec's, else 1)")
+    parser.add_argument("--port", type=_integer, default=9999, help="agent vsock port (9999)")
     parser.add_argument(
         "--timeout",
         type=float,
@@ -90,7 +96,43 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     demo.set_defaults(func=_demo)
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Validate the boot options before anything (an image build takes minutes). Sizes left
+    to the image spec are checked again by the launcher once the image is known."""
+    from vsockrpc.vm.options import check_launch
+
+    check_launch(
+        name=getattr(args, "name", None),
+        cid=args.cid,
+        port=args.port,
+        memory_mib=512 if args.memory is None else args.memory,
+        cpus=1 if args.cpus is None else args.cpus,
+        ready_timeout=args.timeout,
+    )
+
+
+@contextlib.contextmanager
+def _interrupting_signals() -> Iterator[None]:
+    """SIGTERM/SIGHUP act like Ctrl-C (KeyboardInterrupt) where no deferral is installed."""
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    sigs = (signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, on_signal) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _image(path: Path | str | None, spec_file: Path | None = None) -> Any:
+    with _interrupting_signals():
+        return _find_or_build_image(path, spec_file)
+
+
+def _find_or_build_image(path: Path | str | None, spec_file: Path | None) -> Any:
     from vsockrpc.image import build_image, find_image, names
 
     if spec_file is not None:
@@ -118,42 +160,44 @@ def _spec_default(info: Any, key: str, given: int | None, fallback: int) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from vsockrpc.vm import launch
+    from vsockrpc.vm.signals import StopSignals
 
+    _check(args)
     info = _image(args.image, args.spec)
     echo = None if (args.quiet or args.detach) else sys.stdout
-    vm = launch(
-        info,
-        cid=args.cid,
-        memory_mib=_spec_default(info, "memory", args.memory, 512),
-        cpus=_spec_default(info, "cpus", args.cpus, 1),
-        port=args.port,
-        append=args.append,
-        name=args.name,
-        wait=not args.no_wait,
-        ready_timeout=args.timeout,
-        echo=echo,
-        detach=args.detach,
-    )
-    summary = f"vm {vm.name}: CID {vm.cid}, agent at {vm.address()}, accel {vm.accel.name}"
-    if args.detach:
-        print(summary, flush=True)
-        print(f"stop it with: vsockrpc vm stop {vm.name}", file=sys.stderr)
-        return 0
-    with vm:
-        print(f"==> {summary}", file=sys.stderr, flush=True)
-
-        def on_term(_signum: int, _frame: FrameType | None) -> None:
-            raise KeyboardInterrupt
-
-        previous = signal.signal(signal.SIGTERM, on_term)
-        try:
-            while vm.running():
-                time.sleep(0.2)
-        except KeyboardInterrupt:
-            print("==> powering the guest off", file=sys.stderr, flush=True)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        code = vm.stop()
+    # From here on a stop signal only sets a flag: the launcher unwinds where it is safe and
+    # a second signal cannot cut the cleanup short.
+    with StopSignals() as stop:
+        vm = launch(
+            info,
+            cid=args.cid,
+            memory_mib=_spec_default(info, "memory", args.memory, 512),
+            cpus=_spec_default(info, "cpus", args.cpus, 1),
+            port=args.port,
+            append=args.append,
+            name=args.name,
+            wait=not args.no_wait,
+            ready_timeout=args.timeout,
+            echo=echo,
+            detach=args.detach,
+            cancel=stop.event,
+        )
+        summary = f"vm {vm.name}: CID {vm.cid}, agent at {vm.address()}, accel {vm.accel.name}"
+        if args.detach:
+            print(summary, flush=True)
+            print(f"stop it with: vsockrpc vm stop {vm.name}", file=sys.stderr)
+            return 0
+        with vm:
+            print(f"==> {summary}", file=sys.stderr, flush=True)
+            while vm.running() and not stop.event.is_set():
+                stop.event.wait(0.2)
+            if stop.received is not None:
+                print(
+                    f"==> {stop.received.name}: powering the guest off", file=sys.stderr, flush=True
+                )
+            code = vm.stop()
+    if stop.received is None and code != 0:
+        raise VmError(f"QEMU exited with status {code}: {vm.qemu_last_words or 'no message'}")
     return 0 if code == 0 else 1
 
 
@@ -161,8 +205,13 @@ def _stop(args: argparse.Namespace) -> int:
     from vsockrpc.vm.registry import stop_vm
 
     stopped = stop_vm(args.which)
-    how = "powered off" if stopped.graceful else "killed (the guest did not power off)"
-    print(f"vm {stopped.record.name} (CID {stopped.record.cid}) {how}")
+    what = f"vm {stopped.record.name} (CID {stopped.record.cid})"
+    if not stopped.was_running:
+        print(f"{what} was already dead (QEMU had exited); removed what it left")
+    elif stopped.graceful:
+        print(f"{what} powered off")
+    else:
+        print(f"{what} killed (the guest did not power off)")
     return 0
 
 
@@ -173,33 +222,55 @@ def _list(_args: argparse.Namespace) -> int:
     if not records:
         print("no VMs")
         return 0
-    print(f"{'NAME':<12} {'CID':>6} {'STATE':<8} {'PID':>8}  ADDRESS")
+    print(f"{'NAME':<12} {'CID':>6} {'STATE':<20} {'PID':>8}  ADDRESS")
     for r in records:
-        state = "running" if r.running else "dead"
-        print(f"{r.name:<12} {r.cid:>6} {state:<8} {r.qemu_pid:>8}  {r.state.get('address')}")
+        print(f"{r.name:<12} {r.cid:>6} {r.status:<20} {r.qemu_pid:>8}  {r.state.get('address')}")
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from vsockrpc import rpc
-    from vsockrpc.proto import vsock_service_pb2 as pb
-    from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
     from vsockrpc.vm import launch
+    from vsockrpc.vm.signals import StopSignals
 
+    _check(args)
     phases: dict[str, float] = {}
     t = time.monotonic()
     info = _image(None)
     phases["image (build or cache)"] = time.monotonic() - t
-    with step("boot the guest and wait for its agent"):
-        vm = launch(
-            info,
-            cid=args.cid,
-            memory_mib=args.memory or 512,
-            cpus=args.cpus or 1,
-            port=args.port,
-            ready_timeout=args.timeout,
-        )
+    with StopSignals() as stop:
+        with step("boot the guest and wait for its agent"):
+            vm = launch(
+                info,
+                cid=args.cid,
+                memory_mib=args.memory or 512,
+                cpus=args.cpus or 1,
+                port=args.port,
+                ready_timeout=args.timeout,
+                cancel=stop.event,
+            )
+        code, reply_c, phase_more = _demo_call(vm, stop.event)
+        phases.update(phase_more)
+    if stop.received is not None:
+        raise KeyboardInterrupt
+    print("timings:", file=sys.stderr)
+    for name, seconds in phases.items():
+        print(f"  {name:<26} {seconds:6.2f} s", file=sys.stderr)
+    print(f"  {'total':<26} {sum(phases.values()):6.2f} s", file=sys.stderr)
+    if code != 0:
+        raise VmError(f"QEMU exited with status {code} at shutdown: {vm.qemu_last_words}")
+    return 0 if reply_c == 12 else 1
+
+
+def _demo_call(vm: Any, stop: Any) -> tuple[int | None, int, dict[str, float]]:
+    """Addition(5, 7) on the booted guest, then power it off (at once when ``stop`` is set)."""
+    from vsockrpc import rpc
+    from vsockrpc.proto import vsock_service_pb2 as pb
+    from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
+
+    phases: dict[str, float] = {}
     with vm:
+        if stop.is_set():
+            return vm.stop(), 0, phases
         for name, seconds in vm.timings.phases().items():
             phases[f"boot: {name}"] = seconds
         print(
@@ -223,10 +294,4 @@ def _demo(args: argparse.Namespace) -> int:
         t = time.monotonic()
         code = vm.stop()
         phases["shutdown"] = time.monotonic() - t
-    print("timings:", file=sys.stderr)
-    for name, seconds in phases.items():
-        print(f"  {name:<26} {seconds:6.2f} s", file=sys.stderr)
-    print(f"  {'total':<26} {sum(phases.values()):6.2f} s", file=sys.stderr)
-    if code != 0:
-        raise VmError(f"QEMU exited with status {code} at shutdown")
-    return 0 if reply.c == 12 else 1
+    return code, reply.c, phases

@@ -16,6 +16,7 @@ import struct
 from pathlib import Path
 
 from vsockrpc.errors import VmError
+from vsockrpc.vm.options import check_cid
 
 __all__ = ["FIRST_GUEST_CID", "CidLease", "host_local_cid", "lease"]
 
@@ -92,8 +93,7 @@ def lease(runtime: Path, cid: int | None = None) -> CidLease:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     own = host_local_cid()
     if cid is not None:
-        if not FIRST_GUEST_CID <= cid <= MAX_GUEST_CID:
-            raise VmError(f"guest CID {cid} is invalid: use {FIRST_GUEST_CID}..{MAX_GUEST_CID}")
+        check_cid(cid)
         if cid == own:
             raise VmError(f"CID {cid} is busy: it is this host's own vsock CID")
         got = _try_lock(directory, cid)

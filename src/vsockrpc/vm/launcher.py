@@ -14,7 +14,9 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -29,9 +31,13 @@ from vsockrpc.image import ImageInfo, find_image
 from vsockrpc.image.cache import cache_root
 from vsockrpc.vm import accel as accel_mod
 from vsockrpc.vm import cid as cid_mod
+from vsockrpc.vm import signals
 from vsockrpc.vm.console import ConsoleFollower
+from vsockrpc.vm.options import check_launch
+from vsockrpc.vm.procs import die_with_parent
 from vsockrpc.vm.qemu import QemuConfig, find_qemu, qemu_argv
 from vsockrpc.vm.qmp import CTRL_ALT_DEL, qmp_command
+from vsockrpc.vm.rundir import claim_name
 from vsockrpc.vm.runtime import runtime_dir
 from vsockrpc.vm.vsockdev import UserspaceDevice, kernel_vhost_vsock_usable
 
@@ -88,6 +94,7 @@ class Vm:
     console: ConsoleFollower
     device: UserspaceDevice | None
     timings: Timings = field(default_factory=Timings)
+    qemu_last_words: str = ""  # QEMU's last stderr line, kept when it exits (stop/failure)
     _stack: ExitStack = field(default_factory=ExitStack, repr=False)
 
     @property
@@ -112,6 +119,17 @@ class Vm:
     def running(self) -> bool:
         return self.qemu.poll() is None
 
+    def qemu_log_tail(self) -> str:
+        """QEMU's own last line on stderr (``qemu.log``), read while the run dir exists."""
+        try:
+            text = (self.run_dir / "qemu.log").read_text(errors="replace")
+        except OSError:
+            return self.qemu_last_words
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if lines:
+            self.qemu_last_words = lines[-1]
+        return self.qemu_last_words
+
     def _guest_failure(self) -> GuestError | None:
         lines = self.console.lines()
         exited = next((ln for ln in lines if markers.AGENT_EXITED in ln), None)
@@ -132,6 +150,7 @@ class Vm:
             msg = f"guest agent crashed before it was ready ({what})"
         else:
             msg = f"guest stopped before the agent was ready (QEMU exit {self.qemu.returncode})"
+            detail = self.qemu_log_tail() or detail  # QEMU's own reason, when it gave one
         error = GuestError(
             f"{msg}: {detail}" if detail else msg,
             hint=f"guest console: {self._keep_console()}",
@@ -148,10 +167,14 @@ class Vm:
             shutil.copyfile(self.run_dir / "console.log", kept)
         return kept
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        """Block until the agent answers on vsock; GuestError when it crashes or times out."""
+    def wait_ready(
+        self, timeout: float = READY_TIMEOUT, *, cancel: threading.Event | None = None
+    ) -> None:
+        """Block until the agent answers on vsock; GuestError when it crashes or times out.
+        KeyboardInterrupt as soon as ``cancel`` is set."""
         deadline = time.monotonic() + timeout
         while True:
+            signals.check(cancel)
             self._update_timings()
             failure = self._guest_failure()
             if failure is not None:
@@ -165,21 +188,37 @@ class Vm:
                     f"guest agent not ready after {timeout:g} s",
                     hint=f"guest console: {self._keep_console()}",
                 )
-            time.sleep(0.05)
-        # The agent says it listens; now prove a gRPC connection crosses the vsock device.
-        try:
-            rpc.wait_until_ready(self.address(), timeout=max(deadline - time.monotonic(), 1.0))
-        except TransportError as err:
-            raise GuestError(f"guest agent announced readiness but does not answer: {err}") from err
+            _pause(cancel, 0.05)
+        # The agent says it listens; now prove a gRPC connection crosses the vsock device
+        # (in short slices, so a stop request or a dying QEMU is noticed in time).
+        deadline = max(deadline, time.monotonic() + 1.0)
+        while True:
+            signals.check(cancel)
+            try:
+                rpc.wait_until_ready(
+                    self.address(), timeout=min(max(deadline - time.monotonic(), 0.1), 2.0)
+                )
+                break
+            except TransportError as err:
+                failure = self._guest_failure()
+                if failure is not None:
+                    raise failure from err
+                if time.monotonic() > deadline:
+                    raise GuestError(
+                        f"guest agent announced readiness but does not answer: {err}"
+                    ) from err
         self.timings.rpc_ready = time.monotonic()
-        self._wait_commands_ready(deadline, timeout)
+        self._wait_commands_ready(deadline, timeout, cancel)
 
-    def _wait_commands_ready(self, deadline: float, timeout: float) -> None:
+    def _wait_commands_ready(
+        self, deadline: float, timeout: float, cancel: threading.Event | None
+    ) -> None:
         """An image spec's supervised commands with a readiness condition: until each one's
         ``command NAME ready`` console line (its port accepts inside the guest)."""
         spec = self.image.manifest.get("spec") or {}
         waiting = [c["name"] for c in spec.get("commands", []) if c.get("ready")]
         while waiting:
+            signals.check(cancel)
             waiting = [n for n in waiting if not self.console.seen(f"command {n} ready")]
             failure = self._guest_failure()
             if failure is not None:
@@ -189,7 +228,7 @@ class Vm:
                     f"supervised command {waiting[0]} not ready after {timeout:g} s",
                     hint=f"guest console: {self._keep_console()}",
                 )
-            time.sleep(0.05)
+            _pause(cancel, 0.05)
 
     def _update_timings(self) -> None:
         t = self.timings
@@ -216,6 +255,7 @@ class Vm:
         if self.running():
             self.qemu.kill()
         code = self.qemu.wait()
+        self.qemu_log_tail()  # keep QEMU's last words: the run dir goes with the stack
         self._stack.close()
         return code
 
@@ -226,7 +266,7 @@ class Vm:
         self.stop()
 
 
-def _state(vm: Vm) -> dict[str, object]:
+def _state(vm: Vm, detached: bool) -> dict[str, object]:
     return {
         "name": vm.name,
         "cid": vm.cid,
@@ -238,6 +278,7 @@ def _state(vm: Vm) -> dict[str, object]:
         "address": str(vm.address()),
         "accel": vm.accel.name,
         "launcher_pid": os.getpid(),
+        "detached": detached,
         "started": time.time(),
     }
 
@@ -255,24 +296,83 @@ def launch(
     ready_timeout: float = READY_TIMEOUT,
     echo: TextIO | None = None,
     detach: bool = False,
+    cancel: threading.Event | None = None,
 ) -> Vm:
     """Boot ``image`` and return the running :class:`Vm` (stop it, or use it in ``with``).
 
+    Options are validated before anything is created (:class:`~vsockrpc.vm.options.
+    InvalidVmOption`). The name is claimed atomically: a second launch with the same name
+    fails with :class:`VmError` while the first VM lives.
+
     ``detach``: QEMU and the device run in their own sessions and survive this process; the
     VM is then stopped with ``vsockrpc vm stop`` (the returned object must not be stopped).
+    Otherwise QEMU dies with this process, even if it is SIGKILLed.
+
+    ``cancel``: set it (e.g. from a signal handler) to abort the boot: everything started is
+    stopped and removed and KeyboardInterrupt is raised. Without it, on the main thread, a
+    SIGINT during the launch is deferred the same way (a second one cannot cut the cleanup).
     """
+    check_launch(
+        name=name,
+        cid=cid,
+        port=port,
+        memory_mib=memory_mib,
+        cpus=cpus,
+        ready_timeout=ready_timeout,
+    )
     info = image if isinstance(image, ImageInfo) else find_image(image)
     qemu_bin = find_qemu(info.arch)
     launched = time.monotonic()
+    with ExitStack() as outer:
+        if cancel is None:
+            cancel = outer.enter_context(signals.StopSignals((signal.SIGINT,))).event
+        return _launch(
+            info,
+            qemu_bin,
+            launched,
+            cancel,
+            cid=cid,
+            memory_mib=memory_mib,
+            cpus=cpus,
+            port=port,
+            append=append,
+            name=name,
+            wait=wait,
+            ready_timeout=ready_timeout,
+            echo=echo,
+            detach=detach,
+        )
+    raise AssertionError("unreachable")
+
+
+def _launch(
+    info: ImageInfo,
+    qemu_bin: str,
+    launched: float,
+    cancel: threading.Event,
+    *,
+    cid: int | None,
+    memory_mib: int,
+    cpus: int,
+    port: int,
+    append: str,
+    name: str | None,
+    wait: bool,
+    ready_timeout: float,
+    echo: TextIO | None,
+    detach: bool,
+) -> Vm:
     with ExitStack() as stack:
         runtime = runtime_dir()
         lease = stack.enter_context(cid_mod.lease(runtime, cid))
-        vm_name = name or f"vm{lease.cid}"
-        run_dir = runtime / "vms" / vm_name
-        if run_dir.exists():
-            _remove_stale(run_dir)
-        run_dir.mkdir(parents=True)
-        stack.callback(shutil.rmtree, run_dir, True)
+        claim = claim_name(runtime, name or f"vm{lease.cid}")
+        stack.callback(claim.close)
+        stack.callback(claim.remove)  # runs before close: the name is still ours
+        vm_name, run_dir = claim.name, claim.run_dir
+        # The CID and name locks go to every process of the VM: they stay taken while any
+        # of them lives, and become free by themselves once all are gone.
+        held = (lease.fileno(), claim.fileno())
+        signals.check(cancel)
         chosen = accel_mod.choose_accel(qemu_bin, info.kernel, _verdict_dir())
         device: UserspaceDevice | None = None
         if kernel_vhost_vsock_usable():
@@ -285,9 +385,11 @@ def launch(
                     guest_cid=lease.cid,
                     log_file=run_dir / "device.log",
                     detach=detach,
+                    extra_fds=held,
                 )
             )
             vhost_user = device.vhost_socket
+        signals.check(cancel)
         config = QemuConfig(
             qemu=qemu_bin,
             kernel=_boot_kernel(info),
@@ -311,7 +413,7 @@ def launch(
                     stdin=subprocess.DEVNULL,
                     stdout=qemu_log,
                     stderr=subprocess.STDOUT,
-                    pass_fds=(lease.fileno(),),
+                    pass_fds=held,
                     **_detached_or_own_group(detach),
                 )
             except OSError as err:
@@ -320,15 +422,17 @@ def launch(
         console = stack.enter_context(ConsoleFollower(run_dir / "console.log", echo=echo).start())
         vm = Vm(vm_name, lease.cid, port, info, run_dir, chosen, qemu, console, device)
         vm.timings.launched = launched
-        _wait_qemu_up(vm, run_dir / "qemu.log")
+        _wait_qemu_up(vm, cancel)
         vm.timings.qemu_started = time.monotonic()
-        (run_dir / "state.json").write_text(json.dumps(_state(vm), indent=2))
+        (run_dir / "state.json").write_text(json.dumps(_state(vm, detach), indent=2))
         if wait:
-            vm.wait_ready(ready_timeout)
+            vm.wait_ready(ready_timeout, cancel=cancel)
+        signals.check(cancel)
         if detach:
             stack.pop_all()  # the VM outlives us; `vm stop` cleans up
             console.close()
-            lease.close()  # QEMU holds the lock through its inherited fd
+            lease.close()  # QEMU and the device hold the locks through their inherited fds
+            claim.close()
             return vm
         vm._stack = stack.pop_all()
         return vm
@@ -350,36 +454,38 @@ def _boot_kernel(info: ImageInfo) -> Path:
 def _detached_or_own_group(detach: bool) -> dict[str, Any]:
     """Children never share our process group: a terminal's Ctrl-C reaches the launcher
     only, which then powers the guest off in order instead of QEMU and the device dying
-    mid-flight. Detached VMs get their own session (no controlling terminal)."""
-    return {"start_new_session": True} if detach else {"process_group": 0}
+    mid-flight. Detached VMs get their own session (no controlling terminal); a foreground
+    QEMU gets PDEATHSIG, so it dies with the launcher even when that is SIGKILLed."""
+    if detach:
+        return {"start_new_session": True}
+    return {"process_group": 0, "preexec_fn": die_with_parent()}
 
 
-def _wait_qemu_up(vm: Vm, qemu_log: Path, timeout: float = 10.0) -> None:
+def _pause(cancel: threading.Event | None, seconds: float) -> None:
+    if cancel is not None:
+        cancel.wait(seconds)
+    else:
+        time.sleep(seconds)
+
+
+def _wait_qemu_up(vm: Vm, cancel: threading.Event | None, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not vm.qmp_socket.exists():
+        signals.check(cancel)
         if vm.qemu.poll() is not None:
-            tail = qemu_log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
-            raise VmError(f"QEMU exited at once (status {vm.qemu.returncode}): {tail[0]}")
+            raise VmError(
+                f"QEMU exited at once (status {vm.qemu.returncode}): "
+                f"{vm.qemu_log_tail() or 'no message'}"
+            )
         if time.monotonic() > deadline:
             raise VmError(f"QEMU did not open its QMP socket in {timeout:g} s")
-        time.sleep(0.01)
+        _pause(cancel, 0.01)
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait()
-
-
-def _remove_stale(run_dir: Path) -> None:
-    try:
-        state = json.loads((run_dir / "state.json").read_text())
-        pid = int(state["qemu_pid"])
-        os.kill(pid, 0)
-    except (OSError, ValueError, KeyError):
-        shutil.rmtree(run_dir, ignore_errors=True)
-        return
-    raise VmError(f"a VM named {run_dir.name} is already running (QEMU pid {pid})")
 
 
 def _verdict_dir() -> Path | None:

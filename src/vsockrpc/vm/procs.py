@@ -1,0 +1,70 @@
+"""The processes of a VM: is one still alive (and still the one we started), and making a
+child die with its launcher.
+
+PIDs are recycled, so "alive" for a recorded PID means: the process exists, is not a zombie,
+and its command line still holds a marker of the VM (QEMU's ``-name vsockrpc-<name>``, the
+device's socket path) — never signal or trust a PID without that check.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+from collections.abc import Callable
+
+__all__ = ["alive", "die_with_parent", "is_vm_process", "kill_vm_process"]
+
+_PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
+
+
+def alive(pid: int | None) -> bool:
+    """``pid`` exists and is not a zombie."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def is_vm_process(pid: int | None, marker: str) -> bool:
+    """``pid`` is alive and its command line contains ``marker``."""
+    if not alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return marker.encode() in f.read()
+    except OSError:
+        return False
+
+
+def kill_vm_process(pid: int | None, marker: str, sig: int = signal.SIGKILL) -> bool:
+    """Send ``sig`` to ``pid`` only if it is still the VM's process; True when sent."""
+    if pid is None or not is_vm_process(pid, marker):
+        return False
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A ``preexec_fn`` making the child receive ``sig`` when this process dies (even by
+    SIGKILL): ``PR_SET_PDEATHSIG``, then a ``getppid`` check for a parent that died between
+    fork and prctl. None off the main thread: the kernel fires PDEATHSIG when the *thread*
+    that forked exits, which would kill the VM with a short-lived worker thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # libc is in the process already
+    parent = os.getpid()
+
+    def preexec() -> None:  # runs in the child between fork and exec: keep it minimal
+        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
