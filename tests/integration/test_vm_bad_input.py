@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,110 @@ def test_not_root_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert info.value.hint is not None and "root" in info.value.hint
     assert not [p for p in cache.rglob("*") if p.name.startswith(".tmp-")]
     assert not [p for p in (cache / "base").iterdir() if not p.name.endswith(".lock")]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [
+        ("--port", "4294967296", "agent port 4294967296 is invalid"),
+        ("--port", "0", "agent port 0 is invalid"),
+        ("--timeout", "-1", "timeout -1.0 s is invalid"),
+        ("--timeout", "nan", "timeout nan s is invalid"),
+        ("--timeout", "inf", "timeout inf s is invalid"),
+        ("--cpus", "1000", "1000 CPUs is invalid"),
+        ("--cpus", "0", "0 CPUs is invalid"),
+        ("--memory", "1", "memory 1 MiB is invalid"),
+        ("--memory", "16", "memory 16 MiB is invalid"),
+        ("--cid", "0", "guest CID 0 is invalid"),
+        ("--cid", "1", "guest CID 1 is invalid"),
+        ("--cid", "2", "guest CID 2 is invalid"),
+        ("--cid", "4294967295", "guest CID 4294967295 is invalid"),
+        ("--name", "..", "VM name '..' is invalid"),
+    ],
+)
+def test_bad_boot_option_is_a_usage_error(
+    tmp_path: Path, option: str, value: str, says: str
+) -> None:
+    runtime = tmp_path / "run"
+    image = fake_image(tmp_path / "img", host_arch())
+    start = time.monotonic()
+    proc = vsockrpc(
+        "vm",
+        "run",
+        "--image",
+        str(image),
+        option,
+        value,
+        env={"VSOCKRPC_RUNTIME_DIR": str(runtime)},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert says in one_error_line(proc)
+    assert time.monotonic() - start < 20  # refused up front, not after a boot attempt
+    assert not runtime.exists()  # nothing created, not even the runtime dir
+
+
+def test_demo_validates_before_building_an_image(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"  # an image build would fail on this cache; validation is first
+    blocker.write_text("")
+    proc = vsockrpc("demo", "--memory", "16", env={"VSOCKRPC_CACHE": str(blocker / "c")})
+    assert proc.returncode == 2, proc.stderr
+    assert "memory 16 MiB is invalid" in one_error_line(proc)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../vms", "a/b", "-x", ".hidden", "x" * 64, "a b"])
+def test_name_that_is_a_path_deletes_nothing(tmp_path: Path, name: str) -> None:
+    runtime = tmp_path / "run"
+    for kept in (runtime / "vms" / "other" / "console.log", runtime / "cids" / "3.lock"):
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text("keep me")
+    image = fake_image(tmp_path / "img", host_arch())
+    env = {"VSOCKRPC_RUNTIME_DIR": str(runtime)}
+    proc = vsockrpc("vm", "run", "--image", str(image), f"--name={name}", env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "VM name" in one_error_line(proc)
+    assert (runtime / "vms" / "other" / "console.log").read_text() == "keep me"
+    assert (runtime / "cids" / "3.lock").read_text() == "keep me"
+    for command in (("vm", "stop", "--", name),):
+        proc = vsockrpc(*command, env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert "VM name" in one_error_line(proc)
+
+
+def test_absolute_name_does_not_empty_that_directory(tmp_path: Path) -> None:
+    # Only ever a directory under tmp_path: code without the name check empties whatever
+    # directory such a name points at (as root, a system directory would be destroyed).
+    victim = tmp_path / "precious"
+    victim.mkdir()
+    (victim / "data").write_text("keep me")
+    image = fake_image(tmp_path / "img", host_arch())
+    proc = vsockrpc(
+        "vm",
+        "run",
+        "--image",
+        str(image),
+        "--name",
+        str(victim),
+        env={"VSOCKRPC_RUNTIME_DIR": str(tmp_path / "run")},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert (victim / "data").read_text() == "keep me"
+
+
+def test_foreign_directory_in_the_way_is_not_removed(tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    foreign = runtime / "vms" / "mine"
+    foreign.mkdir(parents=True)
+    (foreign / "notes").write_text("keep me")
+    image = fake_image(tmp_path / "img", host_arch())
+    proc = vsockrpc(
+        "vm",
+        "run",
+        "--image",
+        str(image),
+        "--name",
+        "mine",
+        env={"VSOCKRPC_RUNTIME_DIR": str(runtime)},
+    )
+    assert proc.returncode == 1
+    assert "was not created by vsockrpc" in one_error_line(proc)
+    assert (foreign / "notes").read_text() == "keep me"
