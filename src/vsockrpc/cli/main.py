@@ -13,10 +13,10 @@ import traceback
 from collections.abc import Sequence
 
 from vsockrpc import __version__
-from vsockrpc.cli import agent, bundle, device, image, rpc, vm
+from vsockrpc.cli import agent, bench, bundle, device, image, rpc, vm
 from vsockrpc.errors import VsockRpcError
 
-_MODULES = (rpc, device, image, vm, agent, bundle)
+_MODULES = (rpc, device, image, vm, agent, bundle, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

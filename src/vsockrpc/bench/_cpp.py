@@ -1,0 +1,112 @@
+"""Build the C++ Addition server and client (``cpp/``) against the system's grpc++, cached.
+
+Optional: needs g++, pkg-config, protoc and grpc_cpp_plugin and the grpc++ development files
+(Debian: ``g++ pkg-config libgrpc++-dev protobuf-compiler-grpc``). Without them the ``rpc`` part
+says which is missing and skips the C++ line. Binaries are cached under the vsockrpc cache
+(``bench-cpp/<digest of sources and toolchain versions>``), so a second run does not recompile.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from vsockrpc.errors import VsockRpcError
+
+HERE = Path(__file__).resolve().parent
+SOURCES = ("addition_server.cc", "addition_client.cc")
+PROTO = HERE.parent / "proto" / "vsock_service.proto"
+TOOLS = ("g++", "pkg-config", "protoc", "grpc_cpp_plugin")
+
+
+def _out(argv: list[str]) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def missing() -> str | None:
+    """Why the C++ line cannot be built here, or None when it can."""
+    absent = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if absent:
+        return f"{', '.join(absent)} not found (Debian: libgrpc++-dev protobuf-compiler-grpc g++)"
+    try:
+        _out(["pkg-config", "--exists", "grpc++", "protobuf"])
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError):
+        return "pkg-config finds no grpc++/protobuf development files (Debian: libgrpc++-dev)"
+    return None
+
+
+def toolchain() -> str:
+    """One line naming the compiler and grpc++ versions."""
+    gxx = _out(["g++", "--version"]).splitlines()[0]
+    grpcpp = _out(["pkg-config", "--modversion", "grpc++"]).strip()
+    return f"{gxx}; grpc++ {grpcpp}"
+
+
+def build(progress: Callable[[str], None]) -> tuple[Path, Path]:
+    """(server, client) executables, compiled now or taken from the cache."""
+    from vsockrpc.image.cache import cache_root, digest
+
+    cflags = _out(["pkg-config", "--cflags", "--libs", "grpc++", "protobuf"]).split()
+    key = digest(
+        {
+            "sources": {n: (HERE / "cpp" / n).read_text() for n in SOURCES},
+            "proto": PROTO.read_text(),
+            "toolchain": toolchain(),
+            "flags": cflags,
+        }
+    )
+    final = cache_root() / "bench-cpp" / key[:16]
+    server, client = final / "addition_server", final / "addition_client"
+    if server.exists() and client.exists():
+        return server, client
+    final.parent.mkdir(parents=True, exist_ok=True)
+    progress("compiling the C++ Addition server and client against grpc++ (once, then cached)")
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix="build-") as tmp:
+        work = Path(tmp)
+        plugin = shutil.which("grpc_cpp_plugin")
+        _compile(
+            [
+                "protoc",
+                f"-I{PROTO.parent}",
+                f"--cpp_out={work}",
+                f"--grpc_out={work}",
+                f"--plugin=protoc-gen-grpc={plugin}",
+                str(PROTO),
+            ]
+        )
+        objects = []
+        for src in ("vsock_service.pb.cc", "vsock_service.grpc.pb.cc"):
+            obj = work / (src + ".o")
+            _compile(
+                ["g++", "-O2", "-std=c++17", f"-I{work}", "-c", str(work / src), "-o", str(obj)]
+            )
+            objects.append(str(obj))
+        for name in SOURCES:
+            exe = work / name.removesuffix(".cc")
+            src = str(HERE / "cpp" / name)
+            _compile(
+                ["g++", "-O2", "-std=c++17", f"-I{work}", src, *objects, "-o", str(exe), *cflags]
+            )
+        (work / "bin").mkdir()
+        for exe in (server, client):
+            os.replace(work / exe.name, work / "bin" / exe.name)
+        try:
+            os.replace(work / "bin", final)
+        except OSError:  # another run finished first: use its binaries
+            if not (server.exists() and client.exists()):
+                raise
+    return server, client
+
+
+def _compile(argv: list[str]) -> None:
+    try:
+        subprocess.run(argv, capture_output=True, text=True, check=True, timeout=900)
+    except subprocess.CalledProcessError as err:
+        tail = " ".join((err.stderr or "").split())[-400:]
+        raise VsockRpcError(f"building the C++ reference failed: {argv[0]}: {tail}") from err
+    except subprocess.TimeoutExpired as err:
+        raise VsockRpcError(f"building the C++ reference timed out: {argv[0]}") from err

@@ -1,0 +1,67 @@
+"""Run the parts in order and collect one raw result document."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from vsockrpc.bench import _machine, _model
+from vsockrpc.bench._context import Context
+
+PARTS = ("relay", "rpc", "device", "agent", "boot")
+QUICK_PARTS = ("relay", "rpc", "device")  # no guest: device runs its backend-alone half
+
+
+def _module(name: str) -> ModuleType:
+    import importlib
+
+    return importlib.import_module(f"vsockrpc.bench.{name}")
+
+
+def run_suite(
+    parts: Sequence[str],
+    *,
+    quick: bool,
+    progress: Callable[[str], None],
+    argv: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Run ``parts`` (all of :data:`PARTS`, or :data:`QUICK_PARTS` with ``quick``, when empty)
+    and return the raw document. A part that fails ends the run (its error propagates)."""
+    chosen = list(parts) or list(QUICK_PARTS if quick else PARTS)
+    progress(f"vsockrpc bench: {', '.join(chosen)}{' (quick)' if quick else ''}")
+    machine = _machine.describe()
+    results = []
+    workdir = Path(tempfile.mkdtemp(prefix="vsockrpc-bench-"))
+    try:
+        for name in chosen:
+            sub = workdir / name
+            sub.mkdir(mode=0o700)
+            ctx = Context(quick=quick, progress=progress, workdir=sub)
+            start = time.monotonic()
+            result = _module(name).run(ctx)
+            result["seconds"] = round(time.monotonic() - start, 1)
+            progress(f"[{name}] done in {result['seconds']:.1f} s")
+            results.append(result)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    machine["load_after"] = _machine.load_average()
+    notes = []
+    loads = machine["load_before"][:1] + machine["load_after"][:1]
+    if loads and max(loads) > machine["cores"]:
+        notes.append(
+            f"Busy machine: 1-minute load average {' → '.join(f'{v:.1f}' for v in loads)} on "
+            f"{machine['cores']} cores (other work was running); ratios from interleaved runs "
+            "are more trustworthy than absolute figures."
+        )
+    return {
+        "schema": _model.SCHEMA,
+        "machine": machine,
+        "options": {"parts": chosen, "quick": quick, "argv": list(argv)},
+        "notes": notes,
+        "parts": results,
+    }

@@ -1,0 +1,155 @@
+"""``boot`` part: a cold ``vm run`` to the first answered RPC, phase by phase (TCG here).
+
+Phases (host monotonic clock; console lines are stamped when the launcher reads them):
+``qemu start`` (launch() → QMP socket up), ``firmware+kernel`` (→ the loader hands over to init),
+``init`` (→ PID 1 set up), ``agent start`` (→ the agent prints READY), ``first rpc`` (→ a gRPC
+connection through the vsock device succeeds), ``Addition`` (→ Addition(5, 7) answered).
+
+Wall-clock phases swing with other load on the host, so QEMU's own CPU time per phase (user +
+system, sampled from /proc every 20 ms; under TCG that is the guest's emulated work) is a second
+figure: it moves far less with load. Configurations (1 and 2 vCPUs) are interleaved.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from types import TracebackType
+from typing import Any
+
+from vsockrpc import rpc
+from vsockrpc.bench import _model
+from vsockrpc.bench._context import Context
+from vsockrpc.errors import VsockRpcError
+from vsockrpc.proto import vsock_service_pb2 as pb
+from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
+
+NAME = "boot"
+TITLE = "cold `vm run` → first answered RPC, by phase"
+PHASES = ["qemu start", "firmware+kernel", "init", "agent start", "first rpc", "Addition"]
+CPU_PHASES = PHASES[1:5]
+
+
+class CpuSampler:
+    """(monotonic, CPU seconds of ``pid``) every 20 ms, until the block ends."""
+
+    def __init__(self, pid: int) -> None:
+        self._stat = f"/proc/{pid}/stat"
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _read(self) -> float | None:
+        try:
+            with open(self._stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / self._tick  # utime, stime (proc(5))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            cpu = self._read()
+            if cpu is not None:
+                self.samples.append((time.monotonic(), cpu))
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def at(self, when: float) -> float:
+        """CPU seconds at ``when`` (the last sample not after it)."""
+        before = [cpu for t, cpu in self.samples if t <= when]
+        return before[-1] if before else 0.0
+
+
+def one_boot(
+    info: Any, cpus: int
+) -> tuple[dict[str, float], dict[str, float], float, dict[str, str]]:
+    """(wall phases, QEMU CPU phases, power-off seconds, the path it took) of one boot."""
+    from vsockrpc.vm import launch
+
+    vm = launch(info, cpus=cpus, wait=False)
+    with vm:
+        with CpuSampler(vm.qemu.pid) as sampler:
+            vm.wait_ready()
+        tm = vm.timings
+        phases = tm.phases()
+        points = [
+            ("firmware+kernel", tm.kernel_done),
+            ("init", tm.init_started),
+            ("agent start", tm.agent_ready),
+            ("first rpc", tm.rpc_ready),
+        ]
+        cpu: dict[str, float] = {}
+        last = sampler.at(tm.qemu_started or 0.0)
+        for name, when in points:
+            now = sampler.at(when or 0.0)
+            cpu[name] = now - last
+            last = now
+        t = time.monotonic()
+        with rpc.channel(vm.address()) as ch:
+            stub = pb_grpc.VsockServiceStub(ch)  # type: ignore[no-untyped-call]
+            if stub.Addition(pb.AdditionRequest(a=5, b=7), timeout=60).c != 12:
+                raise VsockRpcError("boot bench: Addition(5, 7) gave a wrong answer")
+        phases["Addition"] = time.monotonic() - t
+        t = time.monotonic()
+        code = vm.stop()
+        shutdown = time.monotonic() - t
+        if code != 0:
+            raise VsockRpcError(f"boot bench: QEMU exited with status {code}")
+    path = {
+        "guest": f"{vm.accel.name.upper()}, the project's image, agent as PID 1",
+        "vsock device": (
+            "userspace (vsockrpc device), hybrid socket"
+            if vm.hybrid_socket is not None
+            else "kernel vhost-vsock"
+        ),
+    }
+    return phases, cpu, shutdown, path
+
+
+def run(ctx: Context) -> _model.PartResult:
+    if ctx.quick:
+        return _model.skipped(NAME, TITLE, "--quick does not boot guests")
+    from vsockrpc.image import build_image
+
+    runs, configs = 5, {"1 vCPU": 1, "2 vCPUs": 2}
+    ctx.step(NAME, "building or finding the guest image")
+    info = build_image()
+    wall: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
+    cpu: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
+    off: dict[str, list[float]] = {c: [] for c in configs}
+    path: dict[str, str] = {}
+    for n in range(runs):
+        for label, cpus in configs.items():
+            ctx.step(NAME, f"boot {n + 1} of {runs}, {label}")
+            phases, used, shutdown, path = one_boot(info, cpus)
+            wall[label].append(phases)
+            cpu[label].append(used)
+            off[label].append(shutdown)
+    sizes = {
+        name: (info.path / name).stat().st_size / 1e6
+        for name in ("vmlinuz", "initrd.cpio", "rootfs.ext4")
+        if (info.path / name).exists()
+    }
+    figures = [
+        _model.figure(f"{NAME}.phases", "boot phases, wall clock", "phases", wall, phases=PHASES),
+        _model.figure(
+            f"{NAME}.cpu", "QEMU CPU seconds per phase", "phases", cpu, phases=CPU_PHASES
+        ),
+        _model.figure(f"{NAME}.poweroff", "clean power-off", "time", off, unit="s"),
+    ]
+    notes = [
+        "image sizes (apparent): " + ", ".join(f"{name} {mb:.1f} MB" for name, mb in sizes.items())
+    ]
+    return _model.part_result(NAME, TITLE, path, figures, notes=notes)

@@ -1,0 +1,196 @@
+"""``device`` part: the userspace vsock device against QEMU user networking, and alone.
+
+Guest half (not in ``--quick``; needs a source checkout for the probe guest recipe of the device
+tests): one TCG guest (Debian cloud kernel + a static C probe) has both our vhost-user-vsock
+device (``vsockrpc device`` in a child process, as vm/ runs it) and a virtio-net NIC on QEMU user
+networking with a host port forwarded to the same probe. Rounds alternate between the two paths:
+host→guest and guest→host streams, 64-byte round trips, and host→guest throughput against the
+size of each write, 64 B to 1 MiB. Alone half: :mod:`vsockrpc.bench._device_alone`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+from vsockrpc.bench import _model
+from vsockrpc.bench._context import Context
+from vsockrpc.bench._device_alone import (
+    MiB,
+    TransferFailed,
+    backend_alone,
+    device_process,
+    hybrid_connect,
+)
+from vsockrpc.bench._private import device_guest_recipe
+from vsockrpc.errors import VsockRpcError
+
+NAME = "device"
+TITLE = "the userspace vsock device vs QEMU user networking, and the device alone"
+SWEEP = [64, 256, 1024, 4096, 16384, 65536, 262144, 1048576]
+PATHS = ("user net (virtio-net, TCP)", "vsock device")
+
+Connect = Callable[[], socket.socket]
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        r = s.recv_into(view[got:], min(n - got, 4 * MiB))
+        if not r:
+            raise EOFError(f"EOF after {got} of {n} bytes")
+        got += r
+    return bytes(buf)
+
+
+def h2g(connect: Connect, data: bytes, *, write: int = 4 * MiB, check: bool = False) -> float:
+    """Host → guest MB/s, ``write`` bytes per send. ``check``: the guest crc32s the data (slow
+    under TCG: the warm-up verifies integrity, timed runs measure the transport)."""
+    view = memoryview(data)
+    with connect() as s:
+        t0 = time.perf_counter()
+        s.sendall((b"S" if check else b"s") + struct.pack("<Q", len(data)))
+        for off in range(0, len(data), write):
+            s.sendall(view[off : off + write])
+        (crc,) = struct.unpack("<I", recv_exact(s, 4))
+        elapsed = time.perf_counter() - t0
+    if check and crc != zlib.crc32(data):
+        raise VsockRpcError("device bench: host→guest checksum mismatch")
+    return len(data) / elapsed / 1e6
+
+
+def g2h(connect: Connect, size: int, *, check: bool = False) -> float:
+    with connect() as s:
+        t0 = time.perf_counter()
+        s.sendall(b"G" + struct.pack("<QI", size, 7) if check else b"g" + struct.pack("<Q", size))
+        data = recv_exact(s, size)
+        elapsed = time.perf_counter() - t0
+        (crc,) = struct.unpack("<I", recv_exact(s, 4))
+    if check and crc != zlib.crc32(data):
+        raise VsockRpcError("device bench: guest→host checksum mismatch")
+    return size / elapsed / 1e6
+
+
+def rtt(connect: Connect, pings: int) -> list[float]:
+    """Seconds per 64-byte echo round trip."""
+    msg = b"p" * 64
+    samples = []
+    with connect() as s:
+        s.sendall(b"E")
+        for _ in range(pings):
+            t0 = time.perf_counter()
+            s.sendall(msg)
+            recv_exact(s, 64)
+            samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def tcp_connect(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def run(ctx: Context) -> _model.PartResult:
+    alone_mib, alone_rounds = (64, 2) if ctx.quick else (2048, 3)
+    figures, notes = [], []
+    try:
+        alone = backend_alone(
+            ctx.workdir, alone_mib * MiB, alone_rounds, lambda line: ctx.step(NAME, line)
+        )
+    except TransferFailed as err:
+        raise VsockRpcError(f"device bench: backend-alone transfer failed: {err}") from err
+    figures.append(
+        _model.figure(
+            f"{NAME}.alone",
+            f"device alone (test driver as guest, no QEMU), {alone_mib} MiB per run",
+            "rate",
+            {"host→guest": alone["h2g_MBps"], "guest→host": alone["g2h_MBps"]},
+            unit="MB/s",
+            pairs=[],
+        )
+    )
+    if alone.get("h2g_cpu") and alone.get("g2h_cpu"):
+        figures.append(
+            _model.figure(
+                f"{NAME}.alone-cpu",
+                "device alone: MB moved per CPU-second of the device process",
+                "rate",
+                {"host→guest": alone["h2g_cpu"], "guest→host": alone["g2h_cpu"]},
+                unit="MB/CPU-s",
+                pairs=[],
+            )
+        )
+    path = {"device alone": "userspace device, driven by the test driver (no QEMU, no guest)"}
+    recipe = device_guest_recipe()
+    if ctx.quick:
+        notes.append("--quick: the guest half (a TCG boot) was not run")
+    elif recipe is None:
+        notes.append("guest half skipped: it needs a source checkout (tests/vm probe guest)")
+    else:
+        figures += _with_guest(ctx, recipe)
+        path |= {
+            "guest": "TCG, 1 vCPU, q35 (KVM not used: see the machine table)",
+            "vsock device": "userspace (vsockrpc device over vhost-user), hybrid socket",
+            "user net": "QEMU user networking (slirp), virtio-net, TCP port forward",
+        }
+    return _model.part_result(NAME, TITLE, path, figures, notes=notes)
+
+
+def _with_guest(ctx: Context, dg: ModuleType) -> list[_model.Figure]:
+    size, pings, rounds, sweep_rounds = 64 * MiB, 2000, 3, 2
+    workdir: Path = ctx.workdir
+    ctx.step(NAME, "building the probe guest (cloud kernel, busybox, static probe)")
+    vmlinuz, initramfs = dg.build_initramfs(workdir)
+    vhost, uds = str(workdir / "vhost.sock"), str(workdir / "vm.vsock")
+    up: dict[str, list[float]] = {p: [] for p in PATHS}
+    down: dict[str, list[float]] = {p: [] for p in PATHS}
+    lat: dict[str, list[float]] = {p: [] for p in PATHS}
+    sweep: dict[str, list[list[float]]] = {p: [[] for _ in SWEEP] for p in PATHS}
+    with device_process(vhost, uds), dg.launch(vmlinuz, initramfs, vhost, workdir) as vm:
+        ctx.step(NAME, "booting the probe guest (TCG)")
+        vm.wait_console("PROBE-LISTEN tcp", 300)
+        vm.wait_console("PROBE-LISTEN vsock", 300)
+        paths: dict[str, Connect] = {
+            PATHS[0]: lambda: tcp_connect(vm.tcp_port),
+            PATHS[1]: lambda: hybrid_connect(uds, dg.PROBE_PORT),
+        }
+        data = os.urandom(size)
+        for connect in paths.values():  # warm-up, checksummed both ways
+            h2g(connect, data[: 4 * MiB], check=True)
+            g2h(connect, 4 * MiB, check=True)
+            rtt(connect, 100)
+        for n in range(rounds):
+            ctx.step(NAME, f"streams and {pings} round trips per path, round {n + 1} of {rounds}")
+            for name, connect in paths.items():
+                up[name].append(h2g(connect, data))
+                down[name].append(g2h(connect, size))
+                lat[name] += rtt(connect, pings)
+        for n in range(sweep_rounds):
+            ctx.step(NAME, f"host→guest vs write size 64 B…1 MiB, round {n + 1} of {sweep_rounds}")
+            for i, write in enumerate(SWEEP):
+                total = min(max(write * 1024, MiB), 16 * MiB)
+                for name, connect in paths.items():
+                    sweep[name][i].append(h2g(connect, data[:total], write=write))
+    return [
+        _model.figure(f"{NAME}.h2g", "host→guest stream, 64 MiB", "rate", up, unit="MB/s"),
+        _model.figure(f"{NAME}.g2h", "guest→host stream, 64 MiB", "rate", down, unit="MB/s"),
+        _model.figure(f"{NAME}.rtt", "64-byte echo round trip", "latency", lat),
+        _model.figure(
+            f"{NAME}.sweep",
+            "host→guest throughput vs size of each write",
+            "sweep",
+            sweep,
+            x=SWEEP,
+            unit="MB/s",
+            note="The guest reads in 64 KiB; total per point: 1024 writes, 1-16 MiB.",
+        ),
+    ]

@@ -1,0 +1,125 @@
+"""``relay`` part: grpcio through vsockrpc's relay hop vs grpcio straight on a Unix socket.
+
+A server process (:mod:`vsockrpc.bench._servers` ``stream``) serves Addition and a byte-stream
+service on a Unix socket. Three channels reach it: ``direct`` (grpcio dials the socket),
+``relay`` (``rpc.channel(..., relay=True)``: grpcio dials the relay's private socket and the
+relay forwards with splice(2), as it forwards to vsock/hybrid sockets) and ``relay-copy`` (the
+same relay copying through a buffer: the design alternative). Calls and transfers rotate among
+the three so drift from other load hits all alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from vsockrpc import rpc
+from vsockrpc.bench import _model
+from vsockrpc.bench._context import Context, bench_server, server_process
+from vsockrpc.bench._private import Relay
+from vsockrpc.bench._servers import CHUNK, STREAM_SERVICE
+from vsockrpc.proto import vsock_service_pb2 as pb
+from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
+from vsockrpc.transport import unix
+
+NAME = "relay"
+TITLE = "the grpcio relay hop vs a direct Unix socket"
+PATHS = ("direct", "relay", "relay-copy")
+STREAM = f"/{STREAM_SERVICE}/"
+
+
+def download(ch: grpc.Channel, size: int) -> float:
+    """MB/s of one streamed download of ``size`` bytes."""
+    start = time.perf_counter()
+    got = sum(len(c) for c in ch.unary_stream(STREAM + "Download")(str(size).encode(), timeout=120))
+    elapsed = time.perf_counter() - start
+    if got != size:
+        raise RuntimeError(f"download: {got} of {size} bytes")
+    return size / elapsed / 1e6
+
+
+def upload(ch: grpc.Channel, size: int) -> float:
+    block = b"\xa5" * CHUNK
+
+    def chunks() -> Iterator[bytes]:
+        for offset in range(0, size, CHUNK):
+            yield block[: min(CHUNK, size - offset)]
+
+    start = time.perf_counter()
+    got = int(ch.stream_unary(STREAM + "Upload")(chunks(), timeout=120))
+    elapsed = time.perf_counter() - start
+    if got != size:
+        raise RuntimeError(f"upload: {got} of {size} bytes")
+    return size / elapsed / 1e6
+
+
+@contextlib.contextmanager
+def copying_relay_channel(path: str, front: str) -> Iterator[grpc.Channel]:
+    """Like ``rpc.channel(..., relay=True)`` but the relay copies through a buffer
+    (recv_into + sendall) instead of splice(2)."""
+
+    def dial(_conn: socket.socket, _peer: object) -> socket.socket:
+        return unix.connect_path(path)
+
+    with (
+        Relay(unix.listen_path(front), dial, name="copy", splice=False) as forwarder,
+        grpc.insecure_channel(f"unix:{front}") as ch,
+    ):
+        yield ch
+        forwarder.stop_accepting()
+
+
+def run(ctx: Context) -> _model.PartResult:
+    calls, rounds, mib = (300, 2, 8) if ctx.quick else (5000, 6, 64)
+    size = mib << 20
+    path = str(ctx.workdir / "relay-server.sock")
+    lat: dict[str, list[float]] = {p: [] for p in PATHS}
+    down: dict[str, list[float]] = {p: [] for p in PATHS}
+    up: dict[str, list[float]] = {p: [] for p in PATHS}
+    ctx.step(NAME, "starting the server process")
+    with (
+        server_process(bench_server("stream", path), path, "the relay bench server"),
+        rpc.channel(f"unix:{path}") as direct,
+        rpc.channel(f"unix:{path}", relay=True) as relayed,
+        copying_relay_channel(path, str(ctx.workdir / "copy-relay.sock")) as copied,
+    ):
+        channels = {"direct": direct, "relay": relayed, "relay-copy": copied}
+        stubs = {n: pb_grpc.VsockServiceStub(ch) for n, ch in channels.items()}  # type: ignore[no-untyped-call]
+        request = pb.AdditionRequest(a=5, b=7)
+        for name, ch in channels.items():  # warm up: connect, first-call costs
+            for _ in range(min(200, calls)):
+                stubs[name].Addition(request, timeout=10)
+            download(ch, 4 * CHUNK)
+        ctx.step(NAME, f"{calls} unary Addition calls per path, rotating {', '.join(PATHS)}")
+        for i in range(calls):
+            for name in PATHS[i % 3 :] + PATHS[: i % 3]:
+                start = time.perf_counter()
+                stubs[name].Addition(request, timeout=10)
+                lat[name].append(time.perf_counter() - start)
+        for i in range(rounds):
+            ctx.step(NAME, f"streamed {mib} MiB each way per path, round {i + 1} of {rounds}")
+            for name in PATHS[i % 3 :] + PATHS[: i % 3]:
+                down[name].append(download(channels[name], size))
+                up[name].append(upload(channels[name], size))
+    figures = [
+        _model.figure(f"{NAME}.unary", "unary Addition round trip", "latency", lat),
+        _model.figure(
+            f"{NAME}.download", f"streamed download, {mib} MiB", "rate", down, unit="MB/s"
+        ),
+        _model.figure(f"{NAME}.upload", f"streamed upload, {mib} MiB", "rate", up, unit="MB/s"),
+    ]
+    return _model.part_result(
+        NAME,
+        TITLE,
+        {"guest": "none (host only)", "transport": "Unix stream sockets", "client": "grpcio"},
+        figures,
+        notes=[
+            "relay = vsockrpc's relay (splice); relay-copy = the same relay copying through a "
+            "buffer",
+            "server: vsockrpc.rpc.serve in its own process; client: the bench process",
+        ],
+    )
