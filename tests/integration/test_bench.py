@@ -92,3 +92,65 @@ def test_bad_input_is_a_usage_error(tmp_path: Path) -> None:
     done = _bench("report", str(bogus), "--out", str(tmp_path / "z"))
     assert done.returncode == 2
     assert "not a vsockrpc bench result" in done.stderr
+
+
+def _every_kind() -> dict[str, object]:
+    """A raw document with one figure of each kind (the guest parts' sweep and phases too)."""
+    from vsockrpc.bench import _model
+
+    figures = [
+        _model.figure("t.lat", "round trip", "latency", {"a": [1e-4, 2e-4], "b": [3e-4, 1e-4]}),
+        _model.figure("t.rate", "stream", "rate", {"a": [100.0, 120.0], "b": [50.0]}, unit="MB/s"),
+        _model.figure("t.time", "power-off", "time", {"a": [0.5]}, unit="s", pairs=[]),
+        _model.figure(
+            "t.sweep",
+            "vs size",
+            "sweep",
+            {"a": [[1.0, 2.0], [3.0]], "b": [[2.0], [4.0]]},
+            x=[64, 1 << 20],
+            unit="MB/s",
+        ),
+        _model.figure(
+            "t.phases",
+            "phases",
+            "phases",
+            {"1 vCPU": [{"p": 1.0, "q": 2.0}], "2 vCPUs": [{"p": 1.5, "q": 2.5}]},
+            phases=["p", "q"],
+        ),
+    ]
+    part = _model.part_result("demo", "every kind", {"guest": "TCG"}, figures, notes=["n"])
+    skipped = _model.skipped("boot", "boots", "--quick does not boot guests")
+    return {
+        "schema": SCHEMA,
+        "machine": {"date": "d", "cores": 2},
+        "options": {"argv": ["demo"], "quick": False, "parts": ["demo", "boot"]},
+        "notes": ["busy"],
+        "parts": [part, skipped],
+    }
+
+
+def test_every_figure_kind_renders_and_rebuilds(tmp_path: Path) -> None:
+    from vsockrpc.bench import load_raw, render, write_report
+
+    raw = _every_kind()
+    assert validate(raw) == []
+    write_report(raw, tmp_path / "a")
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "| 1 MiB | 3.00 [3.00-3.00] | 4.00 [4.00-4.00] | 1.33 |" in report
+    assert "| **total** | 3.00 [3.00-3.00] | 4.00 [4.00-4.00] | 1.33 |" in report
+    assert "| stream | b ÷ a | 0.45 | 50.0 vs 110 MB/s |" in report
+    assert "Skipped: --quick does not boot guests" in report
+    assert "> busy" in report
+    write_report(load_raw(tmp_path / "a" / "raw.json"), tmp_path / "b")
+    assert (tmp_path / "b" / "report.md").read_text() == report
+    # Without matplotlib the report says so instead of linking plots.
+    assert "Plots: not drawn" in render(raw, plots=None)
+
+
+def test_malformed_raw_documents_are_named() -> None:
+    raw = _every_kind()
+    raw["parts"][0]["figures"][3]["series"]["a"] = [[1.0]]  # type: ignore[index]
+    assert validate(raw) == [
+        "part 'demo' figure 't.sweep': series 'a' is malformed for kind 'sweep'"
+    ]
+    assert validate([]) == ["the document is not a JSON object"]

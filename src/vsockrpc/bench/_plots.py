@@ -82,9 +82,19 @@ def _sweep(ax: Any, fig: Figure) -> None:
         ax.fill_between(xs, [min(v) for v in per_x], [max(v) for v in per_x], alpha=0.2)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("message size (bytes, log scale)")
+    ax.set_xticks(xs, [_size_label(int(x)) for x in xs], fontsize=7)
+    ticker = importlib.import_module("matplotlib.ticker")
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax.set_xlabel("message size (log scale)")
     ax.set_ylabel(fig.get("unit", ""))
     ax.legend(fontsize=8)
+
+
+def _size_label(n: int) -> str:
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} B"
 
 
 def _phases(ax: Any, fig: Figure) -> None:

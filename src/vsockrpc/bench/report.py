@@ -95,11 +95,14 @@ def _series_table(fig: Figure) -> list[str]:
         return _table(header, rows)
     unit = fig.get("unit", "")
     base = median(series[base_name])
+    compare = bool(_pairs(fig))  # e.g. two directions of one device: no ratio between them
     rows = [
-        [name, str(len(v)), fmt(min(v)), fmt(median(v)), fmt(max(v)), _ratio(median(v), base)]
+        [name, str(len(v)), fmt(min(v)), fmt(median(v)), fmt(max(v))]
+        + ([_ratio(median(v), base)] if compare else [])
         for name, v in series.items()
     ]
-    return _table([unit, "n", "min", "median", "max", f"÷ {base_name}"], rows)
+    header = [unit, "n", "min", "median", "max"] + ([f"÷ {base_name}"] if compare else [])
+    return _table(header, rows)
 
 
 def _sweep_table(fig: Figure) -> list[str]:
