@@ -203,7 +203,7 @@ def render(raw: dict[str, Any], *, plots: dict[str, str] | None = None) -> str:
     opts = raw.get("options", {})
     out = ["# vsockrpc benchmark report", ""]
     out.append(
-        f"`vsockrpc bench {' '.join(opts.get('argv', []))}` on {machine.get('date', '?')}; "
+        f"`{' '.join(['vsockrpc bench', *opts.get('argv', [])])}` on {machine.get('date', '?')}; "
         f"every sample is in `raw.json`, and `vsockrpc bench report raw.json --out DIR` "
         "rebuilds this report from it."
     )
@@ -262,7 +262,8 @@ def write_report(raw: dict[str, Any], out: Path, *, json_only: bool = False) -> 
     out.mkdir(parents=True, exist_ok=True)
     written = []
     raw_path = out / "raw.json"
-    text = json.dumps(raw, indent=1, ensure_ascii=False) + "\n"  # keeps the series order
+    # Insertion order kept (the first series is the baseline); compact: every sample is here.
+    text = json.dumps(raw, ensure_ascii=False, separators=(",", ":")) + "\n"
     raw = json.loads(text)  # render what the file holds, so the file rebuilds the same report
     if not raw_path.exists() or raw_path.read_text() != text:
         raw_path.write_text(text)
