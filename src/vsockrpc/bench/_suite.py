@@ -23,6 +23,24 @@ def _module(name: str) -> ModuleType:
     return importlib.import_module(f"vsockrpc.bench.{name}")
 
 
+def _round(value: Any, digits: int) -> Any:
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, list):
+        return [_round(v, digits) for v in value]
+    if isinstance(value, dict):
+        return {k: _round(v, digits) for k, v in value.items()}
+    return value
+
+
+def _rounded(result: dict[str, Any]) -> dict[str, Any]:
+    """Samples rounded to what the clocks resolve: latencies (seconds) to 1 ns, other figures
+    to 4 decimals; keeps raw.json small without changing a reported digit."""
+    for fig in result["figures"]:
+        fig["series"] = _round(fig["series"], 9 if fig["kind"] == "latency" else 4)
+    return result
+
+
 def run_suite(
     parts: Sequence[str],
     *,
@@ -43,7 +61,7 @@ def run_suite(
             sub.mkdir(mode=0o700)
             ctx = Context(quick=quick, progress=progress, workdir=sub)
             start = time.monotonic()
-            result = _module(name).run(ctx)
+            result = _rounded(_module(name).run(ctx))
             result["seconds"] = round(time.monotonic() - start, 1)
             progress(f"[{name}] done in {result['seconds']:.1f} s")
             results.append(result)
