@@ -35,11 +35,13 @@ from tests.integration._relay_helpers import (
     count_fds,
     register_stream_service,
 )
+from tests.integration.agent_harness import running_agent
 from vsockrpc import rpc, transport
 from vsockrpc.addresses import Address, UnixAddress, VsockAddress
 from vsockrpc.proto import vsock_service_pb2 as pb
 from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
 from vsockrpc.rpc._relay import Link, Relay
+from vsockrpc.sdk import Guest
 from vsockrpc.services import default_services
 from vsockrpc.transport import unix
 
@@ -445,3 +447,37 @@ def test_channel_dials_through_an_injected_dialer(tmp_path: Path) -> None:
             assert add(ch, 1, 1) == 2
     assert dialer.dialled[0] == (VsockAddress(7, 1234), 4)
     assert dialer.dialled[-1][0] == UnixAddress(f"{tmp_path}/elsewhere.sock")
+
+
+@pytest.mark.timeout(600)
+def test_unclosed_guests_release_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue: 1,000 Guest(addr).run(["true"]) without close left 4 fds, a thread and a directory
+    # each (with ulimit -n 1024, calls failed from the 253rd). A hybrid address: relayed.
+    device = str(tmp_path / "vm.vsock")
+    base = tempfile.mkdtemp(prefix="t", dir="/tmp")  # relay directories: ours alone here
+    monkeypatch.setattr(tempfile, "tempdir", base)
+    with running_agent() as agent, HybridPeer(device, {9999: agent.address.removeprefix("unix:")}):
+        address = f"hvsock:{device}:9999"
+        assert Guest(address).run(["true"]).exit_code == 0  # warm up
+        gc.collect()
+        fds, threads, dirs = count_fds(), _client_threads(), set(_relay_dirs())
+        for _ in range(1000):
+            assert Guest(address).run(["true"]).exit_code == 0
+        assert wait_for(lambda: gc.collect() >= 0 and _client_threads() <= threads), [
+            t.name for t in threading.enumerate()
+        ]
+        assert wait_for(lambda: count_fds() <= fds), (count_fds(), fds)
+        assert set(_relay_dirs()) <= dirs
+    assert _relay_dirs() == []
+    os.rmdir(base)
+
+
+def _client_threads() -> int:
+    """Threads besides the agent server's worker pool (which grows up to max_workers)."""
+    return sum(not t.name.startswith("vsockrpc-rpc_") for t in threading.enumerate())
+
+
+def _relay_dirs() -> list[str]:
+    return glob.glob(os.path.join(tempfile.gettempdir(), "vsockrpc-*"))
