@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vsockrpc import __version__
-from vsockrpc.payload import Payload, Target, guest_payload
+from vsockrpc.payload import ImageSpec, Payload, Target, guest_payload, user_wheels
+from vsockrpc.payload.spec import BUNDLE_CONFIG
 
 __all__ = ["DEFAULT_PYTHONS", "MACHINE", "BundleInfo", "build_bundle"]
 
@@ -64,6 +65,14 @@ def _wheels(
         for wheel in wheel_set.wheels:
             chosen.setdefault(wheel.name, wheel)
     return [chosen[name] for name in sorted(chosen)]
+
+
+def _spec_wheels(spec: ImageSpec, payload: Payload, pythons: Sequence[str]) -> list[Path]:
+    """The spec's ``pip`` wheels (with dependencies) for every Python of the bundle."""
+    out: list[Path] = []
+    for python in pythons:
+        out += user_wheels(spec, payload, Target(python, MACHINE)).wheels
+    return out
 
 
 def _write(output: Path, entries: list[tuple[str, bytes]]) -> None:
@@ -97,15 +106,26 @@ def build_bundle(
     wheel_dir: Path | None = None,
     offline: bool = False,
     payload: Payload | None = None,
+    spec: ImageSpec | None = None,
 ) -> BundleInfo:
     """Write the single-file agent to ``output`` (mode 0755); see the module docstring.
 
     ``payload`` defaults to :func:`vsockrpc.payload.guest_payload`; ``wheel_dir`` takes the
-    wheels from that directory only, ``offline`` from the wheel cache only.
+    wheels from that directory only, ``offline`` from the wheel cache only. ``spec``: an
+    image spec's services (their sources, its ``pip`` wheels for every Python, its guest
+    config next to the sources) ride along, so the bundle serves what the image serves.
     """
     payload = payload if payload is not None else guest_payload()
     wheels = _wheels(payload, pythons, wheel_dir, offline)
     entries = [(f"payload/{f.dest}", f.read()) for f in payload.sources]
+    if spec is not None:
+        wheels = sorted(
+            {w.name: w for w in [*wheels, *_spec_wheels(spec, payload, pythons)]}.values(),
+            key=lambda w: w.name,
+        )
+        entries += [(f"payload/{f.dest}", f.read()) for f in spec.service_sources()]
+        config = json.dumps(spec.guest_config(), indent=1, sort_keys=True).encode()
+        entries.append((f"payload/{BUNDLE_CONFIG}", config))
     entries += [(f"wheels/{w.name}", w.read_bytes()) for w in wheels]
     digest = hashlib.sha256()
     for name, data in entries:

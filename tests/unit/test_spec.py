@@ -229,3 +229,11 @@ def test_key_lines_know_tables_arrays_and_dotted_keys() -> None:
     assert lines.line(("t", "x", "y", "z")) == 6  # falls back to the longest known prefix
     assert lines.line(("arr", 1, "k")) == 10
     assert lines.line(("arr", 0)) == 7
+
+
+def test_host_and_guest_agree_on_where_the_guest_config_is() -> None:
+    from vsockrpc.guest import userconfig
+    from vsockrpc.payload import spec
+
+    assert userconfig.CONFIG_PATH == spec.GUEST_CONFIG_PATH
+    assert userconfig.BUNDLE_CONFIG == spec.BUNDLE_CONFIG

@@ -36,14 +36,29 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="take wheels from DIR only (offline); default: pip download into a cache",
     )
     parser.add_argument("--offline", action="store_true", help="use cached wheels only")
+    parser.add_argument(
+        "--spec",
+        type=Path,
+        metavar="FILE",
+        help="image spec (vsockrpc.toml): carry its services, pip wheels and guest config",
+    )
     parser.set_defaults(func=_bundle)
 
 
 def _bundle(args: argparse.Namespace) -> int:
     pythons = tuple(args.python or DEFAULT_PYTHONS)
+    spec = None
+    if args.spec is not None:
+        from vsockrpc.payload import load_spec
+
+        spec = load_spec(args.spec)  # SpecError (exit 2) before anything is built
     with step(f"building {args.output} for Python {', '.join(pythons)}"):
         info = build_bundle(
-            args.output, pythons=pythons, wheel_dir=args.wheel_dir, offline=args.offline
+            args.output,
+            pythons=pythons,
+            wheel_dir=args.wheel_dir,
+            offline=args.offline,
+            spec=spec,
         )
     print(
         f"{info.path}: {info.size / 2**20:.1f} MiB, digest {info.digest[:16]}, "

@@ -20,7 +20,7 @@ from types import FrameType
 from typing import Any
 
 from vsockrpc.cli._output import step
-from vsockrpc.errors import VmError
+from vsockrpc.errors import GuestError, VmError
 
 
 def _integer(text: str) -> int:
@@ -142,10 +142,7 @@ def _find_or_build_image(path: Path | str | None, spec_file: Path | None) -> Any
         with step("guest image (image spec)"):
             return build_image(step=step, spec=spec, name=spec.name)
     if path is not None:
-        text = str(path)
-        if names.valid_name(text) and not Path(text).exists():
-            return find_image(names.resolve(text))
-        return find_image(Path(text))
+        return find_image(names.locate(str(path)))
     with step("guest image"):
         return build_image(step=step)
 
@@ -168,20 +165,25 @@ def _run(args: argparse.Namespace) -> int:
     # From here on a stop signal only sets a flag: the launcher unwinds where it is safe and
     # a second signal cannot cut the cleanup short.
     with StopSignals() as stop:
-        vm = launch(
-            info,
-            cid=args.cid,
-            memory_mib=_spec_default(info, "memory", args.memory, 512),
-            cpus=_spec_default(info, "cpus", args.cpus, 1),
-            port=args.port,
-            append=args.append,
-            name=args.name,
-            wait=not args.no_wait,
-            ready_timeout=args.timeout,
-            echo=echo,
-            detach=args.detach,
-            cancel=stop.event,
-        )
+        try:
+            vm = launch(
+                info,
+                cid=args.cid,
+                memory_mib=_spec_default(info, "memory", args.memory, 512),
+                cpus=_spec_default(info, "cpus", args.cpus, 1),
+                port=args.port,
+                append=args.append,
+                name=args.name,
+                wait=not args.no_wait,
+                ready_timeout=args.timeout,
+                echo=echo,
+                detach=args.detach,
+                cancel=stop.event,
+            )
+        except GuestError as err:
+            if echo is None and err.console_tail:  # e.g. a user service's traceback
+                print("\n".join(f"guest: {ln}" for ln in err.console_tail), file=sys.stderr)
+            raise
         summary = f"vm {vm.name}: CID {vm.cid}, agent at {vm.address()}, accel {vm.accel.name}"
         if args.detach:
             print(summary, flush=True)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["CONFIG_PATH", "CommandConfig", "GuestConfig", "load"]
+__all__ = ["BUNDLE_CONFIG", "CONFIG_PATH", "CommandConfig", "GuestConfig", "load"]
 
 CONFIG_PATH = "/etc/vsockrpc/guest.json"
+# A bundle built with a spec carries its config next to the vsockrpc package it extracts.
+BUNDLE_CONFIG = "vsockrpc-guest.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,9 +34,15 @@ class GuestConfig:
 
 
 def load(path: str | None = None) -> GuestConfig:
-    """The guest config at ``path`` (default ``$VSOCKRPC_GUEST_CONFIG``, else
-    :data:`CONFIG_PATH`); the default config when that file does not exist."""
-    path = path or os.environ.get("VSOCKRPC_GUEST_CONFIG") or CONFIG_PATH
+    """The guest config at ``path`` (default ``$VSOCKRPC_GUEST_CONFIG``, else a bundle's
+    :data:`BUNDLE_CONFIG`, else :data:`CONFIG_PATH`); the default config when there is none."""
+    site = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    bundled = os.path.join(site, BUNDLE_CONFIG)
+    path = (
+        path
+        or os.environ.get("VSOCKRPC_GUEST_CONFIG")
+        or (bundled if os.path.exists(bundled) else CONFIG_PATH)
+    )
     if not os.path.exists(path):  # a plain image: no json import for PID 1 (boot time)
         return GuestConfig()
     import json

@@ -53,6 +53,8 @@ FORMAT = 4
 IMAGE_FORMAT = 5  # 5: optional PVH kernel (vmlinux)
 KEEP_IMAGES = 4  # most recently used entries kept when a new one is built (cache.prune)
 KEEP_BASES = 2
+NEED_BASE_BYTES = 1_000_000_000  # free space a cold base build needs (_require_space)
+NEED_IMAGE_BYTES = 700_000_000  # ... and the image layer
 DEFAULT_EPOCH = 1_700_000_000  # 2023-11-14; overridden by $SOURCE_DATE_EPOCH
 MANIFEST = "manifest.json"
 FILES = {"kernel": "vmlinuz", "initrd": "initrd.cpio", "rootfs": "rootfs.ext4"}
@@ -285,6 +287,7 @@ def build_image(
     base_inputs = _base_inputs(
         release, mirror_lines, payload, cache_root, spec.apt if spec is not None else ()
     )
+    _require_space(cache_root, (cache_root / "base" / cache.digest(base_inputs)).is_dir())
     base = _build_base(base_inputs, payload, step, cache_root)
     base_manifest = json.loads((base / "base.json").read_text())
     python_dir = None
@@ -375,6 +378,20 @@ def build_image(
     cache.prune("python", keep=KEEP_BASES, root=cache_root, protect=keep["python"])
     cache.prune("base", keep=KEEP_BASES, root=cache_root, protect=keep["base"])
     return find_image(entry.path)
+
+
+def _require_space(cache_root: Path, base_cached: bool) -> None:
+    """Fail before building when the cache's filesystem clearly cannot hold the build: the
+    base needs its rootfs (≈400 MB with the package cache), the image layer a working copy
+    of it plus the ext4 file (≈600 MB while it is built)."""
+    need = NEED_IMAGE_BYTES + (0 if base_cached else NEED_BASE_BYTES)
+    free = shutil.disk_usage(cache_root).free
+    if free < need:
+        raise ImageError(
+            f"not enough free space for an image build in {cache_root}: about "
+            f"{need / 1e6:.0f} MB needed, {free / 1e6:.0f} MB free",
+            hint="free some with: vsockrpc image prune (or set VSOCKRPC_CACHE elsewhere)",
+        )
 
 
 def _agent_version() -> str:

@@ -17,7 +17,16 @@ from pathlib import Path
 from vsockrpc.errors import ImageError
 from vsockrpc.image import cache
 
-__all__ = ["NamedImage", "entries", "protected", "register", "remove", "resolve", "valid_name"]
+__all__ = [
+    "NamedImage",
+    "entries",
+    "locate",
+    "protected",
+    "register",
+    "remove",
+    "resolve",
+    "valid_name",
+]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
@@ -93,6 +102,13 @@ def resolve(name: str, cache_root: Path | None = None) -> Path:
     raise ImageError(
         f"no image named {name!r}", hint="vsockrpc image list shows the names; build one first"
     )
+
+
+def locate(text: str, cache_root: Path | None = None) -> Path:
+    """What a user's ``--image NAME|DIR`` means: an existing path as given, else a name."""
+    if Path(text).exists() or not valid_name(text):
+        return Path(text)
+    return resolve(text, cache_root)
 
 
 def remove(name: str, cache_root: Path | None = None) -> NamedImage:

@@ -24,6 +24,7 @@ from vsockrpc.payload._sources import SourceFile
 from vsockrpc.payload._spec_check import Source, Table
 
 __all__ = [
+    "BUNDLE_CONFIG",
     "GUEST_CONFIG_PATH",
     "RESTART_POLICIES",
     "Command",
@@ -35,6 +36,10 @@ __all__ = [
 
 # Where the image carries the guest's part of the spec (read by vsockrpc.guest at boot).
 GUEST_CONFIG_PATH = "/etc/vsockrpc/guest.json"
+# ... and where a bundle carries it: next to the vsockrpc package it extracts. Both names are
+# repeated in vsockrpc.guest.userconfig (the guest never imports the host's builder);
+# tests/unit/test_spec.py checks that they agree.
+BUNDLE_CONFIG = "vsockrpc-guest.json"
 RESTART_POLICIES = ("always", "on-failure", "never")
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
