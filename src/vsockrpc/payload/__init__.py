@@ -27,7 +27,9 @@ dependencies against the guest's own pins), more sources, more entry points, sam
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -163,13 +165,44 @@ def user_wheels(
         return WheelSet(target, ())
     own_set = payload.wheels(target, cache_root=cache_root)
     own_dirs = sorted({w.parent for w in own_set.wheels})
-    resolved = resolve_wheels(
-        [*spec.pip, *payload.requirements],
-        target,
-        cache_root=cache_root,
-        find_links=spec.pip_find_links,
-        deps=True,
-        also_from=own_dirs,
-    )
+    requirements = [*spec.pip, *payload.requirements]
+    if spec.pip_find_links is not None:
+        root = cache_root if cache_root is not None else default_cache_root()
+        resolved = _resolve_links_memo(requirements, target, spec.pip_find_links, own_dirs, root)
+    else:
+        resolved = resolve_wheels(
+            requirements, target, cache_root=cache_root, deps=True, also_from=own_dirs
+        )
     own = {w.name for w in own_set.wheels}
     return WheelSet(target, tuple(w for w in resolved.wheels if w.name not in own))
+
+
+def _resolve_links_memo(
+    requirements: list[str], target: Target, links: Path, also_from: list[Path], root: Path
+) -> WheelSet:
+    """``resolve_wheels`` from the ``links`` directory only, remembered (``<root>/wheels/
+    links-<key>.json``) until the requirements or the directory's wheels change: a pip run
+    takes seconds, and a cache hit of an image must not pay it."""
+    listing = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in links.glob("*.whl"))
+    key = hashlib.sha256(
+        json.dumps(
+            [requirements, target.python, list(target.platforms), str(links), listing],
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
+    memo = root / "wheels" / f"links-{key}.json"
+    try:
+        paths = [Path(p) for p in json.loads(memo.read_text())]
+        if all(p.is_file() for p in paths):
+            return WheelSet(target, tuple(paths))
+    except (OSError, ValueError, TypeError):
+        pass
+    resolved = resolve_wheels(
+        requirements, target, find_links=links, deps=True, also_from=also_from
+    )
+    with contextlib.suppress(OSError):
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps([str(w) for w in resolved.wheels]))
+        os.replace(tmp, memo)
+    return resolved
