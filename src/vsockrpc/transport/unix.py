@@ -1,4 +1,11 @@
-"""Unix stream sockets. ``listen`` replaces a stale socket file but never a live one or a file."""
+"""Unix stream sockets. ``listen`` replaces a stale socket file but never a live one or a file.
+
+Every socket file ``listen`` creates gets an explicit ``mode`` (default ``0600``), whatever the
+process umask: Linux creates the file of a bound AF_UNIX socket with the mode of the socket's
+own inode, masked by the umask (``unix_bind_bsd`` in net/unix/af_unix.c), so ``fchmod`` on the
+fd before ``bind`` sets it without touching the process-wide umask; if the umask still removed
+bits, the file is ``chmod``-ed before ``listen`` (nobody can connect before ``listen``).
+"""
 
 from __future__ import annotations
 
@@ -13,14 +20,19 @@ from vsockrpc.errors import TransportError
 from vsockrpc.transport._errors import mapping_connect_errors, mapping_listen_errors
 
 __all__ = [
+    "DEFAULT_MODE",
     "TRANSPORT",
     "UnixTransport",
+    "check_mode",
     "connect",
     "connect_path",
     "listen",
     "listen_path",
     "remove_stale_socket",
 ]
+
+DEFAULT_MODE = 0o600
+"""Mode of the socket files vsockrpc creates: only the owner (and root) may connect."""
 
 
 def connect_path(
@@ -67,14 +79,28 @@ def remove_stale_socket(path: str, what: str) -> None:
     )
 
 
-def listen_path(path: str, *, backlog: int = 128, what: str | None = None) -> socket.socket:
-    """Bind and listen on ``path`` after removing a stale socket file left by a dead server."""
+def check_mode(mode: int) -> int:
+    """``mode`` if it is a permission mode; ValueError otherwise."""
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"socket mode {mode:#o} is not a permission mode (0 to 0o777)")
+    return mode
+
+
+def listen_path(
+    path: str, *, backlog: int = 128, what: str | None = None, mode: int = DEFAULT_MODE
+) -> socket.socket:
+    """Bind and listen on ``path`` (socket file mode ``mode``, independent of the umask) after
+    removing a stale socket file left by a dead server."""
     what = what or f"unix:{path}"
+    check_mode(mode)
     remove_stale_socket(path, what)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with mapping_listen_errors(what):
+            os.fchmod(sock.fileno(), mode)  # bind() creates the file with this mode & ~umask
             sock.bind(path)
+            if stat.S_IMODE(os.lstat(path).st_mode) != mode:  # the umask removed bits
+                os.chmod(path, mode)
             sock.listen(backlog)
     except BaseException:
         sock.close()
@@ -82,8 +108,10 @@ def listen_path(path: str, *, backlog: int = 128, what: str | None = None) -> so
     return sock
 
 
-def listen(address: UnixAddress, *, backlog: int = 128) -> socket.socket:
-    return listen_path(address.path, backlog=backlog)
+def listen(
+    address: UnixAddress, *, backlog: int = 128, mode: int = DEFAULT_MODE
+) -> socket.socket:
+    return listen_path(address.path, backlog=backlog, mode=mode)
 
 
 def grpc_target_for_path(path: str) -> str:
