@@ -5,6 +5,8 @@ path in the same private ``0700`` directory; the file name encodes the peer the 
 (``c17-vsock-3-1034`` for CID 3 port 1034) and is unlinked right after ``connect()`` (the kernel
 keeps the bound name, so grpcio's ``context.peer()`` still reports ``unix:<dir>/c17-vsock-3-1034``).
 Only names in directories this process created are trusted: nobody else can bind there.
+Unix-socket peers the relay accepted are named after their ``SO_PEERCRED`` the same way
+(``c18-unix-1000-1000-4242``, see :mod:`vsockrpc.rpc._creds`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,15 @@ import threading
 from urllib.parse import unquote
 
 from vsockrpc.addresses import Address, TcpAddress, UnixAddress, VsockAddress
+from vsockrpc.rpc._creds import PeerCredentials, credentials_name, parse_credentials_name
 
-__all__ = ["client_name", "parse_peer", "trust_directory", "untrust_directory"]
+__all__ = [
+    "client_name",
+    "parse_peer",
+    "parse_peer_credentials",
+    "trust_directory",
+    "untrust_directory",
+]
 
 _trusted: set[str] = set()
 _lock = threading.Lock()
@@ -35,9 +44,13 @@ def untrust_directory(path: str) -> None:
         _trusted.discard(path)
 
 
-def client_name(directory: str, peer: Address | None) -> str:
+def client_name(
+    directory: str, peer: Address | None, credentials: PeerCredentials | None = None
+) -> str:
     """A fresh path in ``directory`` to bind the relay's inner client socket to."""
     serial = next(_counter)
+    if credentials is not None:
+        return os.path.join(directory, credentials_name(serial, credentials))
     if peer is not None and peer.scheme == "vsock":  # the only identity worth conveying
         return os.path.join(directory, f"c{serial}-vsock-{peer.cid}-{peer.port}")
     return os.path.join(directory, f"c{serial}")
@@ -65,6 +78,21 @@ def parse_peer(peer: str) -> Address | None:
             trusted = directory in _trusted
         if trusted:
             match = _VSOCK_NAME.fullmatch(name)
-            return VsockAddress(int(match[1]), int(match[2])) if match else None
+            if match:
+                return VsockAddress(int(match[1]), int(match[2]))
+            # A Unix-socket client the relay accepted: unnamed, like a direct one.
+            return UnixAddress("") if parse_credentials_name(name) else None
         return UnixAddress(path) if path else None
     return None
+
+
+def parse_peer_credentials(peer: str) -> PeerCredentials | None:
+    """The ``SO_PEERCRED`` the relay conveyed for ``context.peer()``; None when unknown."""
+    scheme, _, rest = peer.partition(":")
+    if scheme != "unix":
+        return None
+    directory, name = os.path.split(unquote(rest))
+    with _lock:
+        if directory not in _trusted:
+            return None
+    return parse_credentials_name(name)

@@ -14,6 +14,11 @@ splice beat the copying pump on throughput (both side by side in bench/bench_rel
 EOF on one side half-closes the other (``shutdown(SHUT_WR)``), so each direction ends on its own;
 an error (reset) shuts both sockets down completely, which wakes the other pump. The sockets are
 closed only when both pumps have returned, so an fd is never reused while a thread still uses it.
+
+A server-side relay given :class:`~vsockrpc.rpc._limits.ConnectionLimits` admits connections
+through a :class:`~vsockrpc.rpc._limits.Gate`: a new connection waits in the accept loop's
+selector (one fd, no thread) until its first byte, and is closed when it stays silent, or
+evicted when a peer or the whole relay is at its cap (see :mod:`vsockrpc.rpc._limits`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import time
 from collections.abc import Callable
 
 from vsockrpc.errors import VsockRpcError
+from vsockrpc.rpc._limits import ConnectionLimits, Gate, PeerKey, peer_key
 
 __all__ = ["BUFFER_SIZE", "Dial", "Link", "Relay"]
 
@@ -159,9 +165,17 @@ class Relay:
     """
 
     def __init__(
-        self, listener: socket.socket, dial: Dial, *, name: str = "relay", splice: bool = True
+        self,
+        listener: socket.socket,
+        dial: Dial,
+        *,
+        name: str = "relay",
+        splice: bool = True,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self._listener = listener
+        self._gate = Gate(limits) if limits is not None else None
+        self.refused_connections = 0
         self._splice = splice
         self._dial = dial
         self._name = name
@@ -191,40 +205,127 @@ class Relay:
         with self._lock:
             return len(self._links)
 
+    @property
+    def waiting_connections(self) -> int:
+        """Connections accepted under limits that have not sent their first byte yet."""
+        return self._gate.waiting if self._gate is not None else 0
+
     def _accept_loop(self) -> None:
         with selectors.DefaultSelector() as selector:
             selector.register(self._listener, selectors.EVENT_READ)
             selector.register(self._wake_r, selectors.EVENT_READ)
-            while True:
-                ready = {key.fileobj for key, _ in selector.select()}
-                if self._wake_r in ready:
-                    return
-                try:
-                    conn, peer = self._listener.accept()
-                except OSError as err:  # e.g. ECONNABORTED, EMFILE: keep serving
-                    log.warning("%s: accept failed: %s", self._name, err)
-                    time.sleep(_ACCEPT_RETRY_DELAY)  # don't spin while out of fds
-                    continue
-                worker = threading.Thread(
-                    target=self._serve,
-                    args=(conn, peer),
-                    name=f"vsockrpc-{self._name}",
-                    daemon=True,
-                )
-                with self._lock:
-                    if self._accepting_stopped:
-                        conn.close()
-                        return
-                    self._workers.add(worker)
-                try:
-                    worker.start()
-                except RuntimeError as err:  # can't start a thread: drop this connection
-                    log.warning("%s: %s", self._name, err)
-                    with self._lock:
-                        self._workers.discard(worker)
-                    conn.close()
+            try:
+                self._select_until_woken(selector)
+            finally:
+                if self._gate is not None:
+                    for item in self._gate.waiting_items():
+                        self._gate.drop_waiting(item)
+                        assert isinstance(item, socket.socket)
+                        item.close()
 
-    def _serve(self, conn: socket.socket, peer: object) -> None:
+    def _select_until_woken(self, selector: selectors.BaseSelector) -> None:
+        gate = self._gate
+        while True:
+            timeout = None
+            if gate is not None and (deadline := gate.next_deadline()) is not None:
+                timeout = max(deadline - time.monotonic(), 0.0)
+            events = selector.select(timeout)
+            for key, _ in events:
+                if key.fileobj is self._wake_r:
+                    return
+            # Waiting connections first: accepting may evict (close) some of them.
+            listener_ready = False
+            for key, _ in events:
+                if key.fileobj is self._listener:
+                    listener_ready = True
+                elif gate is not None:
+                    assert isinstance(key.fileobj, socket.socket)
+                    self._first_bytes(selector, gate, key.fileobj, key.data)
+            if listener_ready and not self._accept(selector):
+                return
+            if gate is not None:
+                for item in gate.expired(time.monotonic()):
+                    assert isinstance(item, socket.socket)
+                    selector.unregister(item)
+                    item.close()
+
+    def _accept(self, selector: selectors.BaseSelector) -> bool:
+        """Accept one connection; False once accepting has been stopped."""
+        try:
+            conn, peer = self._listener.accept()
+        except OSError as err:  # e.g. ECONNABORTED, EMFILE: keep serving
+            log.warning("%s: accept failed: %s", self._name, err)
+            victim = self._gate.evict_oldest() if self._gate is not None else None
+            if isinstance(victim, socket.socket):  # free an fd: the oldest silent one
+                selector.unregister(victim)
+                victim.close()
+            else:
+                time.sleep(_ACCEPT_RETRY_DELAY)  # don't spin while out of fds
+            return True
+        if self._gate is None:
+            return self._start_worker(conn, peer, None)
+        key = peer_key(conn, peer)
+        admitted, evicted = self._gate.admit(conn, key, time.monotonic())
+        for victim in evicted:
+            assert isinstance(victim, socket.socket)
+            selector.unregister(victim)
+            victim.close()
+        if not admitted:
+            self.refused_connections += 1
+            log.debug("%s: refused a connection from %r: at the connection limit", self._name, peer)
+            conn.close()
+            return True
+        selector.register(conn, selectors.EVENT_READ, (peer, key))
+        return True
+
+    def _first_bytes(
+        self, selector: selectors.BaseSelector, gate: Gate, conn: socket.socket, data: object
+    ) -> None:
+        """A waiting connection became readable: relay it, or drop it at EOF."""
+        selector.unregister(conn)
+        peer, key = data if isinstance(data, tuple) else (None, ("unknown", None))
+        try:
+            closed = conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            closed = False
+        except OSError:
+            closed = True
+        if closed:
+            gate.drop_waiting(conn)
+            conn.close()
+            return
+        gate.activate(conn)
+        self._start_worker(conn, peer, key)
+
+    def _start_worker(self, conn: socket.socket, peer: object, key: PeerKey | None) -> bool:
+        """Relay ``conn`` in a new thread; False once accepting has been stopped."""
+        worker = threading.Thread(
+            target=self._serve,
+            args=(conn, peer, key),
+            name=f"vsockrpc-{self._name}",
+            daemon=True,
+        )
+        with self._lock:
+            if self._accepting_stopped:
+                self._release(key)
+                conn.close()
+                return False
+            self._workers.add(worker)
+        try:
+            worker.start()
+        except RuntimeError as err:  # can't start a thread: drop this connection
+            log.warning("%s: %s", self._name, err)
+            with self._lock:
+                self._workers.discard(worker)
+            self._release(key)
+            conn.close()
+        return True
+
+    def _release(self, key: PeerKey | None) -> None:
+        if self._gate is not None and key is not None:
+            self._gate.release(key)
+
+    def _serve(self, conn: socket.socket, peer: object, key: PeerKey | None = None) -> None:
         try:
             try:
                 other = self._dial(conn, peer)
@@ -248,6 +349,7 @@ class Relay:
             link.run()
             link.join()
         finally:
+            self._release(key)
             with self._lock:
                 self._workers.discard(threading.current_thread())
 

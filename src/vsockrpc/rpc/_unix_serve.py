@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vsockrpc.errors import TransportError
+from vsockrpc.transport.unix import grpc_target_for_path
 
 __all__ = ["SUN_PATH_MAX", "OwnedSocketFile", "bind_unix_with_mode"]
 
@@ -59,7 +60,7 @@ def bind_unix_with_mode(
     except OSError as err:
         raise TransportError(f"cannot listen on {what}: {err.strerror or err}") from err
     try:
-        add_port(f"unix:{inner}", what)
+        add_port(grpc_target_for_path(inner), what)
         try:
             os.chmod(inner, mode)
             os.link(inner, path)

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from contextlib import ExitStack
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -20,14 +21,21 @@ from vsockrpc.addresses import Address
 from vsockrpc.addresses import parse_address as _parse
 from vsockrpc.errors import AddressError, TransportError
 from vsockrpc.rpc import _peers
+from vsockrpc.rpc._creds import read_peer_credentials
+from vsockrpc.rpc._limits import ConnectionLimits
 from vsockrpc.rpc._native import DEFAULT_OPTIONS, native_listen_target
 from vsockrpc.rpc._private import PrivateDir
 from vsockrpc.rpc._quiet import capturing_stderr
 from vsockrpc.rpc._relay import Relay
+from vsockrpc.rpc._unix_serve import OwnedSocketFile, bind_unix_with_mode
+from vsockrpc.transport import unix as unix_transport
 
-__all__ = ["Server", "serve"]
+__all__ = ["DEFAULT_LIMITS", "Server", "serve"]
 
 Registrar = Callable[[grpc.Server], None]
+
+DEFAULT_LIMITS = ConnectionLimits()
+"""What a server-side relay admits unless told otherwise (see :mod:`vsockrpc.rpc._limits`)."""
 
 
 class Server:
@@ -40,8 +48,11 @@ class Server:
         relays: Sequence[Relay],
         private_dir: PrivateDir | None,
         socket_files: Sequence[str] = (),
+        *,
+        owned_files: Sequence[OwnedSocketFile] = (),
     ) -> None:
         self._socket_files = tuple(socket_files)
+        self._owned_files = tuple(owned_files)
         self._server = server
         self.addresses: tuple[Address, ...] = tuple(addresses)
         self._relays = tuple(relays)
@@ -71,6 +82,8 @@ class Server:
             relay.close()
         for path in self._socket_files:
             _unlink_socket(path)
+        for owned in self._owned_files:
+            owned.remove()
         if self._private_dir is not None:
             _peers.untrust_directory(self._private_dir.path)
             self._private_dir.close()
@@ -114,11 +127,15 @@ def _add_port(server: grpc.Server, target: str, what: str) -> int:
 
 
 def _relay_dial(
-    private_dir: PrivateDir, inner_path: str, listening: Address
+    private_dir: PrivateDir, inner_path: str, listening: Address, *, credentials: bool = False
 ) -> Callable[[socket.socket, object], socket.socket]:
+    """Connect to grpcio's private socket from a name conveying the peer (and, with
+    ``credentials``, a Unix peer's SO_PEERCRED)."""
+
     def dial(conn: socket.socket, peer: object) -> socket.socket:
         original = transport.accepted_peer(listening, conn, peer)
-        name = _peers.client_name(private_dir.path, original)
+        creds = read_peer_credentials(conn) if credentials else None
+        name = _peers.client_name(private_dir.path, original, creds)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(name)
@@ -141,13 +158,21 @@ def serve(
     max_workers: int = 16,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     options: Sequence[tuple[str, Any]] = (),
+    unix_mode: int = unix_transport.DEFAULT_MODE,
+    peer_credentials: bool = False,
+    limits: ConnectionLimits | None = DEFAULT_LIMITS,
 ) -> Server:
     """Start a gRPC server with ``services`` on every address in ``listen``.
 
     Unix and TCP addresses (and vsock when grpcio supports it) are bound by grpcio itself;
     vsock and hybrid addresses otherwise go through a relay into a private Unix socket.
+    Every Unix socket file gets mode ``unix_mode`` (default ``0600``), whatever the umask.
+    ``peer_credentials=True`` relays Unix addresses too, so that servicers learn each caller's
+    ``SO_PEERCRED`` (:func:`vsockrpc.rpc.peer_credentials`; the agent checks the uid).
+    ``limits`` caps the connections each relay holds and closes silent ones (None: no caps).
     Raises :class:`AddressError` for bad addresses and :class:`TransportError` when a bind fails.
     """
+    unix_transport.check_mode(unix_mode)
     addresses = [_parse(item) for item in listen]
     if not addresses:
         raise AddressError("serve() needs at least one listen address")
@@ -163,11 +188,24 @@ def serve(
         bound: list[Address] = []
         relays: list[Relay] = []
         socket_files: list[str] = []
+        owned_files: list[OwnedSocketFile] = []
         private_dir: PrivateDir | None = None
         inner_path = ""
         for address in addresses:
-            target = native_listen_target(address)
-            if target is not None:
+            target = native_listen_target(address)  # a stale Unix socket file is removed
+            # grpcio's own Unix listener, unless the peers' credentials are wanted (relay).
+            unix_path = _unix_path(target)
+            if unix_path is not None and not peer_credentials:
+                owned = bind_unix_with_mode(
+                    partial(_add_port, server), unix_path, unix_mode, str(address)
+                )
+                if owned is not None:
+                    owned_files.append(owned)
+                    cleanup.callback(owned.remove)
+                    bound.append(address)
+                    continue
+                # else: too long a path for the private bind; the relay serves it instead
+            if target is not None and unix_path is None:
                 port = _add_port(server, target, str(address))
                 bound.append(transport.bound_address(address, port))
                 continue
@@ -177,12 +215,15 @@ def serve(
                 cleanup.callback(_peers.untrust_directory, private_dir.path)
                 inner_path = private_dir.join("grpc")
                 _add_port(server, f"unix:{inner_path}", str(address))
-            listener = transport.listen(address)
+            if unix_path is not None:
+                listener = unix_transport.listen_path(unix_path, mode=unix_mode, what=str(address))
+            else:
+                listener = transport.listen(address)
             if listener.family == socket.AF_UNIX:  # hybrid: <path>_<port>; grpcio-like cleanup
                 socket_files.append(listener.getsockname())
                 cleanup.callback(_unlink_socket, socket_files[-1])
-            dial = _relay_dial(private_dir, inner_path, address)
-            relay = Relay(listener, dial, name=f"serve {address}")
+            dial = _relay_dial(private_dir, inner_path, address, credentials=unix_path is not None)
+            relay = Relay(listener, dial, name=f"serve {address}", limits=limits)
             cleanup.callback(relay.close)
             relays.append(relay)
             bound.append(transport.listening_address(address, listener))
@@ -190,4 +231,12 @@ def serve(
         for relay in relays:
             relay.start()
         cleanup.pop_all()
-    return Server(server, bound, relays, private_dir, socket_files)
+    return Server(server, bound, relays, private_dir, socket_files, owned_files=owned_files)
+
+
+def _unix_path(target: str | None) -> str | None:
+    """The path of grpcio's ``unix:`` target (``unix://`` + a path starting ``//``), else None."""
+    if target is None or not target.startswith("unix:"):
+        return None
+    rest = target.removeprefix("unix:")
+    return rest.removeprefix("//") if rest.startswith("////") else rest

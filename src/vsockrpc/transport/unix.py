@@ -108,9 +108,7 @@ def listen_path(
     return sock
 
 
-def listen(
-    address: UnixAddress, *, backlog: int = 128, mode: int = DEFAULT_MODE
-) -> socket.socket:
+def listen(address: UnixAddress, *, backlog: int = 128, mode: int = DEFAULT_MODE) -> socket.socket:
     return listen_path(address.path, backlog=backlog, mode=mode)
 
 
