@@ -20,6 +20,7 @@ import grpc
 
 from vsockrpc.agent.v1 import agent_pb2 as pb
 from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
+from vsockrpc.services.agent.credentials import UidResolver
 from vsockrpc.services.agent.datachannel import DataSockets
 from vsockrpc.services.agent.exec import ExecServicer
 from vsockrpc.services.agent.files import FilesServicer
@@ -56,6 +57,7 @@ __all__ = [
     "ProcessSpec",
     "ProcessTable",
     "SystemServicer",
+    "UidResolver",
     "agent_services",
     "default_power_control",
     "guarded",
@@ -76,6 +78,7 @@ def agent_services(
     *,
     peer_resolver: PeerResolver,
     sockets: DataSockets | None,
+    uid_resolver: UidResolver | None = None,
     policy: PeerPolicy | None = None,
     power_control: PowerControl | None = None,
     clock_setter: ClockSetter = set_realtime_clock,
@@ -84,11 +87,13 @@ def agent_services(
 ) -> list[Registrar]:
     """Registrars for the Exec, Files and System services, each call checked by ``policy``
     (default :meth:`PeerPolicy.from_env`) against the caller ``peer_resolver`` finds (e.g.
-    :func:`vsockrpc.rpc.peer_address`). Pass ``table``/``files`` to keep handles for cleanup
-    (``table.close()`` kills processes, ``files.close()`` closes data listeners). ``sockets``
-    (:mod:`vsockrpc.transport`, injected like the peer lookup) opens raw data channels; with
-    None, transfers go in-band."""
-    guard = PeerGuard(policy if policy is not None else PeerPolicy.from_env(), peer_resolver)
+    :func:`vsockrpc.rpc.peer_address`) and, for Unix callers, the uid ``uid_resolver`` finds
+    (checked against ``policy.allowed_uids``). Pass ``table``/``files`` to keep handles for
+    cleanup (``table.close()`` kills processes, ``files.close()`` closes data listeners).
+    ``sockets`` (:mod:`vsockrpc.transport`, injected like the peer lookup) opens raw data
+    channels; with None, transfers go in-band."""
+    admitted = policy if policy is not None else PeerPolicy.from_env()
+    guard = PeerGuard(admitted, peer_resolver, uid_resolver)
     exec_servicer = ExecServicer(table)
     files_servicer = files if files is not None else FilesServicer(guard, sockets)
     system_servicer = SystemServicer(power_control=power_control, clock_setter=clock_setter)

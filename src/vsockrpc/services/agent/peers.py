@@ -6,14 +6,17 @@ hypervisor/kernel and cannot be forged from inside another VM, so the policy adm
 default only ``2`` (VMADDR_CID_HOST, the host). Which *host* users can reach the guest is decided
 on the host: by the hybrid socket's file mode (our userspace device) or by who may open
 ``/dev/vhost-vsock``/create AF_VSOCK sockets (kernel vhost-vsock: any host user!). Unix-socket
-peers are admitted (the socket's file mode is the control); TCP peers only when asked for
+peers are admitted by the socket's file mode and, when the server conveys their ``SO_PEERCRED``,
+by uid (``allowed_uids``: root and the agent's own user by default; see :mod:`.credentials`);
+TCP peers only when asked for
 (``allow_tcp``), since anything that can reach the port would get in. A refused call gets
 ``PERMISSION_DENIED``, the trailing metadata :data:`~vsockrpc.agent.REFUSED_PEER_KEY` and one
 WARNING log line naming the peer and the method.
 
 Who is calling is not looked up here: a :data:`PeerResolver` is injected by whoever starts the
-server (it knows the transport; :func:`vsockrpc.rpc.peer_address` sees through the relay), and
-:class:`PeerGuard` pairs it with the policy.
+server (it knows the transport; :func:`vsockrpc.rpc.peer_address` sees through the relay), as
+is a :data:`~.credentials.UidResolver` for Unix callers, and :class:`PeerGuard` pairs them with
+the policy.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -29,6 +32,7 @@ import grpc
 from vsockrpc.addresses import Address, UnixAddress
 from vsockrpc.agent import CMDLINE_ALLOWED_CIDS, ENV_ALLOWED_CIDS, REFUSED_PEER_KEY
 from vsockrpc.errors import AddressError
+from vsockrpc.services.agent.credentials import UidResolver, default_allowed_uids, uid_admitted
 from vsockrpc.vsock_constants import VMADDR_CID_HOST
 
 __all__ = [
@@ -50,11 +54,13 @@ Registrar = Callable[[grpc.Server], None]
 
 @dataclass(frozen=True)
 class PeerPolicy:
-    """Admission rules. ``allowed_cids=None`` admits every vsock CID."""
+    """Admission rules. ``allowed_cids=None`` admits every vsock CID, ``allowed_uids=None``
+    every Unix-socket user."""
 
     allowed_cids: frozenset[int] | None = frozenset({VMADDR_CID_HOST})
     allow_unix: bool = True
     allow_tcp: bool = False
+    allowed_uids: frozenset[int] | None = field(default_factory=default_allowed_uids)
 
     @classmethod
     def from_env(
@@ -85,20 +91,25 @@ class PeerPolicy:
             raise AddressError(f"{ENV_ALLOWED_CIDS}={text!r}: expected CIDs like 2,3") from err
         return cls(allowed_cids=cids)
 
-    def admits(self, peer: Address | None) -> bool:
+    def admits(self, peer: Address | None, uid: int | None = None) -> bool:
+        """Whether ``peer`` (a Unix peer: with ``uid``, when known) may call the agent."""
         if peer is None:
             return False  # unknown peer: refuse
         if peer.scheme == "vsock":
             return self.allowed_cids is None or peer.cid in self.allowed_cids
-        return {"unix": self.allow_unix, "tcp": self.allow_tcp}.get(peer.scheme, False)
+        if peer.scheme == "unix":
+            return self.allow_unix and uid_admitted(self.allowed_uids, uid)
+        return {"tcp": self.allow_tcp}.get(peer.scheme, False)
 
 
 @dataclass(frozen=True)
 class PeerGuard:
-    """A :class:`PeerPolicy` applied to calls, whose peer ``resolver`` tells apart."""
+    """A :class:`PeerPolicy` applied to calls, whose peer ``resolver`` tells apart (and
+    ``uid_resolver`` the user of a Unix caller, when the server conveys it)."""
 
     policy: PeerPolicy
     resolver: PeerResolver
+    uid_resolver: UidResolver | None = None
 
     def caller(self, context: grpc.ServicerContext) -> Address | None:
         """The address of the call's peer."""
@@ -115,12 +126,14 @@ class PeerGuard:
     def check(self, context: grpc.ServicerContext, method: str) -> None:
         """Abort the call with PERMISSION_DENIED unless the peer is admitted."""
         peer = self.caller(context)
-        if self.policy.admits(peer):
+        uid = self.uid_resolver(context) if self.uid_resolver is not None else None
+        if self.policy.admits(peer, uid):
             return
-        log.warning("refused %s from peer %s (%s)", method, peer, context.peer())
-        shown = str(peer).encode("ascii", "backslashreplace").decode("ascii")
+        who = f"{peer} (uid {uid})" if uid is not None else str(peer)
+        log.warning("refused %s from peer %s (%s)", method, who, context.peer())
+        shown = who.encode("ascii", "backslashreplace").decode("ascii")
         context.set_trailing_metadata(((REFUSED_PEER_KEY, shown),))
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, f"peer {peer} is not allowed")
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, f"peer {who} is not allowed")
 
 
 def guard_handler(handler: Any, guard: PeerGuard, method: str) -> Any:
