@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +31,9 @@ class ServerProcess:
                 self.process.stdout.close()
 
 
-def start_server(tmp_path: Path, *listen: str) -> ServerProcess:
+def start_server(tmp_path: Path, *listen: str, options: Sequence[str] = ()) -> ServerProcess:
     log = tmp_path / "server.log"
-    args = [arg for address in listen for arg in ("--listen", address)]
+    args = [*options, *(arg for address in listen for arg in ("--listen", address))]
     with log.open("w") as log_file:
         process = subprocess.Popen(
             [*CLI, "serve", *args], stdout=subprocess.PIPE, stderr=log_file, text=True
@@ -55,7 +55,9 @@ def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    proc = start_server(tmp_path, f"unix:{tmp_path}/add.sock", "tcp:127.0.0.1:0")
+    proc = start_server(
+        tmp_path, f"unix:{tmp_path}/add.sock", "tcp:127.0.0.1:0", options=["--access-log"]
+    )
     try:
         yield proc
     finally:

@@ -1,7 +1,12 @@
 """``vsockrpc serve`` and ``vsockrpc add``: the seed system's server and client.
 
-``serve`` runs :func:`vsockrpc.services.default_services` on one or more addresses until
-SIGTERM/SIGINT. ``add A B --target ADDRESS`` calls Addition and prints
+``serve`` runs Addition (with health and reflection) on one or more addresses until
+SIGTERM/SIGINT; ``--agent`` adds the guest agent's Exec, Files and System
+(:func:`vsockrpc.services.default_services`), which give whoever is admitted the server's user:
+on Unix sockets only root and the server's own user are admitted (``SO_PEERCRED``), more with
+``--allow-uid``. Unix socket files get mode ``--mode`` (default 0600) whatever the umask.
+``--access-log`` logs one line per call (off by default: nothing is spent per call on it).
+``add A B --target ADDRESS`` calls Addition and prints
 ``Addition result: A + B = C``; a failed call prints one line with the gRPC status name and
 exits 1 (the original printed -1 and exited 0).
 """
@@ -9,22 +14,27 @@ exits 1 (the original printed -1 and exited 0).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import pwd
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 import grpc
 
 from vsockrpc import rpc
+from vsockrpc._fdlimit import raise_open_files_limit
 from vsockrpc.addresses import Address, parse_address
 from vsockrpc.errors import AddressError, RpcError, TransportTimeout
 from vsockrpc.proto import vsock_service_pb2 as pb
 from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
-from vsockrpc.services import addition, default_services
+from vsockrpc.services import addition, addition_services, default_services
+from vsockrpc.transport import unix as unix_transport
 
 __all__ = ["DEFAULT_LISTEN", "register"]
 
@@ -58,10 +68,44 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _mode(text: str) -> int:
+    try:
+        value = int(text.lower().removeprefix("0o"), 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 0600") from None
+    try:
+        return unix_transport.check_mode(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a permission mode (0 to 0777)") from None
+
+
+def _uid(text: str) -> int | None:
+    if text == "any":
+        return None
+    if text.isdigit():
+        return int(text)
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a uid nor a user name") from None
+
+
+_SERVE_DESCRIPTION = (
+    "Serve the Addition service (with gRPC health and reflection) on the given addresses. "
+    "With --agent, also serve the guest agent (Exec, Files, System): whoever it admits can "
+    "run commands, read and write files and power off the machine as the user running this "
+    "server. Agent callers on a Unix socket are admitted by uid (SO_PEERCRED): root and this "
+    "server's user, plus --allow-uid; vsock callers by CID (VSOCKRPC_AGENT_ALLOWED_CIDS, "
+    "default 2: the host)."
+)
+
+
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add ``serve`` and ``add``."""
     serve = sub.add_parser(
-        "serve", help="serve the Addition service", description="Serve the guest services."
+        "serve",
+        help="serve Addition (--agent: and the guest agent) on vsock, hybrid, Unix or TCP",
+        description=_SERVE_DESCRIPTION,
     )
     serve.add_argument(
         "--listen",
@@ -71,7 +115,32 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help=f"address to listen on; repeatable (default {DEFAULT_LISTEN})",
     )
     serve.add_argument("--workers", type=int, default=16, help="gRPC worker threads")
-    serve.set_defaults(func=_serve)
+    serve.add_argument(
+        "--agent",
+        action="store_true",
+        help="also serve the agent's Exec, Files and System (root-equivalent: see above)",
+    )
+    serve.add_argument(
+        "--allow-uid",
+        metavar="UID",
+        type=_uid,
+        action="append",
+        help="with --agent: also admit this user (uid or name; 'any': every user) on Unix "
+        "sockets; repeatable",
+    )
+    serve.add_argument(
+        "--mode",
+        type=_mode,
+        default=unix_transport.DEFAULT_MODE,
+        metavar="MODE",
+        help="octal mode of the Unix socket files created (default 0600, whatever the umask)",
+    )
+    serve.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line per call on stderr (off by default)",
+    )
+    serve.set_defaults(func=_serve, parser=serve)
 
     add = sub.add_parser("add", help="call Addition", description="Call Addition(A, B).")
     add.add_argument("a", metavar="A", type=_int32)
@@ -96,9 +165,28 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     add.set_defaults(func=_add)
 
 
+def _services(args: argparse.Namespace) -> list[Callable[[grpc.Server], None]]:
+    if not args.agent:
+        if args.allow_uid:
+            args.parser.error("--allow-uid needs --agent")
+        return addition_services(access_log=args.access_log)
+    from vsockrpc.services.agent import PeerPolicy
+
+    policy = PeerPolicy.from_env()
+    if args.allow_uid:
+        extra = frozenset(uid for uid in args.allow_uid if uid is not None)
+        anyone = None in args.allow_uid or policy.allowed_uids is None
+        allowed = None if anyone else frozenset(policy.allowed_uids or ()) | extra
+        policy = dataclasses.replace(policy, allowed_uids=allowed)
+    return default_services(access_log=args.access_log, policy=policy)
+
+
 def _serve(args: argparse.Namespace) -> int:
     listen: list[Address] = args.listen or [parse_address(DEFAULT_LISTEN)]
-    logging.getLogger("vsockrpc.services").setLevel(logging.INFO)
+    services = _services(args)
+    if args.access_log:
+        logging.getLogger("vsockrpc.services").setLevel(logging.INFO)
+    raise_open_files_limit()  # the relay holds a socket per client: 1024 is soon reached
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -106,7 +194,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with rpc.serve(default_services(), listen, max_workers=args.workers) as server:
+        with rpc.serve(
+            services,
+            listen,
+            max_workers=args.workers,
+            unix_mode=args.mode,
+            peer_credentials=args.agent,  # agent callers on Unix sockets are checked by uid
+        ) as server:
             for address in server.addresses:
                 print(f"listening on {address}", flush=True)
             while not stop.wait(0.5):

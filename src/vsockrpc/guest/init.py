@@ -9,6 +9,10 @@ or SIGINT to PID 1, Ctrl-Alt-Del from the launcher, a shutdown RPC that signals 
 because it crashed — PID 1 stops what is left, syncs and powers off with reboot(2). PID 1
 never returns: a returning init is a kernel panic.
 
+Open files: Linux starts init with ``RLIMIT_NOFILE`` 1024/4096, and the agent inherited 1024 —
+~150 idle host connections used to exhaust it. PID 1 raises soft and hard to
+:data:`AGENT_OPEN_FILES` (it may: it is root) before forking the agent.
+
 Entropy: the launcher gives TCG guests ``-cpu max`` (RDRAND), which the cloud kernel trusts
 (CONFIG_RANDOM_TRUST_CPU=y), so the CRNG is ready before userspace and Python's
 ``os.urandom`` never blocks; PID 1 only reports the pool state.
@@ -25,6 +29,7 @@ import time
 import traceback
 from types import FrameType
 
+from vsockrpc._fdlimit import raise_open_files_limit
 from vsockrpc.agent import markers
 from vsockrpc.guest import pid1, userconfig
 from vsockrpc.guest.cmdline import parse_cmdline
@@ -32,6 +37,7 @@ from vsockrpc.guest.cmdline import parse_cmdline
 __all__ = ["main", "request_poweroff"]
 
 STOP_TIMEOUT = 10.0  # seconds the agent gets after SIGTERM before SIGKILL
+AGENT_OPEN_FILES = 65536  # RLIMIT_NOFILE for PID 1 and the agent (kernel default: 1024)
 _ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
@@ -63,6 +69,9 @@ def _setup() -> None:
         pid1.disable_ctrl_alt_del()
     except OSError as err:
         problems.append(str(err))
+    open_files = raise_open_files_limit(AGENT_OPEN_FILES)
+    if open_files < AGENT_OPEN_FILES:
+        problems.append(f"open files limited to {open_files}")
     try:
         with open("/proc/sys/kernel/random/entropy_avail") as f:
             crng = f.read().strip()

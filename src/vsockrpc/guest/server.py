@@ -3,6 +3,11 @@
 Runs as PID 1's only child in a guest (see :mod:`vsockrpc.guest.init`), or directly with
 ``python -m vsockrpc.guest --listen ADDRESS`` anywhere (tests use a Unix socket). SIGTERM and
 SIGINT stop it gracefully: in-flight calls get ``GRACE`` seconds, then the process exits 0.
+
+The access log is on here (the console shows ``Addition: 5 + 7 = 12`` for each call, which
+docs/system.md and the vm tier rely on); Unix listen addresses are relayed so the agent learns
+each caller's uid (``SO_PEERCRED``); the open-files limit is raised to the hard limit (PID 1
+has raised that already), and the relay's default :class:`~vsockrpc.rpc.ConnectionLimits` apply.
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ log = logging.getLogger("vsockrpc.guest")
 def run_server(listen: Sequence[str]) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status (0 after a requested stop)."""
     from vsockrpc import rpc  # grpc import (~1 s in a TCG guest) after the fork
+    from vsockrpc._fdlimit import raise_open_files_limit
     from vsockrpc.guest import user_services, userconfig
+
+    raise_open_files_limit()
 
     stop = threading.Event()
 
@@ -36,8 +44,8 @@ def run_server(listen: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # An image spec's services join vsockrpc's own (the default services without one).
-    registrars = user_services.registrars(userconfig.load())
-    with rpc.serve(registrars, listen=list(listen)) as server:
+    registrars = user_services.registrars(userconfig.load(), access_log=True)
+    with rpc.serve(registrars, listen=list(listen), peer_credentials=True) as server:
         bound = " ".join(str(a) for a in server.addresses)
         print(f"{markers.READY} on {bound}", file=sys.stderr, flush=True)
         while not stop.wait(0.5):

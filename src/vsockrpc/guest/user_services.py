@@ -88,11 +88,12 @@ def _user_registrar(entries: Sequence[str], names: list[str]) -> Registrar:
     return register
 
 
-def registrars(config: GuestConfig) -> list[Registrar]:
-    """What the agent serves for ``config`` (a plain image: vsockrpc's default services)."""
+def registrars(config: GuestConfig, *, access_log: bool = False) -> list[Registrar]:
+    """What the agent serves for ``config`` (a plain image: vsockrpc's default services);
+    ``access_log`` logs a line per Addition call."""
     from vsockrpc import transport
     from vsockrpc.rpc import peer_address
-    from vsockrpc.services import addition, default_services
+    from vsockrpc.services import addition, default_services, peer_uid
     from vsockrpc.services.agent import (
         AGENT_SERVICE_NAMES,
         agent_services,
@@ -100,7 +101,7 @@ def registrars(config: GuestConfig) -> list[Registrar]:
     )
 
     if config.agent and not config.services:
-        return default_services()
+        return default_services(access_log=access_log)
     os.environ.update(dict(config.env))
     user_names: list[str] = []
     user = _user_registrar(config.services, user_names)
@@ -108,8 +109,8 @@ def registrars(config: GuestConfig) -> list[Registrar]:
     own_names: list[str] = []
     if config.agent:
         # As in default_services(), whose health registrar cannot take the user's names.
-        agent = agent_services(peer_resolver=peer_address, sockets=transport)
-        own = [addition.register, *agent]
+        agent = agent_services(peer_resolver=peer_address, uid_resolver=peer_uid, sockets=transport)
+        own = [addition.registrar(access_log=access_log), *agent]
         own_names = ["popovicu_vsock.VsockService", *AGENT_SERVICE_NAMES]
 
     def health_with_user_names(server: grpc.Server) -> None:

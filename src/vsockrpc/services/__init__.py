@@ -13,7 +13,7 @@ from vsockrpc.services import addition
 if TYPE_CHECKING:
     from vsockrpc.services.agent import PeerPolicy
 
-__all__ = ["ADDITION_SERVICE_NAME", "addition_services", "default_services"]
+__all__ = ["ADDITION_SERVICE_NAME", "addition_services", "default_services", "peer_uid"]
 
 Registrar = Callable[[grpc.Server], None]
 
@@ -30,7 +30,9 @@ def addition_services(*, access_log: bool = False) -> list[Registrar]:
     ]
 
 
-def _peer_uid(context: grpc.ServicerContext) -> int | None:
+def peer_uid(context: grpc.ServicerContext) -> int | None:
+    """The uid of a Unix-socket caller the server's relay conveyed (``SO_PEERCRED``), else None:
+    the agent's ``uid_resolver`` wherever vsockrpc starts it."""
     from vsockrpc.rpc import peer_credentials
 
     credentials = peer_credentials(context)
@@ -58,7 +60,7 @@ def default_services(
         addition.registrar(access_log=access_log),
         # Exec, Files, System; peers checked (VSOCKRPC_AGENT_ALLOWED_CIDS; Unix peers by uid)
         *agent_services(
-            peer_resolver=peer_address, uid_resolver=_peer_uid, sockets=transport, policy=policy
+            peer_resolver=peer_address, uid_resolver=peer_uid, sockets=transport, policy=policy
         ),
         health_and_reflection([ADDITION_SERVICE_NAME, *AGENT_SERVICE_NAMES]),
     ]

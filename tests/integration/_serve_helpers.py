@@ -1,0 +1,129 @@
+"""Helpers for the `vsockrpc serve` hardening tests: a CLI server process, and gRPC calls made
+over a Unix connection that another user opened (SO_PEERCRED is fixed at connect())."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+
+from vsockrpc.rpc._relay import Relay
+
+CLI = [sys.executable, "-m", "vsockrpc.cli.main"]
+NOBODY = 65534
+
+
+@contextlib.contextmanager
+def shared_dir() -> Iterator[Path]:
+    """A fresh 0755 directory under /tmp that another user can traverse (pytest's is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="vsockrpc-test-", dir="/tmp"))
+    try:
+        path.chmod(0o755)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def cli_server(
+    listen: str,
+    *options: str,
+    preexec_fn: Callable[[], None] | None = None,
+    log: Path | None = None,
+) -> Iterator[subprocess.Popen[str]]:
+    """``vsockrpc serve --listen LISTEN OPTIONS…`` until it printed its address; killed after."""
+    stderr = log.open("w") if log is not None else subprocess.DEVNULL
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--listen", listen, *options],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        preexec_fn=preexec_fn,  # noqa: PLW1509  (umask / rlimit of the server only)
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on "), line
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if log is not None and not isinstance(stderr, int):
+            stderr.close()
+
+
+def connect_as(uid: int, path: str) -> socket.socket:
+    """A Unix connection to ``path`` opened by a child running as ``uid`` (gid = uid), handed
+    back over SCM_RIGHTS. Raises the child's OSError (e.g. PermissionError) when it can't."""
+    parent_end, child_end = socket.socketpair()
+    with parent_end, child_end:
+        pid = os.fork()
+        if pid == 0:  # the child: no grpc here, only system calls, then _exit
+            status = 0
+            try:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(path)
+                socket.send_fds(child_end, [b"0"], [sock.fileno()])
+            except OSError as err:
+                child_end.send(str(err.errno).encode())
+                status = 1
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        data, fds, _, _ = socket.recv_fds(parent_end, 16, 1)
+    if fds:
+        return socket.socket(fileno=fds[0])
+    errno_ = int(data)
+    raise OSError(errno_, os.strerror(errno_))
+
+
+@contextlib.contextmanager
+def channel_over(sock: socket.socket, directory: Path) -> Iterator[grpc.Channel]:
+    """A grpc channel whose (first) connection is ``sock``: grpcio dials a local socket and a
+    one-shot relay splices it to ``sock``."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = str(directory / f"over-{os.getpid()}-{sock.fileno()}.sock")
+    listener.bind(path)
+    listener.listen(4)
+    handed: list[socket.socket] = [sock]
+
+    def dial(_conn: socket.socket, _peer: object) -> socket.socket:
+        if not handed:
+            raise OSError("the connection was used already")
+        return handed.pop()
+
+    with Relay(listener, dial, name="test-over"):
+        channel = grpc.insecure_channel(f"unix:{path}")
+        try:
+            yield channel
+        finally:
+            channel.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    for leftover in handed:
+        leftover.close()
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], check=False, capture_output=True, text=True, timeout=timeout
+    )
