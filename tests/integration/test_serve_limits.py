@@ -48,14 +48,15 @@ def add(address: str) -> int:
 
 @pytest.mark.timeout(180)
 def test_1000_idle_connections_do_not_deny_the_agent(tmp_path: Path) -> None:
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < IDLE + 200:
         pytest.fail(f"this test needs an open-files hard limit over {IDLE + 200}, not {hard}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # for the test's own sockets
     path = tmp_path / "agent.sock"
     address = f"unix:{path}"
     server = cli_server(address, "--agent", preexec_fn=default_fd_limit)
     with server, contextlib.ExitStack() as held:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the test's own sockets
+        held.callback(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
         for _ in range(IDLE):
             sock = held.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
             sock.connect(str(path))

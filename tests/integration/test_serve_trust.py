@@ -138,7 +138,9 @@ def test_agent_on_a_unix_socket_refuses_another_uid_and_admits_root(tmp_path: Pa
                 assert ping(ch).payload == b"hi"
             with rpc.channel(f"unix:{path}") as ch:  # the server's own user (root here)
                 assert ping(ch).payload == b"hi"
-        allowing = cli_server(f"unix:{path}", "--agent", "--mode", "0666", "--allow-uid", "nobody")
+        allowing = cli_server(
+            f"unix:{path}", "--agent", "--mode", "0666", "--allow-uid", str(NOBODY)
+        )
         with allowing, channel_over(connect_as(NOBODY, path), tmp_path) as ch:
             assert ping(ch).payload == b"hi"
         # The default mode keeps other users from even connecting.
