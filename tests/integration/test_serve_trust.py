@@ -24,6 +24,7 @@ from tests.integration._serve_helpers import (
     shared_dir,
 )
 from vsockrpc import rpc, transport
+from vsockrpc.addresses import UnixAddress
 from vsockrpc.agent.v1 import agent_pb2 as agent_pb
 from vsockrpc.agent.v1 import agent_pb2_grpc as agent_grpc
 from vsockrpc.proto import vsock_service_pb2 as pb
@@ -77,6 +78,26 @@ def test_library_unix_sockets_are_0600_whatever_the_umask(tmp_path: Path) -> Non
         sock = transport.unix.listen_path(str(tmp_path / "plain.sock"))
         with sock:
             assert mode_of(tmp_path / "plain.sock") == 0o600
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.timeout(60)
+def test_a_path_too_long_for_the_private_bind_is_relayed_with_its_mode(tmp_path: Path) -> None:
+    # The private name (<dir>/.vsockrpc-XXXXXXXX/s) would not fit in sun_path; the target does.
+    room = 100 - len(str(tmp_path)) - len("/x/s.sock")
+    directory = tmp_path / ("d" * max(room, 1)) / "x"
+    directory.mkdir(parents=True)
+    path = directory / "s.sock"
+    assert len(str(path)) <= 107 < len(str(directory / ".vsockrpc-12345678/s"))
+    old = os.umask(0)
+    try:
+        with rpc.serve([addition.register], [f"unix:{path}"]) as server:
+            assert mode_of(path) == 0o600
+            with rpc.channel(f"unix:{path}") as ch:
+                assert add(ch, 1, 1) == 2
+            assert server.addresses == (UnixAddress(str(path)),)
+        assert not path.exists()
     finally:
         os.umask(old)
 
