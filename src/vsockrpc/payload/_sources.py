@@ -26,6 +26,7 @@ GUEST_PARTS = (
     "addresses",
     "vsock_constants",
     "errors",
+    "_fdlimit",
     "agent",
     "guest",
     "services",
