@@ -30,13 +30,12 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 from vsockrpc.rpc._creds import read_peer_credentials
+from vsockrpc.vsock_constants import VMADDR_CID_HOST
 
 __all__ = ["ConnectionLimits", "Gate", "PeerKey", "peer_key"]
 
 PeerKey = tuple[str, Hashable]
 """Who a connection counts against: ``("cid", 2)``, ``("uid", 1000)``, ``("host", ip)``."""
-
-VMADDR_CID_HOST = 2
 
 
 def _default_reserved() -> frozenset[PeerKey]:
