@@ -40,32 +40,39 @@ def cli_server(
     preexec_fn: Callable[[], None] | None = None,
     log: Path | None = None,
 ) -> Iterator[subprocess.Popen[str]]:
-    """``vsockrpc serve --listen LISTEN OPTIONS…`` until it printed its address; killed after."""
-    stderr = log.open("w") if log is not None else subprocess.DEVNULL
-    proc = subprocess.Popen(
-        [*CLI, "serve", "--listen", listen, *options],
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        text=True,
-        preexec_fn=preexec_fn,  # noqa: PLW1509  (umask / rlimit of the server only)
-    )
-    try:
+    """``vsockrpc serve --listen LISTEN OPTIONS…`` until it printed its address; stopped after.
+    Its stderr goes to ``log`` (a temporary file without one), shown if it fails to start."""
+    with contextlib.ExitStack() as stack:
+        if log is None:
+            stderr = stack.enter_context(tempfile.TemporaryFile("w+"))
+        else:
+            stderr = stack.enter_context(log.open("w+"))
+        proc = subprocess.Popen(
+            [*CLI, "serve", "--listen", listen, *options],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            preexec_fn=preexec_fn,  # noqa: PLW1509  (umask / rlimit of the server only)
+        )
+        stack.callback(_stop, proc)
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        assert line.startswith("listening on "), line
+        if not line.startswith("listening on "):
+            stderr.seek(0)
+            raise AssertionError(f"serve did not start: {line!r} {stderr.read()[-2000:]}")
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-        if log is not None and not isinstance(stderr, int):
-            stderr.close()
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 def connect_as(uid: int, path: str) -> socket.socket:
