@@ -213,7 +213,9 @@ def test_signals_at_random_points_of_the_boot_leave_nothing(env: Env) -> None:
         # 130: interrupted and cleaned up; -N: the signal came before Python set its handlers
         # (nothing was created yet); what counts is that nothing is left either way
         codes = (130, -signal.SIGINT, -signal.SIGTERM, -signal.SIGHUP)
-        assert proc.returncode in codes, (attempt, kind, proc.returncode, err)
+        # 1 with this line: a Ctrl-C while the interpreter itself starts (before any of ours)
+        python_startup = proc.returncode == 1 and "Could not import runpy module" in err
+        assert proc.returncode in codes or python_startup, (attempt, kind, proc.returncode, err)
         if proc.returncode == 130:  # a Ctrl-C while Python imports is its own business
             assert "Traceback" not in err, err
         env.assert_nothing_left()
