@@ -227,3 +227,29 @@ def test_foreign_directory_in_the_way_is_not_removed(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "was not created by vsockrpc" in one_error_line(proc)
     assert (foreign / "notes").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("lock", ["names/mine.lock", "cids/7.lock"])
+def test_planted_lock_symlink_is_not_followed(tmp_path: Path, lock: str) -> None:
+    # Without O_NOFOLLOW the launcher opened the link's target read-write and truncated it.
+    runtime = tmp_path / "run"
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    (runtime / lock).parent.mkdir(parents=True)
+    (runtime / lock).symlink_to(victim)
+    image = fake_image(tmp_path / "img", host_arch())
+    proc = vsockrpc(
+        "vm",
+        "run",
+        "--image",
+        str(image),
+        "--name",
+        "mine",
+        "--cid",
+        "7",
+        env={"VSOCKRPC_RUNTIME_DIR": str(runtime)},
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "lock file" in one_error_line(proc)
+    assert victim.read_text() == "keep me"
+    assert not (runtime / "vms" / "mine").exists()

@@ -69,7 +69,15 @@ class CidLease:
 
 def _try_lock(directory: Path, cid: int) -> CidLease | None:
     path = directory / f"{cid}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        # O_NOFOLLOW: a symlink planted in the lock's place is never followed (and its target
+        # never truncated below).
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        raise VmError(
+            f"cannot lease guest CID {cid}: its lock file {path} is unusable ({err.strerror})",
+            hint="remove it yourself if no VM uses that CID",
+        ) from err
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

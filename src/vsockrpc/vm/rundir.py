@@ -119,7 +119,13 @@ def claim_name(runtime: Path, name: str) -> NameClaim:
     or starting) holds it, or a directory vsockrpc did not create is in the way."""
     check_name(name)
     lock = _names(runtime) / f"{name}.lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as err:  # ELOOP: a symlink planted in its place is never followed
+        raise VmError(
+            f"cannot claim the VM name {name}: its lock file {lock} is unusable ({err.strerror})",
+            hint="remove it yourself if no VM of that name runs",
+        ) from err
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
