@@ -1,5 +1,5 @@
 """Test tiers follow the folder: tests/unit → ``unit``, tests/integration → ``integration``,
-tests/vm → ``vm``. Select with ``-m``; CI runs all three."""
+tests/vm → ``vm``, tests/chaos → ``chaos``. Select with ``-m``; CI runs all four."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-_TIERS = ("unit", "integration", "vm")
+_TIERS = ("unit", "integration", "vm", "chaos")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
