@@ -13,10 +13,10 @@ import traceback
 from collections.abc import Sequence
 
 from vsockrpc import __version__
-from vsockrpc.cli import agent, bench, bundle, device, image, rpc, vm
+from vsockrpc.cli import agent, bench, bundle, device, forward, image, rpc, vm
 from vsockrpc.errors import VsockRpcError
 
-_MODULES = (rpc, device, image, vm, agent, bundle, bench)
+_MODULES = (rpc, device, image, vm, agent, bundle, bench, forward)
 
 
 def build_parser() -> argparse.ArgumentParser:
