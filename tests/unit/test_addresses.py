@@ -10,6 +10,7 @@ from vsockrpc.addresses import (
     VsockAddress,
     parse_address,
 )
+from vsockrpc.cli.main import exit_status
 from vsockrpc.errors import AddressError, VsockRpcError
 
 
@@ -90,7 +91,7 @@ def test_parse_bad_names_the_part(text: str, names: str) -> None:
     assert names in str(info.value)
     assert isinstance(info.value, VsockRpcError)
     assert isinstance(info.value, ValueError)
-    assert info.value.exit_code == 2
+    assert exit_status(info.value) == 2  # the CLI's usage-error status
 
 
 def test_frozen() -> None:

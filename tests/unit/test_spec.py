@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from vsockrpc.cli.main import exit_status
 from vsockrpc.errors import SpecError
 from vsockrpc.payload import load_spec, require_spec_name
 from vsockrpc.payload._toml_lines import KeyLines
@@ -66,7 +67,7 @@ def _error(tmp_path: Path, text: str) -> str:
     spec = _project(tmp_path, textwrap.dedent(text))
     with pytest.raises(SpecError) as info:
         load_spec(spec)
-    assert info.value.exit_code == 2
+    assert exit_status(info.value) == 2  # the CLI's usage-error status
     message = str(info.value)
     assert "\n" not in message
     return message

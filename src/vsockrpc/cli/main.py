@@ -1,7 +1,20 @@
 """``vsockrpc`` entry point: builds the parser from the subcommand modules, maps errors to exits.
 
-Exit codes: 0 success; 1 an operation failed (one line on stderr, ``--debug`` for a traceback);
-2 usage error (argparse, malformed address); 130 interrupted.
+The library never exits and knows no exit codes; this module alone maps what a command returns
+or raises to the process's exit status:
+
+======  =====================================================================================
+0       success
+1..255  ``exec``/``shell``: the guest command's own status (128 + N when signal N killed it,
+        e.g. 137 for SIGKILL, which is also what ``exec --timeout`` reports)
+1       an operation failed (:class:`~vsockrpc.errors.VsockRpcError`): one line on stderr, plus
+        a ``hint:`` line when there is one; ``--debug`` adds the traceback. A gRPC status the
+        peer returned is a failed call (1) even when it says ``INVALID_ARGUMENT``
+2       usage error: argparse's own, or bad input found before anything ran
+        (:class:`~vsockrpc.errors.BadInputError` without a peer's status, e.g. a malformed
+        address)
+130     interrupted (Ctrl-C), 128 + SIGINT
+======  =====================================================================================
 """
 
 from __future__ import annotations
@@ -14,9 +27,21 @@ from collections.abc import Sequence
 
 from vsockrpc import __version__
 from vsockrpc.cli import agent, bench, bundle, device, forward, image, rpc, vm
-from vsockrpc.errors import VsockRpcError
+from vsockrpc.errors import AgentError, RpcError, VsockRpcError
 
 _MODULES = (rpc, device, image, vm, agent, bundle, bench, forward)
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+
+
+def exit_status(err: VsockRpcError) -> int:
+    """The exit status for an error a command raised (see the table in the module docstring)."""
+    peer_status = isinstance(err, (RpcError, AgentError)) and err.code is not None
+    if err.bad_input and not peer_status:
+        return EXIT_USAGE
+    return EXIT_FAILURE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,10 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vsockrpc: error: {err}", file=sys.stderr)
         if err.hint:
             print(f"hint: {err.hint}", file=sys.stderr)
-        return err.exit_code
+        return exit_status(err)
     except KeyboardInterrupt:
         print("vsockrpc: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return code
 
 
