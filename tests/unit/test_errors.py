@@ -8,6 +8,7 @@ import pickle
 import pytest
 
 from vsockrpc import errors
+from vsockrpc.cli import main as cli_main
 from vsockrpc.cli.main import EXIT_FAILURE, EXIT_USAGE, exit_status
 from vsockrpc.errors import (
     AddressError,
@@ -151,3 +152,16 @@ def test_the_core_has_no_exit_codes() -> None:
 )
 def test_cli_exit_status(err: VsockRpcError, status: int) -> None:
     assert exit_status(err) == status
+
+
+def test_a_broken_pipe_elsewhere_than_our_output_stays_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # stdout and stderr are fine (pytest's capture files): a BrokenPipeError from a socket is a
+    # real failure and keeps its traceback; only a closed output pipe means a quiet 141.
+    def broken_socket(_argv: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli_main, "_run", broken_socket)
+    with pytest.raises(BrokenPipeError):
+        cli_main.main([])

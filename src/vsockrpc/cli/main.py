@@ -14,7 +14,13 @@ or raises to the process's exit status:
         (:class:`~vsockrpc.errors.BadInputError` without a peer's status, e.g. a malformed
         address)
 130     interrupted (Ctrl-C), 128 + SIGINT
+141     stdout (or stderr) is a pipe whose reader went away, e.g. ``vsockrpc exec ... | head``:
+        quiet, no traceback. 128 + SIGPIPE is what the shell reports for a process SIGPIPE kills
+        (``yes | head``), so ``set -o pipefail`` scripts see vsockrpc like any other filter
 ======  =====================================================================================
+
+SIGPIPE itself stays ignored (Python's default): restoring ``SIG_DFL`` would also kill the
+process on a write to a closed *socket*, which the transports handle as errors.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from collections.abc import Sequence
 
 from vsockrpc import __version__
 from vsockrpc.cli import agent, bench, bundle, device, forward, image, rpc, vm
+from vsockrpc.cli._output import closed_output_pipe, detach_closed_output
 from vsockrpc.errors import AgentError, RpcError, VsockRpcError
 
 _MODULES = (rpc, device, image, vm, agent, bundle, bench, forward)
@@ -34,6 +41,7 @@ _MODULES = (rpc, device, image, vm, agent, bundle, bench, forward)
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
 def exit_status(err: VsockRpcError) -> int:
@@ -58,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * args.verbose
@@ -80,6 +88,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("vsockrpc: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _run(argv)
+        finally:
+            # Surface a closed pipe here rather than in the interpreter's exit-time flush
+            # (which prints "Exception ignored ... BrokenPipeError" and exits 120).
+            sys.stdout.flush()
+    except BrokenPipeError:
+        if not closed_output_pipe():
+            raise  # a socket, not our output: a real error
+        detach_closed_output()
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":
