@@ -1,5 +1,9 @@
 """Test tiers follow the folder: tests/unit → ``unit``, tests/integration → ``integration``,
-tests/vm → ``vm``, tests/chaos → ``chaos``. Select with ``-m``; CI runs all four."""
+tests/vm → ``vm``, tests/chaos → ``chaos``. Select with ``-m``; CI runs all four.
+
+The tier is the first part of the path relative to this directory, so a checkout that itself
+lives under a folder named ``vm`` or ``unit`` marks nothing by accident.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,21 @@ from pathlib import Path
 
 import pytest
 
-_TIERS = ("unit", "integration", "vm", "chaos")
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "integration", "vm", "chaos")
+
+
+def tier_of(path: Path) -> str | None:
+    """The tier of a test file: its first folder under tests/, if that is a tier."""
+    try:
+        first = path.resolve().relative_to(TESTS).parts[0]
+    except (ValueError, IndexError):
+        return None
+    return first if first in TIERS else None
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        parts = Path(str(item.fspath)).parts
-        for tier in _TIERS:
-            if tier in parts:
-                item.add_marker(getattr(pytest.mark, tier))
+        tier = tier_of(item.path)
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))
