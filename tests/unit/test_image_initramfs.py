@@ -1,13 +1,10 @@
-"""The newc writer: an archive cpio(1) reads back exactly, byte-identical for equal inputs."""
+"""The newc writer: byte-identical archives for equal inputs, the loader's module order (cpio(1)
+reading them back is in tests/integration/test_image_initramfs_cpio.py)."""
 
 from __future__ import annotations
 
-import shutil
 import stat
-import subprocess
 from pathlib import Path
-
-import pytest
 
 from vsockrpc.image.initramfs import LOADER_INIT, CpioEntry, build_loader, write_newc
 
@@ -30,31 +27,6 @@ def test_same_entries_same_bytes_in_any_order() -> None:
     assert a.startswith(b"070701")
     assert len(a) % 4 == 0
     assert b"TRAILER!!!" in a
-
-
-@pytest.mark.skipif(shutil.which("cpio") is None, reason="cpio(1) not installed")
-def test_cpio_reads_it_back(tmp_path: Path) -> None:
-    archive = write_newc(sample(), mtime=1_700_000_000)
-    listing = subprocess.run(
-        ["cpio", "-itv", "--quiet"], input=archive, capture_output=True, check=True
-    ).stdout.decode()
-    names = [
-        line.split()[-1] if "->" not in line else line.split()[-3] for line in listing.splitlines()
-    ]
-    assert names == ["bin", "bin/sh", "dev", "dev/console", "init", "odd"]
-    assert "5,   1" in listing or "5, 1" in listing  # the console's device numbers
-    out = tmp_path / "x"
-    out.mkdir()
-    subprocess.run(
-        ["cpio", "-id", "--quiet", "--no-absolute-filenames"],
-        input=archive,
-        cwd=out,
-        check=True,
-        capture_output=True,
-    )
-    assert (out / "init").read_bytes() == b"#!/bin/sh\necho hi\n"
-    assert (out / "odd").read_bytes() == b"abc"
-    assert (out / "bin" / "sh").readlink() == Path("busybox")
 
 
 def test_loader_lists_modules_in_the_order_given(tmp_path: Path) -> None:

@@ -1,0 +1,51 @@
+"""The unit tier is pure logic: a unit test that opens a socket or starts a process fails.
+
+Such a test belongs in tests/integration/. The guard patches the Python-level entry points
+(every stdlib path to a socket goes through ``socket.socket``; every child process through
+``subprocess.Popen``, ``os.fork`` or ``os.posix_spawn``) and fails the test through
+``pytest.fail``, which a ``except Exception`` in the code under test cannot swallow. Sockets
+made inside C extensions (grpcio's core) are not seen: a unit test has no business starting
+those either, and review catches them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from typing import NoReturn
+
+import pytest
+
+# Socket tests that still sit in tests/unit/ while the transport tests are rewritten; each
+# entry goes when its test moves to tests/integration/ (test_tiers.py fails on a stale one).
+NOT_YET_MOVED = frozenset(
+    {
+        "test_transport.py::test_vsock_listen_on_cid_any_picks_a_port",
+    }
+)
+
+
+def _refuse(what: str) -> Callable[..., NoReturn]:
+    def refuse(*_args: object, **_kwargs: object) -> NoReturn:
+        pytest.fail(f"a unit test {what}: move it to tests/integration/", pytrace=True)
+
+    return refuse
+
+
+@pytest.fixture(autouse=True)
+def _no_sockets_or_processes(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    if f"{request.path.name}::{request.node.originalname}" in NOT_YET_MOVED:
+        yield
+        return
+    monkeypatch.setattr(socket.socket, "__init__", _refuse("opened a socket"))
+    # socketpair() makes both fds before wrapping them: refuse it before they exist.
+    monkeypatch.setattr(socket, "socketpair", _refuse("opened a socket"))
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", _refuse("started a process"))
+    for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system"):
+        if hasattr(os, name):
+            monkeypatch.setattr(os, name, _refuse("started a process"))
+    yield
