@@ -1,0 +1,382 @@
+"""The layers of docs/architecture.md hold in the code: a static check of src/vsockrpc.
+
+Reads every module's AST (no module of the tree is run) and collects its dependencies: every ``import``
+and ``from ... import`` anywhere in the file (function-level and ``TYPE_CHECKING`` ones too),
+``importlib.import_module("...")`` / ``__import__("...")`` with a literal name, and
+``[..., "-m", "pkg.mod", ...]`` argv lists (a child Python started on a module is a dependency
+on it as much as an import is). ``from pkg import name`` where ``pkg/__init__.py`` re-exports
+``name`` from a submodule counts as a dependency on that submodule, so a facade cannot hide an
+edge. Then it checks the rules below, plus the size limits and the address-kind rule.
+
+``KNOWN_VIOLATIONS`` lists what the code breaks today, each with the work that removes it. The
+test requires the found violations to be exactly that set: it fails on a new violation, and on
+an entry that no longer occurs (delete it: the set only ever shrinks).
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import vsockrpc
+
+SRC = Path(vsockrpc.__file__).resolve().parent  # src/vsockrpc
+MAX_MODULE_LINES = 500
+MAX_CLASS_LINES = 400
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Modules under any of ``importers`` (minus ``unless_importer``) must not depend on a
+    module under any of ``forbidden`` (minus ``unless_target``). Names match a module and
+    everything below it: ``vsockrpc.rpc`` covers ``vsockrpc.rpc.server``."""
+
+    why: str
+    importers: tuple[str, ...]
+    forbidden: tuple[str, ...]
+    unless_importer: tuple[str, ...] = ()
+    unless_target: tuple[str, ...] = ()
+
+
+GRPC = ("grpc", "grpc_health", "grpc_reflection", "google.protobuf")
+SERVER_CODE = ("vsockrpc.services", "vsockrpc.guest", "vsockrpc.rpc.server")
+CLIENT_CODE = ("vsockrpc.sdk", "vsockrpc.rpc.channel", "vsockrpc.rpc.aio")
+HOST_ONLY = ("vsockrpc.cli", "vsockrpc.vm", "vsockrpc.image", "vsockrpc.vhost", "vsockrpc.sdk")
+
+RULES = (
+    Rule("the client never imports server code", CLIENT_CODE, SERVER_CODE),
+    Rule(
+        "the host launcher never imports guest code",
+        ("vsockrpc.vm",),
+        ("vsockrpc.guest", "vsockrpc.services"),
+    ),
+    Rule(
+        "vhost/ is a device: no gRPC, no protobuf, no CLI",
+        ("vsockrpc.vhost",),
+        (*GRPC, "vsockrpc.rpc", "vsockrpc.services", "vsockrpc.proto", "vsockrpc.cli"),
+    ),
+    Rule(
+        "transport/ sits below rpc/ and knows no gRPC",
+        ("vsockrpc.transport",),
+        (*GRPC, "vsockrpc.rpc", "vsockrpc.services", "vsockrpc.guest", *HOST_ONLY),
+    ),
+    Rule(
+        "rpc/ is grpcio glue: it knows no services, guest, SDK or VMs",
+        ("vsockrpc.rpc",),
+        ("vsockrpc.services", "vsockrpc.guest", *HOST_ONLY),
+    ),
+    Rule(
+        "services/ are servicers: the peer lookup is injected, not imported from rpc/",
+        ("vsockrpc.services",),
+        ("vsockrpc.rpc", "vsockrpc.guest", *HOST_ONLY),
+    ),
+    Rule("guest/ runs in the VM: no host code", ("vsockrpc.guest",), HOST_ONLY),
+    Rule(
+        "image/ packages the guest as files: it neither imports guest code nor runs VMs",
+        ("vsockrpc.image",),
+        ("vsockrpc.guest", "vsockrpc.services", "vsockrpc.rpc", *HOST_ONLY),
+        unless_target=("vsockrpc.image",),
+    ),
+    Rule(
+        "proto/ is generated stubs: it imports only itself",
+        ("vsockrpc.proto",),
+        ("vsockrpc",),
+        unless_target=("vsockrpc.proto",),
+    ),
+    Rule(
+        "addresses and errors are the bottom: errors imports nothing, addresses only errors",
+        ("vsockrpc.addresses", "vsockrpc.errors"),
+        ("vsockrpc",),
+        unless_target=("vsockrpc.errors",),
+    ),
+    Rule(
+        "no library module imports cli/ (the CLI is a front end, nothing depends on it)",
+        ("vsockrpc",),
+        ("vsockrpc.cli",),
+        unless_importer=("vsockrpc.cli",),
+    ),
+)
+
+# Modules that may branch on the address kind (isinstance, match): the layer that owns kinds.
+ADDRESS_KIND_OWNERS = ("vsockrpc.addresses", "vsockrpc.transport")
+
+# What the code breaks today, each removed by the change named in its comment. Keys:
+#   "import A -> B"   A depends on B across a rule above
+#   "lines M"         module M has more than MAX_MODULE_LINES lines
+#   "class M.C"       class C of module M has more than MAX_CLASS_LINES lines
+#   "isinstance M"    module M branches on an address kind outside ADDRESS_KIND_OWNERS
+KNOWN_VIOLATIONS: frozenset[str] = frozenset(
+    {
+        # The agent contract (proto, markers, checksum) leaves services/ and guest/.
+        "import vsockrpc.sdk._guest -> vsockrpc.services.agent.checksum",
+        "import vsockrpc.vm.launcher -> vsockrpc.guest.markers",
+        # The peer resolver is injected into the servicers by whoever starts the server.
+        "import vsockrpc.services.agent.peers -> vsockrpc.rpc",
+        # One channel implementation that does not need the server module.
+        "import vsockrpc.rpc.aio -> vsockrpc.rpc.server",
+        "import vsockrpc.rpc.channel -> vsockrpc.rpc.server",
+        # The device gets its own entry point (python -m vsockrpc.vhost).
+        "import vsockrpc.vm.vsockdev -> vsockrpc.cli.main",
+        # Address kinds carry their own behaviour, so nothing above transport/ branches on them.
+        "isinstance vsockrpc.rpc._peers",
+        "isinstance vsockrpc.rpc.aio",
+        "isinstance vsockrpc.rpc.channel",
+        "isinstance vsockrpc.rpc.server",
+        "isinstance vsockrpc.sdk._guest",
+        "isinstance vsockrpc.services.agent.datachannel",
+        "isinstance vsockrpc.services.agent.peers",
+        # Splits along the seams: exec (process manager / stream / servicer), the SDK's Guest
+        # (exec, files, system sub-clients), the muxer and the test driver (host side, guest
+        # dispatch, flow control), the vhost-user session (a table of message handlers).
+        "lines vsockrpc.services.agent.exec",
+        "lines vsockrpc.sdk._guest",
+        "class vsockrpc.sdk._guest.Guest",
+        "lines vsockrpc.vhost.device",
+        "class vsockrpc.vhost.device.VsockDevice",
+        "lines vsockrpc.vhost.muxer",
+        "class vsockrpc.vhost.muxer.Muxer",
+        "lines vsockrpc.vhost.testing",
+        "class vsockrpc.vhost.testing.GuestDriver",
+    }
+)
+
+
+# --- reading the tree -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Codebase:
+    """Module name -> source text, and which of the modules are packages (``__init__``)."""
+
+    sources: dict[str, str]
+    packages: frozenset[str]
+    _trees: dict[str, ast.Module] = field(default_factory=dict, compare=False)
+
+    def tree(self, name: str) -> ast.Module:
+        if name not in self._trees:
+            self._trees[name] = ast.parse(self.sources[name], filename=name)
+        return self._trees[name]
+
+    def from_base(self, importer: str, node: ast.ImportFrom) -> str:
+        """The absolute module a (possibly relative) ``from X import ...`` reads from."""
+        if not node.level:
+            return node.module or ""
+        package = importer.split(".")
+        if importer not in self.packages:
+            package.pop()
+        package = package[: len(package) - (node.level - 1)]
+        return ".".join([*package, *([node.module] if node.module else [])])
+
+    def resolve_from(self, base: str, name: str) -> str:
+        """The module that ``from base import name`` really depends on: the submodule
+        ``base.name``, the submodule a package re-exports ``name`` from, or ``base``."""
+        if f"{base}.{name}" in self.sources:
+            return f"{base}.{name}"
+        if base in self.packages:
+            for node in self.tree(base).body:
+                if isinstance(node, ast.ImportFrom):
+                    source = self.from_base(base, node)
+                    if source.startswith(base + ".") and any(
+                        (a.asname or a.name) == name for a in node.names
+                    ):
+                        return self.resolve_from(source, name)
+        return base
+
+    def dependencies(self, importer: str) -> set[str]:
+        found: set[str] = set()
+        for node in ast.walk(self.tree(importer)):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = self.from_base(importer, node)
+                found.update(self.resolve_from(base, alias.name) for alias in node.names)
+            elif isinstance(node, ast.Call) and node.args:
+                func = node.func
+                called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                target = _literal(node.args[0])
+                if called in ("import_module", "__import__") and target:
+                    found.add(target)
+            elif isinstance(node, (ast.List, ast.Tuple)):
+                items = [_literal(e) for e in node.elts]
+                for flag, target in itertools.pairwise(items):
+                    if flag == "-m" and target:
+                        found.add(target)
+        found.discard(importer)
+        return found
+
+
+def _literal(node: ast.expr) -> str | None:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def read_codebase(root: Path = SRC) -> Codebase:
+    sources: dict[str, str] = {}
+    packages: set[str] = set()
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+            packages.add(".".join(parts))
+        sources[".".join(parts)] = path.read_text(encoding="utf-8")
+    return Codebase(sources, frozenset(packages))
+
+
+def _generated(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].endswith(("_pb2", "_pb2_grpc"))
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+# --- the checks -----------------------------------------------------------------------------
+
+
+def import_violations(code: Codebase, rules: tuple[Rule, ...] = RULES) -> dict[str, list[str]]:
+    """``"import A -> B"`` for each forbidden edge, with the rules it breaks."""
+    found: dict[str, list[str]] = {}
+    for importer in code.sources:
+        if _generated(importer):
+            continue
+        for target in sorted(code.dependencies(importer)):
+            for rule in rules:
+                if (
+                    _under(importer, rule.importers)
+                    and not _under(importer, rule.unless_importer)
+                    and _under(target, rule.forbidden)
+                    and not _under(target, rule.unless_target)
+                ):
+                    found.setdefault(f"import {importer} -> {target}", []).append(rule.why)
+    return found
+
+
+def size_violations(code: Codebase) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for name, source in code.sources.items():
+        if _generated(name):
+            continue
+        lines = len(source.splitlines())
+        if lines > MAX_MODULE_LINES:
+            found[f"lines {name}"] = [f"{lines} lines > {MAX_MODULE_LINES}"]
+        for node in ast.walk(code.tree(name)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno is not None:
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_CLASS_LINES:
+                    found[f"class {name}.{node.name}"] = [f"{length} lines > {MAX_CLASS_LINES}"]
+    return found
+
+
+def _names_an_address_kind(node: ast.expr) -> bool:
+    if isinstance(node, ast.Tuple):
+        return any(_names_an_address_kind(e) for e in node.elts)
+    if isinstance(node, ast.BinOp):  # isinstance(x, A | B)
+        return _names_an_address_kind(node.left) or _names_an_address_kind(node.right)
+    name = node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
+    return isinstance(name, str) and name.endswith("Address")
+
+
+def address_kind_violations(code: Codebase) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for name in code.sources:
+        if _generated(name) or _under(name, ADDRESS_KIND_OWNERS):
+            continue
+        for node in ast.walk(code.tree(name)):
+            branches = (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", "") == "isinstance"
+                and len(node.args) == 2
+                and _names_an_address_kind(node.args[1])
+            ) or (isinstance(node, ast.MatchClass) and _names_an_address_kind(node.cls))
+            if branches:
+                found.setdefault(f"isinstance {name}", []).append(f"line {node.lineno}")
+    return found
+
+
+def test_layers_sizes_and_address_kinds_match_known_violations() -> None:
+    code = read_codebase()
+    found = {**import_violations(code), **size_violations(code), **address_kind_violations(code)}
+    new = sorted(set(found) - KNOWN_VIOLATIONS)
+    stale = sorted(KNOWN_VIOLATIONS - set(found))
+    report = [f"new violation: {key} ({'; '.join(found[key])})" for key in new]
+    report += [f"stale KNOWN_VIOLATIONS entry, now fixed (delete it): {key}" for key in stale]
+    assert not report, "\n".join(report)
+
+
+# --- the checker checks itself --------------------------------------------------------------
+
+
+def test_the_scan_reads_the_whole_tree() -> None:
+    code = read_codebase()
+    assert {"vsockrpc", "vsockrpc.errors", "vsockrpc.cli.main", "vsockrpc.rpc.server"} <= set(
+        code.sources
+    )
+    assert "vsockrpc.rpc" in code.packages and "vsockrpc.rpc.server" not in code.packages
+    assert _generated("vsockrpc.proto.vsock_service_pb2_grpc") and not _generated("vsockrpc.proto")
+    assert {"vsockrpc.cli.agent", "vsockrpc.errors", "argparse"} <= code.dependencies(
+        "vsockrpc.cli.main"
+    )
+
+
+def test_every_kind_of_edge_is_seen() -> None:
+    code = Codebase(
+        {
+            "vsockrpc": "",
+            "vsockrpc.rpc": "from vsockrpc.rpc.server import serve as serve\n",
+            "vsockrpc.rpc.server": "def serve(): ...\n",
+            "vsockrpc.cli": "",
+            "vsockrpc.cli.main": "",
+            "vsockrpc.transport": "",
+            "vsockrpc.transport.unix": "",
+            "vsockrpc.transport.vsock": (
+                "import subprocess, sys\n"
+                "from . import unix\n"
+                "from vsockrpc.rpc import serve\n"
+                "def later():\n"
+                "    from ..cli import main\n"
+                "    import importlib\n"
+                "    importlib.import_module('vsockrpc.guest')\n"
+                "    subprocess.run([sys.executable, '-m', 'vsockrpc.cli.main'])\n"
+            ),
+        },
+        frozenset({"vsockrpc", "vsockrpc.rpc", "vsockrpc.cli", "vsockrpc.transport"}),
+    )
+    assert code.dependencies("vsockrpc.transport.vsock") == {
+        "subprocess",
+        "sys",
+        "importlib",
+        "vsockrpc.transport.unix",  # relative, from a module of a package
+        "vsockrpc.rpc.server",  # through the rpc facade's re-export
+        "vsockrpc.cli.main",  # function-level relative import, and python -m
+        "vsockrpc.guest",  # import_module with a literal
+    }
+    assert set(import_violations(code)) == {
+        "import vsockrpc.transport.vsock -> vsockrpc.rpc.server",
+        "import vsockrpc.transport.vsock -> vsockrpc.cli.main",
+        "import vsockrpc.transport.vsock -> vsockrpc.guest",
+    }
+
+
+def test_sizes_and_address_kinds_are_seen() -> None:
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_CLASS_LINES))
+    code = Codebase(
+        {
+            "vsockrpc.big": "class Big:\n" + body,
+            "vsockrpc.big_pb2": "\n" * (MAX_MODULE_LINES + 1),
+            "vsockrpc.sdk": (
+                "def f(a):\n"
+                "    if isinstance(a, (int, addresses.UnixAddress)): ...\n"
+                "    if isinstance(a, TcpAddress | HybridAddress): ...\n"
+                "    if isinstance(a, str): ...\n"
+                "    match a:\n"
+                "        case VsockAddress(cid=3): ...\n"
+            ),
+            "vsockrpc.transport.vsock": "isinstance(a, VsockAddress)\n",
+        },
+        frozenset(),
+    )
+    assert size_violations(code) == {"class vsockrpc.big.Big": ["401 lines > 400"]}
+    assert address_kind_violations(code) == {
+        "isinstance vsockrpc.sdk": ["line 2", "line 3", "line 6"]
+    }
