@@ -1,8 +1,7 @@
 """vsockrpc: gRPC services inside VMs, called from the host over vsock.
 
-Layers (import downward only): ``cli`` → ``vm`` → ``image`` / ``vhost`` → ``guest`` →
-``services`` → ``rpc`` → ``transport`` → ``addresses`` / ``errors``. See ARCHITECTURE in the
-README.
+Layers (imports point down only) and what each may import: docs/architecture.md, checked by
+tests/unit/test_architecture.py.
 """
 
 from __future__ import annotations

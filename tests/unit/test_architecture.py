@@ -1,7 +1,7 @@
 """The layers of docs/architecture.md hold in the code: a static check of src/vsockrpc.
 
-Reads every module's AST (no module of the tree is run) and collects its dependencies: every ``import``
-and ``from ... import`` anywhere in the file (function-level and ``TYPE_CHECKING`` ones too),
+Parses every module (none of them is run) and collects its dependencies: every ``import`` and
+``from ... import`` anywhere in the file (function-level and ``TYPE_CHECKING`` ones too),
 ``importlib.import_module("...")`` / ``__import__("...")`` with a literal name, and
 ``[..., "-m", "pkg.mod", ...]`` argv lists (a child Python started on a module is a dependency
 on it as much as an import is). ``from pkg import name`` where ``pkg/__init__.py`` re-exports
