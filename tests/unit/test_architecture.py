@@ -43,7 +43,15 @@ class Rule:
 GRPC = ("grpc", "grpc_health", "grpc_reflection", "google.protobuf")
 SERVER_CODE = ("vsockrpc.services", "vsockrpc.guest", "vsockrpc.rpc.server")
 CLIENT_CODE = ("vsockrpc.sdk", "vsockrpc.rpc.channel", "vsockrpc.rpc.aio")
-HOST_ONLY = ("vsockrpc.cli", "vsockrpc.vm", "vsockrpc.image", "vsockrpc.vhost", "vsockrpc.sdk")
+HOST_ONLY = (
+    "vsockrpc.cli",
+    "vsockrpc.vm",
+    "vsockrpc.image",
+    "vsockrpc.payload",
+    "vsockrpc.bundle",
+    "vsockrpc.vhost",
+    "vsockrpc.sdk",
+)
 
 RULES = (
     Rule("the client never imports server code", CLIENT_CODE, SERVER_CODE),
@@ -77,7 +85,13 @@ RULES = (
         "image/ packages the guest as files: it neither imports guest code nor runs VMs",
         ("vsockrpc.image",),
         ("vsockrpc.guest", "vsockrpc.services", "vsockrpc.rpc", *HOST_ONLY),
-        unless_target=("vsockrpc.image",),
+        unless_target=("vsockrpc.image", "vsockrpc.payload"),
+    ),
+    Rule(
+        "payload/ names the guest's parts as files and pins: it imports only errors",
+        ("vsockrpc.payload",),
+        ("vsockrpc",),
+        unless_target=("vsockrpc.payload", "vsockrpc.errors"),
     ),
     Rule(
         "proto/ is generated stubs: it imports only itself",
