@@ -43,6 +43,8 @@ def test_unit_guard_refuses_sockets_and_processes() -> None:
     import socket
     import subprocess
 
+    import grpc
+    import grpc.aio
     from _pytest.outcomes import Failed
 
     with pytest.raises(Failed, match="opened a socket"):
@@ -53,3 +55,7 @@ def test_unit_guard_refuses_sockets_and_processes() -> None:
         subprocess.run(["true"], check=False)
     with pytest.raises(Failed, match="started a process"):
         os.fork()
+    with pytest.raises(Failed, match="started a gRPC server"):
+        grpc.server(None)  # type: ignore[arg-type]
+    with pytest.raises(Failed, match="opened a gRPC channel"):
+        grpc.aio.insecure_channel("unix:/nonexistent")
