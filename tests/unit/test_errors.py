@@ -165,3 +165,11 @@ def test_a_broken_pipe_elsewhere_than_our_output_stays_an_error(
     monkeypatch.setattr(cli_main, "_run", broken_socket)
     with pytest.raises(BrokenPipeError):
         cli_main.main([])
+
+
+def test_invalid_vm_options_are_usage_errors() -> None:
+    from vsockrpc.vm.options import InvalidVmOption
+
+    err = InvalidVmOption("VM name '..' is invalid")
+    assert isinstance(err, VmError) and isinstance(err, ValueError) and err.bad_input
+    assert exit_status(err) == EXIT_USAGE

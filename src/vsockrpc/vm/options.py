@@ -11,7 +11,7 @@ import math
 import os
 import re
 
-from vsockrpc.errors import VmError
+from vsockrpc.errors import BadInputError, VmError
 
 __all__ = [
     "MAX_CPUS",
@@ -40,10 +40,8 @@ MAX_CPUS = 255
 MAX_TIMEOUT = 24 * 3600.0
 
 
-class InvalidVmOption(VmError, ValueError):
+class InvalidVmOption(VmError, BadInputError, ValueError):
     """A VM option is malformed or out of range (bad input: the CLI exits 2)."""
-
-    exit_code = 2
 
 
 def check_name(name: str) -> str:
