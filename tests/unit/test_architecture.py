@@ -46,6 +46,7 @@ CLIENT_CODE = ("vsockrpc.sdk", "vsockrpc.rpc.channel", "vsockrpc.rpc.aio")
 HOST_ONLY = (
     "vsockrpc.cli",
     "vsockrpc.bench",
+    "vsockrpc.forward",
     "vsockrpc.vm",
     "vsockrpc.image",
     "vsockrpc.payload",
