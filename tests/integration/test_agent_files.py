@@ -268,7 +268,7 @@ def test_crc32_is_the_default_sha256_selectable_and_both_catch_corruption(
 
     def corrupt() -> Iterator[pb.UploadRequest]:
         yield pb.UploadRequest(header=header)
-        yield pb.UploadRequest(data=data[:-1] + b"!")
+        yield pb.UploadRequest(data=data[:-1] + bytes([data[-1] ^ 0xFF]))  # always differs
         good = zlib.crc32(data).to_bytes(4, "big")
         yield pb.UploadRequest(trailer=pb.TransferTrailer(digest=good, size=len(data)))
 
