@@ -14,12 +14,14 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tests.integration._relay_helpers import HybridPeer, count_fds
 from vsockrpc import transport
-from vsockrpc.errors import AddressError, TransportError
+from vsockrpc.errors import AddressError, AgentError, TransportError
 from vsockrpc.forward import Forwarder, expose, forward
+from vsockrpc.sdk import Guest
 
 
 class EchoServer:
@@ -284,3 +286,23 @@ def test_unclosed_forwarders_release_threads_fds_and_sockets(
     assert _forward_threads() == 0
     assert threading.active_count() <= threads
     assert count_fds() <= fds
+
+
+@pytest.mark.timeout(60)
+def test_sdk_guest_forward_and_expose(device: HybridPeer, guest80: EchoServer) -> None:
+    app = EchoServer(str(Path(device.path).parent / "app.sock"))
+    try:
+        with Guest(f"hvsock:{device.path}:9999") as g:
+            with g.forward("tcp:127.0.0.1:0", to=80) as fwd:
+                assert exchange(tcp_port(fwd), b"sdk") == b"sdk"
+            with g.expose(f"unix:{app.path}", port=5000) as exp:
+                assert exchange(f"{device.path}_5000", b"back") == b"back"
+            assert fwd.closed and exp.closed
+        with (
+            grpc.insecure_channel("unix:/nowhere") as ch,
+            Guest(ch) as g,
+            pytest.raises(AgentError, match="needs a Guest made from an address"),
+        ):
+            g.forward("tcp:127.0.0.1:0", to=80)
+    finally:
+        app.close()

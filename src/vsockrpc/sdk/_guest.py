@@ -9,18 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from types import TracebackType
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import grpc
 
 from vsockrpc.addresses import Address, parse_address
 from vsockrpc.agent.checksum import CHECKSUMS
+from vsockrpc.errors import AgentError
 from vsockrpc.sdk._common import CHUNK_SIZE, Arg, StrPath, fsencode
 from vsockrpc.sdk._exec import ExecClient
 from vsockrpc.sdk._files import FilesClient
 from vsockrpc.sdk._process import Process, StdinSource
 from vsockrpc.sdk._system import SystemClient
 from vsockrpc.sdk._types import ExecResult, FileInfo, GuestInfo, ProcessSummary, TransferStats
+
+if TYPE_CHECKING:
+    from vsockrpc.forward import Forwarder
 
 __all__ = ["CHUNK_SIZE", "Guest", "Process"]
 
@@ -64,10 +68,11 @@ class Guest:
             raise ValueError(f"checksum must be one of {sorted(CHECKSUMS)}, not {checksum!r}")
         self._owned: Any = None
         address: Address | None = None
+        self._address: Address | None = None
         if isinstance(target, grpc.Channel):
             channel = target
         else:
-            address = parse_address(target)
+            address = self._address = parse_address(target)
             from vsockrpc import rpc
 
             self._owned = rpc.channel(address)
@@ -273,6 +278,28 @@ class Guest:
     def write_bytes(self, remote: StrPath, data: bytes, *, mode: int = 0o644) -> FileInfo:
         """Replace the guest file ``remote`` with ``data`` (atomically, checksummed)."""
         return self._files.write_bytes(remote, data, mode=mode)
+
+    # ------------------------------------------------------------------ forwarding
+
+    def forward(self, listen: Address | str, *, to: int, mode: int = 0o600) -> Forwarder:
+        """Accept on the host's ``listen`` (``tcp:127.0.0.1:8080``, ``unix:PATH``) and connect
+        each connection to guest port ``to``: a :class:`~vsockrpc.forward.Forwarder`, already
+        accepting, to close (or use in ``with``). Needs a Guest made from an address."""
+        from vsockrpc.forward import forward
+
+        return forward(self._agent_address("forward"), listen=listen, to=to, mode=mode)
+
+    def expose(self, target: Address | str, *, port: int, mode: int = 0o600) -> Forwarder:
+        """Let the guest reach the host's ``target`` (``unix:PATH``, ``tcp:HOST:PORT``) by
+        connecting to CID 2 port ``port`` (hybrid devices); a :class:`Forwarder` to close."""
+        from vsockrpc.forward import expose
+
+        return expose(self._agent_address("expose"), target, port=port, mode=mode)
+
+    def _agent_address(self, what: str) -> Address:
+        if self._address is None:
+            raise AgentError(f"Guest.{what} needs a Guest made from an address, not a channel")
+        return self._address
 
     # ------------------------------------------------------------------ system
 
