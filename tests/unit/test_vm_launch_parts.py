@@ -35,14 +35,16 @@ def test_userspace_device_gets_shared_memfd_memory() -> None:
     argv = qemu_argv(config(vhost_user_socket=Path("/r/vhost.sock")))
     assert "memory-backend-memfd,id=mem,size=256M,share=on" in option(argv, "-object")
     assert option(argv, "-machine") == ["q35,memory-backend=mem"]
-    assert "vhost-user-vsock-pci,chardev=vhost-vsock" in option(argv, "-device")
+    assert "vhost-user-vsock-pci,chardev=vhost-vsock,id=vsock,bus=vsock-port" in option(
+        argv, "-device"
+    )
     assert "socket,id=vhost-vsock,path=/r/vhost.sock" in option(argv, "-chardev")
     assert not any("vhost-vsock-pci,guest-cid" in d for d in option(argv, "-device"))
 
 
 def test_kernel_vhost_vsock_gets_the_cid_and_no_memfd() -> None:
     argv = qemu_argv(config())
-    assert "vhost-vsock-pci,guest-cid=7" in option(argv, "-device")
+    assert "vhost-vsock-pci,guest-cid=7,id=vsock,bus=vsock-port" in option(argv, "-device")
     assert option(argv, "-machine") == ["q35"]
     assert not option(argv, "-object")
 

@@ -1,4 +1,4 @@
-"""``vsockrpc vm run|stop|list`` and ``vsockrpc demo``.
+"""``vsockrpc vm run|stop|list|snapshot`` and ``vsockrpc demo``.
 
 Exit codes beyond main's: a bad option (name, CID, port, size, timeout) is a usage error,
 exit 2, reported before any image is built; a name or CID another VM holds is a failed
@@ -72,6 +72,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         type=Path,
         help="image spec (vsockrpc.toml): build its image, or reuse the cached build",
     )
+    which.add_argument(
+        "--from",
+        dest="from_snapshot",
+        metavar="DIR",
+        type=Path,
+        help="restore a snapshot (vsockrpc vm snapshot) as a new VM with its own CID",
+    )
     _boot_options(run)
     run.add_argument("--name", help="VM name (default vm<CID>)")
     run.add_argument("--append", default="", help="extra kernel command line")
@@ -79,6 +86,20 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     run.add_argument("--no-wait", action="store_true", help="do not wait for the agent")
     run.add_argument("--quiet", action="store_true", help="do not stream the guest console")
     run.set_defaults(func=_run)
+
+    snap = vm_sub.add_parser(
+        "snapshot",
+        help="save a running guest to a snapshot directory",
+        description=(
+            "Save a running guest whose agent is ready (RAM and device state) to a new "
+            "directory, then resume it (or stop it with --stop). Restore it with "
+            "vsockrpc vm run --from DIR."
+        ),
+    )
+    snap.add_argument("which", metavar="NAME|CID")
+    snap.add_argument("--out", type=Path, required=True, metavar="DIR", help="new directory")
+    snap.add_argument("--stop", action="store_true", help="power the guest off once saved")
+    snap.set_defaults(func=_snapshot)
 
     stop = vm_sub.add_parser("stop", help="power off a detached guest")
     stop.add_argument("which", metavar="NAME|CID")
@@ -160,6 +181,8 @@ def _run(args: argparse.Namespace) -> int:
     from vsockrpc.vm.signals import StopSignals
 
     _check(args)
+    if args.from_snapshot is not None:
+        return _run_from(args)
     info = _image(args.image, args.spec)
     echo = None if (args.quiet or args.detach) else sys.stdout
     # From here on a stop signal only sets a flag: the launcher unwinds where it is safe and
@@ -201,6 +224,56 @@ def _run(args: argparse.Namespace) -> int:
     if stop.received is None and code != 0:
         raise VmError(f"QEMU exited with status {code}: {vm.qemu_last_words or 'no message'}")
     return 0 if code == 0 else 1
+
+
+def _run_from(args: argparse.Namespace) -> int:
+    from vsockrpc.vm.options import InvalidVmOption
+    from vsockrpc.vm.restore import restore
+    from vsockrpc.vm.signals import StopSignals
+
+    fixed = {"--memory": args.memory, "--cpus": args.cpus, "--append": args.append or None}
+    fixed["--no-wait"] = args.no_wait or None
+    given = [flag for flag, value in fixed.items() if value is not None]
+    if given:
+        raise InvalidVmOption(f"{given[0]} cannot be used with --from (the snapshot fixes it)")
+    echo = None if (args.quiet or args.detach) else sys.stdout
+    with StopSignals() as stop:
+        vm = restore(
+            args.from_snapshot,
+            cid=args.cid,
+            name=args.name,
+            ready_timeout=args.timeout,
+            echo=echo,
+            detach=args.detach,
+            cancel=stop.event,
+        )
+        took = vm.timings.rpc_ready - vm.timings.launched if vm.timings.rpc_ready else 0.0
+        summary = f"vm {vm.name}: CID {vm.cid}, agent at {vm.address()}, restored in {took:.2f} s"
+        if args.detach:
+            print(summary, flush=True)
+            print(f"stop it with: vsockrpc vm stop {vm.name}", file=sys.stderr)
+            return 0
+        with vm:
+            print(f"==> {summary}", file=sys.stderr, flush=True)
+            while vm.running() and not stop.event.is_set():
+                stop.event.wait(0.2)
+            code = vm.stop()
+    return 0 if code == 0 or stop.received is not None else 1
+
+
+def _snapshot(args: argparse.Namespace) -> int:
+    from vsockrpc.vm.options import check_which
+    from vsockrpc.vm.snapshot import snapshot_vm
+
+    check_which(args.which)
+    with step(f"snapshot of {args.which}"):
+        info = snapshot_vm(args.which, args.out, stop=args.stop)
+    size = info.manifest["files"]["state.bin"]["size"]
+    after = "stopped" if args.stop else "resumed"
+    print(
+        f"snapshot {info.path}: {size / 2**20:.0f} MiB, guest paused {info.seconds:.2f} s, {after}"
+    )
+    return 0
 
 
 def _stop(args: argparse.Namespace) -> int:

@@ -15,7 +15,19 @@ from pathlib import Path
 
 from vsockrpc.errors import VmError
 
-__all__ = ["QemuConfig", "find_qemu", "qemu_argv"]
+__all__ = [
+    "VSOCK_CHARDEV",
+    "VSOCK_DEVICE",
+    "VSOCK_PORT",
+    "QemuConfig",
+    "find_qemu",
+    "qemu_argv",
+    "vhost_user_vsock_device",
+]
+
+VSOCK_PORT = "vsock-port"  # the pcie-root-port the vsock device sits on
+VSOCK_DEVICE = "vsock"  # the vsock device's id (device_del / device_add)
+VSOCK_CHARDEV = "vhost-vsock"  # the vhost-user chardev's id
 
 _BINARIES = {"amd64": "qemu-system-x86_64", "arm64": "qemu-system-aarch64"}
 
@@ -49,6 +61,12 @@ class QemuConfig:
     guest_cid: int = 3
     vhost_user_socket: Path | None = None  # None: kernel vhost-vsock
     name: str = "vsockrpc"
+    incoming: str | None = None  # a migration URI to load from (the guest starts paused)
+
+
+def vhost_user_vsock_device() -> str:
+    """The ``-device``/``device_add`` value of the userspace vsock device on its root port."""
+    return f"vhost-user-vsock-pci,chardev={VSOCK_CHARDEV},id={VSOCK_DEVICE},bus={VSOCK_PORT}"
 
 
 def qemu_argv(c: QemuConfig) -> list[str]:
@@ -87,16 +105,23 @@ def qemu_argv(c: QemuConfig) -> list[str]:
         "-qmp",
         f"unix:{c.qmp_socket},server=on,wait=off",
     ]
+    argv += ["-device", f"pcie-root-port,id={VSOCK_PORT},bus=pcie.0,chassis=1"]
     if c.vhost_user_socket is None:
-        argv += ["-device", f"vhost-vsock-pci,guest-cid={c.guest_cid}"]
+        # Kernel vhost-vsock migrates as is (a transport reset event on load): always present.
+        argv += [
+            "-device",
+            f"vhost-vsock-pci,guest-cid={c.guest_cid},id={VSOCK_DEVICE},bus={VSOCK_PORT}",
+        ]
     else:
         machine += ",memory-backend=mem"
-        argv += [
-            "-object",
-            f"memory-backend-memfd,id=mem,size={c.memory_mib}M,share=on",
-            "-chardev",
-            f"socket,id=vhost-vsock,path={c.vhost_user_socket}",
-            "-device",
-            "vhost-user-vsock-pci,chardev=vhost-vsock",
-        ]
+        argv += ["-object", f"memory-backend-memfd,id=mem,size={c.memory_mib}M,share=on"]
+        if c.incoming is None:  # restored guests get theirs over QMP after the load
+            argv += [
+                "-chardev",
+                f"socket,id={VSOCK_CHARDEV},path={c.vhost_user_socket}",
+                "-device",
+                vhost_user_vsock_device(),
+            ]
+    if c.incoming is not None:
+        argv += ["-incoming", c.incoming]
     return [*argv, "-machine", machine]

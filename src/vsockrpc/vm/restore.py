@@ -1,0 +1,291 @@
+"""Restoring a snapshot (:mod:`.snapshot`) as a new VM: its own CID, name and device.
+
+    with vsockrpc.vm.restore("snap/") as vm:    # loaded, device plugged, agent answering
+        vm.address()
+
+Checked before anything is started (one line each): the directory is a complete snapshot
+(``manifest.json``, every file with its recorded size and sha256), its image still exists with
+the same manifest digest. Then QEMU starts with ``-incoming defer`` and the same boot
+configuration; its version and machine type are compared over QMP *before* any state is
+loaded (a mismatch stops it again, the guest never ran). ``migrate-incoming`` loads the RAM
+and device state; with the userspace device a fresh device process serving the new CID is
+plugged in (``chardev-add`` + ``device_add`` on the root port). The agent's vsock listener
+survives the device going away and coming back; connections open at snapshot time do not.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from vsockrpc import rpc
+from vsockrpc.errors import ImageError, TransportError, VmError
+from vsockrpc.image import ImageInfo, find_image
+from vsockrpc.vm import cid as cid_mod
+from vsockrpc.vm import signals
+from vsockrpc.vm.accel import Accel
+from vsockrpc.vm.console import ConsoleFollower
+from vsockrpc.vm.launcher import (
+    Vm,
+    _detached_or_own_group,
+    _reap,
+    _state,
+    _wait_qemu_up,
+)
+from vsockrpc.vm.options import check_cid
+from vsockrpc.vm.qemu import VSOCK_CHARDEV, QemuConfig, find_qemu, qemu_argv
+from vsockrpc.vm.qmpsession import Session, run_session
+from vsockrpc.vm.rundir import claim_name
+from vsockrpc.vm.runtime import runtime_dir
+from vsockrpc.vm.snapshot import FORMAT, MANIFEST, STATE_FILE, _device_args, file_sha256
+from vsockrpc.vm.vsockdev import UserspaceDevice, kernel_vhost_vsock_usable
+
+__all__ = ["RestoredVm", "Snapshot", "load_snapshot", "restore"]
+
+READY_TIMEOUT = 60.0
+LOAD_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    path: Path
+    manifest: dict[str, Any]
+    image: ImageInfo
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / STATE_FILE
+
+
+@dataclass
+class RestoredVm(Vm):
+    """A :class:`Vm` restored from a snapshot; ``restore_phases()`` instead of boot phases."""
+
+    snapshot: Path | None = None
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def __enter__(self) -> RestoredVm:
+        return self
+
+    def restore_phases(self) -> dict[str, float]:
+        """Seconds per restore phase: start QEMU, load state, device re-plug, agent answers."""
+        out: dict[str, float] = {}
+        last = self.timings.launched
+        for name in ("start qemu", "load state", "device re-plug", "agent answers"):
+            if name not in self.marks:
+                break
+            out[name] = self.marks[name] - last
+            last = self.marks[name]
+        return out
+
+
+def load_snapshot(path: Path | str, *, verify: bool = True) -> Snapshot:
+    """Validate a snapshot directory (:class:`VmError`, one line, when it is not usable).
+
+    ``verify=False`` skips the sha256 of the state file (sizes are still checked): for a
+    caller that verified this snapshot once already (a pool restoring it many times)."""
+    path = Path(path)
+    manifest_file = path / MANIFEST
+    if not path.is_dir():
+        raise VmError(f"snapshot {path}: no such directory")
+    if not manifest_file.is_file():
+        raise VmError(f"snapshot {path} is incomplete: no {MANIFEST}")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        files = manifest["files"]
+        image_path = Path(manifest["image"]["path"])
+        digest = manifest["image"]["digest"]
+        _ = (int(manifest["guest"]["memory_mib"]), str(manifest["qemu"]["version"]))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise VmError(f"snapshot {path}: unreadable {MANIFEST}: {err!r}") from err
+    if manifest.get("format") != FORMAT:
+        raise VmError(f"snapshot {path}: format {manifest.get('format')!r}, expected {FORMAT}")
+    if STATE_FILE not in files:
+        raise VmError(f"snapshot {path}: {MANIFEST} lists no {STATE_FILE}")
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            raise VmError(f"snapshot {path} is incomplete: {name} is missing")
+        if file.stat().st_size != entry["size"]:
+            raise VmError(
+                f"snapshot {path} is corrupt: {name} has {file.stat().st_size} bytes, "
+                f"manifest says {entry['size']}"
+            )
+        if verify and file_sha256(file) != entry["sha256"]:
+            raise VmError(f"snapshot {path} is corrupt: {name} does not match its sha256")
+    try:
+        image = find_image(image_path)
+    except ImageError as err:
+        raise VmError(f"snapshot {path}: its image is gone: {err}") from err
+    if file_sha256(image.path / "manifest.json") != digest:
+        raise VmError(
+            f"snapshot {path} was taken from another image (digest differs at {image_path})"
+        )
+    return Snapshot(path, manifest, image)
+
+
+def restore(
+    snapshot: Snapshot | Path | str,
+    *,
+    cid: int | None = None,
+    name: str | None = None,
+    ready_timeout: float = READY_TIMEOUT,
+    echo: TextIO | None = None,
+    detach: bool = False,
+    cancel: threading.Event | None = None,
+    verify: bool = True,
+) -> RestoredVm:
+    """Start a new VM from ``snapshot``; returns once its agent answers (use it in ``with``).
+
+    ``cid``: that CID or a :class:`VmError` when busy; None: the lowest free one."""
+    snap = snapshot if isinstance(snapshot, Snapshot) else load_snapshot(snapshot, verify=verify)
+    if cid is not None:
+        check_cid(cid)
+    launched = time.monotonic()
+    qemu_bin = find_qemu(str(snap.image.manifest.get("arch", "amd64")))
+    guest = snap.manifest["guest"]
+    userspace = guest["vsock"] == "vhost-user-vsock-pci"
+    if not userspace and not kernel_vhost_vsock_usable():
+        raise VmError(
+            f"snapshot {snap.path} uses kernel vhost-vsock: /dev/vhost-vsock is not usable"
+        )
+    with ExitStack() as stack:
+        runtime = runtime_dir()
+        lease = stack.enter_context(cid_mod.lease(runtime, cid))
+        claim = claim_name(runtime, name or f"vm{lease.cid}")
+        stack.callback(claim.close)
+        stack.callback(claim.remove)
+        run_dir = claim.run_dir
+        held = (lease.fileno(), claim.fileno())
+        device = None
+        if userspace:
+            device = stack.enter_context(
+                UserspaceDevice(
+                    vhost_socket=run_dir / "vhost-user.sock",
+                    hybrid_socket=run_dir / "vsock.sock",
+                    guest_cid=lease.cid,
+                    log_file=run_dir / "device.log",
+                    detach=detach,
+                    extra_fds=held,
+                )
+            )
+        config = QemuConfig(
+            qemu=qemu_bin,
+            kernel=Path(guest["kernel"]),
+            initrd=snap.image.initrd,
+            rootfs=snap.image.rootfs,
+            cmdline=guest["cmdline"],
+            console_log=run_dir / "console.log",
+            qmp_socket=run_dir / "qmp.sock",
+            accel=guest["accel"],
+            cpu=guest["cpu"],
+            memory_mib=int(guest["memory_mib"]),
+            cpus=int(guest["cpus"]),
+            guest_cid=lease.cid,
+            vhost_user_socket=device.vhost_socket if device else None,
+            name=f"vsockrpc-{claim.name}",
+            incoming="defer",
+        )
+        with (run_dir / "qemu.log").open("ab") as qemu_log:
+            try:
+                qemu = subprocess.Popen(
+                    qemu_argv(config),
+                    stdin=subprocess.DEVNULL,
+                    stdout=qemu_log,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=held,
+                    **_detached_or_own_group(detach),
+                )
+            except OSError as err:
+                raise VmError(f"cannot start QEMU: {err}") from err
+        stack.callback(_reap, qemu)
+        console = stack.enter_context(ConsoleFollower(run_dir / "console.log", echo=echo).start())
+        accel = Accel(guest["accel"], guest["cpu"], "as in the snapshot")
+        vm = RestoredVm(
+            claim.name, lease.cid, int(guest["port"]), snap.image, run_dir, accel, qemu, console,
+            device, snapshot=snap.path,
+        )  # fmt: skip
+        vm.timings.launched = launched
+        _wait_qemu_up(vm, cancel)
+        vm.marks["start qemu"] = vm.timings.qemu_started = time.monotonic()
+        run_session(vm.qmp_socket, lambda s: _load(s, snap, vm), timeout=LOAD_TIMEOUT)
+        state = _state(vm, detach) | {"restored_from": str(snap.path)}
+        (run_dir / "state.json").write_text(json.dumps(state, indent=2))
+        _wait_answer(vm, ready_timeout, cancel)
+        vm.marks["agent answers"] = vm.timings.rpc_ready = time.monotonic()
+        signals.check(cancel)
+        if detach:
+            stack.pop_all()
+            console.close()
+            lease.close()
+            claim.close()
+            return vm
+        vm._stack = stack.pop_all()
+        return vm
+    raise AssertionError("unreachable")
+
+
+async def _load(s: Session, snap: Snapshot, vm: RestoredVm) -> None:
+    version = await s.run("query-version")
+    q = version["qemu"]
+    have = f"{q['major']}.{q['minor']}.{q['micro']}"
+    want = snap.manifest["qemu"]
+    if have != want["version"]:
+        raise VmError(f"snapshot {snap.path} was taken with QEMU {want['version']}, this is {have}")
+    machine = await s.run("qom-get", {"path": "/machine", "property": "type"})
+    if machine != want["machine"]:
+        raise VmError(
+            f"snapshot {snap.path} was taken on machine type {want['machine']}, this is {machine}"
+        )
+    await s.run("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(snap.state_file))}"})
+    await s.wait_migration(LOAD_TIMEOUT)
+    status = await s.run("query-status")
+    if status.get("status") != "running":
+        await s.run("cont")
+    vm.marks["load state"] = time.monotonic()
+    if vm.device is not None:
+        await s.run(
+            "chardev-add",
+            {
+                "id": VSOCK_CHARDEV,
+                "backend": {
+                    "type": "socket",
+                    "data": {
+                        "addr": {"type": "unix", "data": {"path": str(vm.device.vhost_socket)}},
+                        "server": False,
+                    },
+                },
+            },
+        )
+        await s.run("device_add", _device_args())
+    vm.marks["device re-plug"] = time.monotonic()
+
+
+def _wait_answer(vm: RestoredVm, timeout: float, cancel: threading.Event | None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        signals.check(cancel)
+        if not vm.running():
+            raise VmError(
+                f"restored guest stopped (QEMU exit {vm.qemu.returncode}): "
+                f"{vm.qemu_log_tail() or 'no message'}"
+            )
+        if vm.device is not None:
+            vm.device.check()
+        try:
+            rpc.wait_until_ready(
+                vm.address(), timeout=min(max(deadline - time.monotonic(), 0.1), 1.0)
+            )
+            return
+        except TransportError as err:
+            if time.monotonic() > deadline:
+                raise VmError(
+                    f"restored guest's agent does not answer after {timeout:g} s: {err}"
+                ) from err

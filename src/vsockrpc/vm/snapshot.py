@@ -1,0 +1,247 @@
+"""``vsockrpc vm snapshot``: save a running guest whose agent is ready to a directory.
+
+QEMU refuses to migrate ``vhost-user-vsock-pci`` (the device's state lives in our device
+process, not in QEMU), so with the userspace device the guest first releases its vsock
+device: ``device_del`` on its hot-pluggable root port (:data:`~.qemu.VSOCK_PORT`), wait for
+``DEVICE_DELETED``. Then ``stop`` + ``migrate`` to ``state.bin`` and, unless ``--stop``,
+``cont`` and ``device_add`` of the same device again (the device process kept its
+vhost-user connection: the chardev stays). Kernel vhost-vsock migrates as is (QEMU sends
+``VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`` on load), so it is not unplugged.
+
+A snapshot directory is complete only once ``manifest.json`` exists (written last, by
+rename): it names the image (path and digest of its manifest), QEMU version, machine type,
+the guest's boot configuration (read from the running QEMU's command line, what is actually
+running) and the sha256 of every file. Any failure while saving (disk full) removes the
+directory this call created, and the guest is resumed with its device back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shlex
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vsockrpc import rpc
+from vsockrpc.addresses import HybridAddress
+from vsockrpc.agent import markers
+from vsockrpc.errors import TransportError, VmError
+from vsockrpc.vm.qemu import VSOCK_DEVICE, VSOCK_PORT, vhost_user_vsock_device
+from vsockrpc.vm.qmpsession import Session, run_session
+from vsockrpc.vm.registry import VmRecord, list_vms, stop_vm
+
+__all__ = ["FORMAT", "MANIFEST", "STATE_FILE", "SnapshotInfo", "file_sha256", "snapshot_vm"]
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+STATE_FILE = "state.bin"
+MIGRATE_TIMEOUT = 300.0
+READY_PROBE = 5.0  # s the agent gets to answer before a snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    path: Path
+    manifest: dict[str, Any]
+    seconds: float  # guest paused (stop → cont, or → quit)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _find(which: str) -> VmRecord:
+    for record in list_vms():
+        if which in (record.name, str(record.cid)):
+            return record
+    raise VmError(
+        f"no VM named or with CID {which!r} started by vsockrpc", hint="see: vsockrpc vm list"
+    )
+
+
+def _qemu_argv(record: VmRecord) -> list[str]:
+    try:
+        raw = Path(f"/proc/{record.qemu_pid}/cmdline").read_bytes()
+    except OSError as err:
+        raise VmError(f"VM {record.name}: cannot read QEMU's command line: {err}") from err
+    return raw.decode(errors="replace").split("\0")[:-1]
+
+
+def _option(argv: list[str], flag: str) -> str:
+    try:
+        return argv[argv.index(flag) + 1]
+    except (ValueError, IndexError):
+        raise VmError(f"QEMU of this VM was started without {flag}") from None
+
+
+def guest_config(argv: list[str]) -> dict[str, Any]:
+    """The boot configuration a restore must repeat, from the running QEMU's command line."""
+    devices = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-device"]
+    vsock = next((d for d in devices if f"id={VSOCK_DEVICE}," in d and "vsock" in d), None)
+    if (
+        vsock is None
+        and "-incoming" in argv
+        and any(d.startswith("pcie-root-port,id=" + VSOCK_PORT + ",") for d in devices)
+        and "memory-backend=mem" in _option(argv, "-machine")
+    ):
+        vsock = vhost_user_vsock_device()  # a restored guest: its device was plugged over QMP
+    if vsock is None or f"bus={VSOCK_PORT}" not in vsock:
+        raise VmError(
+            "its vsock device is not on a hot-pluggable root port "
+            "(started by an older vsockrpc): start it again to snapshot it"
+        )
+    memory = _option(argv, "-m")
+    if not memory.endswith("M"):
+        raise VmError(f"unexpected memory size on QEMU's command line: {memory}")
+    return {
+        "memory_mib": int(memory[:-1]),
+        "cpus": int(_option(argv, "-smp")),
+        "accel": _option(argv, "-accel"),
+        "cpu": _option(argv, "-cpu"),
+        "kernel": _option(argv, "-kernel"),
+        "cmdline": _option(argv, "-append"),
+        "vsock": vsock.split(",", 1)[0],  # vhost-user-vsock-pci | vhost-vsock-pci
+    }
+
+
+def _check_ready(record: VmRecord) -> None:
+    if not record.running:
+        raise VmError(f"VM {record.name} is not running ({record.status})")
+    try:
+        console = (record.run_dir / "console.log").read_text(errors="replace")
+    except OSError:
+        console = ""
+    # A restored guest was ready when its snapshot was taken: its console starts after that.
+    if markers.READY not in console and not record.state.get("restored_from"):
+        raise VmError(f"VM {record.name}: its agent is not ready yet (no readiness on its console)")
+    socket = record.state.get("hybrid_socket")
+    if socket:  # the kernel device's address is AF_VSOCK: never connected from here
+        try:
+            rpc.wait_until_ready(
+                HybridAddress(str(socket), int(record.state["port"])), timeout=READY_PROBE
+            )
+        except TransportError as err:
+            raise VmError(f"VM {record.name}: its agent does not answer: {err}") from err
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise VmError(f"{out} already exists and is not an empty directory")
+    if not out.parent.is_dir():
+        raise VmError(f"{out.parent} is not a directory")
+
+
+def snapshot_vm(which: str, out: Path | str, *, stop: bool = False) -> SnapshotInfo:
+    """Save VM ``which`` (name or CID) to the directory ``out``; resume it (or stop it)."""
+    out = Path(out)
+    record = _find(which)
+    _check_ready(record)
+    _prepare_out(out)
+    try:
+        config = guest_config(_qemu_argv(record))
+    except VmError as err:
+        raise VmError(f"VM {record.name}: {err}") from err
+    config["port"] = int(record.state["port"])
+    userspace = config["vsock"] == "vhost-user-vsock-pci"
+    created = not out.exists()
+    out.mkdir(mode=0o700, exist_ok=True)
+    state = out / STATE_FILE
+    paused = 0.0
+
+    async def save(s: Session) -> dict[str, Any]:
+        nonlocal paused
+        version = await s.run("query-version")
+        machine = await s.run("qom-get", {"path": "/machine", "property": "type"})
+        if userspace:
+            await s.unplug(VSOCK_DEVICE)
+        t = time.monotonic()
+        await s.run("stop")
+        try:
+            await s.run("migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"})
+            await s.wait_migration(MIGRATE_TIMEOUT)
+            stats = await s.run("query-migrate")
+        except BaseException:
+            await _resume(s, userspace)
+            raise
+        if not stop:
+            await _resume(s, userspace)
+        paused = time.monotonic() - t
+        return {"version": version, "machine": machine, "ram": stats.get("ram", {})}
+
+    try:
+        saved = run_session(record.run_dir / "qmp.sock", save)
+        manifest = _manifest(record, config, saved, state)
+        tmp = out / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2))
+        tmp.rename(out / MANIFEST)
+    except BaseException:
+        _remove_partial(out, created)
+        raise
+    if stop:
+        with contextlib.suppress(VmError):
+            run_session(record.run_dir / "qmp.sock", lambda s: s.run("quit"), timeout=10.0)
+        stop_vm(record.name, timeout=5.0)
+    return SnapshotInfo(out, manifest, paused)
+
+
+async def _resume(s: Session, userspace: bool) -> None:
+    await s.run("cont")
+    if userspace:
+        await s.run("device_add", _device_args())
+
+
+def _device_args() -> dict[str, Any]:
+    """``device_add`` arguments of :func:`vhost_user_vsock_device`'s ``-device`` value."""
+    driver, *props = vhost_user_vsock_device().split(",")
+    return {"driver": driver, **dict(p.split("=", 1) for p in props)}
+
+
+def _manifest(
+    record: VmRecord, config: dict[str, Any], saved: dict[str, Any], state: Path
+) -> dict[str, Any]:
+    image = Path(str(record.state["image"]))
+    image_manifest = image / "manifest.json"
+    q = saved["version"]["qemu"]
+    ram = saved["ram"]
+    return {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"name": record.name, "cid": record.cid},
+        "image": {
+            "path": str(image),
+            "key": json.loads(image_manifest.read_text()).get("key"),
+            "digest": file_sha256(image_manifest),
+        },
+        "qemu": {
+            "version": f"{q['major']}.{q['minor']}.{q['micro']}",
+            "package": saved["version"].get("package", "").strip(),
+            "machine": saved["machine"],
+        },
+        "guest": config,
+        "device": {"driver": config["vsock"], "id": VSOCK_DEVICE, "bus": VSOCK_PORT},
+        "ram": {
+            "total_bytes": ram.get("total"),
+            "transferred_bytes": ram.get("transferred"),
+            "zero_pages": ram.get("duplicate"),
+        },
+        "files": {STATE_FILE: {"size": state.stat().st_size, "sha256": file_sha256(state)}},
+    }
+
+
+def _remove_partial(out: Path, created: bool) -> None:
+    """Remove what this snapshot wrote: the whole directory if it made it, else its files."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for name in (STATE_FILE, MANIFEST, f".{MANIFEST}.tmp"):
+        with contextlib.suppress(OSError):
+            (out / name).unlink()

@@ -1,0 +1,144 @@
+"""Snapshot a ready guest and restore it as new VMs (issue 11), on a real TCG guest.
+
+One source guest per module: a file in its tmpfs and a background process, then
+``vsockrpc vm snapshot``. Clones restored from it answer on their own CID and device and see
+both; a corrupt snapshot is refused in one line with nothing started and nothing deleted; a
+snapshot that runs out of disk is removed and the source keeps running."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.vm.conftest import process_alive
+from vsockrpc.errors import VmError
+from vsockrpc.image import ImageInfo
+from vsockrpc.sdk import Guest
+from vsockrpc.vm import Vm, launch, restore, snapshot_vm
+from vsockrpc.vm.registry import list_vms
+
+MARKER = "/dev/shm/snapshot-marker"
+
+
+def run(argv: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def source(guest_image: ImageInfo) -> Iterator[tuple[Vm, int]]:
+    machine = launch(guest_image, name="snapsource", ready_timeout=180)
+    try:
+        with Guest(machine.address(), call_timeout=60) as g:
+            g.write_bytes(MARKER, b"written before the snapshot")
+            started = g.run(["sh", "-c", "sleep 100000 </dev/null >/dev/null 2>&1 & echo $!"])
+            pid = int(started.stdout)
+        yield machine, pid
+    finally:
+        machine.stop()
+
+
+@pytest.fixture(scope="module")
+def snapshot(source: tuple[Vm, int], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("snap") / "s"
+    saved = run(
+        [
+            sys.executable,
+            "-m",
+            "vsockrpc.cli.main",
+            "vm",
+            "snapshot",
+            source[0].name,
+            "--out",
+            str(out),
+        ]
+    )
+    assert saved.returncode == 0, saved.stderr
+    assert saved.stdout.startswith(f"snapshot {out}: ")
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "state.bin"]
+    return out
+
+
+def test_source_resumes_and_the_clone_has_its_own_cid_file_and_process(
+    source: tuple[Vm, int], snapshot: Path
+) -> None:
+    vm, pid = source
+    with Guest(vm.address(), wait=30, call_timeout=60) as g:  # the source answers again
+        assert g.read_bytes(MARKER) == b"written before the snapshot"
+    with restore(snapshot) as clone:
+        assert clone.cid != vm.cid
+        assert clone.hybrid_socket != vm.hybrid_socket
+        phases = clone.restore_phases()
+        assert list(phases) == ["start qemu", "load state", "device re-plug", "agent answers"]
+        with Guest(clone.address(), call_timeout=60) as g:
+            assert g.read_bytes(MARKER) == b"written before the snapshot"
+            alive = g.run(["sh", "-c", f"kill -0 {pid} && cat /proc/{pid}/cmdline"])
+            assert alive.exit_code == 0, alive.stderr
+            assert alive.stdout.split(b"\0")[:2] == [b"sleep", b"100000"]
+        clone_pids = [clone.qemu.pid, clone.device.pid if clone.device else 0]
+        run_dir = clone.run_dir
+    assert not any(process_alive(p) for p in clone_pids)
+    assert not run_dir.exists()
+    with Guest(vm.address(), call_timeout=60) as g:  # the source is unaffected by the clone
+        assert g.read_bytes(MARKER) == b"written before the snapshot"
+
+
+def test_cli_restore_then_snapshot_with_stop(
+    snapshot: Path, vsockrpc_cli: list[str], tmp_path: Path
+) -> None:
+    started = run([*vsockrpc_cli, "vm", "run", "--from", str(snapshot), "--detach", "--quiet"])
+    assert started.returncode == 0, started.stderr
+    name = started.stdout.split(":")[0].removeprefix("vm ")
+    address = started.stdout.split("agent at ")[1].split(",")[0]
+    try:
+        with Guest(address, call_timeout=60) as g:
+            assert g.read_bytes(MARKER) == b"written before the snapshot"
+        out = tmp_path / "again"
+        saved = run([*vsockrpc_cli, "vm", "snapshot", name, "--out", str(out), "--stop"])
+        assert saved.returncode == 0, saved.stderr
+        assert "stopped" in saved.stdout
+        assert (out / "manifest.json").is_file()
+        assert name not in [r.name for r in list_vms()]
+    finally:
+        if name in [r.name for r in list_vms()]:
+            run([*vsockrpc_cli, "vm", "stop", name], timeout=60)
+
+
+def test_a_corrupt_snapshot_is_refused(
+    snapshot: Path, vsockrpc_cli: list[str], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(snapshot, bad)
+    with (bad / "state.bin").open("r+b") as f:
+        f.seek(4096)
+        byte = f.read(1)
+        f.seek(4096)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    before = {r.name for r in list_vms()}
+    refused = run([*vsockrpc_cli, "vm", "run", "--from", str(bad), "--detach"])
+    assert refused.returncode == 1
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1, refused.stderr
+    assert f"snapshot {bad} is corrupt: state.bin does not match its sha256" in lines[0]
+    assert {r.name for r in list_vms()} == before
+    assert sorted(p.name for p in bad.iterdir()) == ["manifest.json", "state.bin"]
+
+
+def test_disk_full_removes_the_partial_snapshot_and_the_guest_keeps_running(
+    source: tuple[Vm, int], tmp_path: Path
+) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)], check=True)
+    try:
+        with pytest.raises(VmError, match="migration failed"):
+            snapshot_vm(source[0].name, small / "s")
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    with Guest(source[0].address(), wait=30, call_timeout=60) as g:
+        assert g.read_bytes(MARKER) == b"written before the snapshot"
