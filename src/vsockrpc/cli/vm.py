@@ -187,7 +187,7 @@ def _run(args: argparse.Namespace) -> int:
     echo = None if (args.quiet or args.detach) else sys.stdout
     # From here on a stop signal only sets a flag: the launcher unwinds where it is safe and
     # a second signal cannot cut the cleanup short.
-    with StopSignals() as stop:
+    with StopSignals(absorb_after=True) as stop:
         try:
             vm = launch(
                 info,
@@ -312,7 +312,7 @@ def _demo(args: argparse.Namespace) -> int:
     t = time.monotonic()
     info = _image(None)
     phases["image (build or cache)"] = time.monotonic() - t
-    with StopSignals() as stop:
+    with StopSignals(absorb_after=True) as stop:
         with step("boot the guest and wait for its agent"):
             vm = launch(
                 info,

@@ -22,8 +22,13 @@ class StopSignals:
     """Context manager: while inside, ``signals`` set :attr:`event` instead of their default
     action. Installs nothing off the main thread (Python only runs handlers there)."""
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+    def __init__(
+        self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS, *, absorb_after: bool = False
+    ) -> None:
         self.signals = signals
+        # For a process that exits once stopped (the CLI): after a stop, later signals stay
+        # ignored instead of raising KeyboardInterrupt into the interpreter's own shutdown.
+        self.absorb_after = absorb_after
         self.event = threading.Event()
         self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, object] = {}
@@ -40,8 +45,9 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        absorb = self.absorb_after and self.received is not None
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+            signal.signal(sig, signal.SIG_IGN if absorb else handler)  # type: ignore[arg-type]
         self._previous.clear()
 
 
