@@ -237,7 +237,7 @@ def _run_from(args: argparse.Namespace) -> int:
     if given:
         raise InvalidVmOption(f"{given[0]} cannot be used with --from (the snapshot fixes it)")
     echo = None if (args.quiet or args.detach) else sys.stdout
-    with StopSignals() as stop:
+    with StopSignals(absorb_after=True) as stop:
         vm = restore(
             args.from_snapshot,
             cid=args.cid,
