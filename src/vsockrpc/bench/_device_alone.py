@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from vsockrpc import transport
 from vsockrpc.addresses import HybridAddress
 from vsockrpc.bench._private import GuestDriver, RxLayout
 from vsockrpc.transport import hybrid
@@ -88,10 +89,15 @@ class TransferFailed(RuntimeError):
     """A backend-alone transfer did not complete exactly: no figure is printed for it."""
 
 
-def _host_sender(uds: str, port: int, block: bytes, total: int) -> None:
+def _host_sender(uds: str, port: int, block: bytes, total: int, via: str | None = None) -> None:
     """Send ``total`` bytes (``block`` repeated), then wait for the guest's close. Exit status 0
-    only if everything was written and the stream then ended cleanly."""
-    s = hybrid_connect(uds, port)
+    only if everything was written and the stream then ended cleanly. ``via``: an address that
+    forwards to the guest port (e.g. a ``vsockrpc forward`` listener) to send through instead."""
+    if via is None:
+        s = hybrid_connect(uds, port)
+    else:
+        s = transport.connect(via, timeout=60)
+        s.settimeout(60)
     sent = 0
     while sent < total:
         n = min(len(block), total - sent)
@@ -140,14 +146,17 @@ def _repeated_crc(block: bytes, total: int) -> int:
     return crc
 
 
-def _h2g_alone(g: GuestDriver, uds: str, port: int, total: int, *, check: bool) -> dict[str, float]:
+def _h2g_alone(
+    g: GuestDriver, uds: str, port: int, total: int, *, check: bool, via: str | None = None
+) -> dict[str, float]:
     """Host → guest through the device alone. ``check``: the driver crc32s what arrives
     (untimed integrity run); otherwise it just counts, and the transfer must still end exactly:
-    every byte, then the host's EOF (SHUTDOWN), no RST, the sender exiting 0."""
+    every byte, then the host's EOF (SHUTDOWN), no RST, the sender exiting 0. ``via``: see
+    :func:`_host_sender`."""
     ctx = multiprocessing.get_context("forkserver")  # no fork of a threaded (grpc) process
     block = os.urandom(4 * MiB)
     listener = g.listen(port)
-    sender = ctx.Process(target=_host_sender, args=(uds, port, block, total))
+    sender = ctx.Process(target=_host_sender, args=(uds, port, block, total, via))
     sender.start()
     try:
         stream = g.accept(listener, 60)

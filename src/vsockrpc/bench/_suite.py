@@ -13,8 +13,9 @@ from typing import Any
 from vsockrpc.bench import _machine, _model
 from vsockrpc.bench._context import Context
 
-PARTS = ("relay", "rpc", "device", "agent", "boot")
-QUICK_PARTS = ("relay", "rpc", "device")  # no guest: device runs its backend-alone half
+PARTS = ("relay", "rpc", "device", "forward", "agent", "boot")
+# No guest: device runs its backend-alone half, forward has the device alone as its guest.
+QUICK_PARTS = ("relay", "rpc", "device", "forward")
 
 
 def _module(name: str) -> ModuleType:

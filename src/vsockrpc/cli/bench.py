@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-_PARTS = ("relay", "rpc", "device", "agent", "boot")  # vsockrpc.bench.PARTS, without importing
+# vsockrpc.bench.PARTS, without importing it
+_PARTS = ("relay", "rpc", "device", "forward", "agent", "boot")
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
