@@ -147,3 +147,36 @@ def test_expose_until_sigterm(tmp_path: Path) -> None:
         assert not os.path.exists(f"{tmp_path}/vm.vsock_5000")
     finally:
         app.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--expose", "unix:{tmp}/missing.sock:5000"], "missing.sock: no such socket file"),
+        (["--expose", "unix:{tmp}/app.sock"], "expected ADDRESS:PORT"),
+        (["--expose", "unix:{tmp}/app.sock:0"], "bad port '0'"),
+        (
+            ["--detach", "--expose", "unix:{tmp}/app.sock:5000"],
+            "--expose cannot be used with --detach",
+        ),
+    ],
+)
+def test_vm_run_expose_bad_input_is_a_usage_error_before_any_build(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    app = EchoServer(str(tmp_path / "app.sock"))
+    try:
+        argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+        result = subprocess.run(
+            [*CLI, "vm", "run", "--image", str(tmp_path / "no-image"), *argv],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        app.close()
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

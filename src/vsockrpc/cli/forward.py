@@ -28,7 +28,7 @@ from vsockrpc.addresses import Address, parse_address
 from vsockrpc.errors import AddressError, TransportError
 from vsockrpc.forward import DEFAULT_MODE, Forwarder, expose, forward
 
-__all__ = ["register"]
+__all__ = ["exposure", "register"]
 
 _MAX_PORT = 0xFFFFFFFE
 
@@ -52,6 +52,16 @@ def _port(text: str) -> int:
     if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= _MAX_PORT:
         raise argparse.ArgumentTypeError(f"bad port {text!r}: expected 1 to {_MAX_PORT}")
     return int(text)
+
+
+def exposure(text: str) -> tuple[Address, int]:
+    """``ADDRESS:PORT`` (``unix:/run/app.sock:5000``): a host socket to expose at a port."""
+    address, sep, port = text.rpartition(":")
+    if not sep or not address or not (port.isascii() and port.isdigit()):
+        raise argparse.ArgumentTypeError(
+            f"bad exposure {text!r}: expected ADDRESS:PORT, e.g. unix:/run/app.sock:5000"
+        )
+    return _exposed(address), _port(port)
 
 
 def _mode(text: str) -> int:

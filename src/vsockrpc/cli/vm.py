@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any
 
 from vsockrpc.cli._output import step
+from vsockrpc.cli.forward import exposure
 from vsockrpc.errors import GuestError, VmError
 
 
@@ -85,6 +86,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     run.add_argument("--detach", action="store_true", help="boot, print the address, return")
     run.add_argument("--no-wait", action="store_true", help="do not wait for the agent")
     run.add_argument("--quiet", action="store_true", help="do not stream the guest console")
+    run.add_argument(
+        "--expose",
+        metavar="ADDRESS:PORT",
+        type=exposure,
+        action="append",
+        default=[],
+        help="let the guest reach this host socket at CID 2 port PORT, e.g. "
+        "unix:/run/app.sock:5000 (repeatable; foreground runs; see vsockrpc forward)",
+    )
     run.set_defaults(func=_run)
 
     snap = vm_sub.add_parser(
@@ -181,6 +191,14 @@ def _run(args: argparse.Namespace) -> int:
     from vsockrpc.vm.signals import StopSignals
 
     _check(args)
+    if args.expose and (args.detach or args.from_snapshot is not None):
+        from vsockrpc.vm.options import InvalidVmOption
+
+        with_what = "--detach" if args.detach else "--from"
+        raise InvalidVmOption(
+            f"--expose cannot be used with {with_what}: it needs a foreground "
+            "run of a fresh boot (this process forwards)"
+        )
     if args.from_snapshot is not None:
         return _run_from(args)
     info = _image(args.image, args.spec)
@@ -212,8 +230,13 @@ def _run(args: argparse.Namespace) -> int:
             print(summary, flush=True)
             print(f"stop it with: vsockrpc vm stop {vm.name}", file=sys.stderr)
             return 0
-        with vm:
+        with vm, contextlib.ExitStack() as exposed:
             print(f"==> {summary}", file=sys.stderr, flush=True)
+            for target, port in args.expose:
+                from vsockrpc.forward import expose
+
+                forwarder = exposed.enter_context(expose(vm.address(), target, port=port))
+                print(f"==> exposing {forwarder.description}", file=sys.stderr, flush=True)
             while vm.running() and not stop.event.is_set():
                 stop.event.wait(0.2)
             if stop.received is not None:
