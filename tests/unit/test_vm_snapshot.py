@@ -175,3 +175,25 @@ def test_a_bad_snapshot_is_one_line_and_nothing_is_deleted(
 def test_not_a_directory_is_refused(tmp_path: Path) -> None:
     with pytest.raises(VmError, match="no such directory"):
         load_snapshot(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--count", "2"], "--count needs --from"),
+        (["--from", "S", "--count", "2", "--cid", "9"], "--cid cannot be used with --count"),
+        (["--from", "S", "--count", "0"], "--count 0: expected 1 to 64"),
+        (["--from", "S", "--memory", "256"], "--memory cannot be used with --from"),
+        (["--from", "S", "--append", "x"], "--append cannot be used with --from"),
+    ],
+)
+def test_restore_usage_errors_exit_2_before_anything(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from vsockrpc.cli.main import main
+
+    argv = [str(tmp_path / "nothing") if a == "S" else a for a in argv]
+    assert main(["vm", "run", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert message in err[0]

@@ -7,9 +7,12 @@ snapshot that runs out of disk is removed and the source keeps running."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from vsockrpc.image import ImageInfo
 from vsockrpc.sdk import Guest
 from vsockrpc.vm import Vm, launch, restore, snapshot_vm
 from vsockrpc.vm.registry import list_vms
+from vsockrpc.vm.restore import restore_many
 
 MARKER = "/dev/shm/snapshot-marker"
 
@@ -73,7 +77,13 @@ def test_source_resumes_and_the_clone_has_its_own_cid_file_and_process(
         assert clone.cid != vm.cid
         assert clone.hybrid_socket != vm.hybrid_socket
         phases = clone.restore_phases()
-        assert list(phases) == ["start qemu", "load state", "device re-plug", "agent answers"]
+        assert list(phases) == [
+            "start qemu",
+            "load state",
+            "device re-plug",
+            "agent answers",
+            "fresh identity",
+        ]
         with Guest(clone.address(), call_timeout=60) as g:
             assert g.read_bytes(MARKER) == b"written before the snapshot"
             alive = g.run(["sh", "-c", f"kill -0 {pid} && cat /proc/{pid}/cmdline"])
@@ -142,3 +152,32 @@ def test_disk_full_removes_the_partial_snapshot_and_the_guest_keeps_running(
         subprocess.run(["umount", str(small)], check=True)
     with Guest(source[0].address(), wait=30, call_timeout=60) as g:
         assert g.read_bytes(MARKER) == b"written before the snapshot"
+
+
+def test_three_clones_at_once_are_distinct_machines(source: tuple[Vm, int], snapshot: Path) -> None:
+    clones = restore_many(snapshot, 3, name="clone")
+    try:
+        assert sorted(c.name for c in clones) == ["clone-1", "clone-2", "clone-3"]
+        assert len({c.cid for c in clones} | {source[0].cid}) == 4
+        randoms, hostnames = set(), set()
+        for clone in clones:
+            with Guest(clone.address(), call_timeout=60) as g:
+                assert g.read_bytes(MARKER) == b"written before the snapshot"
+                randoms.add(g.run(["head", "-c", "32", "/dev/urandom"], check=True).stdout)
+                before = time.time_ns()
+                guest_now = g.info().time_ns
+                after = time.time_ns()
+                assert before - 1_000_000_000 <= guest_now <= after + 1_000_000_000
+                hostnames.add(g.info().hostname)
+        assert len(randoms) == 3  # reseeded: identical RAM, different RNG output
+        assert hostnames == {"clone-1", "clone-2", "clone-3"}
+        victim, *others = clones
+        os.kill(victim.qemu.pid, signal.SIGKILL)
+        victim.qemu.wait(30)
+        for clone in others:
+            with Guest(clone.address(), call_timeout=60) as g:
+                assert g.read_bytes(MARKER) == b"written before the snapshot"
+    finally:
+        for clone in clones:
+            clone.stop()
+    assert not any(c.run_dir.exists() for c in clones)

@@ -81,6 +81,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="restore a snapshot (vsockrpc vm snapshot) as a new VM with its own CID",
     )
     _boot_options(run)
+    run.add_argument(
+        "--count",
+        type=_integer,
+        default=1,
+        metavar="N",
+        help="with --from: restore N clones at once, each with its own CID (names NAME-1…)",
+    )
     run.add_argument("--name", help="VM name (default vm<CID>)")
     run.add_argument("--append", default="", help="extra kernel command line")
     run.add_argument("--detach", action="store_true", help="boot, print the address, return")
@@ -188,6 +195,7 @@ def _spec_default(info: Any, key: str, given: int | None, fallback: int) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from vsockrpc.vm import launch
+    from vsockrpc.vm.options import InvalidVmOption
     from vsockrpc.vm.signals import StopSignals
 
     _check(args)
@@ -201,6 +209,8 @@ def _run(args: argparse.Namespace) -> int:
         )
     if args.from_snapshot is not None:
         return _run_from(args)
+    if args.count != 1:
+        raise InvalidVmOption("--count needs --from (clones of a snapshot)")
     info = _image(args.image, args.spec)
     echo = None if (args.quiet or args.detach) else sys.stdout
     # From here on a stop signal only sets a flag: the launcher unwinds where it is safe and
@@ -251,7 +261,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_from(args: argparse.Namespace) -> int:
     from vsockrpc.vm.options import InvalidVmOption
-    from vsockrpc.vm.restore import restore
+    from vsockrpc.vm.restore import restore_many
     from vsockrpc.vm.signals import StopSignals
 
     fixed = {"--memory": args.memory, "--cpus": args.cpus, "--append": args.append or None}
@@ -259,10 +269,15 @@ def _run_from(args: argparse.Namespace) -> int:
     given = [flag for flag, value in fixed.items() if value is not None]
     if given:
         raise InvalidVmOption(f"{given[0]} cannot be used with --from (the snapshot fixes it)")
-    echo = None if (args.quiet or args.detach) else sys.stdout
+    if args.count < 1 or args.count > 64:
+        raise InvalidVmOption(f"--count {args.count}: expected 1 to 64")
+    if args.count > 1 and args.cid is not None:
+        raise InvalidVmOption("--cid cannot be used with --count above 1 (each clone needs one)")
+    echo = None if (args.quiet or args.detach or args.count > 1) else sys.stdout
     with StopSignals(absorb_after=True) as stop:
-        vm = restore(
+        vms = restore_many(
             args.from_snapshot,
+            args.count,
             cid=args.cid,
             name=args.name,
             ready_timeout=args.timeout,
@@ -270,18 +285,21 @@ def _run_from(args: argparse.Namespace) -> int:
             detach=args.detach,
             cancel=stop.event,
         )
-        took = vm.timings.rpc_ready - vm.timings.launched if vm.timings.rpc_ready else 0.0
-        summary = f"vm {vm.name}: CID {vm.cid}, agent at {vm.address()}, restored in {took:.2f} s"
+        for vm in vms:
+            took = vm.timings.rpc_ready - vm.timings.launched if vm.timings.rpc_ready else 0.0
+            line = f"vm {vm.name}: CID {vm.cid}, agent at {vm.address()}, restored in {took:.2f} s"
+            print(line if args.detach else f"==> {line}", flush=True)
         if args.detach:
-            print(summary, flush=True)
-            print(f"stop it with: vsockrpc vm stop {vm.name}", file=sys.stderr)
+            names = " ".join(vm.name for vm in vms)
+            print(f"stop with: vsockrpc vm stop NAME ({names})", file=sys.stderr)
             return 0
-        with vm:
-            print(f"==> {summary}", file=sys.stderr, flush=True)
-            while vm.running() and not stop.event.is_set():
+        with contextlib.ExitStack() as all_vms:
+            for vm in vms:
+                all_vms.enter_context(vm)
+            while all(vm.running() for vm in vms) and not stop.event.is_set():
                 stop.event.wait(0.2)
-            code = vm.stop()
-    return 0 if code == 0 or stop.received is not None else 1
+            codes = [vm.stop() for vm in vms]
+    return 0 if all(c == 0 for c in codes) or stop.received is not None else 1
 
 
 def _snapshot(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ from vsockrpc.vm import cid as cid_mod
 from vsockrpc.vm import signals
 from vsockrpc.vm.accel import Accel
 from vsockrpc.vm.console import ConsoleFollower
+from vsockrpc.vm.identity import refresh_identity
 from vsockrpc.vm.launcher import (
     Vm,
     _detached_or_own_group,
@@ -39,15 +40,15 @@ from vsockrpc.vm.launcher import (
     _state,
     _wait_qemu_up,
 )
-from vsockrpc.vm.options import check_cid
+from vsockrpc.vm.options import InvalidVmOption, check_cid, check_name
 from vsockrpc.vm.qemu import VSOCK_CHARDEV, QemuConfig, find_qemu, qemu_argv
 from vsockrpc.vm.qmpsession import Session, run_session
-from vsockrpc.vm.rundir import claim_name
+from vsockrpc.vm.rundir import NameClaim, claim_name
 from vsockrpc.vm.runtime import runtime_dir
 from vsockrpc.vm.snapshot import FORMAT, MANIFEST, STATE_FILE, _device_args, file_sha256
 from vsockrpc.vm.vsockdev import UserspaceDevice, kernel_vhost_vsock_usable
 
-__all__ = ["RestoredVm", "Snapshot", "load_snapshot", "restore"]
+__all__ = ["RestoredVm", "Snapshot", "load_snapshot", "restore", "restore_many"]
 
 READY_TIMEOUT = 60.0
 LOAD_TIMEOUT = 120.0
@@ -70,15 +71,18 @@ class RestoredVm(Vm):
 
     snapshot: Path | None = None
     marks: dict[str, float] = field(default_factory=dict)
+    clock_offset: float | None = None  # guest - host clock before it was set (s)
 
     def __enter__(self) -> RestoredVm:
         return self
 
     def restore_phases(self) -> dict[str, float]:
-        """Seconds per restore phase: start QEMU, load state, device re-plug, agent answers."""
+        """Seconds per restore phase: start QEMU, load state, device re-plug, agent answers,
+        fresh identity (when it was asked for)."""
         out: dict[str, float] = {}
         last = self.timings.launched
-        for name in ("start qemu", "load state", "device re-plug", "agent answers"):
+        names = ("start qemu", "load state", "device re-plug", "agent answers", "fresh identity")
+        for name in names:
             if name not in self.marks:
                 break
             out[name] = self.marks[name] - last
@@ -141,21 +145,119 @@ def restore(
     detach: bool = False,
     cancel: threading.Event | None = None,
     verify: bool = True,
+    fresh_identity: bool = True,
 ) -> RestoredVm:
     """Start a new VM from ``snapshot``; returns once its agent answers (use it in ``with``).
 
-    ``cid``: that CID or a :class:`VmError` when busy; None: the lowest free one."""
-    snap = snapshot if isinstance(snapshot, Snapshot) else load_snapshot(snapshot, verify=verify)
+    ``cid``: that CID or a :class:`VmError` when busy; None: the lowest free one.
+    ``fresh_identity``: reseed its RNG, set its clock and hostname (:mod:`.identity`)."""
+    return restore_many(
+        snapshot,
+        1,
+        cid=cid,
+        name=name,
+        ready_timeout=ready_timeout,
+        echo=echo,
+        detach=detach,
+        cancel=cancel,
+        verify=verify,
+        fresh_identity=fresh_identity,
+    )[0]
+
+
+def restore_many(
+    snapshot: Snapshot | Path | str,
+    count: int,
+    *,
+    cid: int | None = None,
+    name: str | None = None,
+    ready_timeout: float = READY_TIMEOUT,
+    echo: TextIO | None = None,
+    detach: bool = False,
+    cancel: threading.Event | None = None,
+    verify: bool = True,
+    fresh_identity: bool = True,
+) -> list[RestoredVm]:
+    """``count`` clones of ``snapshot`` restored concurrently, each with its own CID (the
+    lowest free ones; ``cid`` only with ``count`` 1) and name (``name-1``… when given).
+
+    Processes are started on the calling thread (a foreground QEMU dies with the thread that
+    started it: PDEATHSIG), then loaded and waited for in parallel. If any clone fails, all
+    are stopped and the first error is raised."""
+    if count < 1:
+        raise InvalidVmOption(f"count must be at least 1, not {count}")
     if cid is not None:
+        if count > 1:
+            raise InvalidVmOption("a fixed CID cannot be given to more than one clone")
         check_cid(cid)
-    launched = time.monotonic()
-    qemu_bin = find_qemu(str(snap.image.manifest.get("arch", "amd64")))
+    names = [name] if count == 1 else [f"{name}-{i}" if name else None for i in range(1, count + 1)]
+    for n in names:
+        if n is not None:
+            check_name(n)
+    snap = snapshot if isinstance(snapshot, Snapshot) else load_snapshot(snapshot, verify=verify)
     guest = snap.manifest["guest"]
-    userspace = guest["vsock"] == "vhost-user-vsock-pci"
-    if not userspace and not kernel_vhost_vsock_usable():
+    if guest["vsock"] != "vhost-user-vsock-pci" and not kernel_vhost_vsock_usable():
         raise VmError(
             f"snapshot {snap.path} uses kernel vhost-vsock: /dev/vhost-vsock is not usable"
         )
+    qemu_bin = find_qemu(str(snap.image.manifest.get("arch", "amd64")))
+    pending: list[_Pending] = []
+    try:
+        for n in names:
+            pending.append(_start(snap, qemu_bin, cid=cid, name=n, echo=echo, detach=detach))
+        errors: list[BaseException] = []
+
+        def finish(p: _Pending) -> None:
+            try:
+                _finish(p, snap, ready_timeout, cancel, fresh_identity)
+            except BaseException as err:  # reported below, on the calling thread
+                errors.append(err)
+
+        if len(pending) == 1:
+            finish(pending[0])
+        else:
+            threads = [threading.Thread(target=finish, args=(p,)) for p in pending]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        if errors:
+            raise errors[0]
+        signals.check(cancel)
+    except BaseException:
+        for p in pending:
+            p.stack.close()
+        raise
+    return [p.release() for p in pending]
+
+
+@dataclass
+class _Pending:
+    """A clone whose processes run, not yet loaded: everything it holds in ``stack``."""
+
+    vm: RestoredVm
+    stack: ExitStack
+    lease: cid_mod.CidLease
+    claim: NameClaim
+    detach: bool
+
+    def release(self) -> RestoredVm:
+        if self.detach:  # the VM outlives us; `vm stop` cleans up
+            self.stack.pop_all()
+            self.vm.console.close()
+            self.lease.close()  # QEMU and the device hold the locks through inherited fds
+            self.claim.close()
+        else:
+            self.vm._stack = self.stack.pop_all()
+        return self.vm
+
+
+def _start(
+    snap: Snapshot, qemu_bin: str, *, cid: int | None, name: str | None, echo: TextIO | None,
+    detach: bool,
+) -> _Pending:  # fmt: skip
+    launched = time.monotonic()
+    guest = snap.manifest["guest"]
     with ExitStack() as stack:
         runtime = runtime_dir()
         lease = stack.enter_context(cid_mod.lease(runtime, cid))
@@ -165,7 +267,7 @@ def restore(
         run_dir = claim.run_dir
         held = (lease.fileno(), claim.fileno())
         device = None
-        if userspace:
+        if guest["vsock"] == "vhost-user-vsock-pci":
             device = stack.enter_context(
                 UserspaceDevice(
                     vhost_socket=run_dir / "vhost-user.sock",
@@ -213,23 +315,28 @@ def restore(
             device, snapshot=snap.path,
         )  # fmt: skip
         vm.timings.launched = launched
-        _wait_qemu_up(vm, cancel)
-        vm.marks["start qemu"] = vm.timings.qemu_started = time.monotonic()
-        run_session(vm.qmp_socket, lambda s: _load(s, snap, vm), timeout=LOAD_TIMEOUT)
-        state = _state(vm, detach) | {"restored_from": str(snap.path)}
-        (run_dir / "state.json").write_text(json.dumps(state, indent=2))
-        _wait_answer(vm, ready_timeout, cancel)
-        vm.marks["agent answers"] = vm.timings.rpc_ready = time.monotonic()
-        signals.check(cancel)
-        if detach:
-            stack.pop_all()
-            console.close()
-            lease.close()
-            claim.close()
-            return vm
-        vm._stack = stack.pop_all()
-        return vm
+        return _Pending(vm, stack.pop_all(), lease, claim, detach)
     raise AssertionError("unreachable")
+
+
+def _finish(
+    p: _Pending,
+    snap: Snapshot,
+    ready_timeout: float,
+    cancel: threading.Event | None,
+    fresh_identity: bool,
+) -> None:
+    vm = p.vm
+    _wait_qemu_up(vm, cancel)
+    vm.marks["start qemu"] = vm.timings.qemu_started = time.monotonic()
+    run_session(vm.qmp_socket, lambda s: _load(s, snap, vm), timeout=LOAD_TIMEOUT)
+    state = _state(vm, p.detach) | {"restored_from": str(snap.path)}
+    (vm.run_dir / "state.json").write_text(json.dumps(state, indent=2))
+    _wait_answer(vm, ready_timeout, cancel)
+    vm.marks["agent answers"] = vm.timings.rpc_ready = time.monotonic()
+    if fresh_identity:
+        vm.clock_offset = refresh_identity(vm.address(), vm.name)
+        vm.marks["fresh identity"] = time.monotonic()
 
 
 async def _load(s: Session, snap: Snapshot, vm: RestoredVm) -> None:
