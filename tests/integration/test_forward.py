@@ -133,6 +133,30 @@ def test_host_to_guest_concurrent_connections_with_half_close(
 
 
 @pytest.mark.timeout(60)
+def test_a_guest_that_speaks_first_is_heard_before_the_client_sends(
+    tmp_path: Path, device: HybridPeer
+) -> None:
+    with socket.socket(socket.AF_UNIX) as guest:  # e.g. SSH or SMTP: the server greets first
+        guest.bind(str(tmp_path / "guest80.sock"))
+        guest.listen()
+
+        def greet() -> None:
+            conn, _ = guest.accept()
+            with conn:
+                conn.sendall(b"220 hello\n")
+                conn.recv(1)
+
+        greeter = threading.Thread(target=greet)
+        greeter.start()
+        with (
+            forward(f"hvsock:{device.path}:9999", listen="tcp:127.0.0.1:0", to=80) as fwd,
+            socket.create_connection(tcp_port(fwd), timeout=10) as client,
+        ):
+            assert client.recv(64) == b"220 hello\n"
+        greeter.join(10)
+
+
+@pytest.mark.timeout(60)
 def test_guest_port_nobody_listens_on_closes_that_connection_and_keeps_listening(
     device: HybridPeer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -35,14 +35,14 @@ def _start(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def _stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
-    proc.send_signal(signal.SIGTERM)
+def _stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[int, str]:
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=20)
     return proc.returncode, err
 
 
 @pytest.mark.timeout(60)
-def test_forwards_tcp_and_unix_until_sigterm(device: HybridPeer, tmp_path: Path) -> None:
+def test_forwards_tcp_and_unix_until_sigterm_or_sighup(device: HybridPeer, tmp_path: Path) -> None:
     web = tmp_path / "web.sock"
     agent = f"hvsock:{device.path}:9999"
     proc = _start(agent, "--listen", "tcp:127.0.0.1:0", "--to", "80")
@@ -60,7 +60,7 @@ def test_forwards_tcp_and_unix_until_sigterm(device: HybridPeer, tmp_path: Path)
         assert exchange(str(web), b"unix") == b"unix"
     finally:
         code, err = _stop(proc)
-        code2, _ = _stop(proc2)
+        code2, _ = _stop(proc2, signal.SIGHUP)
     assert (code, code2) == (0, 0), err
     assert not web.exists()
 

@@ -7,7 +7,7 @@
 
 ``ADDRESS`` is the guest's agent address; the forwards reach the same device. ``--listen`` and
 ``--expose`` may be given several times (each ``--listen`` with its ``--to``, each ``--expose``
-with its ``--as``, in order). Runs until SIGINT/SIGTERM. Exit codes: 2 for bad input (an
+with its ``--as``, in order). Runs until SIGINT/SIGTERM/SIGHUP. Exit codes: 2 for bad input (an
 address, a port, a mode, an exposed socket that does not exist), 1 when a listener can't be
 created (a port in use), 0 after a signal.
 """
@@ -80,7 +80,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="forward host sockets to guest ports, expose host sockets to the guest",
         description=(
             "Forward connections between host sockets and the ports of the guest whose agent "
-            "is at ADDRESS (hvsock:PATH:PORT or vsock:CID:PORT), until SIGINT/SIGTERM. Each "
+            "is at ADDRESS (hvsock:PATH:PORT or vsock:CID:PORT), until a stop signal. Each "
             "connection is opened afresh: one failing, or the guest rebooting, never stops "
             "the forwarder."
         ),
@@ -167,7 +167,8 @@ def _run(args: argparse.Namespace) -> int:
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         stop.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each: close, remove sockets, exit 0
+    previous = {sig: signal.signal(sig, on_signal) for sig in stops}
     try:
         with contextlib.ExitStack() as stack:
             for forwarder in _start(args, stack):
