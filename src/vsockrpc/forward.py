@@ -33,29 +33,32 @@ from vsockrpc import transport
 from vsockrpc.addresses import Address, parse_address
 from vsockrpc.errors import AddressError, VsockRpcError
 from vsockrpc.rpc._relay import Relay
-from vsockrpc.transport import DEFAULT_DIALER, Dialer
+from vsockrpc.transport import DEFAULT_DIALER, Dialer, unix
+from vsockrpc.vsock_constants import VMADDR_PORT_ANY
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_MODE", "Forwarder", "expose", "forward"]
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_MODE",
+    "MAX_PORT",
+    "Forwarder",
+    "expose",
+    "forward",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 """Seconds a connection may take to reach its destination (connect plus hybrid handshake)."""
-DEFAULT_MODE = 0o600
+DEFAULT_MODE = unix.DEFAULT_MODE
 """Mode of a Unix socket file a forwarder listens on: only its owner may connect."""
-_MAX_PORT = 0xFFFFFFFE  # vsock ports are u32; 0xFFFFFFFF is VMADDR_PORT_ANY (vsock(7))
+MAX_PORT = VMADDR_PORT_ANY - 1
+"""The highest port a forward takes: vsock ports are u32 and the last is "any" (vsock(7))."""
 
 
 def _check_port(port: int, what: str) -> int:
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= _MAX_PORT:
-        raise AddressError(f"bad {what} {port!r}: expected a port from 1 to {_MAX_PORT}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= MAX_PORT:
+        raise AddressError(f"bad {what} {port!r}: expected a port from 1 to {MAX_PORT}")
     return port
-
-
-def _check_mode(mode: int) -> int:
-    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
-        raise ValueError(f"socket mode {mode!r} is not a permission mode (0 to 0o777)")
-    return mode
 
 
 class _Socket:
@@ -71,7 +74,9 @@ class _Socket:
                 self._inode = os.stat(name).st_ino
 
     def chmod(self, mode: int) -> None:
-        if self.path is not None:
+        # The transport created the file owner-only (unix.DEFAULT_MODE) before listen(), so
+        # a wider mode asked for is only ever granted here, never a window of the umask's.
+        if self.path is not None and mode != unix.DEFAULT_MODE:
             os.chmod(self.path, mode)
 
     def remove(self) -> None:
@@ -122,7 +127,7 @@ class Forwarder:
     ) -> None:
         self.target: Address = parse_address(target)
         requested = parse_address(listen)
-        _check_mode(mode)
+        unix.check_mode(mode)
         listener = transport.listen(requested)
         try:
             created = _Socket(listener)

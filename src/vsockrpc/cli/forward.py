@@ -26,11 +26,9 @@ from typing import Any
 
 from vsockrpc.addresses import Address, parse_address
 from vsockrpc.errors import AddressError, TransportError
-from vsockrpc.forward import DEFAULT_MODE, Forwarder, expose, forward
+from vsockrpc.forward import DEFAULT_MODE, MAX_PORT, Forwarder, expose, forward
 
 __all__ = ["exposure", "register"]
-
-_MAX_PORT = 0xFFFFFFFE
 
 
 def _address(text: str) -> Address:
@@ -49,8 +47,8 @@ def _exposed(text: str) -> Address:
 
 
 def _port(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= _MAX_PORT:
-        raise argparse.ArgumentTypeError(f"bad port {text!r}: expected 1 to {_MAX_PORT}")
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"bad port {text!r}: expected 1 to {MAX_PORT}")
     return int(text)
 
 
