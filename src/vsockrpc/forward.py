@@ -30,7 +30,7 @@ from types import TracebackType
 from typing import Any
 
 from vsockrpc import transport
-from vsockrpc.addresses import Address, parse_address
+from vsockrpc.addresses import Address, HybridAddress, parse_address
 from vsockrpc.errors import AddressError, VsockRpcError
 from vsockrpc.rpc._relay import Relay
 from vsockrpc.transport import DEFAULT_DIALER, Dialer, unix
@@ -263,9 +263,17 @@ def expose(
     path = getattr(destination, "path", None)
     if isinstance(path, str) and not os.path.exists(path):
         raise AddressError(f"cannot expose {destination}: no such socket file")
-    at = transport.sibling(parsed, port=_check_port(port, "port"))
+    _check_port(port, "port")
+    # A feature of hybrid devices, not a behaviour that differs by kind: only they hand a
+    # guest's connection to host port P to a socket we own (<uds>_P). With the kernel's
+    # vhost-vsock device the guest reaches the host's AF_VSOCK listeners of every guest,
+    # and a listen "on" a guest CID binds but is never reached: refuse rather than that.
+    at = transport.sibling(parsed, port=port) if parsed.scheme == HybridAddress.scheme else None
     if at is None:
-        raise AddressError(f"{parsed} names no device to expose on: expected hvsock:PATH:PORT")
+        raise AddressError(
+            f"cannot expose on {parsed}: expected the guest's hybrid address (hvsock:PATH:PORT, "
+            "a userspace or Firecracker device)"
+        )
     return Forwarder(
         at,
         destination,

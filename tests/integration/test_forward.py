@@ -243,8 +243,9 @@ def test_bad_ports_and_addresses_are_address_errors(tmp_path: Path) -> None:
         forward("hvsock:nowhere", listen="tcp:127.0.0.1:0", to=80)
     with pytest.raises(AddressError, match="no such socket file"):
         expose(agent, f"unix:{tmp_path}/missing.sock", port=5000)
-    with pytest.raises(AddressError, match="names no device"):
-        expose(f"unix:{tmp_path}/agent.sock", f"unix:{tmp_path}", port=5000)
+    for agent_address in (f"unix:{tmp_path}/agent.sock", "vsock:3:9999", "tcp:127.0.0.1:1"):
+        with pytest.raises(AddressError, match="expected the guest's hybrid address"):
+            expose(agent_address, f"unix:{tmp_path}", port=5000)
 
 
 @pytest.mark.timeout(60)

@@ -180,3 +180,20 @@ def test_vm_run_expose_bad_input_is_a_usage_error_before_any_build(
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_expose_needs_a_hybrid_address(tmp_path: Path) -> None:
+    app = EchoServer(str(tmp_path / "app.sock"))
+    try:
+        result = subprocess.run(
+            [*CLI, "forward", "vsock:3:9999", "--expose", f"unix:{app.path}", "--as", "5000"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        app.close()
+    assert result.returncode == 2
+    assert "cannot expose on vsock:3:9999: expected the guest's hybrid address" in result.stderr
