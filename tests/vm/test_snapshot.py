@@ -22,7 +22,7 @@ from tests.vm.conftest import process_alive
 from vsockrpc.errors import VmError
 from vsockrpc.image import ImageInfo
 from vsockrpc.sdk import Guest
-from vsockrpc.vm import Vm, launch, restore, snapshot_vm
+from vsockrpc.vm import Pool, Vm, launch, restore, snapshot_vm
 from vsockrpc.vm.registry import list_vms
 from vsockrpc.vm.restore import restore_many
 
@@ -181,3 +181,20 @@ def test_three_clones_at_once_are_distinct_machines(source: tuple[Vm, int], snap
         for clone in clones:
             clone.stop()
     assert not any(c.run_dir.exists() for c in clones)
+
+
+def test_pool_hands_out_ready_unused_guests_and_closes_everything(snapshot: Path) -> None:
+    with Pool(snapshot, size=2, ready_timeout=180) as pool:
+        first, second = pool.acquire(timeout=240), pool.acquire(timeout=240)
+        assert first is not second and first.cid != second.cid
+        with first, Guest(first.address(), call_timeout=60) as g:
+            assert g.read_bytes(MARKER) == b"written before the snapshot"
+        third = pool.acquire(timeout=240)  # a replacement, never the stopped one
+        assert third.qemu.pid not in (first.qemu.pid, second.qemu.pid)
+        with Guest(third.address(), call_timeout=60) as g:
+            assert g.read_bytes(MARKER) == b"written before the snapshot"
+        assert pool.restored >= 3
+        started = [second, third]
+    pids = [p for vm in started for p in (vm.qemu.pid, vm.device.pid if vm.device else 0)]
+    assert not any(process_alive(p) for p in pids)
+    assert not any(vm.run_dir.exists() for vm in started)

@@ -1,4 +1,5 @@
-"""``boot`` part: a cold ``vm run`` to the first answered RPC, phase by phase (TCG here).
+"""``boot`` part: a cold ``vm run`` to the first answered RPC, phase by phase (TCG here), and
+next to it, in the same run, a restore of a snapshot of a ready guest (:mod:`._restore`).
 
 Phases (host monotonic clock; console lines are stamped when the launcher reads them):
 ``qemu start`` (launch() → QMP socket up), ``firmware+kernel`` (→ the loader hands over to init),
@@ -7,7 +8,7 @@ connection through the vsock device succeeds), ``Addition`` (→ Addition(5, 7) 
 
 Wall-clock phases swing with other load on the host, so QEMU's own CPU time per phase (user +
 system, sampled from /proc every 20 ms; under TCG that is the guest's emulated work) is a second
-figure: it moves far less with load. Configurations (1 and 2 vCPUs) are interleaved.
+figure: it moves far less with load. Configurations (1 and 2 vCPUs, restore) are interleaved.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from types import TracebackType
 from typing import Any
 
 from vsockrpc import rpc
-from vsockrpc.bench import _model
+from vsockrpc.bench import _model, _restore
 from vsockrpc.bench._context import Context
 from vsockrpc.errors import VsockRpcError
 from vsockrpc.proto import vsock_service_pb2 as pb
 from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
 
 NAME = "boot"
-TITLE = "cold `vm run` → first answered RPC, by phase"
+TITLE = "cold `vm run` and snapshot restore → first answered RPC, by phase"
 PHASES = ["qemu start", "firmware+kernel", "init", "agent start", "first rpc", "Addition"]
 CPU_PHASES = PHASES[1:5]
 
@@ -121,7 +122,10 @@ def one_boot(
 def run(ctx: Context) -> _model.PartResult:
     if ctx.quick:
         return _model.skipped(NAME, TITLE, "--quick does not boot guests")
+    from pathlib import Path
+
     from vsockrpc.image import build_image
+    from vsockrpc.vm import load_snapshot
 
     runs, configs = 5, {"1 vCPU": 1, "2 vCPUs": 2}
     ctx.step(NAME, "building or finding the guest image")
@@ -129,14 +133,32 @@ def run(ctx: Context) -> _model.PartResult:
     wall: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
     cpu: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
     off: dict[str, list[float]] = {c: [] for c in configs}
+    restored: list[dict[str, float]] = []
+    first_rpc: dict[str, list[float]] = {"cold boot, 1 vCPU": [], "restore, 1 vCPU": []}
+    identity: list[float] = []
     path: dict[str, str] = {}
-    for n in range(runs):
-        for label, cpus in configs.items():
-            ctx.step(NAME, f"boot {n + 1} of {runs}, {label}")
-            phases, used, shutdown, path = one_boot(info, cpus)
-            wall[label].append(phases)
-            cpu[label].append(used)
-            off[label].append(shutdown)
+    with _restore.temp_dir() as tmp:
+        ctx.step(NAME, "snapshot of a ready 1-vCPU guest")
+        snap_dir, facts = _restore.take_snapshot(info, Path(tmp))
+        snapshot = load_snapshot(snap_dir)  # verified once; restores skip the sha256
+        for n in range(runs):
+            for label, cpus in configs.items():
+                ctx.step(NAME, f"boot {n + 1} of {runs}, {label}")
+                phases, used, shutdown, path = one_boot(info, cpus)
+                wall[label].append(phases)
+                cpu[label].append(used)
+                off[label].append(shutdown)
+                if cpus == 1:
+                    first_rpc["cold boot, 1 vCPU"].append(
+                        sum(v for k, v in phases.items() if k != "Addition")
+                    )
+            ctx.step(NAME, f"restore {n + 1} of {runs}")
+            steps, fresh = _restore.one_restore(snapshot)
+            restored.append(steps)
+            identity.append(fresh)
+            first_rpc["restore, 1 vCPU"].append(sum(v for k, v in steps.items() if k != "Addition"))
+        ctx.step(NAME, "10 clones restored at once")
+        all_ten, slowest = _restore.clones_at_once(snapshot, 10)
     sizes = {
         name: (info.path / name).stat().st_size / 1e6
         for name in ("vmlinuz", "initrd.cpio", "rootfs.ext4")
@@ -148,8 +170,30 @@ def run(ctx: Context) -> _model.PartResult:
             f"{NAME}.cpu", "QEMU CPU seconds per phase", "phases", cpu, phases=CPU_PHASES
         ),
         _model.figure(f"{NAME}.poweroff", "clean power-off", "time", off, unit="s"),
+        _model.figure(
+            f"{NAME}.first_rpc", "to the first answered RPC", "time", first_rpc, unit="s"
+        ),
+        _model.figure(
+            f"{NAME}.restore",
+            "restore phases, wall clock",
+            "phases",
+            {"restore, 1 vCPU": restored},
+            phases=_restore.RESTORE_PHASES,
+        ),
+        _model.figure(
+            f"{NAME}.identity",
+            "clone identity after restore (clock, reseed, hostname through the agent)",
+            "time",
+            {"restore, 1 vCPU": identity},
+            unit="s",
+        ),
     ]
     notes = [
-        "image sizes (apparent): " + ", ".join(f"{name} {mb:.1f} MB" for name, mb in sizes.items())
+        "image sizes (apparent): " + ", ".join(f"{name} {mb:.1f} MB" for name, mb in sizes.items()),
+        f"snapshot: {facts['snapshot bytes'] / 1e6:.1f} MB on disk for "
+        f"{facts['guest used RAM bytes'] / 1e6:.1f} MB of guest RAM in use (MemTotal - "
+        f"MemAvailable) of a 512 MiB guest; guest paused {facts['guest paused s']:.2f} s to save",
+        f"10 clones restored at once: all answering after {all_ten:.2f} s "
+        f"(slowest clone's own restore {slowest:.2f} s)",
     ]
     return _model.part_result(NAME, TITLE, path, figures, notes=notes)

@@ -8,16 +8,20 @@ lifecycle over QMP, readiness.
     snapshot_vm("vm3", "snap/")                 # save a ready guest, resume it
     with vsockrpc.vm.restore("snap/") as clone: # a new VM (own CID) from it, agent answering
         clone.address()
+    with vsockrpc.vm.Pool("snap/", size=2) as pool:   # warm clones, replenished in the background
+        with pool.acquire() as vm: ...
 """
 
 from __future__ import annotations
 
 from vsockrpc.vm.launcher import DEFAULT_PORT, Timings, Vm, launch
-from vsockrpc.vm.restore import RestoredVm, Snapshot, load_snapshot, restore
+from vsockrpc.vm.pool import Pool
+from vsockrpc.vm.restore import RestoredVm, Snapshot, load_snapshot, restore, restore_many
 from vsockrpc.vm.snapshot import snapshot_vm
 
 __all__ = [
     "DEFAULT_PORT",
+    "Pool",
     "RestoredVm",
     "Snapshot",
     "Timings",
@@ -25,5 +29,6 @@ __all__ = [
     "launch",
     "load_snapshot",
     "restore",
+    "restore_many",
     "snapshot_vm",
 ]
