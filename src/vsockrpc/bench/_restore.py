@@ -63,12 +63,17 @@ def one_restore(snapshot: Any) -> tuple[dict[str, float], float]:
     return phases, identity
 
 
-def clones_at_once(snapshot: Any, count: int) -> tuple[float, float]:
-    """(seconds until all ``count`` clones answer, the slowest clone's own restore time)."""
+def clones_at_once(snapshot: Any, count: int) -> str:
+    """A line saying how long ``count`` clones restored at once took until all answered (the
+    slowest clone's own restore time), or how it failed."""
+    from vsockrpc.errors import VmError
     from vsockrpc.vm.restore import restore_many
 
     t = time.monotonic()
-    vms = restore_many(snapshot, count, verify=False, fresh_identity=False)
+    try:
+        vms = restore_many(snapshot, count, verify=False, fresh_identity=False)
+    except VmError as err:
+        return f"{count} clones restored at once: FAILED after {time.monotonic() - t:.1f} s: {err}"
     took = time.monotonic() - t
     try:
         for vm in vms:
@@ -77,7 +82,10 @@ def clones_at_once(snapshot: Any, count: int) -> tuple[float, float]:
     finally:
         for vm in vms:
             vm.stop()
-    return took, slowest
+    return (
+        f"{count} clones restored at once: all answering Addition after {took:.2f} s "
+        f"(slowest clone's own restore {slowest:.2f} s)"
+    )
 
 
 def temp_dir() -> tempfile.TemporaryDirectory[str]:
