@@ -14,12 +14,12 @@ import grpc
 import pytest
 
 from tests.integration._relay_helpers import HybridPeer
+from tests.integration._served import agent_registrars
 from vsockrpc import rpc, transport
 from vsockrpc.addresses import HybridAddress
 from vsockrpc.errors import NotReadyError, TransportTimeout
 from vsockrpc.proto import vsock_service_pb2 as pb
 from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
-from vsockrpc.services import default_services
 
 CLI = [sys.executable, "-m", "vsockrpc.cli.main"]
 
@@ -125,7 +125,7 @@ def run_add(target: str, *extra: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.timeout(60)
 def test_cli_add_through_the_device(device: HybridPeer, tmp_path: Path) -> None:
-    with rpc.serve(default_services(), [f"unix:{tmp_path}/guest9999.sock"]):
+    with rpc.serve(agent_registrars(), [f"unix:{tmp_path}/guest9999.sock"]):
         result = run_add(f"hvsock:{device.path}:9999")
     assert (result.returncode, result.stdout) == (0, "Addition result: 5 + 7 = 12\n"), result.stderr
     assert device.commands == [b"CONNECT 9999"]
@@ -159,7 +159,7 @@ def test_cli_wait_rides_out_a_slow_guest(device: HybridPeer, tmp_path: Path) -> 
                 time.sleep(0.05)
             assert len(device.commands) >= 2, device.commands
             assert client.poll() is None
-            with rpc.serve(default_services(), [f"unix:{tmp_path}/guest9999.sock"]):
+            with rpc.serve(agent_registrars(), [f"unix:{tmp_path}/guest9999.sock"]):
                 out, err = client.communicate(timeout=30)
         finally:
             client.kill()
@@ -175,7 +175,7 @@ def test_wait_until_ready_reports_the_last_error(device: HybridPeer, tmp_path: P
 
     def come_up_late() -> None:
         time.sleep(1)
-        started.append(rpc.serve(default_services(), [f"unix:{tmp_path}/guest9999.sock"]))
+        started.append(rpc.serve(agent_registrars(), [f"unix:{tmp_path}/guest9999.sock"]))
 
     started: list[rpc.Server] = []
     late = threading.Thread(target=come_up_late)
@@ -193,7 +193,7 @@ def test_serve_on_hybrid_listens_where_the_device_forwards_guest_connections(
     tmp_path: Path,
 ) -> None:
     device_path = str(tmp_path / "vm.vsock")
-    with rpc.serve(default_services(), [f"hvsock:{device_path}:5000"]) as server:
+    with rpc.serve(agent_registrars(), [f"hvsock:{device_path}:5000"]) as server:
         assert server.addresses == (HybridAddress(device_path, 5000),)
         assert (tmp_path / "vm.vsock_5000").is_socket()
         # What the device does for a guest connecting to CID 2 port 5000:

@@ -35,6 +35,7 @@ from tests.integration._relay_helpers import (
     count_fds,
     register_stream_service,
 )
+from tests.integration._served import agent_registrars
 from tests.integration.agent_harness import running_agent
 from vsockrpc import rpc, transport
 from vsockrpc.addresses import Address, UnixAddress, VsockAddress
@@ -42,12 +43,11 @@ from vsockrpc.proto import vsock_service_pb2 as pb
 from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
 from vsockrpc.rpc._relay import Link, Relay
 from vsockrpc.sdk import Guest
-from vsockrpc.services import default_services
 from vsockrpc.transport import unix
 
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[2]
-SERVICES = [*default_services(), register_stream_service]
+SERVICES = [*agent_registrars(), register_stream_service]
 BIG_MESSAGES = [("grpc.max_receive_message_length", 32 * MiB)]
 
 
@@ -315,7 +315,7 @@ import gc, glob, json, os, resource, sys, tempfile, threading, time
 from tests.integration._relay_helpers import HybridPeer, count_fds
 from vsockrpc import rpc
 from vsockrpc.proto import vsock_service_pb2 as pb, vsock_service_pb2_grpc as pb_grpc
-from vsockrpc.services import default_services
+from tests.integration._served import agent_registrars
 
 resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 device = sys.argv[1]
@@ -338,7 +338,7 @@ def settle(fds, threads):
         time.sleep(0.05)
 
 peer = HybridPeer(device, {5000: device + "_5000"})
-with rpc.serve(default_services(), [address]), peer:
+with rpc.serve(agent_registrars(), [address]), peer:
     use_and_drop(-1)  # warm up grpcio's lazily started threads
     gc.collect()
     time.sleep(0.5)

@@ -23,13 +23,14 @@ from tests.integration._serve_helpers import (
     run_cli,
     shared_dir,
 )
+from tests.integration._served import agent_registrars
 from vsockrpc import rpc, transport
 from vsockrpc.addresses import UnixAddress
 from vsockrpc.agent.v1 import agent_pb2 as agent_pb
 from vsockrpc.agent.v1 import agent_pb2_grpc as agent_grpc
 from vsockrpc.proto import vsock_service_pb2 as pb
 from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
-from vsockrpc.services import addition, default_services
+from vsockrpc.services import addition
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
 
@@ -174,7 +175,7 @@ def test_library_agent_on_unix_checks_uid_when_credentials_are_conveyed(tmp_path
     with shared_dir() as shared:
         path = str(shared / "agent.sock")
         with rpc.serve(
-            default_services(), [f"unix:{path}"], peer_credentials=True, unix_mode=0o666
+            agent_registrars(), [f"unix:{path}"], peer_credentials=True, unix_mode=0o666
         ):
             with channel_over(connect_as(NOBODY, path), tmp_path) as ch:
                 with pytest.raises(grpc.RpcError) as info:

@@ -2,7 +2,7 @@
 
 ``serve`` runs Addition (with health and reflection) on one or more addresses until
 SIGTERM/SIGINT; ``--agent`` adds the guest agent's Exec, Files and System
-(:func:`vsockrpc.services.default_services`), which give whoever is admitted the server's user:
+(:func:`vsockrpc.services.served`), which give whoever is admitted the server's user:
 on Unix sockets only root and the server's own user are admitted (``SO_PEERCRED``), more with
 ``--allow-uid``. Unix socket files get mode ``--mode`` (default 0600) whatever the umask.
 ``--access-log`` logs one line per call (off by default: nothing is spent per call on it).
@@ -27,13 +27,13 @@ from typing import Any
 
 import grpc
 
-from vsockrpc import rpc
+from vsockrpc import rpc, transport
 from vsockrpc._fdlimit import raise_open_files_limit
 from vsockrpc.addresses import Address, parse_address
 from vsockrpc.errors import AddressError, RpcError, TransportTimeout
 from vsockrpc.proto import vsock_service_pb2 as pb
 from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
-from vsockrpc.services import addition, addition_services, default_services
+from vsockrpc.services import addition, addition_services, served
 from vsockrpc.transport import unix as unix_transport
 
 __all__ = ["DEFAULT_LISTEN", "register"]
@@ -178,7 +178,13 @@ def _services(args: argparse.Namespace) -> list[Callable[[grpc.Server], None]]:
         anyone = None in args.allow_uid or policy.allowed_uids is None
         allowed = None if anyone else frozenset(policy.allowed_uids or ()) | extra
         policy = dataclasses.replace(policy, allowed_uids=allowed)
-    return default_services(access_log=args.access_log, policy=policy)
+    return served(
+        peer_address=rpc.peer_address,
+        peer_credentials=rpc.peer_credentials,
+        sockets=transport,
+        access_log=args.access_log,
+        policy=policy,
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:

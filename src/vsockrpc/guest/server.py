@@ -1,4 +1,4 @@
-"""The agent process: serve ``vsockrpc.services.default_services()`` until told to stop.
+"""The agent process: serve ``vsockrpc.services.served()`` until told to stop.
 
 Runs as PID 1's only child in a guest (see :mod:`vsockrpc.guest.init`), or directly with
 ``python -m vsockrpc.guest --listen ADDRESS`` anywhere (tests use a Unix socket). SIGTERM and

@@ -91,9 +91,8 @@ def _user_registrar(entries: Sequence[str], names: list[str]) -> Registrar:
 def registrars(config: GuestConfig, *, access_log: bool = False) -> list[Registrar]:
     """What the agent serves for ``config`` (a plain image: vsockrpc's default services);
     ``access_log`` logs a line per Addition call."""
-    from vsockrpc import transport
-    from vsockrpc.rpc import peer_address
-    from vsockrpc.services import addition, default_services, peer_uid
+    from vsockrpc import rpc, transport
+    from vsockrpc.services import addition, served
     from vsockrpc.services.agent import (
         AGENT_SERVICE_NAMES,
         agent_services,
@@ -101,15 +100,27 @@ def registrars(config: GuestConfig, *, access_log: bool = False) -> list[Registr
     )
 
     if config.agent and not config.services:
-        return default_services(access_log=access_log)
+        return served(
+            peer_address=rpc.peer_address,
+            peer_credentials=rpc.peer_credentials,
+            sockets=transport,
+            access_log=access_log,
+        )
     os.environ.update(dict(config.env))
     user_names: list[str] = []
     user = _user_registrar(config.services, user_names)
     own: list[Registrar] = []
     own_names: list[str] = []
     if config.agent:
-        # As in default_services(), whose health registrar cannot take the user's names.
-        agent = agent_services(peer_resolver=peer_address, uid_resolver=peer_uid, sockets=transport)
+
+        def peer_uid(context: grpc.ServicerContext) -> int | None:
+            credentials = rpc.peer_credentials(context)
+            return None if credentials is None else credentials.uid
+
+        # As in served(), whose health registrar cannot take the user's names.
+        agent = agent_services(
+            peer_resolver=rpc.peer_address, uid_resolver=peer_uid, sockets=transport
+        )
         own = [addition.registrar(access_log=access_log), *agent]
         own_names = ["popovicu_vsock.VsockService", *AGENT_SERVICE_NAMES]
 

@@ -3,8 +3,8 @@
 A Unix-socket caller's uid comes from ``SO_PEERCRED``, set by the kernel at ``connect()``; the
 server conveys it when it relays its Unix addresses (``rpc.serve(..., peer_credentials=True)``,
 as ``vsockrpc serve --agent`` and the guest agent do), and whoever starts the server injects a
-:data:`UidResolver` reading it (:func:`vsockrpc.services.default_services` uses
-:func:`vsockrpc.rpc.peer_credentials`). By default the agent admits root and the
+:data:`UidResolver` reading it (:func:`vsockrpc.services.served` builds one from the
+:func:`vsockrpc.rpc.peer_credentials` it is given). By default the agent admits root and the
 user it runs as: whoever else can open the socket file still gets ``PERMISSION_DENIED``. When
 the uid is unknown (grpcio's own Unix listener, which tells Python nothing about the peer), only
 the socket file's mode protects the agent, as before.
