@@ -89,43 +89,22 @@ def _user_registrar(entries: Sequence[str], names: list[str]) -> Registrar:
 
 
 def registrars(config: GuestConfig, *, access_log: bool = False) -> list[Registrar]:
-    """What the agent serves for ``config`` (a plain image: vsockrpc's default services);
-    ``access_log`` logs a line per Addition call."""
+    """What the agent serves for ``config`` (a plain image: vsockrpc's own services, see
+    :func:`vsockrpc.services.served`); ``access_log`` logs a line per Addition call."""
     from vsockrpc import rpc, transport
-    from vsockrpc.services import addition, served
-    from vsockrpc.services.agent import (
-        AGENT_SERVICE_NAMES,
-        agent_services,
-        health_and_reflection,
+    from vsockrpc.services import served
+
+    user: list[Registrar] = []
+    user_names: list[str] = []  # filled as ``user`` registers: health names them too
+    if config.services or not config.agent:
+        os.environ.update(dict(config.env))
+        user = [_user_registrar(config.services, user_names)]
+    return served(
+        peer_address=rpc.peer_address,
+        peer_credentials=rpc.peer_credentials,
+        sockets=transport,
+        agent=config.agent,
+        extra=user,
+        extra_names=user_names,
+        access_log=access_log,
     )
-
-    if config.agent and not config.services:
-        return served(
-            peer_address=rpc.peer_address,
-            peer_credentials=rpc.peer_credentials,
-            sockets=transport,
-            access_log=access_log,
-        )
-    os.environ.update(dict(config.env))
-    user_names: list[str] = []
-    user = _user_registrar(config.services, user_names)
-    own: list[Registrar] = []
-    own_names: list[str] = []
-    if config.agent:
-
-        def peer_uid(context: grpc.ServicerContext) -> int | None:
-            credentials = rpc.peer_credentials(context)
-            return None if credentials is None else credentials.uid
-
-        # As in served(), whose health registrar cannot take the user's names.
-        agent = agent_services(
-            peer_resolver=rpc.peer_address, uid_resolver=peer_uid, sockets=transport
-        )
-        own = [addition.registrar(access_log=access_log), *agent]
-        own_names = ["popovicu_vsock.VsockService", *AGENT_SERVICE_NAMES]
-
-    def health_with_user_names(server: grpc.Server) -> None:
-        # Runs after ``user``: its names are known by now.
-        health_and_reflection([*own_names, *user_names])(server)
-
-    return [*own, user, health_with_user_names]
