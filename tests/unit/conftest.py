@@ -20,18 +20,6 @@ import grpc
 import grpc.aio
 import pytest
 
-# Socket tests that still sit in tests/unit/ while the transport tests are rewritten; each
-# entry goes when its test moves to tests/integration/ (test_tiers.py fails on a stale one).
-NOT_YET_MOVED = frozenset(
-    {
-        "test_transport.py::test_vsock_listen_on_cid_any_picks_a_port",
-        "test_transport.py::test_grpc_listen_target_and_bound_address",  # binds a Unix socket
-        "test_transport.py::test_listening_address_fills_in_the_port",  # TCP listen
-        "test_transport.py::test_default_dialer_opens_real_sockets",  # Unix listen + connect
-        "test_rpc.py::test_native_vsock_probe_is_silent_and_cached",  # a grpc.server
-    }
-)
-
 
 def _refuse(what: str) -> Callable[..., NoReturn]:
     def refuse(*_args: object, **_kwargs: object) -> NoReturn:
@@ -41,12 +29,7 @@ def _refuse(what: str) -> Callable[..., NoReturn]:
 
 
 @pytest.fixture(autouse=True)
-def _no_sockets_or_processes(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[None]:
-    if f"{request.path.name}::{request.node.originalname}" in NOT_YET_MOVED:
-        yield
-        return
+def _no_sockets_or_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(socket.socket, "__init__", _refuse("opened a socket"))
     # socketpair() makes both fds before wrapping them: refuse it before they exist.
     monkeypatch.setattr(socket, "socketpair", _refuse("opened a socket"))

@@ -26,18 +26,6 @@ def test_this_file_is_marked_unit(request: pytest.FixtureRequest) -> None:
     assert request.node.get_closest_marker("vm") is None
 
 
-def test_unit_guard_exemptions_are_not_stale() -> None:
-    from tests.unit.conftest import NOT_YET_MOVED
-
-    unit = Path(conftest.__file__).parent / "unit"
-    for entry in NOT_YET_MOVED:
-        name, function = entry.split("::")
-        source = unit / name
-        assert source.is_file() and f"def {function}(" in source.read_text(), (
-            f"{entry} is no longer in tests/unit/: remove it from NOT_YET_MOVED"
-        )
-
-
 def test_unit_guard_refuses_sockets_and_processes() -> None:
     import os
     import socket

@@ -1,4 +1,5 @@
-"""Transport logic that needs no connection: sockaddrs, reply parsing, AF_VSOCK listen.
+"""Transport logic that needs no socket: sockaddrs, reply parsing, per-kind behaviour (the
+socket-using transport tests are in tests/integration/test_transport_sockets.py).
 
 SAFETY: nothing here calls connect() on an AF_VSOCK socket (see DEVELOPERS.md / COMMON.md).
 """
@@ -14,7 +15,6 @@ from typing import Any
 import pytest
 
 import vsockrpc
-from tests import host
 from vsockrpc import transport
 from vsockrpc.addresses import (
     VMADDR_CID_ANY,
@@ -33,7 +33,6 @@ from vsockrpc.errors import (
 )
 from vsockrpc.transport import hybrid, vsock
 from vsockrpc.transport._errors import mapping_connect_errors, mapping_listen_errors
-from vsockrpc.vsock_constants import VMADDR_PORT_ANY
 
 HAS_VSOCK = hasattr(socket, "AF_VSOCK")
 
@@ -62,18 +61,6 @@ def test_vsock_connect_to_cid_any_is_an_address_error_before_any_socket(
         transport.connect("vsock:-1:9999")
     with pytest.raises(AddressError):
         transport.connect(VsockAddress(VMADDR_CID_ANY, 1), timeout=1)
-
-
-@pytest.mark.skipif(not host.AF_VSOCK, reason=host.AF_VSOCK_MISSING)
-def test_vsock_listen_on_cid_any_picks_a_port() -> None:
-    with transport.listen("vsock:-1:0") as sock:
-        assert sock.family == socket.AF_VSOCK
-        cid, port = sock.getsockname()
-        assert cid == VMADDR_CID_ANY
-        assert port not in (0, vsock.VMADDR_PORT_ANY)
-        # It really listens: a second bind on the same port is refused.
-        with pytest.raises(TransportError, match="cannot listen on vsock:-1"):
-            transport.listen(VsockAddress(VMADDR_CID_ANY, port)).close()
 
 
 @pytest.mark.parametrize(
@@ -167,33 +154,6 @@ def test_grpc_target_refuses_cid_any() -> None:
         transport.grpc_target(VsockAddress(VMADDR_CID_ANY, 1))
 
 
-def test_grpc_listen_target_and_bound_address(tmp_path: pathlib.Path) -> None:
-    assert transport.prepare_grpc_listen(parse_address("vsock:-1:0")) == (
-        f"vsock:{VMADDR_CID_ANY}:{VMADDR_PORT_ANY}"
-    )
-    assert transport.prepare_grpc_listen(parse_address("hvsock:/x:1")) is None
-    # A stale socket file is cleared for grpcio (a live one would be refused).
-    stale = tmp_path / "stale.sock"
-    sock = socket.socket(socket.AF_UNIX)
-    sock.bind(str(stale))
-    sock.close()
-    assert transport.prepare_grpc_listen(UnixAddress(str(stale))) == f"unix:{stale}"
-    assert not stale.exists()
-    assert transport.bound_address(TcpAddress("::", 0), 4242) == TcpAddress("::", 4242)
-    assert transport.bound_address(VsockAddress(VMADDR_CID_ANY, 0), 1025) == VsockAddress(
-        VMADDR_CID_ANY, 1025
-    )
-    assert transport.bound_address(VsockAddress(3, 0), VMADDR_PORT_ANY) == VsockAddress(3, 0)
-    assert transport.bound_address(UnixAddress("/x"), 0) == UnixAddress("/x")
-
-
-def test_listening_address_fills_in_the_port() -> None:
-    with transport.listen("tcp:127.0.0.1:0") as listener:
-        bound = transport.listening_address(TcpAddress("127.0.0.1", 0), listener)
-        assert bound == TcpAddress("127.0.0.1", listener.getsockname()[1])
-        assert isinstance(bound, TcpAddress) and bound.port > 0
-
-
 def test_accepted_peer_per_kind() -> None:
     vsock_family = getattr(socket, "AF_VSOCK", 40)
     conn: Any = _Accepted(vsock_family)
@@ -237,13 +197,6 @@ def test_every_kind_has_a_transport() -> None:
     for text in ("vsock:3:1", "hvsock:/x:1", "unix:/x", "tcp:h.x:1"):
         address = parse_address(text)
         assert transport.transport_for(address).scheme == address.scheme
-
-
-def test_default_dialer_opens_real_sockets(tmp_path: pathlib.Path) -> None:
-    with transport.listen(f"unix:{tmp_path}/s.sock") as listener:
-        sock = transport.DEFAULT_DIALER.connect(UnixAddress(f"{tmp_path}/s.sock"), timeout=5)
-        with sock, listener.accept()[0]:
-            assert sock.family == socket.AF_UNIX
 
 
 # ---- the layering rules this module's interface exists for ---------------------------------
