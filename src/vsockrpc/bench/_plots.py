@@ -7,21 +7,20 @@ phases → one stacked bar per configuration (median of each phase).
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
 from vsockrpc.bench._model import Figure, median
 
-# The optional extra ``vsockrpc[bench]``, imported by name and only when present: a plain
-# install (no matplotlib) runs the whole suite and its report says that no plots were drawn.
-_MATPLOTLIB = "matplotlib"
+# matplotlib is the optional extra ``vsockrpc[bench]``, imported inside the functions that
+# draw and only when present: a plain install (no matplotlib) runs the whole suite and its
+# report says that no plots were drawn.
 _WIDTH, _HEIGHT, _DPI = 6.4, 3.6, 90  # small PNGs (committed under docs/bench/)
 
 
 def available() -> bool:
     try:
-        importlib.import_module(_MATPLOTLIB)
+        import matplotlib  # noqa: F401 - only whether it imports
     except ImportError:
         return False
     return True
@@ -32,9 +31,10 @@ def draw(raw: dict[str, Any], out: Path) -> dict[str, str] | None:
     matplotlib."""
     if not available():
         return None
-    # Imported by name: an optional dependency, typed Any whether or not it is installed.
-    importlib.import_module(_MATPLOTLIB).use("Agg")
-    plt = importlib.import_module(f"{_MATPLOTLIB}.pyplot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     from vsockrpc.bench.report import plot_file
 
@@ -78,6 +78,8 @@ def _bars(ax: Any, fig: Figure) -> None:
 
 
 def _sweep(ax: Any, fig: Figure) -> None:
+    from matplotlib import ticker
+
     xs = fig["x"]
     for name, per_x in fig["series"].items():
         meds = [median(v) for v in per_x]
@@ -86,7 +88,6 @@ def _sweep(ax: Any, fig: Figure) -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(xs, [_size_label(int(x)) for x in xs], fontsize=7)
-    ticker = importlib.import_module(f"{_MATPLOTLIB}.ticker")
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: f"{v:g}"))
     ax.set_xlabel("message size (log scale)")
     ax.set_ylabel(fig.get("unit", ""))
