@@ -38,6 +38,18 @@ DEFAULT_LIMITS = ConnectionLimits()
 """What a server-side relay admits unless told otherwise (see :mod:`vsockrpc.rpc._limits`)."""
 
 
+def _backlog(limits: ConnectionLimits | None) -> int:
+    """The relayed listener's accept backlog: room for every connection the limits admit.
+
+    A burst of connections must wait in the kernel's queue, not be refused there: when the
+    queue is full a vsock listener answers the REQUEST with RST (net/vmw_vsock/af_vsock.c,
+    ``sk_acceptq_is_full``), and under load the relay's accept loop can fall behind a burst.
+    The kernel clamps it to ``net.core.somaxconn`` (4096 by default). No limits: the defaults'.
+    """
+    admitted = limits or DEFAULT_LIMITS
+    return admitted.max_connections + admitted.reserve
+
+
 class Server:
     """A started gRPC server; a context manager that stops it (and its relays) on exit."""
 
@@ -216,9 +228,11 @@ def serve(
                 inner_path = private_dir.join("grpc")
                 _add_port(server, f"unix:{inner_path}", str(address))
             if unix_path is not None:
-                listener = unix_transport.listen_path(unix_path, mode=unix_mode, what=str(address))
+                listener = unix_transport.listen_path(
+                    unix_path, mode=unix_mode, what=str(address), backlog=_backlog(limits)
+                )
             else:
-                listener = transport.listen(address)
+                listener = transport.listen(address, backlog=_backlog(limits))
             if listener.family == socket.AF_UNIX:  # hybrid: <path>_<port>; grpcio-like cleanup
                 socket_files.append(listener.getsockname())
                 cleanup.callback(_unlink_socket, socket_files[-1])
