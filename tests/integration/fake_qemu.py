@@ -4,6 +4,8 @@ It takes QEMU's command line, opens the QMP socket (``-qmp unix:PATH,...``), wri
 line, and answers the few QMP commands the launcher sends: ``send-key`` (Ctrl-Alt-Del) and
 ``quit`` make it exit 0, like a guest powering off. ``FAKE_QEMU_MODE=die`` prints a QEMU-style
 error on stderr after the QMP socket is up and exits 1 (a QEMU dying after start).
+``FAKE_QEMU_MODE=mute-agent`` prints the agent's readiness line on the console, but nothing
+answers behind the vsock device (the launcher then waits for a gRPC connection).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def main() -> None:
     console_path = console.split("path=", 1)[1]
     with open(console_path, "a") as out:
         out.write("fake firmware\n")
+        if os.environ.get("FAKE_QEMU_MODE") == "mute-agent":
+            out.write("vsockrpc-guest: ready on vsock:-1:9999\n")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(qmp_path)
     listener.listen(1)

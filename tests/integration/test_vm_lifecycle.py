@@ -187,6 +187,26 @@ def test_sigterm_and_sighup_power_off_a_foreground_vm(env: Env, sig: signal.Sign
     env.assert_nothing_left()
 
 
+def test_sigterm_while_waiting_for_the_first_rpc_stops_at_once(env: Env) -> None:
+    """The agent printed its readiness line but does not answer yet: the launcher polls for a
+    gRPC connection through the device, and a stop request must cut that wait short (it
+    went unnoticed for a whole connection attempt)."""
+    proc = env.start(
+        "vm", "run", "--quiet", "--timeout", "60", "--name", "mute", FAKE_QEMU_MODE="mute-agent"
+    )
+    env.state("mute")
+    time.sleep(1.5)  # past the console wait, into the connection attempts
+    assert proc.poll() is None, proc.communicate()
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    took = time.monotonic() - start
+    print(f"TOOK {took:.2f}")
+    assert proc.returncode == 130, err
+    assert took < 5.0, f"the launcher took {took:.1f} s to notice SIGTERM"
+    env.assert_nothing_left()
+
+
 def test_sigkilled_launcher_takes_qemu_along(env: Env) -> None:
     proc = env.start("vm", "run", "--no-wait", "--quiet", "--name", "orphan")
     state = env.state("orphan")

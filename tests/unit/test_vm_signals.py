@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
+
 from vsockrpc.vm.signals import StopSignals
 
 
@@ -37,3 +39,18 @@ def test_absorb_after_without_a_stop_restores() -> None:
     with StopSignals(absorb_after=True):
         pass
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.timeout(20)
+def test_a_signal_while_the_event_lock_is_held_does_not_deadlock() -> None:
+    """Python runs the handler between two bytecodes of the main thread, which may be inside
+    ``Event.wait`` holding the Event's internal (non-reentrant) lock: a handler calling
+    ``Event.set`` there blocked forever, and a stopped launcher hung."""
+    with StopSignals() as stop:
+        held = vars(stop.event)["_cond"]  # the lock Event.wait holds around its checks
+        with held:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # bytecode boundaries: the handler runs in here
+                pass
+        assert stop.event.wait(5)
+        assert stop.received == signal.SIGTERM

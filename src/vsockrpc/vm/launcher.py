@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from vsockrpc import rpc
 from vsockrpc.addresses import Address, HybridAddress, VsockAddress
 from vsockrpc.agent import DEFAULT_PORT, markers
 from vsockrpc.errors import GuestError, ImageError, TransportError, VmError
@@ -31,7 +30,7 @@ from vsockrpc.image import ImageInfo, find_image
 from vsockrpc.image.cache import cache_root
 from vsockrpc.vm import accel as accel_mod
 from vsockrpc.vm import cid as cid_mod
-from vsockrpc.vm import signals
+from vsockrpc.vm import readiness, signals
 from vsockrpc.vm.console import ConsoleFollower
 from vsockrpc.vm.options import check_launch
 from vsockrpc.vm.procs import die_with_parent
@@ -189,26 +188,26 @@ class Vm:
                     hint=f"guest console: {self._keep_console()}",
                 )
             _pause(cancel, 0.05)
-        # The agent says it listens; now prove a gRPC connection crosses the vsock device
-        # (in short slices, so a stop request or a dying QEMU is noticed in time).
+        # The agent says it listens; now prove a gRPC connection crosses the vsock device,
+        # noticing a stop request or a dying guest within a fraction of a second.
         deadline = max(deadline, time.monotonic() + 1.0)
-        while True:
-            signals.check(cancel)
-            try:
-                rpc.wait_until_ready(
-                    self.address(), timeout=min(max(deadline - time.monotonic(), 0.1), 2.0)
-                )
-                break
-            except TransportError as err:
-                failure = self._guest_failure()
-                if failure is not None:
-                    raise failure from err
-                if time.monotonic() > deadline:
-                    raise GuestError(
-                        f"guest agent announced readiness but does not answer: {err}"
-                    ) from err
+        try:
+            readiness.wait_answer(self.address(), deadline, cancel=cancel, check=self._check_alive)
+        except TransportError as err:
+            self._raise_guest_failure()
+            raise GuestError(f"guest agent announced readiness but does not answer: {err}") from err
         self.timings.rpc_ready = time.monotonic()
         self._wait_commands_ready(deadline, timeout, cancel)
+
+    def _raise_guest_failure(self) -> None:
+        failure = self._guest_failure()
+        if failure is not None:
+            raise failure
+
+    def _check_alive(self) -> None:
+        self._raise_guest_failure()
+        if self.device is not None:
+            self.device.check()
 
     def _wait_commands_ready(
         self, deadline: float, timeout: float, cancel: threading.Event | None
