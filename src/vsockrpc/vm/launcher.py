@@ -33,7 +33,7 @@ from vsockrpc.vm import cid as cid_mod
 from vsockrpc.vm import readiness, signals
 from vsockrpc.vm.console import ConsoleFollower
 from vsockrpc.vm.options import check_launch
-from vsockrpc.vm.procs import die_with_parent
+from vsockrpc.vm.procs import dying_with_parent, exit_status
 from vsockrpc.vm.qemu import QemuConfig, find_qemu, qemu_argv
 from vsockrpc.vm.qmp import CTRL_ALT_DEL, qmp_command
 from vsockrpc.vm.rundir import claim_name
@@ -408,12 +408,11 @@ def _launch(
         with (run_dir / "qemu.log").open("ab") as qemu_log:
             try:
                 qemu = subprocess.Popen(
-                    qemu_argv(config),
                     stdin=subprocess.DEVNULL,
                     stdout=qemu_log,
                     stderr=subprocess.STDOUT,
                     pass_fds=held,
-                    **_detached_or_own_group(detach),
+                    **_detached_or_own_group(qemu_argv(config), detach),
                 )
             except OSError as err:
                 raise VmError(f"cannot start QEMU: {err}") from err
@@ -450,14 +449,18 @@ def _boot_kernel(info: ImageInfo) -> Path:
     return info.kernel
 
 
-def _detached_or_own_group(detach: bool) -> dict[str, Any]:
-    """Children never share our process group: a terminal's Ctrl-C reaches the launcher
-    only, which then powers the guest off in order instead of QEMU and the device dying
-    mid-flight. Detached VMs get their own session (no controlling terminal); a foreground
-    QEMU gets PDEATHSIG, so it dies with the launcher even when that is SIGKILLed."""
+def _detached_or_own_group(argv: list[str], detach: bool) -> dict[str, Any]:
+    """Popen's ``args`` and process options. Children never share our process group: a
+    terminal's Ctrl-C reaches the launcher only, which then powers the guest off in order
+    instead of QEMU and the device dying mid-flight. Detached VMs get their own session (no
+    controlling terminal); a foreground QEMU gets PDEATHSIG (:func:`procs.dying_with_parent`),
+    so it dies with the launcher even when that is SIGKILLed. glibc's fatal errors (a
+    fortify or heap check's abort) go to stderr, i.e. ``qemu.log``, not to a terminal."""
+    env = {**os.environ, "LIBC_FATAL_STDERR_": "1"}
     if detach:
-        return {"start_new_session": True}
-    return {"process_group": 0, "preexec_fn": die_with_parent()}
+        return {"args": argv, "env": env, "start_new_session": True}
+    args, preexec = dying_with_parent(argv)
+    return {"args": args, "env": env, "process_group": 0, "preexec_fn": preexec}
 
 
 def _pause(cancel: threading.Event | None, seconds: float) -> None:
@@ -473,7 +476,7 @@ def _wait_qemu_up(vm: Vm, cancel: threading.Event | None, timeout: float = 10.0)
         signals.check(cancel)
         if vm.qemu.poll() is not None:
             raise VmError(
-                f"QEMU exited at once (status {vm.qemu.returncode}): "
+                f"QEMU exited at once ({exit_status(vm.qemu.returncode)}): "
                 f"{vm.qemu_log_tail() or 'no message'}"
             )
         if time.monotonic() > deadline:

@@ -4,19 +4,36 @@ child die with its launcher.
 PIDs are recycled, so "alive" for a recorded PID means: the process exists, is not a zombie,
 and its command line still holds a marker of the VM (QEMU's ``-name vsockrpc-<name>``, the
 device's socket path) — never signal or trust a PID without that check.
+
+A child is made to die with its launcher by util-linux ``setpriv --pdeathsig`` in the child
+(:func:`dying_with_parent`), not by a ``preexec_fn``: a ``preexec_fn`` makes CPython fork()
+instead of vfork(), so the at-fork handlers of every library run in the child, and grpcio's
+abort it (SIGABRT before exec, not a word on stderr) when gRPC threads are busy — about one
+start in 40 of a launcher that has just used a gRPC channel.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Callable
 
-__all__ = ["alive", "die_with_parent", "is_vm_process", "kill_vm_process"]
+__all__ = [
+    "alive",
+    "die_with_parent",
+    "dying_with_parent",
+    "exit_status",
+    "is_vm_process",
+    "kill_vm_process",
+]
 
 _PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
+# Run by sh between setpriv (PDEATHSIG set) and the real program: a launcher that died before
+# setpriv's prctl has left the child to another parent; then start nothing. $0: launcher pid.
+_PARENT_CHECK = '[ "$PPID" = "$0" ] || exit 1; exec "$@"'
 
 
 def alive(pid: int | None) -> bool:
@@ -68,3 +85,33 @@ def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
             os._exit(1)
 
     return preexec
+
+
+def dying_with_parent(
+    argv: list[str], sig: signal.Signals = signal.SIGKILL
+) -> tuple[list[str], Callable[[], None] | None]:
+    """``argv`` made to receive ``sig`` when this process dies, and the ``preexec_fn`` to pass.
+
+    With ``setpriv`` (util-linux) the signal is set in the child and the ``preexec_fn`` is None,
+    so Popen can vfork: no at-fork handler runs in the child (see the module docstring).
+    Without it, :func:`die_with_parent` as before. Off the main thread: ``argv`` unchanged (as
+    :func:`die_with_parent`). The program's own argv is what ends up exec'ed, so its
+    ``/proc/<pid>/cmdline`` is unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        return argv, None
+    setpriv, sh = shutil.which("setpriv"), shutil.which("sh")
+    if setpriv is None or sh is None:
+        return argv, die_with_parent(sig)
+    name = sig.name.removeprefix("SIG")
+    wrapped = [setpriv, f"--pdeathsig={name}", "--", sh, "-c", _PARENT_CHECK, str(os.getpid())]
+    return [*wrapped, *argv], None
+
+
+def exit_status(returncode: int) -> str:
+    """``status 1`` or ``killed by SIGABRT`` for a Popen return code."""
+    if returncode >= 0:
+        return f"status {returncode}"
+    try:
+        return f"killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"killed by signal {-returncode}"

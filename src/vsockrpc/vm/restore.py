@@ -41,6 +41,7 @@ from vsockrpc.vm.launcher import (
     _wait_qemu_up,
 )
 from vsockrpc.vm.options import InvalidVmOption, check_cid, check_name
+from vsockrpc.vm.procs import exit_status
 from vsockrpc.vm.qemu import VSOCK_CHARDEV, QemuConfig, find_qemu, qemu_argv
 from vsockrpc.vm.qmpsession import Session, run_session
 from vsockrpc.vm.rundir import NameClaim, claim_name
@@ -298,12 +299,11 @@ def _start(
         with (run_dir / "qemu.log").open("ab") as qemu_log:
             try:
                 qemu = subprocess.Popen(
-                    qemu_argv(config),
                     stdin=subprocess.DEVNULL,
                     stdout=qemu_log,
                     stderr=subprocess.STDOUT,
                     pass_fds=held,
-                    **_detached_or_own_group(detach),
+                    **_detached_or_own_group(qemu_argv(config), detach),
                 )
             except OSError as err:
                 raise VmError(f"cannot start QEMU: {err}") from err
@@ -381,7 +381,7 @@ def _wait_answer(vm: RestoredVm, timeout: float, cancel: threading.Event | None)
         signals.check(cancel)
         if not vm.running():
             raise VmError(
-                f"restored guest stopped (QEMU exit {vm.qemu.returncode}): "
+                f"restored guest stopped (QEMU {exit_status(vm.qemu.returncode)}): "
                 f"{vm.qemu_log_tail() or 'no message'}"
             )
         if vm.device is not None:
