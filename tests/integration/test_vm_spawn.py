@@ -21,7 +21,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from vsockrpc.vm.launcher import _detached_or_own_group
+from vsockrpc.vm.procs import detached_or_own_group
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,7 +62,7 @@ def test_children_reach_exec_while_grpc_threads_are_busy(busy_grpc: None) -> Non
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            **_detached_or_own_group(["/bin/true"], False),
+            **detached_or_own_group(["/bin/true"], False),
         )
         code = child.wait(timeout=30)
         codes[code] = codes.get(code, 0) + 1
@@ -71,8 +71,8 @@ def test_children_reach_exec_while_grpc_threads_are_busy(busy_grpc: None) -> Non
 
 LAUNCHER = """
 import subprocess, sys, time
-from vsockrpc.vm.launcher import _detached_or_own_group
-child = subprocess.Popen(**_detached_or_own_group(["sleep", "600"], False))
+from vsockrpc.vm.procs import detached_or_own_group
+child = subprocess.Popen(**detached_or_own_group(["sleep", "600"], False))
 print(child.pid, flush=True)
 time.sleep(600)
 """

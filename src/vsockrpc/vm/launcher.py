@@ -21,7 +21,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from vsockrpc.addresses import Address, HybridAddress, VsockAddress
 from vsockrpc.agent import DEFAULT_PORT, markers
@@ -33,7 +33,7 @@ from vsockrpc.vm import cid as cid_mod
 from vsockrpc.vm import readiness, signals
 from vsockrpc.vm.console import ConsoleFollower
 from vsockrpc.vm.options import check_launch
-from vsockrpc.vm.procs import dying_with_parent, exit_status
+from vsockrpc.vm.procs import exit_status, start_qemu
 from vsockrpc.vm.qemu import QemuConfig, find_qemu, qemu_argv
 from vsockrpc.vm.qmp import CTRL_ALT_DEL, qmp_command
 from vsockrpc.vm.rundir import claim_name
@@ -405,17 +405,7 @@ def _launch(
             vhost_user_socket=vhost_user,
             name=f"vsockrpc-{vm_name}",
         )
-        with (run_dir / "qemu.log").open("ab") as qemu_log:
-            try:
-                qemu = subprocess.Popen(
-                    stdin=subprocess.DEVNULL,
-                    stdout=qemu_log,
-                    stderr=subprocess.STDOUT,
-                    pass_fds=held,
-                    **_detached_or_own_group(qemu_argv(config), detach),
-                )
-            except OSError as err:
-                raise VmError(f"cannot start QEMU: {err}") from err
+        qemu = start_qemu(qemu_argv(config), run_dir, held, detach)
         stack.callback(_reap, qemu)
         console = stack.enter_context(ConsoleFollower(run_dir / "console.log", echo=echo).start())
         vm = Vm(vm_name, lease.cid, port, info, run_dir, chosen, qemu, console, device)
@@ -447,20 +437,6 @@ def _boot_kernel(info: ImageInfo) -> Path:
     if choice != "bzimage" and info.pvh_kernel is not None:
         return info.pvh_kernel
     return info.kernel
-
-
-def _detached_or_own_group(argv: list[str], detach: bool) -> dict[str, Any]:
-    """Popen's ``args`` and process options. Children never share our process group: a
-    terminal's Ctrl-C reaches the launcher only, which then powers the guest off in order
-    instead of QEMU and the device dying mid-flight. Detached VMs get their own session (no
-    controlling terminal); a foreground QEMU gets PDEATHSIG (:func:`procs.dying_with_parent`),
-    so it dies with the launcher even when that is SIGKILLed. glibc's fatal errors (a
-    fortify or heap check's abort) go to stderr, i.e. ``qemu.log``, not to a terminal."""
-    env = {**os.environ, "LIBC_FATAL_STDERR_": "1"}
-    if detach:
-        return {"args": argv, "env": env, "start_new_session": True}
-    args, preexec = dying_with_parent(argv)
-    return {"args": args, "env": env, "process_group": 0, "preexec_fn": preexec}
 
 
 def _pause(cancel: threading.Event | None, seconds: float) -> None:

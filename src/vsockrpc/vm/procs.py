@@ -18,8 +18,13 @@ import ctypes
 import os
 import shutil
 import signal
+import subprocess
 import threading
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vsockrpc.errors import VmError
 
 __all__ = [
     "alive",
@@ -115,3 +120,35 @@ def exit_status(returncode: int) -> str:
         return f"killed by {signal.Signals(-returncode).name}"
     except ValueError:
         return f"killed by signal {-returncode}"
+
+
+def detached_or_own_group(argv: list[str], detach: bool) -> dict[str, Any]:
+    """Popen's ``args`` and process options. Children never share our process group: a
+    terminal's Ctrl-C reaches the launcher only, which then powers the guest off in order
+    instead of QEMU and the device dying mid-flight. Detached VMs get their own session (no
+    controlling terminal); a foreground QEMU gets PDEATHSIG (:func:`dying_with_parent`),
+    so it dies with the launcher even when that is SIGKILLed. glibc's fatal errors (a
+    fortify or heap check's abort) go to stderr, i.e. ``qemu.log``, not to a terminal."""
+    env = {**os.environ, "LIBC_FATAL_STDERR_": "1"}
+    if detach:
+        return {"args": argv, "env": env, "start_new_session": True}
+    args, preexec = dying_with_parent(argv)
+    return {"args": args, "env": env, "process_group": 0, "preexec_fn": preexec}
+
+
+def start_qemu(
+    argv: list[str], run_dir: Path, held: tuple[int, ...], detach: bool
+) -> subprocess.Popen[bytes]:
+    """QEMU started by ``argv``, its output in ``run_dir/qemu.log``, holding the ``held`` fds
+    (CID and name leases), in its own group or session (:func:`detached_or_own_group`)."""
+    with (run_dir / "qemu.log").open("ab") as qemu_log:
+        try:
+            return subprocess.Popen(
+                stdin=subprocess.DEVNULL,
+                stdout=qemu_log,
+                stderr=subprocess.STDOUT,
+                pass_fds=held,
+                **detached_or_own_group(argv, detach),
+            )
+        except OSError as err:
+            raise VmError(f"cannot start QEMU: {err}") from err

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
 import threading
 import time
 from contextlib import ExitStack
@@ -35,13 +34,12 @@ from vsockrpc.vm.console import ConsoleFollower
 from vsockrpc.vm.identity import refresh_identity
 from vsockrpc.vm.launcher import (
     Vm,
-    _detached_or_own_group,
     _reap,
     _state,
     _wait_qemu_up,
 )
 from vsockrpc.vm.options import InvalidVmOption, check_cid, check_name
-from vsockrpc.vm.procs import exit_status
+from vsockrpc.vm.procs import exit_status, start_qemu
 from vsockrpc.vm.qemu import VSOCK_CHARDEV, QemuConfig, find_qemu, qemu_argv
 from vsockrpc.vm.qmpsession import Session, run_session
 from vsockrpc.vm.rundir import NameClaim, claim_name
@@ -296,17 +294,7 @@ def _start(
             name=f"vsockrpc-{claim.name}",
             incoming="defer",
         )
-        with (run_dir / "qemu.log").open("ab") as qemu_log:
-            try:
-                qemu = subprocess.Popen(
-                    stdin=subprocess.DEVNULL,
-                    stdout=qemu_log,
-                    stderr=subprocess.STDOUT,
-                    pass_fds=held,
-                    **_detached_or_own_group(qemu_argv(config), detach),
-                )
-            except OSError as err:
-                raise VmError(f"cannot start QEMU: {err}") from err
+        qemu = start_qemu(qemu_argv(config), run_dir, held, detach)
         stack.callback(_reap, qemu)
         console = stack.enter_context(ConsoleFollower(run_dir / "console.log", echo=echo).start())
         accel = Accel(guest["accel"], guest["cpu"], "as in the snapshot")

@@ -106,7 +106,7 @@ class UserspaceDevice:
                         stdout=out,
                         stderr=subprocess.STDOUT,
                         pass_fds=(vhost.fileno(), hybrid.fileno(), *extra_fds),
-                        # own process group (see launcher._detached_or_own_group)
+                        # own process group (see procs.detached_or_own_group)
                         **({"start_new_session": True} if detach else {"process_group": 0}),
                     )
             # The child holds its own copies of both listening sockets from here on.
