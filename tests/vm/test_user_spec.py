@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.vm.conftest import process_alive
 from vsockrpc import rpc, transport
-from vsockrpc.image import ImageInfo, build_image
+from vsockrpc.image import ImageInfo, build_image, manage
 from vsockrpc.payload import load_spec
 from vsockrpc.proto import vsock_service_pb2 as pb
 from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
@@ -47,6 +48,7 @@ pytestmark = pytest.mark.timeout(900)
 KEYVALUE = "kvstore.v1.KeyValue"
 PROBE_PORT = 7000
 NAME = "vsockrpc-test-spec"
+EDITED = f"{NAME}-edited"
 SPEC = f"""\
 name = "{NAME}"
 apt = ["tree"]
@@ -235,25 +237,32 @@ def test_editing_the_service_rebuilds_only_the_top_layer_and_serves_the_new_code
 ) -> None:
     service = project / "kvstore" / "service.py"
     original = service.read_text()
+    # The marker makes this run's edit new to the shared image cache, so an edit an earlier run
+    # already built cannot turn the rebuild into a cache hit.
     service.write_text(
         original.replace("version = self._data.get", "version = 100 + self._data.get")
+        + f"\n# edited by run {uuid.uuid4().hex}\n"
     )
     try:
         start = time.monotonic()
-        edited = build_image(spec=load_spec(project / "vsockrpc.toml"), name=NAME)
+        edited = build_image(spec=load_spec(project / "vsockrpc.toml"), name=EDITED)
         seconds = time.monotonic() - start
         print(f"\nrebuild after editing service code: {seconds:.1f} s", flush=True)
         start = time.monotonic()
-        assert build_image(spec=load_spec(project / "vsockrpc.toml"), name=NAME).cache_hit
+        assert build_image(spec=load_spec(project / "vsockrpc.toml"), name=EDITED).cache_hit
         print(f"cache hit: {time.monotonic() - start:.2f} s", flush=True)
     finally:
         service.write_text(original)
     assert not edited.cache_hit and edited.path != built.path
     for layer in ("base", "python_layer", "busybox", "agent"):
         assert edited.manifest["inputs"][layer] == built.manifest["inputs"][layer], layer
-    with launch(edited) as vm, rpc.channel(vm.address()) as ch:
-        kv = kv_grpc.KeyValueStub(ch)  # type: ignore[no-untyped-call]
-        assert kv.Put(kv_pb.PutRequest(key="k", value=b"v"), timeout=30).version == 101
+    try:
+        with launch(edited) as vm, rpc.channel(vm.address()) as ch:
+            kv = kv_grpc.KeyValueStub(ch)  # type: ignore[no-untyped-call]
+            assert kv.Put(kv_pb.PutRequest(key="k", value=b"v"), timeout=30).version == 101
+    finally:
+        # This run's edit is unique: its image is this run's own, and goes with it.
+        assert manage.remove(EDITED, in_use=())
 
 
 def test_the_top_layer_rebuilds_byte_identical(

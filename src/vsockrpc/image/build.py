@@ -51,6 +51,7 @@ DEFAULT_RELEASE = "bookworm"
 # Bump when the build steps change in a way the inputs do not show (base layer, image layer).
 FORMAT = 4
 IMAGE_FORMAT = 5  # 5: optional PVH kernel (vmlinux)
+SPEC_MANIFEST_FORMAT = 2  # 2: paths in the spec's manifest are relative to the spec's directory
 KEEP_IMAGES = 4  # most recently used entries kept when a new one is built (cache.prune)
 KEEP_BASES = 2
 NEED_BASE_BYTES = 1_000_000_000  # free space a cold base build needs (_require_space)
@@ -312,6 +313,7 @@ def build_image(
     }
     if spec is not None:  # absent without a spec: the key of a plain image is unchanged
         inputs["spec"] = spec.top_digest()
+        inputs["spec_manifest"] = SPEC_MANIFEST_FORMAT
         inputs["python_layer"] = python_dir.name if python_dir is not None else None
     key = cache.digest(inputs)
     entry = cache.entry("images", key, root=cache_root)

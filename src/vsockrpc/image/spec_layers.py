@@ -147,15 +147,25 @@ def _copy(source: Path, dest: Path, mode: int | None) -> None:
 
 
 def spec_manifest(spec: ImageSpec, wheel_set: WheelSet | None) -> dict[str, Any]:
-    """The spec's part of the image manifest (what a user sees in ``image build --json``)."""
+    """The spec's part of the image manifest (what a user sees in ``image build --json``).
+
+    Paths are relative to the spec's directory: the manifest is part of the image, and two
+    checkouts of one project in different places build the same bytes."""
     return {
-        "path": str(spec.path),
+        "path": spec.path.name,
         "digest": spec.top_digest(),
         "apt": list(spec.apt),
         "pip": list(spec.pip),
         "wheels": wheel_set.hashes() if wheel_set is not None else {},
-        "copy": [{"source": str(c.source), "dest": c.dest, "mode": c.mode} for c in spec.copy],
+        "copy": [
+            {"source": _relative(c.source, spec.path.parent), "dest": c.dest, "mode": c.mode}
+            for c in spec.copy
+        ],
         "memory": spec.memory,
         "cpus": spec.cpus,
         **spec.guest_config(),
     }
+
+
+def _relative(path: Path, base: Path) -> str:
+    return os.path.relpath(path, base)
