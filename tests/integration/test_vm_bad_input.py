@@ -139,10 +139,13 @@ def test_not_root_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ("--cid", "2", "guest CID 2 is invalid"),
         ("--cid", "4294967295", "guest CID 4294967295 is invalid"),
         ("--name", "..", "VM name '..' is invalid"),
+        ("--group", "../vms", "group name '../vms' is invalid"),
+        ("--group", "", "group name '' is invalid"),
+        ("--trust-group", None, "--trust-group needs --group"),
     ],
 )
 def test_bad_boot_option_is_a_usage_error(
-    tmp_path: Path, option: str, value: str, says: str
+    tmp_path: Path, option: str, value: str | None, says: str
 ) -> None:
     runtime = tmp_path / "run"
     image = fake_image(tmp_path / "img", host_arch())
@@ -152,8 +155,7 @@ def test_bad_boot_option_is_a_usage_error(
         "run",
         "--image",
         str(image),
-        option,
-        value,
+        *([option] if value is None else [option, value]),
         env={"VSOCKRPC_RUNTIME_DIR": str(runtime)},
     )
     assert proc.returncode == 2, proc.stderr

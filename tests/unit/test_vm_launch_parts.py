@@ -1,14 +1,17 @@
-"""Launcher pieces that need no QEMU: command line, CID leases, accelerator choice."""
+"""Launcher pieces that need no QEMU: command line, CID leases, accelerator choice, groups."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from vsockrpc.errors import VmError
-from vsockrpc.vm import accel, cid
+from vsockrpc.vm import accel, cid, launch, vsockdev
+from vsockrpc.vm.options import InvalidVmOption, check_groups
 from vsockrpc.vm.qemu import QemuConfig, qemu_argv
+from vsockrpc.vm.vsockdev import device_argv
 
 
 def config(**kw: object) -> QemuConfig:
@@ -122,3 +125,61 @@ def test_boot_kernel_prefers_pvh_unless_told(
     monkeypatch.setenv("VSOCKRPC_KERNEL", "elf")
     with pytest.raises(VmError, match="VSOCKRPC_KERNEL"):
         _boot_kernel(info)
+
+
+# ---------------------------------------------------------------- VM↔VM groups
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", ".hidden", "-opt", "x" * 65, "sp ace"])
+def test_group_names_are_never_paths(bad: str) -> None:
+    with pytest.raises(InvalidVmOption, match="group name"):
+        check_groups([bad])
+
+
+def test_groups_keep_order_once_and_trust_needs_a_group() -> None:
+    assert check_groups(["b", "a", "b"]) == ("b", "a")
+    assert check_groups(["x" * 64]) == ("x" * 64,)
+    with pytest.raises(InvalidVmOption, match="--trust-group needs --group"):
+        check_groups([], trust_group=True)
+    assert check_groups(["g"], trust_group=True) == ("g",)
+
+
+def test_device_argv_carries_groups_and_their_directory() -> None:
+    argv = device_argv(
+        vhost_fd=5,
+        hybrid_socket=Path("/r/vsock.sock"),
+        hybrid_fd=6,
+        guest_cid=9,
+        exit_with_pid=None,
+        groups=("g1", "g2"),
+        groups_dir=Path("/r/groups"),
+    )
+    assert option(argv, "--group") == ["g1", "g2"]
+    assert option(argv, "--groups-dir") == ["/r/groups"]
+    isolated = device_argv(
+        vhost_fd=5, hybrid_socket=Path("/s"), hybrid_fd=6, guest_cid=9, exit_with_pid=None
+    )
+    assert "--group" not in isolated and "--groups-dir" not in isolated
+
+
+def test_a_grouped_vm_gets_the_userspace_device_even_with_kernel_vhost(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The kernel's vhost-vsock cannot route between guests: a group overrides it, once said."""
+    monkeypatch.setattr(vsockdev, "kernel_vhost_vsock_usable", lambda: True)
+    with caplog.at_level(logging.WARNING, logger=vsockdev.__name__):
+        assert not vsockdev.wants_userspace(())
+        assert not caplog.records
+        assert vsockdev.wants_userspace(("g",))
+    assert len(caplog.records) == 1 and "only it routes between VMs" in caplog.text
+    monkeypatch.setattr(vsockdev, "kernel_vhost_vsock_usable", lambda: False)
+    assert vsockdev.wants_userspace(())
+
+
+def test_launch_refuses_bad_groups_before_anything(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("VSOCKRPC_RUNTIME_DIR", str(tmp_path / "rt"))
+    with pytest.raises(InvalidVmOption, match="'../g'"):
+        launch(tmp_path / "no-image", groups=["../g"])
+    with pytest.raises(InvalidVmOption, match="--trust-group"):
+        launch(tmp_path / "no-image", trust_group=True)
+    assert not (tmp_path / "rt").exists()

@@ -102,6 +102,20 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="let the guest reach this host socket at CID 2 port PORT, e.g. "
         "unix:/run/app.sock:5000 (repeatable; foreground runs; see vsockrpc forward)",
     )
+    run.add_argument(
+        "--group",
+        dest="groups",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="VM↔VM: join group NAME; the guest reaches other members at vsock:CID:PORT and "
+        "they reach it (repeatable; default: isolated)",
+    )
+    run.add_argument(
+        "--trust-group",
+        action="store_true",
+        help="let group members call the guest's agent (default: the host only)",
+    )
     run.set_defaults(func=_run)
 
     snap = vm_sub.add_parser(
@@ -146,6 +160,8 @@ def _check(args: argparse.Namespace) -> None:
         memory_mib=512 if args.memory is None else args.memory,
         cpus=1 if args.cpus is None else args.cpus,
         ready_timeout=args.timeout,
+        groups=getattr(args, "groups", ()),
+        trust_group=getattr(args, "trust_group", False),
     )
 
 
@@ -230,12 +246,16 @@ def _run(args: argparse.Namespace) -> int:
                 echo=echo,
                 detach=args.detach,
                 cancel=stop.event,
+                groups=args.groups,
+                trust_group=args.trust_group,
             )
         except GuestError as err:
             if echo is None and err.console_tail:  # e.g. a user service's traceback
                 print("\n".join(f"guest: {ln}" for ln in err.console_tail), file=sys.stderr)
             raise
         summary = f"vm {vm.name}: CID {vm.cid}, agent at {vm.address()}, accel {vm.accel.name}"
+        if vm.groups:
+            summary += f", groups {','.join(vm.groups)}"
         if args.detach:
             print(summary, flush=True)
             print(f"stop it with: vsockrpc vm stop {vm.name}", file=sys.stderr)
@@ -266,6 +286,8 @@ def _run_from(args: argparse.Namespace) -> int:
 
     fixed = {"--memory": args.memory, "--cpus": args.cpus, "--append": args.append or None}
     fixed["--no-wait"] = args.no_wait or None
+    fixed["--group"] = args.groups or None
+    fixed["--trust-group"] = args.trust_group or None
     given = [flag for flag, value in fixed.items() if value is not None]
     if given:
         raise InvalidVmOption(f"{given[0]} cannot be used with --from (the snapshot fixes it)")
@@ -338,9 +360,13 @@ def _list(_args: argparse.Namespace) -> int:
     if not records:
         print("no VMs")
         return 0
-    print(f"{'NAME':<12} {'CID':>6} {'STATE':<20} {'PID':>8}  ADDRESS")
+    print(f"{'NAME':<12} {'CID':>6} {'STATE':<20} {'PID':>8}  {'GROUPS':<16} ADDRESS")
     for r in records:
-        print(f"{r.name:<12} {r.cid:>6} {r.status:<20} {r.qemu_pid:>8}  {r.state.get('address')}")
+        groups = ",".join(r.groups) or "-"
+        print(
+            f"{r.name:<12} {r.cid:>6} {r.status:<20} {r.qemu_pid:>8}  {groups:<16} "
+            f"{r.state.get('address')}"
+        )
     return 0
 
 

@@ -18,13 +18,14 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 from vsockrpc.addresses import Address, HybridAddress, VsockAddress
-from vsockrpc.agent import DEFAULT_PORT, markers
+from vsockrpc.agent import CMDLINE_ALLOWED_CIDS, DEFAULT_PORT, markers
 from vsockrpc.errors import GuestError, ImageError, TransportError, VmError
 from vsockrpc.image import ImageInfo, find_image
 from vsockrpc.image.cache import cache_root
@@ -37,8 +38,8 @@ from vsockrpc.vm.procs import exit_status, start_qemu
 from vsockrpc.vm.qemu import QemuConfig, find_qemu, qemu_argv
 from vsockrpc.vm.qmp import CTRL_ALT_DEL, qmp_command
 from vsockrpc.vm.rundir import claim_name
-from vsockrpc.vm.runtime import runtime_dir
-from vsockrpc.vm.vsockdev import UserspaceDevice, kernel_vhost_vsock_usable
+from vsockrpc.vm.runtime import groups_dir, runtime_dir
+from vsockrpc.vm.vsockdev import UserspaceDevice, wants_userspace
 
 __all__ = ["DEFAULT_PORT", "Vm", "launch"]
 
@@ -92,6 +93,7 @@ class Vm:
     qemu: subprocess.Popen[bytes]
     console: ConsoleFollower
     device: UserspaceDevice | None
+    groups: tuple[str, ...] = ()  # VM↔VM: the groups whose members this guest can reach
     timings: Timings = field(default_factory=Timings)
     qemu_last_words: str = ""  # QEMU's last stderr line, kept when it exits (stop/failure)
     _stack: ExitStack = field(default_factory=ExitStack, repr=False)
@@ -276,6 +278,7 @@ def _state(vm: Vm, detached: bool) -> dict[str, object]:
         "hybrid_socket": str(vm.hybrid_socket) if vm.hybrid_socket else None,
         "address": str(vm.address()),
         "accel": vm.accel.name,
+        "groups": list(vm.groups),
         "launcher_pid": os.getpid(),
         "detached": detached,
         "started": time.time(),
@@ -296,6 +299,8 @@ def launch(
     echo: TextIO | None = None,
     detach: bool = False,
     cancel: threading.Event | None = None,
+    groups: Sequence[str] = (),
+    trust_group: bool = False,
 ) -> Vm:
     """Boot ``image`` and return the running :class:`Vm` (stop it, or use it in ``with``).
 
@@ -310,6 +315,11 @@ def launch(
     ``cancel``: set it (e.g. from a signal handler) to abort the boot: everything started is
     stopped and removed and KeyboardInterrupt is raised. Without it, on the main thread, a
     SIGINT during the launch is deferred the same way (a second one cannot cut the cleanup).
+
+    ``groups``: VM↔VM. The guest can connect to ``vsock:CID:PORT`` of any running VM that
+    shares a group with it (and they to it); VMs sharing no group cannot reach each other. The
+    agent still admits only the host unless ``trust_group`` is given: then it admits every
+    CID the device routes to it, i.e. the host and the members of its groups.
     """
     check_launch(
         name=name,
@@ -318,7 +328,13 @@ def launch(
         memory_mib=memory_mib,
         cpus=cpus,
         ready_timeout=ready_timeout,
+        groups=groups,
+        trust_group=trust_group,
     )
+    groups = tuple(dict.fromkeys(groups))
+    if trust_group:
+        # Safe only because the VM has our device: it routes nothing but the host and members.
+        append = f"{CMDLINE_ALLOWED_CIDS}=any {append}".strip()
     info = image if isinstance(image, ImageInfo) else find_image(image)
     qemu_bin = find_qemu(info.arch)
     launched = time.monotonic()
@@ -340,6 +356,7 @@ def launch(
             ready_timeout=ready_timeout,
             echo=echo,
             detach=detach,
+            groups=groups,
         )
     raise AssertionError("unreachable")
 
@@ -360,6 +377,7 @@ def _launch(
     ready_timeout: float,
     echo: TextIO | None,
     detach: bool,
+    groups: tuple[str, ...],
 ) -> Vm:
     with ExitStack() as stack:
         runtime = runtime_dir()
@@ -374,9 +392,8 @@ def _launch(
         signals.check(cancel)
         chosen = accel_mod.choose_accel(qemu_bin, info.kernel, _verdict_dir())
         device: UserspaceDevice | None = None
-        if kernel_vhost_vsock_usable():
-            vhost_user = None
-        else:
+        vhost_user = None
+        if wants_userspace(groups):
             device = stack.enter_context(
                 UserspaceDevice(
                     vhost_socket=run_dir / "vhost-user.sock",
@@ -385,6 +402,8 @@ def _launch(
                     log_file=run_dir / "device.log",
                     detach=detach,
                     extra_fds=held,
+                    groups=groups,
+                    groups_dir=groups_dir(runtime),
                 )
             )
             vhost_user = device.vhost_socket
@@ -408,7 +427,7 @@ def _launch(
         qemu = start_qemu(qemu_argv(config), run_dir, held, detach)
         stack.callback(_reap, qemu)
         console = stack.enter_context(ConsoleFollower(run_dir / "console.log", echo=echo).start())
-        vm = Vm(vm_name, lease.cid, port, info, run_dir, chosen, qemu, console, device)
+        vm = Vm(vm_name, lease.cid, port, info, run_dir, chosen, qemu, console, device, groups)
         vm.timings.launched = launched
         _wait_qemu_up(vm, cancel)
         vm.timings.qemu_started = time.monotonic()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Sequence
 
 from vsockrpc.errors import BadInputError, VmError
 
@@ -21,6 +22,7 @@ __all__ = [
     "MIN_MEMORY_MIB",
     "InvalidVmOption",
     "check_cid",
+    "check_groups",
     "check_launch",
     "check_name",
     "check_which",
@@ -29,6 +31,8 @@ __all__ = [
 # VM names become one path component (the run directory, the name lock) and QEMU's -name:
 # a letter or digit first (no ".", "..", hidden files or options), then a short safe charset.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+# Group names become one path component of the device's group directory (vsockrpc.vhost).
+_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MIN_GUEST_CID = 3  # 0 hypervisor, 1 local loopback, 2 host (include/uapi/linux/vm_sockets.h)
 MAX_GUEST_CID = 0xFFFFFFFE  # 0xFFFFFFFF is VMADDR_CID_ANY
 MAX_PORT = 0xFFFFFFFE  # a u32; 0xFFFFFFFF is VMADDR_PORT_ANY, 0 is not a port to listen on
@@ -52,6 +56,20 @@ def check_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def check_groups(groups: Sequence[str], *, trust_group: bool = False) -> tuple[str, ...]:
+    """The VM's groups, each once and in order; :class:`InvalidVmOption` for a bad name, or
+    for ``trust_group`` without a group (there would be no one to trust)."""
+    for group in groups:
+        if not _GROUP.fullmatch(group):
+            raise InvalidVmOption(
+                f"group name {group!r} is invalid: use 1-64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+    if trust_group and not groups:
+        raise InvalidVmOption("--trust-group needs --group (the group whose members to admit)")
+    return tuple(dict.fromkeys(groups))
 
 
 def check_which(which: str) -> str:
@@ -83,9 +101,12 @@ def check_launch(
     memory_mib: int,
     cpus: int,
     ready_timeout: float,
+    groups: Sequence[str] = (),
+    trust_group: bool = False,
 ) -> None:
     """Validate :func:`vsockrpc.vm.launch`'s arguments; :class:`InvalidVmOption` on the first
     bad one."""
+    check_groups(groups, trust_group=trust_group)
     if name is not None:
         check_name(name)
     if cid is not None:

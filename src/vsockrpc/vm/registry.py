@@ -45,6 +45,11 @@ class VmRecord:
         return int(self.state["qemu_pid"])
 
     @property
+    def groups(self) -> tuple[str, ...]:
+        """The VM↔VM groups it joined (none: isolated)."""
+        return tuple(str(g) for g in self.state.get("groups") or ())
+
+    @property
     def device_pid(self) -> int | None:
         pid = self.state.get("device_pid")
         return int(pid) if pid else None

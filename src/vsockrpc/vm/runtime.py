@@ -2,7 +2,8 @@
 
 ``$VSOCKRPC_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/vsockrpc``, else ``/run/vsockrpc`` for root,
 else ``/tmp/vsockrpc-<uid>``. Layout: ``vms/<name>/`` (qmp.sock, vhost-user.sock, vsock.sock,
-console.log, state.json) and ``cids/<cid>.lock``. Paths stay short: Unix socket paths are
+console.log, state.json), ``cids/<cid>.lock`` and ``groups/<group>/`` (the devices of a group's
+VMs listen there for each other). Paths stay short: Unix socket paths are
 limited to 107 bytes.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from vsockrpc.errors import VmError
 
-__all__ = ["runtime_dir"]
+__all__ = ["groups_dir", "runtime_dir"]
 
 
 def runtime_dir() -> Path:
@@ -30,3 +31,9 @@ def runtime_dir() -> Path:
     except OSError as err:
         raise VmError(f"runtime directory {path} is not writable: {err.strerror}") from err
     return path
+
+
+def groups_dir(runtime: Path) -> Path:
+    """Where the vsock devices of grouped VMs meet (each group a subdirectory, created by the
+    devices with mode 0700)."""
+    return runtime / "groups"

@@ -1,5 +1,9 @@
 """The guest's vsock device: kernel vhost-vsock when usable, else our userspace back-end.
 
+A VM in a group (``vm run --group``) always gets the userspace device: the kernel's vhost-vsock
+only routes between a guest and the host, ours also between guests of one group (each device
+listens in ``<runtime>/groups/<group>/``; see docs/device.md).
+
 Capability check up front (like mkosi's ``QemuDeviceNode.available()``): ``/dev/vhost-vsock``
 must open read-write. Otherwise the userspace device runs as a child process through its own
 entry point (``python -m vsockrpc.vhost``, :mod:`vsockrpc.vhost.command`). Both of its sockets
@@ -19,12 +23,13 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from vsockrpc.errors import DeviceError, VmError
 from vsockrpc.vhost.paths import BoundPath, listen_unix
 
-__all__ = ["UserspaceDevice", "device_argv", "kernel_vhost_vsock_usable"]
+__all__ = ["UserspaceDevice", "device_argv", "kernel_vhost_vsock_usable", "wants_userspace"]
 
 log = logging.getLogger(__name__)
 STOP_TIMEOUT = 5.0
@@ -39,6 +44,21 @@ def kernel_vhost_vsock_usable() -> bool:
     return True
 
 
+def wants_userspace(groups: Sequence[str]) -> bool:
+    """Whether a VM needs our userspace device: no usable kernel vhost-vsock, or groups (the
+    kernel device cannot route between guests; then this says so, once)."""
+    if not kernel_vhost_vsock_usable():
+        return True
+    if groups:
+        log.warning(
+            "using vsockrpc's userspace vsock device, not the kernel's vhost-vsock: "
+            "only it routes between VMs of a group (%s)",
+            ", ".join(groups),
+        )
+        return True
+    return False
+
+
 def device_argv(
     *,
     vhost_fd: int,
@@ -46,9 +66,11 @@ def device_argv(
     hybrid_fd: int,
     guest_cid: int,
     exit_with_pid: int | None,
+    groups: Sequence[str] = (),
+    groups_dir: Path | None = None,
 ) -> list[str]:
     """The device's command line: inherited sockets, exit when QEMU (and ``exit_with_pid``)
-    goes away."""
+    goes away; with ``groups``, membership under ``groups_dir``."""
     argv = [
         sys.executable,
         "-m",
@@ -65,6 +87,12 @@ def device_argv(
     ]
     if exit_with_pid is not None:
         argv += ["--exit-with-pid", str(exit_with_pid)]
+    if groups:
+        if groups_dir is None:
+            raise ValueError("groups need a groups_dir")
+        argv += ["--groups-dir", str(groups_dir)]
+        for group in groups:
+            argv += ["--group", group]
     return argv
 
 
@@ -83,6 +111,8 @@ class UserspaceDevice:
         log_file: Path,
         detach: bool = False,
         extra_fds: tuple[int, ...] = (),
+        groups: Sequence[str] = (),
+        groups_dir: Path | None = None,
     ) -> None:
         self.vhost_socket = vhost_socket
         self.hybrid_socket = hybrid_socket
@@ -101,6 +131,8 @@ class UserspaceDevice:
                             hybrid_fd=hybrid.fileno(),
                             guest_cid=guest_cid,
                             exit_with_pid=None if detach else os.getpid(),
+                            groups=groups,
+                            groups_dir=groups_dir,
                         ),
                         stdin=subprocess.DEVNULL,
                         stdout=out,
