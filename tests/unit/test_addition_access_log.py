@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import dis
+import logging
 from typing import Any
 
+import pytest
+
+from vsockrpc.addresses import VsockAddress
+from vsockrpc.proto import vsock_service_pb2 as pb
 from vsockrpc.services import addition
 
 
@@ -35,3 +40,25 @@ def test_off_registers_a_servicer_without_any_logging_call() -> None:
     quiet = names_used(addition.AdditionServicer.Addition)
     assert not {"info", "log", "debug"} & quiet
     assert "info" in names_used(addition.LoggingAdditionServicer.Addition)
+
+
+def test_the_line_names_the_caller_when_a_peer_resolver_is_given(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A sibling VM's call shows its own CID (the resolver sees through the relay)."""
+    context = object()
+    seen: list[object] = []
+
+    def peer(ctx: object) -> VsockAddress:
+        seen.append(ctx)
+        return VsockAddress(4, 1025)
+
+    servicer = addition.LoggingAdditionServicer(peer)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger=addition.__name__):
+        reply = servicer.Addition(pb.AdditionRequest(a=5, b=7), context)  # type: ignore[arg-type]
+        addition.LoggingAdditionServicer().Addition(pb.AdditionRequest(a=1, b=2), context)  # type: ignore[arg-type]
+    assert reply.c == 12 and seen == [context]
+    assert [r.getMessage() for r in caplog.records] == [
+        "Addition: 5 + 7 = 12 (from vsock:4:1025)",
+        "Addition: 1 + 2 = 3",
+    ]

@@ -84,7 +84,7 @@ def served(
             return None if credentials is None else credentials.uid
 
         own = [
-            addition.registrar(access_log=access_log),
+            addition.registrar(access_log=access_log, peer=peer_address),
             *agent_services(
                 peer_resolver=peer_address, uid_resolver=peer_uid, sockets=sockets, policy=policy
             ),
