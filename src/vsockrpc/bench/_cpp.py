@@ -1,4 +1,5 @@
-"""Build the C++ Addition server and client (``cpp/``) against the system's grpc++, cached.
+"""Build the C++ Addition server and client (``cpp/``) against the system's grpc++, cached;
+and the relay part's splice relay in C++ (needs only g++).
 
 Optional: needs g++, pkg-config, protoc and grpc_cpp_plugin and the grpc++ development files
 (Debian: ``g++ pkg-config libgrpc++-dev protobuf-compiler-grpc``). Without them the ``rpc`` part
@@ -19,6 +20,7 @@ from vsockrpc.errors import VsockRpcError
 
 HERE = Path(__file__).resolve().parent
 SOURCES = ("addition_server.cc", "addition_client.cc")
+RELAY_SOURCE = "splice_relay.cc"
 PROTO = HERE.parent / "proto" / "vsock_service.proto"
 TOOLS = ("g++", "pkg-config", "protoc", "grpc_cpp_plugin")
 
@@ -44,6 +46,37 @@ def toolchain() -> str:
     gxx = _out(["g++", "--version"]).splitlines()[0]
     grpcpp = _out(["pkg-config", "--modversion", "grpc++"]).strip()
     return f"{gxx}; grpc++ {grpcpp}"
+
+
+def relay_missing() -> str | None:
+    """Why the C++ splice relay cannot be built here, or None when it can."""
+    return None if shutil.which("g++") else "g++ not found (Debian: g++)"
+
+
+def build_relay(progress: Callable[[str], None]) -> Path:
+    """The splice relay executable (``cpp/splice_relay.cc``), compiled now or from the cache."""
+    from vsockrpc.image.cache import cache_root, digest
+
+    source = HERE / "cpp" / RELAY_SOURCE
+    gxx = _out(["g++", "--version"]).splitlines()[0]
+    key = digest({"source": source.read_text(), "toolchain": gxx})
+    final = cache_root() / "bench-relay" / key[:16]
+    exe = final / "splice_relay"
+    if exe.exists():
+        return exe
+    final.parent.mkdir(parents=True, exist_ok=True)
+    progress("compiling the C++ splice relay (once, then cached)")
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix="build-") as tmp:
+        work = Path(tmp)
+        (work / "bin").mkdir()
+        out = work / "bin" / exe.name
+        _compile(["g++", "-O2", "-std=c++17", "-pthread", str(source), "-o", str(out)])
+        try:
+            os.replace(work / "bin", final)
+        except OSError:  # another run finished first: use its binary
+            if not exe.exists():
+                raise
+    return exe
 
 
 def build(progress: Callable[[str], None]) -> tuple[Path, Path]:

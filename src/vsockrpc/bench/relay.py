@@ -3,9 +3,11 @@
 A server process (:mod:`vsockrpc.bench._servers` ``stream``) serves Addition and a byte-stream
 service on a Unix socket. Three channels reach it: ``direct`` (grpcio dials the socket),
 ``relay`` (``rpc.channel(..., relay=True)``: grpcio dials the relay's private socket and the
-relay forwards with splice(2), as it forwards to vsock/hybrid sockets) and ``relay-copy`` (the
-same relay copying through a buffer: the design alternative). Calls and transfers rotate among
-the three so drift from other load hits all alike.
+relay forwards with splice(2), as it forwards to vsock/hybrid sockets), ``relay-copy`` (the
+same relay copying through a buffer: the design alternative) and, where g++ is installed,
+``relay-C++`` (the same hop in C++, ``cpp/splice_relay.cc``: the floor of any relay, since it
+has no interpreter in it). Calls and transfers rotate among them so drift from other load hits
+all alike.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Iterator
 import grpc
 
 from vsockrpc import rpc
-from vsockrpc.bench import _model
+from vsockrpc.bench import _cpp, _model
 from vsockrpc.bench._context import Context, bench_server, server_process
 from vsockrpc.bench._private import Relay
 from vsockrpc.bench._servers import CHUNK, STREAM_SERVICE
@@ -29,6 +31,7 @@ from vsockrpc.transport import unix
 NAME = "relay"
 TITLE = "the grpcio relay hop vs a direct Unix socket"
 PATHS = ("direct", "relay", "relay-copy")
+CPP_RELAY = "relay-C++"
 STREAM = f"/{STREAM_SERVICE}/"
 
 
@@ -77,32 +80,50 @@ def run(ctx: Context) -> _model.PartResult:
     calls, rounds, mib = (300, 2, 8) if ctx.quick else (5000, 6, 64)
     size = mib << 20
     path = str(ctx.workdir / "relay-server.sock")
-    lat: dict[str, list[float]] = {p: [] for p in PATHS}
-    down: dict[str, list[float]] = {p: [] for p in PATHS}
-    up: dict[str, list[float]] = {p: [] for p in PATHS}
+    notes: list[str] = []
+    cpp_missing = _cpp.relay_missing()
+    cpp_relay = None
+    if cpp_missing is None:
+        cpp_relay = _cpp.build_relay(lambda line: ctx.step(NAME, line))
+    else:
+        notes.append(f"no {CPP_RELAY} line: {cpp_missing}")
+    paths = PATHS if cpp_relay is None else (*PATHS, CPP_RELAY)
+    lat: dict[str, list[float]] = {p: [] for p in paths}
+    down: dict[str, list[float]] = {p: [] for p in paths}
+    up: dict[str, list[float]] = {p: [] for p in paths}
     ctx.step(NAME, "starting the server process")
-    with (
-        server_process(bench_server("stream", path), path, "the relay bench server"),
-        rpc.channel(f"unix:{path}") as direct,
-        rpc.channel(f"unix:{path}", relay=True) as relayed,
-        copying_relay_channel(path, str(ctx.workdir / "copy-relay.sock")) as copied,
-    ):
-        channels = {"direct": direct, "relay": relayed, "relay-copy": copied}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            server_process(bench_server("stream", path), path, "the relay bench server")
+        )
+        channels = {
+            "direct": stack.enter_context(rpc.channel(f"unix:{path}")),
+            "relay": stack.enter_context(rpc.channel(f"unix:{path}", relay=True)),
+            "relay-copy": stack.enter_context(
+                copying_relay_channel(path, str(ctx.workdir / "copy-relay.sock"))
+            ),
+        }
+        if cpp_relay is not None:
+            front = str(ctx.workdir / "cpp-relay.sock")
+            stack.enter_context(server_process([str(cpp_relay), front, path], front, CPP_RELAY))
+            channels[CPP_RELAY] = stack.enter_context(grpc.insecure_channel(f"unix:{front}"))
         stubs = {n: pb_grpc.VsockServiceStub(ch) for n, ch in channels.items()}  # type: ignore[no-untyped-call]
         request = pb.AdditionRequest(a=5, b=7)
         for name, ch in channels.items():  # warm up: connect, first-call costs
             for _ in range(min(200, calls)):
                 stubs[name].Addition(request, timeout=10)
             download(ch, 4 * CHUNK)
-        ctx.step(NAME, f"{calls} unary Addition calls per path, rotating {', '.join(PATHS)}")
+        ctx.step(NAME, f"{calls} unary Addition calls per path, rotating {', '.join(paths)}")
         for i in range(calls):
-            for name in PATHS[i % 3 :] + PATHS[: i % 3]:
+            k = i % len(paths)
+            for name in paths[k:] + paths[:k]:
                 start = time.perf_counter()
                 stubs[name].Addition(request, timeout=10)
                 lat[name].append(time.perf_counter() - start)
         for i in range(rounds):
             ctx.step(NAME, f"streamed {mib} MiB each way per path, round {i + 1} of {rounds}")
-            for name in PATHS[i % 3 :] + PATHS[: i % 3]:
+            k = i % len(paths)
+            for name in paths[k:] + paths[:k]:
                 down[name].append(download(channels[name], size))
                 up[name].append(upload(channels[name], size))
     figures = [
@@ -119,7 +140,9 @@ def run(ctx: Context) -> _model.PartResult:
         figures,
         notes=[
             "relay = vsockrpc's relay (splice); relay-copy = the same relay copying through a "
-            "buffer",
-            "server: vsockrpc.rpc.serve in its own process; client: the bench process",
+            "buffer; relay-C++ = the same splice hop in C++ (no Python: the floor of a relay hop)",
+            "server: vsockrpc.rpc.serve in its own process; client: the bench process (the "
+            "Python relays run in it too, as rpc.channel runs them; relay-C++ in its own process)",
+            *notes,
         ],
     )
