@@ -160,7 +160,8 @@ def test_fuzz_forged_packets_do_not_disturb_others(
     assert world.thread.is_alive()
     _roundtrip(world, b"still here")
     # Forged REQUESTs to unknown host ports never create connections.
-    assert set(world.device.muxer.conns) == {(world.stream.peer_port, world.stream.local_port)}
+    legit_key = (HOST_CID, world.stream.peer_port, world.stream.local_port)
+    assert set(world.device.muxer.conns) == {legit_key}
 
 
 @settings(

@@ -6,6 +6,9 @@ The VM launcher and ``vsockrpc device`` both run this (the CLI reuses :func:`add
 gone, watched process gone), 1 when the device cannot run (one line on stderr, a traceback only
 with ``--debug``), 2 on a usage error.
 
+Groups (sibling routing, docs/device.md): ``--group NAME`` (repeatable) with ``--groups-dir DIR``
+makes the guest a member of each group; guests of a shared group connect to each other by CID.
+
 Lifetime flags, for a device that must never outlive its VM:
 
 * ``--exit-on-disconnect``: exit when the vhost-user front-end (QEMU) disconnects — QEMU
@@ -31,7 +34,7 @@ import traceback
 from collections.abc import Sequence
 from types import FrameType
 
-from vsockrpc.errors import DeviceError
+from vsockrpc.errors import BadInputError, DeviceError
 from vsockrpc.vhost.paths import DEFAULT_MODE
 
 __all__ = ["add_arguments", "main", "run"]
@@ -82,6 +85,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="connection cap (default 1023, as Firecracker)",
     )
     parser.add_argument(
+        "--group",
+        metavar="NAME",
+        action="append",
+        type=_group,
+        default=[],
+        help="make the guest a member of group NAME (repeatable): guests of a shared group reach "
+        "each other by CID; without --group the guest reaches the host only",
+    )
+    parser.add_argument(
+        "--groups-dir",
+        metavar="DIR",
+        help="directory of the groups' rendezvous sockets (required with --group; one "
+        "subdirectory per group, mode 0700)",
+    )
+    parser.add_argument(
         "--exit-on-disconnect",
         action="store_true",
         help="exit when the vhost-user front-end (QEMU) disconnects instead of accepting another",
@@ -104,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: `vsockrpc device --help` and the CLI's other commands need none of it.
     from vsockrpc.vhost.device import DEFAULT_BUF_ALLOC, DEFAULT_MAX_CONNECTIONS, VsockDevice
 
+    if args.group and not args.groups_dir:
+        raise BadInputError("--group needs --groups-dir DIR (where group members meet)")
     if args.exit_with_parent:
         _die_with_parent()
     vhost: str | socket.socket = (
@@ -120,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
         socket_mode=args.mode,
         exit_on_disconnect=args.exit_on_disconnect,
         exit_with_pid=args.exit_with_pid,
+        groups=args.group,
+        groups_dir=args.groups_dir,
     ) as device:
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -130,10 +152,11 @@ def run(args: argparse.Namespace) -> int:
         previous = {s: signal.signal(s, on_signal) for s in stop_signals}
         try:
             log.info(
-                "vsock device: vhost-user %s, hybrid %s, guest CID %d",
+                "vsock device: vhost-user %s, hybrid %s, guest CID %d, groups %s",
                 args.socket or f"fd {args.socket_fd}",
                 args.uds,
                 args.cid,
+                ",".join(args.group) or "none",
             )
             device.serve_forever()
         finally:
@@ -155,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return run(args)
+    except BadInputError as err:
+        parser.error(str(err))  # exit 2, like argparse's own usage errors
     except DeviceError as err:
         if args.debug:
             traceback.print_exc()
@@ -207,6 +232,15 @@ def _positive(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
     return value
+
+
+def _group(text: str) -> str:
+    from vsockrpc.vhost.groups import check_group_name
+
+    try:
+        return check_group_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _mode(text: str) -> int:

@@ -1,4 +1,5 @@
-"""One virtio-vsock stream connection between a guest socket and a host Unix socket: its state
+"""One virtio-vsock stream connection between a guest socket and a host Unix socket (a host
+client, or the device of a sibling guest; see :mod:`~vsockrpc.vhost.sibling`): its state
 machine and credit accounting (virtio spec 1.2, 5.10.6.3 "Buffer Space Management").
 
 Credit, both ways, all counters mod 2**32 (5.10.6.3):
@@ -22,6 +23,8 @@ import enum
 import socket
 from collections import deque
 
+from vsockrpc.vhost.packet import HOST_CID
+
 __all__ = ["ConnState", "Connection"]
 
 U32 = 0xFFFFFFFF
@@ -29,6 +32,7 @@ U32 = 0xFFFFFFFF
 
 class ConnState(enum.Enum):
     LOCAL_INIT = "local-init"  # host client asked CONNECT; REQUEST sent, awaiting RESPONSE
+    REMOTE_INIT = "remote-init"  # guest asked for a sibling; awaiting the other device's OK
     ESTABLISHED = "established"
     CLOSING = "closing"  # guest sent SHUTDOWN RCV|SEND: flushing pending_out, then RST
     CLOSED = "closed"
@@ -50,6 +54,7 @@ class Connection:
         "host_readable",
         "key",
         "last_fwd_cnt_sent",
+        "local_cid",
         "local_port",
         "peer_buf_alloc",
         "peer_fwd_cnt",
@@ -72,12 +77,18 @@ class Connection:
         peer_port: int,
         state: ConnState,
         buf_alloc: int,
+        *,
+        local_cid: int = HOST_CID,
     ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.local_port = local_port  # host-side port (CID 2)
+        # The device side's address as the guest sees it: CID 2 for host connections, the
+        # sibling's CID for a connection to another guest of a shared group (src_cid of
+        # every packet we write for this connection).
+        self.local_cid = local_cid
+        self.local_port = local_port  # device-side port
         self.peer_port = peer_port  # guest-side port
-        self.key = (local_port, peer_port)
+        self.key = (local_cid, local_port, peer_port)
         self.state = state
         # guest → host accounting (ours)
         self.buf_alloc = buf_alloc

@@ -15,6 +15,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from types import TracebackType
 
 from vsockrpc.errors import DeviceError, ProtocolError
@@ -25,6 +26,7 @@ from vsockrpc.vhost.packet import RESERVED_CIDS
 from vsockrpc.vhost.paths import DEFAULT_MODE, BoundPath, listen_unix
 from vsockrpc.vhost.reactor import ERR, IN, Reactor
 from vsockrpc.vhost.session import RX_QUEUE, TX_QUEUE, SessionState, StateError, VhostUserSession
+from vsockrpc.vhost.sibling import open_hub
 from vsockrpc.vhost.virtqueue import Virtqueue
 
 __all__ = ["SessionState", "StateError", "VsockDevice"]
@@ -45,6 +47,10 @@ class VsockDevice(VhostUserSession):
     ``uds_path``. Socket files the device binds get ``socket_mode`` and are removed at close only
     if they are still the files it bound.
 
+    ``groups`` (with ``groups_dir``) makes the guest a member of those groups: it can connect to
+    the guests of the same groups by CID and they to it (sibling routing, :mod:`~.sibling`);
+    without groups the guest reaches the host only.
+
     Lifetime: ``exit_on_disconnect`` ends :meth:`serve_forever` when the first front-end (QEMU)
     disconnects instead of waiting for the next one; ``exit_with_pid`` ends it when that process
     exits (watched through a pidfd). Either way the device's QEMU going away stops it.
@@ -62,6 +68,8 @@ class VsockDevice(VhostUserSession):
         socket_mode: int = DEFAULT_MODE,
         exit_on_disconnect: bool = False,
         exit_with_pid: int | None = None,
+        groups: Sequence[str] = (),
+        groups_dir: str | None = None,
     ) -> None:
         if guest_cid in RESERVED_CIDS or not 0 < guest_cid < 0xFFFFFFFF:
             raise DeviceError(f"guest CID {guest_cid} is reserved or out of range (use >= 3)")
@@ -110,6 +118,13 @@ class VsockDevice(VhostUserSession):
         self._features = 0
         self._protocol_features = 0
         self.sessions = 0  # front-ends served so far (for tests and logs)
+        try:
+            self.muxer.siblings = open_hub(
+                self.reactor, groups_dir, groups, guest_cid, self.muxer.on_sibling
+            )
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> VsockDevice:
@@ -175,6 +190,8 @@ class VsockDevice(VhostUserSession):
             gone = "the watched process exited"
             reactor.register(self._pidfd, IN, lambda _m: self._stop_for(gone))
         muxer = self.muxer
+        if muxer.siblings is not None:
+            muxer.siblings.start()
         try:
             monotonic = time.monotonic
             while not self._stop_requested:
@@ -202,6 +219,8 @@ class VsockDevice(VhostUserSession):
             reactor.unregister(self._uds.fileno())
             if self._pidfd is not None:
                 reactor.unregister(self._pidfd)
+            if muxer.siblings is not None:
+                muxer.siblings.stop()
             self._disconnect()
             self._serving.clear()
             self._served.set()

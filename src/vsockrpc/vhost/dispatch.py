@@ -2,9 +2,15 @@
 Operation"), parsed once and handled by op through a table (:data:`OP_HANDLERS`).
 
 Validation order, before any connection is touched: the header is copied out once (the guest may
-change its memory under us); ``dst_cid`` must be the host and ``src_cid`` the guest (5.10.6.1);
-``len`` must fit the chain and 64 KiB; the type must be STREAM. A packet for no connection is a
-REQUEST (guest-initiated connect) or answered with RST; RST is never answered with RST.
+change its memory under us); ``src_cid`` must be the guest's (5.10.6.1) and ``dst_cid`` the host
+or another guest's CID (0, 1, ``VMADDR_CID_ANY``, the guest's own and CIDs beyond 32 bits are
+dropped); ``len`` must fit the chain and 64 KiB; the type must be STREAM. A packet for no
+connection is a REQUEST (guest-initiated connect: to the host, or to a sibling in a shared
+group, :mod:`~vsockrpc.vhost.routes`) or answered with RST; RST is never answered with RST.
+
+``VMADDR_FLAG_TO_HOST`` (Linux ``struct sockaddr_vm.svm_flags``) only picks the guest's transport
+(this virtio device rather than a nested vhost one); it is not in the packet header, so a
+guest's packets to CID 2 reach the host and packets to CID ≥ 3 are sibling traffic, flag or not.
 """
 
 from __future__ import annotations
@@ -15,10 +21,11 @@ from collections.abc import Callable
 
 from vsockrpc.vhost import packet
 from vsockrpc.vhost.connection import Connection, ConnState
-from vsockrpc.vhost.flow import FlowControl
 from vsockrpc.vhost.hybrid import CONNECT_TIMEOUT, HybridHost
 from vsockrpc.vhost.packet import HDR, HDR_SIZE, HOST_CID, Op
+from vsockrpc.vhost.routes import SiblingRoutes
 from vsockrpc.vhost.segments import skip, truncate
+from vsockrpc.vhost.sibling import OK_LINE
 from vsockrpc.vhost.virtqueue import Virtqueue
 
 __all__ = ["OP_HANDLERS", "GuestDispatch"]
@@ -26,7 +33,10 @@ __all__ = ["OP_HANDLERS", "GuestDispatch"]
 log = logging.getLogger(__name__)
 
 
-class GuestDispatch(FlowControl):
+_U32 = 0xFFFFFFFF
+
+
+class GuestDispatch(SiblingRoutes):
     """Consumes the tx ring and applies each guest packet to its connection."""
 
     host: HybridHost  # set by the muxer: where guest-initiated connections go
@@ -59,27 +69,36 @@ class GuestDispatch(FlowControl):
             hdr = HDR.unpack(raw)
             body_segments = skip(segments, HDR_SIZE)
         src_cid, dst_cid, src_port, dst_port, length, ptype, op, flags, buf_alloc, fwd_cnt = hdr
-        # 5.10.6.1: the device drops packets not addressed host-wards from the guest's own CID.
-        if dst_cid != HOST_CID or src_cid != self.guest_cid:
+        # 5.10.6.1: the device drops packets that do not come from the guest's own CID; we also
+        # drop those to no routable CID (a sibling is any CID >= 3 but the guest's own).
+        if src_cid != self.guest_cid:
             return
-        key = (dst_port, src_port)
+        if dst_cid != HOST_CID and (not HOST_CID < dst_cid < _U32 or dst_cid == src_cid):
+            return
+        key = (dst_cid, dst_port, src_port)
         if length > sum(len(s) for s in body_segments) or length > packet.MAX_PAYLOAD:
             if op != Op.RST:
-                self._stateless_rst(dst_port, src_port)
+                self._stateless_rst(dst_port, src_port, dst_cid)
             conn = self.conns.get(key)
             if conn is not None:
                 self._drop(conn)
             return
         if ptype != packet.TYPE_STREAM:
             if op != Op.RST:
-                self._stateless_rst(dst_port, src_port)
+                self._stateless_rst(dst_port, src_port, dst_cid)
             return
         conn = self.conns.get(key)
         if conn is None:
             if op == Op.REQUEST:
-                self._guest_connect(dst_port, src_port, buf_alloc, fwd_cnt)
+                if dst_cid == HOST_CID:
+                    self._guest_connect(dst_port, src_port, buf_alloc, fwd_cnt)
+                else:
+                    self._sibling_connect(dst_cid, dst_port, src_port, buf_alloc, fwd_cnt)
             elif op != Op.RST:  # never answer RST with RST
-                self._stateless_rst(dst_port, src_port)
+                self._stateless_rst(dst_port, src_port, dst_cid)
+            return
+        if conn.state is ConnState.REMOTE_INIT and op != Op.RST:
+            self._reset_conn(conn)  # only RST is legal before our RESPONSE
             return
         self._take_peer_credit(conn, buf_alloc, fwd_cnt)
         OP_HANDLERS.get(op, GuestDispatch._on_bad_op)(self, conn, flags, body_segments, length)
@@ -100,7 +119,8 @@ class GuestDispatch(FlowControl):
         conn.state = ConnState.ESTABLISHED
         conn.deadline = None
         self._deadlines.pop(conn, None)
-        reply = f"OK {conn.local_port}\n".encode()
+        # A host client learns its port; a sibling's device just needs the go-ahead.
+        reply = OK_LINE if conn.local_cid != HOST_CID else f"OK {conn.local_port}\n".encode()
         conn.pending_out.append(reply)
         conn.pending_bytes += len(reply)
         conn.rx_cnt = conn.fwd_cnt = 0  # the OK line is not guest payload

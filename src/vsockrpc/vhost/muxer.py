@@ -7,6 +7,8 @@ Firecracker ``docs/vsock.md`` and rust-vmm vhost-device-vsock).
   the client without a message.
 * Guest-initiated to CID 2 port P: we connect to ``<uds_path>_P``; RESPONSE on success, RST at
   once when nothing listens there.
+* Guest-initiated to another guest's CID, and other guests' devices connecting to ours: sibling
+  connections within shared groups (:mod:`~vsockrpc.vhost.routes`, :mod:`~vsockrpc.vhost.sibling`).
 
 The data path, per loop pass (:meth:`Muxer.run_pass`): consume the tx ring (guest packets,
 :mod:`~vsockrpc.vhost.dispatch`; payload written straight from guest memory to the host socket,
@@ -56,10 +58,6 @@ class Muxer(GuestDispatch, RxFill):
         self.rx_kicked = False
 
     # ================================================================ attach / detach
-    @property
-    def running(self) -> bool:
-        return self.rx is not None and self.tx is not None and self.rx.ready and self.tx.ready
-
     def attach(self, rx: Virtqueue, tx: Virtqueue) -> None:
         self.rx, self.tx = rx, tx
         self.tx_kicked = self.rx_kicked = True  # scan both once: buffers may predate any kick
@@ -71,6 +69,8 @@ class Muxer(GuestDispatch, RxFill):
     def close(self) -> None:
         self.reset()
         self.host.close()
+        if self.siblings is not None:
+            self.siblings.close()
 
     # ================================================================ host-initiated
     def on_listener(self, listener: socket.socket) -> None:
@@ -89,14 +89,16 @@ class Muxer(GuestDispatch, RxFill):
 
     # ================================================================ timers
     def has_timers(self) -> bool:
-        return bool(self._deadlines or self._credit_waiters or self.host.has_timers())
+        siblings = self.siblings is not None and self.siblings.has_timers()
+        return bool(self._deadlines or self._credit_waiters or self.host.has_timers() or siblings)
 
     def next_deadline(self) -> float | None:
         times = [c.deadline for c in self._deadlines if c.deadline is not None]
         times += [c.credit_stall for c in self._credit_waiters if c.credit_stall is not None]
-        pending = self.host.next_deadline()
-        if pending is not None:
-            times.append(pending)
+        for pending in (self.host, self.siblings):
+            when = pending.next_deadline() if pending is not None else None
+            if when is not None:
+                times.append(when)
         return min(times) if times else None
 
     def expire(self, now: float) -> None:
@@ -105,6 +107,8 @@ class Muxer(GuestDispatch, RxFill):
             log.debug("connection %s timed out in %s", conn.key, conn.state.value)
             self._reset_conn(conn)
         self.host.expire(now)
+        if self.siblings is not None:
+            self.siblings.expire(now)
 
     # ================================================================ the pass
     def has_work(self) -> bool:

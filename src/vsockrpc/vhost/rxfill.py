@@ -10,7 +10,7 @@ from __future__ import annotations
 from vsockrpc.vhost import packet
 from vsockrpc.vhost.connection import Connection
 from vsockrpc.vhost.flow import FlowControl
-from vsockrpc.vhost.packet import HDR, HDR_SIZE, HOST_CID, Op
+from vsockrpc.vhost.packet import HDR, HDR_SIZE, Op
 from vsockrpc.vhost.segments import scatter, skip, truncate
 from vsockrpc.vhost.virtqueue import Chain, Virtqueue
 
@@ -58,7 +58,7 @@ class RxFill(FlowControl):
                     rx,
                     chain,
                     packet.pack(
-                        HOST_CID,
+                        conn.local_cid,
                         self.guest_cid,
                         conn.local_port,
                         conn.peer_port,
@@ -148,7 +148,7 @@ class RxFill(FlowControl):
             HDR.pack_into(
                 segments[0],
                 0,
-                HOST_CID,
+                conn.local_cid,
                 self.guest_cid,
                 conn.local_port,
                 conn.peer_port,
@@ -202,7 +202,7 @@ class RxFill(FlowControl):
             HDR.pack_into(
                 first,
                 0,
-                HOST_CID,
+                conn.local_cid,
                 self.guest_cid,
                 conn.local_port,
                 conn.peer_port,
@@ -217,7 +217,7 @@ class RxFill(FlowControl):
             scatter(
                 segments,
                 packet.pack(
-                    HOST_CID,
+                    conn.local_cid,
                     self.guest_cid,
                     conn.local_port,
                     conn.peer_port,
@@ -241,13 +241,13 @@ class RxFill(FlowControl):
         self._readable.pop(conn, None)
         if n < 0:  # reset by the host side
             hdr = packet.pack(
-                HOST_CID, self.guest_cid, conn.local_port, conn.peer_port, 0, Op.RST, 0, 0, 0
+                conn.local_cid, self.guest_cid, conn.local_port, conn.peer_port, 0, Op.RST, 0, 0, 0
             )
             self._drop(conn)
         else:  # EOF: the host will send no more (SHUTDOWN SEND; the guest's recv → 0)
             conn.host_eof = True
             hdr = packet.pack(
-                HOST_CID,
+                conn.local_cid,
                 self.guest_cid,
                 conn.local_port,
                 conn.peer_port,

@@ -28,7 +28,8 @@ MAX_STATELESS_RST = 1024  # RSTs for packets that match no connection, waiting f
 
 
 class ConnectionTable:
-    """Connections keyed by ``(local_port, peer_port)`` and the per-pass work sets."""
+    """Connections keyed by ``(local_cid, local_port, peer_port)`` (host connections have
+    ``local_cid`` 2, sibling ones the other guest's CID) and the per-pass work sets."""
 
     def __init__(self, reactor: Reactor, guest_cid: int, *, buf_alloc: int) -> None:
         self.reactor = reactor
@@ -36,13 +37,15 @@ class ConnectionTable:
         self.buf_alloc = buf_alloc
         self.rx: Virtqueue | None = None
         self.tx: Virtqueue | None = None
-        self.conns: dict[tuple[int, int], Connection] = {}
+        self.conns: dict[tuple[int, int, int], Connection] = {}
+        self.sibling_counts: dict[int, int] = {}  # sibling CID → its connections here
         # Ordered sets (dicts): the work a pass does, each entry at most once.
         self._readable: dict[Connection, None] = {}  # host sockets with data for the guest
         self._ctl_conns: dict[Connection, None] = {}  # connections with control packets due
         self._writable: dict[Connection, None] = {}  # pending_out to flush to the host
         self._deadlines: dict[Connection, None] = {}  # LOCAL_INIT / CLOSING timeouts
         self._credit_waiters: dict[Connection, None] = {}  # stalled for credit (credit_stall)
+        self._sibling_pending: dict[Connection, bytes] = {}  # REMOTE_INIT: OK line so far
         self._stateless: deque[bytes] = deque()  # RST headers for unknown connections
         self._held_rx: deque[Chain] = deque()  # popped rx chains we could not fill yet
         self._next_port = itertools.count()
@@ -63,21 +66,38 @@ class ConnectionTable:
         self._writable.clear()
         self._deadlines.clear()
         self._credit_waiters.clear()
+        self._sibling_pending.clear()
+        self.sibling_counts.clear()
 
     def alloc_port(self, peer_port: int) -> int:
         span = LOCAL_PORT_END - LOCAL_PORT_FIRST
         while True:
             port = LOCAL_PORT_FIRST + next(self._next_port) % span
-            if (port, peer_port) not in self.conns:
+            if (HOST_CID, port, peer_port) not in self.conns:
                 return port
+
+    @property
+    def running(self) -> bool:
+        return self.rx is not None and self.tx is not None and self.rx.ready and self.tx.ready
 
     def _add(self, conn: Connection) -> None:
         self.conns[conn.key] = conn
+        if conn.local_cid != HOST_CID:
+            self.sibling_counts[conn.local_cid] = self.sibling_counts.get(conn.local_cid, 0) + 1
+        self._watch(conn)
+
+    def _watch(self, conn: Connection) -> None:
+        """The data path's registration of a connection's socket: once, edge-triggered."""
         self.reactor.register(conn.fd, IN | OUT | ERR | ET, lambda mask: self._on_host(conn, mask))
 
     def _drop(self, conn: Connection) -> None:
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
+            cid = conn.local_cid
+            if cid != HOST_CID:
+                left = self.sibling_counts.pop(cid, 1) - 1
+                if left > 0:
+                    self.sibling_counts[cid] = left
         self.reactor.unregister(conn.fd)
         conn.close_socket()
         self._readable.pop(conn, None)
@@ -85,16 +105,17 @@ class ConnectionTable:
         self._writable.pop(conn, None)
         self._deadlines.pop(conn, None)
         self._credit_waiters.pop(conn, None)
+        self._sibling_pending.pop(conn, None)
 
     def _reset_conn(self, conn: Connection) -> None:
         """Tell the guest RST and forget the connection."""
-        self._stateless_rst(conn.local_port, conn.peer_port)
+        self._stateless_rst(conn.local_port, conn.peer_port, conn.local_cid)
         self._drop(conn)
 
-    def _stateless_rst(self, local_port: int, peer_port: int) -> None:
+    def _stateless_rst(self, local_port: int, peer_port: int, local_cid: int = HOST_CID) -> None:
         if len(self._stateless) < MAX_STATELESS_RST:
             self._stateless.append(
-                packet.pack(HOST_CID, self.guest_cid, local_port, peer_port, 0, Op.RST, 0, 0, 0)
+                packet.pack(local_cid, self.guest_cid, local_port, peer_port, 0, Op.RST, 0, 0, 0)
             )
 
     def _queue_ctl(self, conn: Connection, op: int, flags: int = 0) -> None:

@@ -28,7 +28,7 @@ The driver is single-threaded: call :meth:`GuestDriver.pump` (or a method that p
 
 from __future__ import annotations
 
-from vsockrpc.vhost.testing.driver import GuestDriver, serving
+from vsockrpc.vhost.testing.driver import GuestDriver, pump_all, serving, wait_all
 from vsockrpc.vhost.testing.rings import RxLayout
 from vsockrpc.vhost.testing.stack import GuestListener, GuestStream, Packet
 
@@ -38,5 +38,7 @@ __all__ = [
     "GuestStream",
     "Packet",
     "RxLayout",
+    "pump_all",
     "serving",
+    "wait_all",
 ]

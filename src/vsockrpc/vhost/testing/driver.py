@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -17,7 +18,7 @@ from vsockrpc.vhost.testing.frontend import VhostFrontend
 from vsockrpc.vhost.testing.rings import RxLayout
 from vsockrpc.vhost.testing.stack import GuestListener, GuestStream, GuestVsock, Packet
 
-__all__ = ["GuestDriver", "serving"]
+__all__ = ["GuestDriver", "pump_all", "serving", "wait_all"]
 
 
 @contextlib.contextmanager
@@ -74,7 +75,7 @@ class GuestDriver(GuestVsock, VhostFrontend):
         self.config_cid: int | None = None
         self.packets: deque[Packet] = deque()  # packets no stream or listener took
         self.listeners: dict[int, GuestListener] = {}
-        self.streams: dict[tuple[int, int], GuestStream] = {}
+        self.streams: dict[tuple[int, int, int], GuestStream] = {}
         self._next_port = 50000
         self._ctl: deque[bytes] = deque()  # control headers to send
 
@@ -107,3 +108,31 @@ class GuestDriver(GuestVsock, VhostFrontend):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def pump_all(drivers: Sequence[GuestDriver], timeout: float = 0.0) -> int:
+    """One pass of every driver (several guests driven by one thread, e.g. two guests of a
+    group); waits up to ``timeout`` for any of their call notifications when nothing moved."""
+    got = sum(d.pump() for d in drivers)
+    if got or timeout <= 0:
+        return got
+    poller = select.poll()
+    for driver in drivers:
+        for fd in driver.call:
+            poller.register(fd, select.POLLIN)
+    for fd, _ in poller.poll(timeout * 1000):
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(fd)
+    return sum(d.pump() for d in drivers)
+
+
+def wait_all(
+    drivers: Sequence[GuestDriver], predicate: Callable[[], bool], timeout: float, what: str = ""
+) -> None:
+    """Pump every driver until ``predicate()``; TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"guest drivers: timed out waiting for {what or predicate}")
+        pump_all(drivers, min(remaining, 0.02))

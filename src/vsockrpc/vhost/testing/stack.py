@@ -51,10 +51,18 @@ class GuestListener:
 class GuestStream:
     """One guest-side stream socket, with Linux-like credit behaviour."""
 
-    def __init__(self, driver: GuestVsock, local_port: int, peer_port: int, buf_alloc: int) -> None:
+    def __init__(
+        self,
+        driver: GuestVsock,
+        local_port: int,
+        peer_port: int,
+        buf_alloc: int,
+        peer_cid: int = HOST_CID,
+    ) -> None:
         self.driver = driver
         self.local_port = local_port
         self.peer_port = peer_port
+        self.peer_cid = peer_cid  # the host, or a sibling guest
         self.state = StreamState.CONNECTING
         self.buf_alloc = buf_alloc
         self.fwd_cnt = 0  # bytes the app consumed
@@ -122,7 +130,7 @@ class GuestVsock(DriverRings):
     buf_alloc: int
     packets: deque[Packet]  # packets no stream or listener took
     listeners: dict[int, GuestListener]
-    streams: dict[tuple[int, int], GuestStream]
+    streams: dict[tuple[int, int, int], GuestStream]  # (peer_cid, local_port, peer_port)
     _next_port: int
     _ctl: deque[bytes]  # control headers to send
 
@@ -170,15 +178,20 @@ class GuestVsock(DriverRings):
         self.wait_for(lambda: bool(listener.backlog), timeout, "accept")
         return listener.backlog.popleft()
 
-    def connect(self, port: int, timeout: float = 5.0) -> GuestStream:
-        """connect() to CID 2 ``port``; raises ConnectionRefusedError on RST."""
-        self._next_port += 1
-        stream = GuestStream(self, self._next_port, port, self.buf_alloc)
-        self.streams[(stream.local_port, port)] = stream
-        self._control(stream, Op.REQUEST)
+    def connect(self, port: int, timeout: float = 5.0, *, cid: int = HOST_CID) -> GuestStream:
+        """connect() to ``cid`` (the host by default) ``port``; ConnectionRefusedError on RST."""
+        stream = self.connect_start(port, cid=cid)
         self.wait_for(lambda: stream.state is not StreamState.CONNECTING, timeout, "connect")
         if stream.state is not StreamState.ESTABLISHED:
-            raise ConnectionRefusedError(f"host port {port} refused (RST)")
+            raise ConnectionRefusedError(f"CID {cid} port {port} refused (RST)")
+        return stream
+
+    def connect_start(self, port: int, *, cid: int = HOST_CID) -> GuestStream:
+        """Send the REQUEST of a connect() and return at once (pump to complete it)."""
+        self._next_port += 1
+        stream = GuestStream(self, self._next_port, port, self.buf_alloc, cid)
+        self.streams[(cid, stream.local_port, port)] = stream
+        self._control(stream, Op.REQUEST)
         return stream
 
     def _control(self, stream: GuestStream, op: int, flags: int = 0) -> None:
@@ -187,7 +200,7 @@ class GuestVsock(DriverRings):
         self._ctl.append(
             HDR.pack(
                 self.guest_cid,
-                HOST_CID,
+                stream.peer_cid,
                 stream.local_port,
                 stream.peer_port,
                 0,
@@ -250,21 +263,22 @@ class GuestVsock(DriverRings):
         return count
 
     def _on_packet(self, hdr: tuple[int, ...], body: memoryview) -> None:
-        _src_cid, _dst_cid, src_port, dst_port, length, _ptype, op, flags, buf_alloc, fwd_cnt = hdr
-        stream = self.streams.get((dst_port, src_port))
+        src_cid, _dst_cid, src_port, dst_port, length, _ptype, op, flags, buf_alloc, fwd_cnt = hdr
+        key = (src_cid, dst_port, src_port)
+        stream = self.streams.get(key)
         if stream is None:
             listener = self.listeners.get(dst_port)
             if op == Op.REQUEST and listener is not None:
-                stream = GuestStream(self, dst_port, src_port, self.buf_alloc)
+                stream = GuestStream(self, dst_port, src_port, self.buf_alloc, src_cid)
                 stream.peer_buf_alloc, stream.peer_fwd_cnt = buf_alloc, fwd_cnt
                 stream.state = StreamState.ESTABLISHED
-                self.streams[(dst_port, src_port)] = stream
+                self.streams[key] = stream
                 self._control(stream, Op.RESPONSE)
                 listener.backlog.append(stream)
                 return
             if op == Op.REQUEST:  # nobody listens on that guest port: Linux answers RST
                 self._ctl.append(
-                    HDR.pack(self.guest_cid, HOST_CID, dst_port, src_port, 0, 1, Op.RST, 0, 0, 0)
+                    HDR.pack(self.guest_cid, src_cid, dst_port, src_port, 0, 1, Op.RST, 0, 0, 0)
                 )
             self.packets.append(_packet(hdr, bytes(body[:length])))
             return
@@ -284,7 +298,7 @@ class GuestVsock(DriverRings):
         elif op == Op.RST:
             stream.reset = True
             stream.state = StreamState.CLOSED
-            del self.streams[(dst_port, src_port)]
+            del self.streams[key]
         elif op == Op.SHUTDOWN:
             stream.peer_shutdown |= flags
         elif op == Op.CREDIT_REQUEST:
@@ -308,7 +322,7 @@ class GuestVsock(DriverRings):
                 stream.last_fwd_cnt_sent = stream.fwd_cnt
                 hdr = HDR.pack(
                     self.guest_cid,
-                    HOST_CID,
+                    stream.peer_cid,
                     stream.local_port,
                     stream.peer_port,
                     n,

@@ -1,0 +1,306 @@
+"""Sibling routing: two devices of one group, each with its test-driver guest, in this process
+(one thread per device). Guest A (CID 5) connects to guest B (CID 6) by CID; a third device
+(CID 7) belongs to another group. docs/device.md, "Sibling routing"."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from vsockrpc.vhost import VsockDevice
+from vsockrpc.vhost.packet import SHUTDOWN_SEND, Op
+from vsockrpc.vhost.testing import GuestDriver, GuestStream, pump_all, serving, wait_all
+
+A, B, C = 5, 6, 7
+GROUP = "g"
+PORT = 9000
+MiB = 1 << 20
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@dataclass
+class Pair:
+    groups_dir: str
+    dev_a: VsockDevice
+    dev_b: VsockDevice
+    guest_a: GuestDriver
+    guest_b: GuestDriver
+
+    @property
+    def guests(self) -> list[GuestDriver]:
+        return [self.guest_a, self.guest_b]
+
+    def wait(self, predicate: object, timeout: float = 10, what: str = "") -> None:
+        wait_all(self.guests, predicate, timeout, what)  # type: ignore[arg-type]
+
+    def pump(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pump_all(self.guests, 0.01)
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    d = tempfile.mkdtemp(prefix="vsib", dir="/tmp")
+    groups = os.path.join(d, "groups")
+    try:
+        with contextlib.ExitStack() as stack:
+            devs, guests = [], []
+            for cid, group in ((A, GROUP), (B, GROUP), (C, "other")):
+                vpath = os.path.join(d, f"v{cid}")
+                dev = stack.enter_context(
+                    VsockDevice(
+                        vhost_socket=vpath,
+                        uds_path=os.path.join(d, f"u{cid}"),
+                        guest_cid=cid,
+                        groups=[group],
+                        groups_dir=groups,
+                    )
+                )
+                stack.enter_context(serving(dev))
+                devs.append(dev)
+                if cid != C:  # C's guest never boots: nothing may reach it anyway
+                    guest = stack.enter_context(GuestDriver(vpath, guest_cid=cid))
+                    guest.boot()
+                    guests.append(guest)
+            yield Pair(groups, devs[0], devs[1], guests[0], guests[1])
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def connect(p: Pair, port: int = PORT, cid: int = B) -> tuple[GuestStream, GuestStream]:
+    """Guest A connects to ``cid:port`` (B listening there); both ends."""
+    listener = p.guest_b.listeners.get(port) or p.guest_b.listen(port)
+    a = p.guest_a.connect_start(port, cid=cid)
+    p.wait(lambda: a.state.value != "connecting", 10, "A's connect")
+    assert a.state.value == "established", "sibling connect was refused"
+    p.wait(lambda: bool(listener.backlog), 5, "B's accept")
+    return a, listener.backlog.popleft()
+
+
+def refused_quickly(p: Pair, cid: int, port: int = PORT) -> float:
+    start = time.monotonic()
+    stream = p.guest_a.connect_start(port, cid=cid)
+    p.wait(lambda: stream.state.value != "connecting", 5, "refusal")
+    assert stream.reset and stream.state.value == "closed"
+    return time.monotonic() - start
+
+
+def test_guest_a_reaches_guest_b_by_cid_and_b_sees_a_real_cid(pair: Pair) -> None:
+    a, b = connect(pair)
+    assert (b.peer_cid, b.peer_port) == (A, a.local_port)  # A's real address, not CID 2
+    assert (a.peer_cid, a.peer_port) == (B, PORT)
+    a.send(b"ping")
+    pair.wait(lambda: len(b.rxbuf) >= 4, 5, "ping")
+    assert b.recv() == b"ping"
+    b.send(b"pong")
+    pair.wait(lambda: len(a.rxbuf) >= 4, 5, "pong")
+    assert a.recv() == b"pong"
+    # Each device keys the stream by the other guest's CID, beside any host connections.
+    assert set(pair.dev_a.muxer.conns) == {(B, PORT, a.local_port)}
+    assert set(pair.dev_b.muxer.conns) == {(A, a.local_port, PORT)}
+
+
+def test_four_mib_each_way_checksummed_with_credit_flow(pair: Pair) -> None:
+    a, b = connect(pair)
+    size = 4 * MiB
+    payload_a = os.urandom(size)
+    payload_b = os.urandom(size)
+    a.send(payload_a)
+    b.send(payload_b)
+    got_a, got_b = hashlib.sha256(), hashlib.sha256()
+    counts = [0, 0]
+
+    def drained() -> bool:
+        for i, (stream, digest) in enumerate(((a, got_a), (b, got_b))):
+            data = stream.recv()
+            digest.update(data)
+            counts[i] += len(data)
+        # Credit: neither device ever holds more than its buf_alloc for a stream.
+        for dev in (pair.dev_a, pair.dev_b):
+            for conn in dev.muxer.conns.values():
+                assert conn.pending_bytes <= conn.buf_alloc
+        return counts == [size, size]
+
+    pair.wait(drained, 90, "4 MiB each way")
+    assert got_a.digest() == hashlib.sha256(payload_b).digest()
+    assert got_b.digest() == hashlib.sha256(payload_a).digest()
+
+
+def test_half_close_is_honoured_both_ways(pair: Pair) -> None:
+    a, b = connect(pair)
+    a.send(b"last words")
+    a.shutdown(SHUTDOWN_SEND)
+    pair.wait(lambda: bool(b.peer_shutdown & SHUTDOWN_SEND), 5, "B sees A's EOF")
+    assert b.recv() == b"last words"
+    b.send(b"still talking")  # B's direction stays open
+    pair.wait(lambda: len(a.rxbuf) >= 13, 5, "B → A after A's half-close")
+    assert a.recv() == b"still talking" and not a.eof
+    b.shutdown(SHUTDOWN_SEND)
+    pair.wait(lambda: a.eof, 5, "A sees B's EOF")
+    a.close()
+    b.close()
+    pair.wait(lambda: not pair.dev_a.muxer.conns and not pair.dev_b.muxer.conns, 10, "both closed")
+
+
+@pytest.mark.parametrize("resetter", ["a", "b"])
+def test_reset_is_honoured_both_ways(pair: Pair, resetter: str) -> None:
+    a, b = connect(pair)
+    mine, theirs = (a, b) if resetter == "a" else (b, a)
+    guest = pair.guest_a if resetter == "a" else pair.guest_b
+    other_cid = B if resetter == "a" else A
+    guest.send_packet(Op.RST, mine.local_port, mine.peer_port, dst_cid=other_cid)
+    del guest.streams[(other_cid, mine.local_port, mine.peer_port)]
+    own_dev = pair.dev_a if resetter == "a" else pair.dev_b
+    other_dev = pair.dev_b if resetter == "a" else pair.dev_a
+    pair.wait(lambda: not own_dev.muxer.conns, 5, "the resetting side forgets the stream")
+    # The other guest's stream ends: EOF at once, and RST on its next send.
+    pair.wait(lambda: theirs.eof, 5, "the other side sees the end")
+    theirs.send(b"anyone?")
+    pair.wait(lambda: theirs.reset, 5, "the other side is reset")
+    pair.wait(lambda: not other_dev.muxer.conns, 5, "the other device forgets it too")
+
+
+def test_no_listener_on_b_gives_a_prompt_rst(pair: Pair) -> None:
+    assert refused_quickly(pair, B, port=4444) < 1.0
+    pair.pump(0.05)
+    assert not pair.dev_a.muxer.conns and not pair.dev_b.muxer.conns
+
+
+@pytest.mark.parametrize("cid", [C, 99])
+def test_cid_outside_the_groups_is_refused_at_once_and_logged(
+    pair: Pair, caplog: pytest.LogCaptureFixture, cid: int
+) -> None:
+    with caplog.at_level(logging.INFO, logger="vsockrpc.vhost"):
+        assert refused_quickly(pair, cid) < 1.0
+    assert f"guest CID {A} → CID {cid} port {PORT}: not in a shared group, refused" in caplog.text
+    assert not pair.dev_a.muxer.conns
+
+
+def test_an_isolated_guest_is_refused_at_once() -> None:
+    d = tempfile.mkdtemp(prefix="viso", dir="/tmp")
+    try:
+        vpath = os.path.join(d, "v")
+        with (
+            VsockDevice(vhost_socket=vpath, uds_path=os.path.join(d, "u"), guest_cid=A) as dev,
+            serving(dev),
+            GuestDriver(vpath, guest_cid=A) as guest,
+        ):
+            guest.boot()
+            start = time.monotonic()
+            with pytest.raises(ConnectionRefusedError):
+                guest.connect(PORT, cid=B)
+            assert time.monotonic() - start < 1.0
+            assert not dev.muxer.conns
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_forged_src_cid_from_guest_a_is_dropped(pair: Pair) -> None:
+    listener = pair.guest_b.listen(PORT)
+    for forged in (C, B, 2, 0):
+        pair.guest_a.send_packet(Op.REQUEST, 40000 + forged, PORT, src_cid=forged, dst_cid=B)
+    pair.pump(0.3)
+    assert not listener.backlog
+    assert not pair.dev_a.muxer.conns and not pair.dev_b.muxer.conns
+    assert not pair.guest_a.packets  # dropped: not even an RST
+
+
+def _hand_handshake(p: Pair, line: bytes) -> bytes:
+    """Dial B's group socket by hand, send ``line``, return what comes back before EOF."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(os.path.join(p.groups_dir, GROUP, f"{B}.sock"))
+        s.sendall(line)
+        got = b""
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            pump_all(p.guests, 0.01)
+            s.settimeout(0.01)
+            try:
+                chunk = s.recv(16)
+            except TimeoutError:
+                continue
+            except ConnectionResetError:  # closed with our unread bytes in its buffer
+                break
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+def test_a_handshake_claiming_another_cid_is_refused(pair: Pair) -> None:
+    listener = pair.guest_b.listen(PORT)
+    # A member's pid file names another live process: this process cannot claim its CID.
+    with subprocess.Popen(["sleep", "30"]) as other:
+        try:
+            pid_file = os.path.join(pair.groups_dir, GROUP, "8.pid")
+            with open(pid_file, "w") as f:
+                f.write(f"{other.pid}\n")
+            bad = [
+                b"SIBLING g 8 1234 9000\n",  # someone else's CID
+                b"SIBLING g 9 1234 9000\n",  # no such member
+                b"SIBLING g 6 1234 9000\n",  # B's own CID
+                b"SIBLING other 5 1234 9000\n",  # not the dialled group
+                b"SIBLING g 5 99999999999 9000\n",  # port out of range
+                b"HELLO\n",
+                b"SIBLING g 5 1234 " + b"9" * 200,  # too long, no newline
+            ]
+            for line in bad:
+                assert _hand_handshake(pair, line) == b"", line
+            assert not listener.backlog and not pair.dev_b.muxer.conns
+        finally:
+            other.kill()
+    # Control: this process holds CID 5 (device A runs in it), so that claim is honoured.
+    assert _hand_handshake(pair, b"SIBLING g 5 1234 9000\n") == b"OK\n"
+    assert listener.backlog[0].peer_cid == A and listener.backlog[0].peer_port == 1234
+
+
+def test_one_sibling_cannot_take_more_than_a_quarter_of_the_connections() -> None:
+    d = tempfile.mkdtemp(prefix="vcap", dir="/tmp")
+    groups = os.path.join(d, "groups")
+    try:
+        with contextlib.ExitStack() as stack:
+            guests = []
+            for cid in (A, B):
+                vpath = os.path.join(d, f"v{cid}")
+                dev = stack.enter_context(
+                    VsockDevice(
+                        vhost_socket=vpath,
+                        uds_path=os.path.join(d, f"u{cid}"),
+                        guest_cid=cid,
+                        groups=[GROUP],
+                        groups_dir=groups,
+                        max_connections=16,
+                    )
+                )
+                stack.enter_context(serving(dev))
+                guest = stack.enter_context(GuestDriver(vpath, guest_cid=cid))
+                guest.boot()
+                guests.append((dev, guest))
+            (_dev_a, guest_a), (dev_b, guest_b) = guests
+            listener = guest_b.listen(PORT)
+            streams = [guest_a.connect_start(PORT, cid=B) for _ in range(8)]
+            wait_all(
+                [guest_a, guest_b],
+                lambda: all(s.state.value != "connecting" for s in streams),
+                10,
+                "8 connects",
+            )
+            ok = [s for s in streams if s.state.value == "established"]
+            assert len(ok) == 4 == len(listener.backlog)  # 16 // 4
+            assert dev_b.muxer.sibling_counts == {A: 4}
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
