@@ -45,7 +45,8 @@ class SiblingRoutes(FlowControl):
     def __init__(self, reactor: Reactor, guest_cid: int, *, buf_alloc: int) -> None:
         super().__init__(reactor, guest_cid, buf_alloc=buf_alloc)
         self.siblings: SiblingHub | None = None
-        self._refusals = RateLimitedLog(logging.INFO)
+        # Refusals are policy events: WARNING, so device.log has them at the default level.
+        self._refusals = RateLimitedLog(logging.WARNING)
         self.stats_sibling_refused = 0
 
     def sibling_limit(self) -> int:

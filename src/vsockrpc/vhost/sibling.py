@@ -122,7 +122,7 @@ class SiblingHub:
         self._on_sibling = on_sibling
         self.members: list[GroupMember] = []
         self._pending: dict[int, _Pending] = {}  # fd → incoming link awaiting its line
-        self.refusals = RateLimitedLog(logging.INFO)
+        self.refusals = RateLimitedLog(logging.WARNING)  # policy events, as in routes.py
         self.stats_accepted = 0
         self.stats_refused = 0
         try:
