@@ -13,6 +13,22 @@
  *     'R'                    reply R-OK, wait for the host to close, reboot the guest
  *     'C' u32 port           connect to CID 2 port (from inside the guest), send
  *                            "hello from guest\n", read a reply line, forward it to the caller
+ *     'X' u8 family u32 addr u32 port u8 op u64 n
+ *                            client role (guest <-> guest benchmark): connect from this guest
+ *                            to another probe's listener, family 'v' (AF_VSOCK, addr = CID) or
+ *                            't' (TCP, addr = IPv4 in host byte order, e.g. 0x0a000202 for
+ *                            user networking's 10.0.2.2), then run op against it:
+ *                              's' / 'S'  send n bytes with that command (this guest -> peer;
+ *                                         'S': xorshift data, crc32 of it vs the peer's reply)
+ *                              'g' / 'G'  receive n bytes with that command (peer -> this
+ *                                         guest; 'G': crc32 of what arrived vs the trailer)
+ *                              'E'        n round trips of 64 bytes through the peer's echo
+ *                            timed inside this guest with clock_gettime(CLOCK_MONOTONIC), and
+ *                            reply i32 status (0, an errno, or -1: the peer broke the
+ *                            protocol), u32 crc_local, u32 crc_peer (0 unless 'S'/'G'),
+ *                            u32 count, count x u64 nanoseconds: one (command sent -> the
+ *                            peer's reply or trailer read) for a stream, one per round trip for
+ *                            'E'. The connect itself is not timed.
  *
  * Inside the guest, connect() on AF_VSOCK is allowed (the host never does it).
  */
@@ -29,7 +45,9 @@
 #include <sys/ioctl.h>
 #include <sys/reboot.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 static uint32_t crc_table[256];
@@ -72,6 +90,8 @@ static int write_full(int fd, const void *buf, size_t n) {
 }
 
 static unsigned char buf[1 << 16];
+
+static void client(int fd);
 
 static void handle(int fd) {
     char cmd;
@@ -150,7 +170,127 @@ static void handle(int fd) {
         }
         close(s);
         write_full(fd, reply, (size_t)len);
+    } else if (cmd == 'X') {
+        client(fd);
     }
+}
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* xorshift32 over one buffer, as 'G' fills it */
+static void pattern(uint32_t seed) {
+    uint32_t x = seed ? seed : 1;
+    for (size_t i = 0; i < sizeof buf; i += 4) {
+        x ^= x << 13; x ^= x >> 17; x ^= x << 5;
+        memcpy(buf + i, &x, 4);
+    }
+}
+
+#define MAX_ECHOES 100000
+/* a failed read/write: its errno (e.g. EAGAIN when SO_RCVTIMEO expired), or -1 for an EOF */
+#define FAIL (errno ? errno : -1)
+static uint64_t samples[MAX_ECHOES];
+
+/* 'X': the client role; fills samples[0..*count), returns 0 / an errno / -1 (protocol). */
+static int client_op(int s, char op, uint64_t n, uint32_t *crc_local, uint32_t *crc_peer,
+                     uint32_t *count) {
+    unsigned char head[13];
+    head[0] = (unsigned char)op;
+    memcpy(head + 1, &n, 8);
+    if (op == 'E') {
+        if (n > MAX_ECHOES) return EINVAL;
+        unsigned char msg[64];
+        memset(msg, 'p', sizeof msg);
+        if (write_full(s, head, 1)) return FAIL;
+        for (uint64_t i = 0; i < n; i++) {
+            uint64_t t0 = now_ns();
+            if (write_full(s, msg, sizeof msg) || read_full(s, msg, sizeof msg)) return FAIL;
+            samples[i] = now_ns() - t0;
+        }
+        *count = (uint32_t)n;
+        return 0;
+    }
+    uint64_t t0 = now_ns();
+    if (op == 's' || op == 'S') {
+        if (write_full(s, head, 9)) return FAIL;
+        uint32_t crc = 0;
+        if (op == 'S') pattern(7); else memset(buf, 's', sizeof buf);
+        for (uint64_t left = n; left > 0;) {
+            size_t chunk = left < sizeof buf ? (size_t)left : sizeof buf;
+            if (op == 'S') crc = crc_update(crc, buf, chunk);
+            if (write_full(s, buf, chunk)) return FAIL;
+            left -= chunk;
+            if (op == 'S') buf[0]++;  /* vary the data between chunks, as 'G' does */
+        }
+        if (read_full(s, crc_peer, 4)) return FAIL;
+        *crc_local = op == 'S' ? crc : 0;
+    } else if (op == 'g' || op == 'G') {
+        uint32_t seed = 7;
+        memcpy(head + 9, &seed, 4);
+        if (write_full(s, head, op == 'G' ? 13 : 9)) return FAIL;
+        uint32_t crc = 0;
+        for (uint64_t left = n; left > 0;) {
+            ssize_t r = read(s, buf, left < sizeof buf ? (size_t)left : sizeof buf);
+            if (r < 0 && errno == EINTR) continue;
+            if (r <= 0) return FAIL;
+            if (op == 'G') crc = crc_update(crc, buf, (size_t)r);
+            left -= (uint64_t)r;
+        }
+        if (read_full(s, crc_peer, 4)) return FAIL;
+        *crc_local = op == 'G' ? crc : 0;
+    } else {
+        return EINVAL;
+    }
+    samples[0] = now_ns() - t0;
+    *count = 1;
+    return 0;
+}
+
+static void client(int fd) {
+    unsigned char family, op;
+    uint32_t addr, port;
+    uint64_t n;
+    if (read_full(fd, &family, 1) || read_full(fd, &addr, 4) || read_full(fd, &port, 4) ||
+        read_full(fd, &op, 1) || read_full(fd, &n, 8))
+        return;
+    int32_t status = 0;
+    uint32_t crc_local = 0, crc_peer = 0, count = 0;
+    int s = socket(family == 'v' ? AF_VSOCK : AF_INET, SOCK_STREAM, 0);
+    int rc;
+    if (s < 0) {
+        status = errno;
+    } else {
+        struct timeval limit = {.tv_sec = 60};  /* a stalled peer ends the op, not the probe */
+        setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof limit);
+        setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &limit, sizeof limit);
+        if (family == 'v') {
+            struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_cid = addr, .svm_port = port};
+            rc = connect(s, (struct sockaddr *)&a, sizeof a);
+        } else {
+            int one = 1;
+            setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                                    .sin_addr.s_addr = htonl(addr)};
+            rc = connect(s, (struct sockaddr *)&a, sizeof a);
+        }
+        if (rc) {
+            status = errno;
+        } else {
+            errno = 0;
+            status = client_op(s, (char)op, n, &crc_local, &crc_peer, &count);
+        }
+        close(s);
+    }
+    if (status) count = 0;
+    write_full(fd, &status, 4);
+    write_full(fd, &crc_local, 4);
+    write_full(fd, &crc_peer, 4);
+    write_full(fd, &count, 4);
+    write_full(fd, samples, (size_t)count * 8);
 }
 
 static void serve(int family, int port) {

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,11 @@ MiB = 1 << 20
 
 
 @contextmanager
-def device_process(vhost: str, uds: str) -> Iterator[subprocess.Popen[bytes]]:
+def device_process(
+    vhost: str, uds: str, *, cid: int = GUEST_CID, extra: Sequence[str] = ()
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``vsockrpc device`` for guest ``cid`` on ``vhost``/``uds`` (``extra``: more device
+    options, e.g. ``--group``); stopped when the block ends."""
     profile = os.environ.get("BENCH_DEVICE_PYSPY")  # e.g. /tmp/dev.txt: py-spy collapsed stacks
     wrap = ["py-spy", "record", "--format", "raw", "-o", profile, "--"] if profile else []
     proc = subprocess.Popen(
@@ -46,7 +50,8 @@ def device_process(vhost: str, uds: str) -> Iterator[subprocess.Popen[bytes]]:
             "--uds",
             uds,
             "--cid",
-            str(GUEST_CID),
+            str(cid),
+            *extra,
         ],
     )
     try:

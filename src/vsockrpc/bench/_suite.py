@@ -13,7 +13,7 @@ from typing import Any
 from vsockrpc.bench import _machine, _model
 from vsockrpc.bench._context import Context
 
-PARTS = ("relay", "rpc", "device", "forward", "agent", "boot")
+PARTS = ("relay", "rpc", "device", "forward", "vmvm", "agent", "boot")
 # No guest: device runs its backend-alone half, forward has the device alone as its guest.
 QUICK_PARTS = ("relay", "rpc", "device", "forward")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 # vsockrpc.bench.PARTS, without importing it
-_PARTS = ("relay", "rpc", "device", "forward", "agent", "boot")
+_PARTS = ("relay", "rpc", "device", "forward", "vmvm", "agent", "boot")
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -21,12 +21,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         usage="%(prog)s [PART ...] [--quick] [--out DIR] [--json-only]\n"
         "       %(prog)s report RAW.json --out DIR",
         description=(
-            "Run the benchmark suite, or the named parts (relay, rpc, device, agent, boot), and "
-            "write DIR/report.md (machine, versions, each figure with min/median/max and ratios, "
-            "which path it took), DIR/raw.json (every sample) and PNG plots when matplotlib is "
-            "installed (pip install 'vsockrpc[bench]'). --quick: a short run of the parts that "
-            "boot no guest (relay, rpc, device alone). 'bench report RAW.json --out DIR' "
-            "rebuilds the report from a raw.json."
+            "Run the benchmark suite, or the named parts (relay, rpc, device, forward, vmvm, "
+            "agent, boot), and write DIR/report.md (machine, versions, each figure with "
+            "min/median/max and ratios, which path it took), DIR/raw.json (every sample) and "
+            "PNG plots when matplotlib is installed (pip install 'vsockrpc[bench]'). --quick: a "
+            "short run of the parts that boot no guest (relay, rpc, device alone). 'bench report "
+            "RAW.json --out DIR' rebuilds the report from a raw.json."
         ),
     )
     parser.add_argument("parts", nargs="*", metavar="PART", help=f"one of {', '.join(_PARTS)}")

@@ -1,0 +1,203 @@
+"""``vmvm`` part: guest ↔ guest through our vsock device (sibling routing) vs QEMU user networking.
+
+Two TCG probe guests (the device tests' recipe: Debian cloud kernel, busybox, a static C probe),
+A and B, each with its own ``vsockrpc device`` (the two devices share a group, so guest B's
+connect to ``vsock:<CID of A>:PORT`` reaches A's listener) and a virtio-net NIC on QEMU user
+networking with a host port forwarded to the probe's TCP listener. The two paths:
+
+- ``user net``: what a user sets up without vsock: guest B connects to ``10.0.2.2:<host port
+  forwarded to A>``: B's slirp → the host's loopback TCP → A's slirp port forward → A.
+- ``vsock``: guest B connects to ``vsock:<CID of A>:PORT``: B's device → the group's Unix socket
+  between the two devices → A's device → A.
+
+The host only triggers the runs: it asks B's probe (over B's hybrid socket) to connect to A and
+stream or echo (the probe's ``X`` command); B times them with ``CLOCK_MONOTONIC`` inside the
+guest and answers the nanoseconds, so no host hop is in a figure. A crc32-checked transfer each
+way per path (untimed) comes first; the timed rounds alternate the two paths (the order flips
+every round) so drift from other load on the machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from vsockrpc.bench import _model
+from vsockrpc.bench._context import Context
+from vsockrpc.bench._device_alone import MiB, device_process, hybrid_connect
+from vsockrpc.bench._private import device_guest_recipe
+from vsockrpc.errors import VsockRpcError
+
+NAME = "vmvm"
+TITLE = "guest ↔ guest: vsock sibling routing through the device vs QEMU user networking"
+PATHS = ("user net (slirp port forward, TCP)", "vsock sibling (userspace devices)")
+CID_A, CID_B = 43, 44
+GROUP = "bench"
+GATEWAY = 0x0A000202  # 10.0.2.2: the host as user networking shows it to a guest
+REPLY_HEAD = struct.Struct("<iIII")  # status, crc_local, crc_peer, count
+BOOT_TIMEOUT = 600.0  # two TCG guests booting at once on a loaded machine
+OP_TIMEOUT = 300.0  # the longest one 'X' request may take
+
+PATH = {
+    "guests": "TCG, 1 vCPU each, q35; the probe guest of the device tests (KVM not used)",
+    PATHS[0]: "guest B → B's QEMU user networking (slirp) → host loopback TCP → A's slirp "
+    "port forward → guest A (virtio-net both ends)",
+    PATHS[1]: "guest B → B's userspace device (vsockrpc device, vhost-user) → the group's "
+    "Unix socket → A's userspace device → guest A (sibling routing)",
+    "timing": "inside guest B (CLOCK_MONOTONIC), triggered by the host over B's hybrid socket",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where guest B connects: family ``v`` (AF_VSOCK, ``addr`` a CID) or ``t`` (TCP, ``addr``
+    an IPv4 address as an integer)."""
+
+    family: bytes
+    addr: int
+    port: int
+
+    def __str__(self) -> str:
+        if self.family == b"v":
+            return f"vsock:{self.addr}:{self.port}"
+        return f"tcp:{socket.inet_ntoa(struct.pack('>I', self.addr))}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int  # 0, an errno inside guest B, or -1: the peer ended the stream early
+    crc_local: int
+    crc_peer: int
+    ns: list[int]
+
+
+def request(target: Target, op: bytes, n: int) -> bytes:
+    """The probe's ``X`` command: guest B connects to ``target`` and runs ``op`` (``s``/``S``:
+    send ``n`` bytes, ``g``/``G``: receive ``n`` bytes, ``E``: ``n`` 64-byte round trips)."""
+    return b"X" + struct.pack("<cIIcQ", target.family, target.addr, target.port, op, n)
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise EOFError(f"EOF after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def read_reply(s: socket.socket) -> Reply:
+    status, crc_local, crc_peer, count = REPLY_HEAD.unpack(recv_exact(s, REPLY_HEAD.size))
+    ns = list(struct.unpack(f"<{count}Q", recv_exact(s, 8 * count))) if count else []
+    return Reply(status, crc_local, crc_peer, ns)
+
+
+def _failure(status: int) -> str:
+    return "the peer ended the stream early" if status < 0 else os.strerror(status)
+
+
+def run_op(control: Callable[[], socket.socket], target: Target, op: bytes, n: int) -> list[int]:
+    """Ask guest B (over ``control``) to run ``op`` against ``target``; its nanoseconds."""
+    try:
+        with control() as s:
+            s.settimeout(OP_TIMEOUT)
+            s.sendall(request(target, op, n))
+            reply = read_reply(s)
+    except (OSError, EOFError) as err:
+        raise VsockRpcError(f"vmvm bench: guest B's probe did not answer {op!r}: {err}") from err
+    what = f"guest B's {op.decode()} {n} to {target}"
+    if reply.status:
+        raise VsockRpcError(f"vmvm bench: {what} failed: {_failure(reply.status)}")
+    if op in (b"S", b"G") and reply.crc_local != reply.crc_peer:
+        raise VsockRpcError(f"vmvm bench: {what}: crc32 mismatch")
+    if len(reply.ns) != (n if op == b"E" else 1):
+        raise VsockRpcError(f"vmvm bench: {what}: {len(reply.ns)} timings in the reply")
+    return reply.ns
+
+
+def figures(
+    b2a: dict[str, list[float]],
+    a2b: dict[str, list[float]],
+    rtt: dict[str, list[float]],
+    size: int,
+) -> list[_model.Figure]:
+    """MB/s per run each way and seconds per round trip, each keyed by :data:`PATHS` (the first,
+    user networking, is the baseline of the ratios)."""
+    mib = size // MiB
+    return [
+        _model.figure(
+            f"{NAME}.b2a", f"guest B → guest A stream, {mib} MiB", "rate", b2a, unit="MB/s"
+        ),
+        _model.figure(
+            f"{NAME}.a2b", f"guest A → guest B stream, {mib} MiB", "rate", a2b, unit="MB/s"
+        ),
+        _model.figure(f"{NAME}.rtt", "guest B ↔ guest A 64-byte echo round trip", "latency", rtt),
+    ]
+
+
+def run(ctx: Context) -> _model.PartResult:
+    if ctx.quick:
+        return _model.skipped(NAME, TITLE, "--quick boots no guest (this part boots two)")
+    recipe = device_guest_recipe()
+    if recipe is None:
+        return _model.skipped(NAME, TITLE, "it needs a source checkout (the tests/vm probe guest)")
+    return _model.part_result(NAME, TITLE, PATH, _with_guests(ctx, recipe))
+
+
+def _with_guests(ctx: Context, dg: ModuleType) -> list[_model.Figure]:
+    size, pings, rounds = 64 * MiB, 2000, 5
+    workdir: Path = ctx.workdir
+    ctx.step(NAME, "building the probe guest (cloud kernel, busybox, static probe)")
+    vmlinuz, initramfs = dg.build_initramfs(workdir)
+    groups = workdir / "groups"
+    groups.mkdir(mode=0o700)
+    b2a: dict[str, list[float]] = {p: [] for p in PATHS}
+    a2b: dict[str, list[float]] = {p: [] for p in PATHS}
+    rtt: dict[str, list[float]] = {p: [] for p in PATHS}
+    with contextlib.ExitStack() as stack:
+        ctx.step(NAME, f"booting guests A (CID {CID_A}) and B (CID {CID_B}) (TCG)")
+        vms, sockets = [], []
+        for name, cid in (("a", CID_A), ("b", CID_B)):
+            sub = workdir / name
+            sub.mkdir(mode=0o700)
+            vhost, uds = str(sub / "vhost.sock"), str(sub / "vm.vsock")
+            group = ["--group", GROUP, "--groups-dir", str(groups)]
+            stack.enter_context(device_process(vhost, uds, cid=cid, extra=group))
+            vms.append(stack.enter_context(dg.launch(vmlinuz, initramfs, vhost, sub)))
+            sockets.append(uds)
+        for vm in vms:
+            vm.wait_console("PROBE-LISTEN tcp", BOOT_TIMEOUT)
+            vm.wait_console("PROBE-LISTEN vsock", BOOT_TIMEOUT)
+        uds_b = sockets[1]
+
+        def control() -> socket.socket:
+            return hybrid_connect(uds_b, dg.PROBE_PORT)
+
+        targets = {
+            PATHS[0]: Target(b"t", GATEWAY, vms[0].tcp_port),
+            PATHS[1]: Target(b"v", CID_A, dg.PROBE_PORT),
+        }
+        ctx.step(NAME, "4 MiB each way per path, crc32-checked in the guests (untimed)")
+        for target in targets.values():
+            run_op(control, target, b"S", 4 * MiB)
+            run_op(control, target, b"G", 4 * MiB)
+            run_op(control, target, b"E", 100)
+        for n in range(rounds):
+            ctx.step(
+                NAME,
+                f"{size // MiB} MiB each way and {pings} round trips per path, "
+                f"round {n + 1} of {rounds}",
+            )
+            for path in PATHS if n % 2 == 0 else PATHS[::-1]:
+                target = targets[path]
+                b2a[path].append(size / run_op(control, target, b"s", size)[0] * 1e3)
+                a2b[path].append(size / run_op(control, target, b"g", size)[0] * 1e3)
+                rtt[path] += [ns / 1e9 for ns in run_op(control, target, b"E", pings)]
+    return figures(b2a, a2b, rtt, size)
