@@ -8,7 +8,8 @@ static C program compiled here with gcc). Boots under TCG with the launcher's CP
 with shared memfd memory (vhost-user needs it), our device on ``vhost-user-vsock-pci`` and a
 user-networking virtio-net NIC for the comparison benchmark. Boots are judged by console markers.
 
-Shared by tests/vm/test_device_vm.py and bench/bench_device.py; not part of the library.
+Shared by tests/vm/test_device_vm.py and the bench's device and vmvm parts (two such guests in
+one group); not part of the library.
 """
 
 from __future__ import annotations
