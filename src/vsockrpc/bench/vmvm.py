@@ -44,6 +44,10 @@ REPLY_HEAD = struct.Struct("<iIII")  # status, crc_local, crc_peer, count
 BOOT_TIMEOUT = 600.0  # two TCG guests booting at once on a loaded machine
 OP_TIMEOUT = 300.0  # the longest one 'X' request may take
 
+TARGET = (
+    "Target: vsock at least 1.5 times user networking's throughput each way, and a round trip no "
+    "longer than user networking's (ratios in the Summary: vsock ÷ user net)."
+)
 PATH = {
     "guests": "TCG, 1 vCPU each, q35; the probe guest of the device tests (KVM not used)",
     PATHS[0]: "guest B → B's QEMU user networking (slirp) → host loopback TCP → A's slirp "
@@ -148,7 +152,7 @@ def run(ctx: Context) -> _model.PartResult:
     recipe = device_guest_recipe()
     if recipe is None:
         return _model.skipped(NAME, TITLE, "it needs a source checkout (the tests/vm probe guest)")
-    return _model.part_result(NAME, TITLE, PATH, _with_guests(ctx, recipe))
+    return _model.part_result(NAME, TITLE, PATH, _with_guests(ctx, recipe), notes=[TARGET])
 
 
 def _with_guests(ctx: Context, dg: ModuleType) -> list[_model.Figure]:
@@ -164,17 +168,24 @@ def _with_guests(ctx: Context, dg: ModuleType) -> list[_model.Figure]:
     with contextlib.ExitStack() as stack:
         ctx.step(NAME, f"booting guests A (CID {CID_A}) and B (CID {CID_B}) (TCG)")
         vms, sockets = [], []
-        for name, cid in (("a", CID_A), ("b", CID_B)):
-            sub = workdir / name
+        for name, cid in (("A", CID_A), ("B", CID_B)):
+            sub = workdir / name.lower()
             sub.mkdir(mode=0o700)
             vhost, uds = str(sub / "vhost.sock"), str(sub / "vm.vsock")
             group = ["--group", GROUP, "--groups-dir", str(groups)]
-            stack.enter_context(device_process(vhost, uds, cid=cid, extra=group))
+            try:
+                stack.enter_context(device_process(vhost, uds, cid=cid, extra=group))
+            except RuntimeError as err:  # e.g. a device without sibling routing (--group)
+                raise VsockRpcError(f"vmvm bench: guest {name}'s vsock device: {err}") from err
             vms.append(stack.enter_context(dg.launch(vmlinuz, initramfs, vhost, sub)))
             sockets.append(uds)
-        for vm in vms:
-            vm.wait_console("PROBE-LISTEN tcp", BOOT_TIMEOUT)
-            vm.wait_console("PROBE-LISTEN vsock", BOOT_TIMEOUT)
+        for name, vm in zip("AB", vms, strict=True):
+            try:
+                vm.wait_console("PROBE-LISTEN tcp", BOOT_TIMEOUT)
+                vm.wait_console("PROBE-LISTEN vsock", BOOT_TIMEOUT)
+            except dg.GuestBootError as err:  # its text ends with the console's tail
+                first = str(err).splitlines()[0]
+                raise VsockRpcError(f"vmvm bench: guest {name} did not boot: {first}") from err
         uds_b = sockets[1]
 
         def control() -> socket.socket:
