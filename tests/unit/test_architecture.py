@@ -43,6 +43,8 @@ class Rule:
 GRPC = ("grpc", "grpc_health", "grpc_reflection", "google.protobuf")
 SERVER_CODE = ("vsockrpc.services", "vsockrpc.guest", "vsockrpc.rpc.server")
 CLIENT_CODE = ("vsockrpc.sdk", "vsockrpc.rpc.channel", "vsockrpc.rpc.aio")
+# Leaves that host front ends and the guest (PID 1, agent, supervisor) share.
+PROCESS_HELPERS = ("vsockrpc._fdlimit", "vsockrpc._stopsignals")
 HOST_ONLY = (
     "vsockrpc.cli",
     "vsockrpc.bench",
@@ -112,6 +114,11 @@ RULES = (
         ("vsockrpc.addresses", "vsockrpc.errors", "vsockrpc.vsock_constants"),
         ("vsockrpc",),
         unless_target=("vsockrpc.errors", "vsockrpc.vsock_constants"),
+    ),
+    Rule(
+        "the process helpers both sides use (fd limit, stop signals) are standard library only",
+        PROCESS_HELPERS,
+        ("vsockrpc", *GRPC),
     ),
     Rule(
         "no library module imports cli/ (the CLI is a front end, nothing depends on it)",

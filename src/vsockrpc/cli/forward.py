@@ -18,12 +18,10 @@ import argparse
 import contextlib
 import logging
 import os
-import signal
 import sys
-import threading
-from types import FrameType
 from typing import Any
 
+from vsockrpc._stopsignals import StopSignals
 from vsockrpc.addresses import Address, parse_address
 from vsockrpc.errors import AddressError, TransportError
 from vsockrpc.forward import DEFAULT_MODE, MAX_PORT, Forwarder, expose, forward
@@ -160,21 +158,11 @@ def _start(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[Forwar
 def _run(args: argparse.Namespace) -> int:
     _check(args)
     logging.getLogger("vsockrpc.forward").setLevel(logging.INFO)
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each: close, remove sockets, exit 0
-    previous = {sig: signal.signal(sig, on_signal) for sig in stops}
-    try:
-        with contextlib.ExitStack() as stack:
-            for forwarder in _start(args, stack):
-                print(f"forwarding {forwarder.description}", flush=True)
-            while not stop.wait(0.5):
-                pass
-            print("stopping", file=sys.stderr, flush=True)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    # Each stop signal: close, remove the sockets, exit 0 (later ones are ignored meanwhile).
+    with StopSignals(absorb_after=True) as stop, contextlib.ExitStack() as stack:
+        for forwarder in _start(args, stack):
+            print(f"forwarding {forwarder.description}", flush=True)
+        while not stop.event.wait(0.5):
+            pass
+        print("stopping", file=sys.stderr, flush=True)
     return 0

@@ -1,7 +1,7 @@
 """``vsockrpc serve`` and ``vsockrpc add``: the seed system's server and client.
 
 ``serve`` runs Addition (with health and reflection) on one or more addresses until
-SIGTERM/SIGINT; ``--agent`` adds the guest agent's Exec, Files and System
+SIGINT/SIGTERM/SIGHUP; ``--agent`` adds the guest agent's Exec, Files and System
 (:func:`vsockrpc.services.served`), which give whoever is admitted the server's user:
 on Unix sockets only root and the server's own user are admitted (``SO_PEERCRED``), more with
 ``--allow-uid``. Unix socket files get mode ``--mode`` (default 0600) whatever the umask.
@@ -17,18 +17,16 @@ import argparse
 import dataclasses
 import logging
 import pwd
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 import grpc
 
 from vsockrpc import rpc, transport
 from vsockrpc._fdlimit import raise_open_files_limit
+from vsockrpc._stopsignals import StopSignals
 from vsockrpc.addresses import Address, parse_address
 from vsockrpc.errors import AddressError, RpcError, TransportTimeout
 from vsockrpc.proto import vsock_service_pb2 as pb
@@ -193,29 +191,23 @@ def _serve(args: argparse.Namespace) -> int:
     if args.access_log:
         logging.getLogger("vsockrpc.services").setLevel(logging.INFO)
     raise_open_files_limit()  # the relay holds a socket per client: 1024 is soon reached
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with rpc.serve(
+    # SIGINT, SIGTERM, SIGHUP: stop serving (grace for calls in flight), remove Unix sockets.
+    with (
+        StopSignals(absorb_after=True) as stop,
+        rpc.serve(
             services,
             listen,
             max_workers=args.workers,
             unix_mode=args.mode,
             peer_credentials=args.agent,  # agent callers on Unix sockets are checked by uid
-        ) as server:
-            for address in server.addresses:
-                print(f"listening on {address}", flush=True)
-            while not stop.wait(0.5):
-                pass
-            print("stopping", file=sys.stderr, flush=True)
-            server.stop(grace=2.0)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        ) as server,
+    ):
+        for address in server.addresses:
+            print(f"listening on {address}", flush=True)
+        while not stop.event.wait(0.5):
+            pass
+        print("stopping", file=sys.stderr, flush=True)
+        server.stop(grace=2.0)
     return 0
 
 

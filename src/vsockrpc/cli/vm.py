@@ -210,9 +210,9 @@ def _spec_default(info: Any, key: str, given: int | None, fallback: int) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from vsockrpc._stopsignals import StopSignals
     from vsockrpc.vm import launch
     from vsockrpc.vm.options import InvalidVmOption
-    from vsockrpc.vm.signals import StopSignals
 
     _check(args)
     if args.expose and (args.detach or args.from_snapshot is not None):
@@ -280,9 +280,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_from(args: argparse.Namespace) -> int:
+    from vsockrpc._stopsignals import StopSignals
     from vsockrpc.vm.options import InvalidVmOption
     from vsockrpc.vm.restore import restore_many
-    from vsockrpc.vm.signals import StopSignals
 
     fixed = {"--memory": args.memory, "--cpus": args.cpus, "--append": args.append or None}
     fixed["--no-wait"] = args.no_wait or None
@@ -371,8 +371,8 @@ def _list(_args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from vsockrpc._stopsignals import StopSignals
     from vsockrpc.vm import launch
-    from vsockrpc.vm.signals import StopSignals
 
     _check(args)
     phases: dict[str, float] = {}

@@ -1,8 +1,9 @@
 """The agent process: serve ``vsockrpc.services.served()`` until told to stop.
 
 Runs as PID 1's only child in a guest (see :mod:`vsockrpc.guest.init`), or directly with
-``python -m vsockrpc.guest --listen ADDRESS`` anywhere (tests use a Unix socket). SIGTERM and
-SIGINT stop it gracefully: in-flight calls get ``GRACE`` seconds, then the process exits 0.
+``python -m vsockrpc.guest --listen ADDRESS`` anywhere (tests use a Unix socket). SIGTERM,
+SIGINT and SIGHUP stop it gracefully (:mod:`vsockrpc._stopsignals`): in-flight calls get
+``GRACE`` seconds, then the process exits 0.
 
 The access log is on here (the console shows ``Addition: 5 + 7 = 12`` for each call, which
 docs/system.md and the vm tier rely on); Unix listen addresses are relayed so the agent learns
@@ -13,12 +14,10 @@ has raised that already), and the relay's default :class:`~vsockrpc.rpc.Connecti
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Sequence
-from types import FrameType
 
+from vsockrpc._stopsignals import StopSignals
 from vsockrpc.agent import markers
 
 __all__ = ["GRACE", "run_server"]
@@ -28,29 +27,23 @@ log = logging.getLogger("vsockrpc.guest")
 
 
 def run_server(listen: Sequence[str]) -> int:
-    """Serve until SIGTERM/SIGINT; returns the exit status (0 after a requested stop)."""
+    """Serve until SIGTERM, SIGINT or SIGHUP; returns the exit status (0 after a stop)."""
     from vsockrpc import rpc  # grpc import (~1 s in a TCG guest) after the fork
     from vsockrpc._fdlimit import raise_open_files_limit
     from vsockrpc.guest import user_services, userconfig
 
     raise_open_files_limit()
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %s: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    # An image spec's services join vsockrpc's own (the default services without one).
-    registrars = user_services.registrars(userconfig.load(), access_log=True)
-    with rpc.serve(registrars, listen=list(listen), peer_credentials=True) as server:
-        bound = " ".join(str(a) for a in server.addresses)
-        print(f"{markers.READY} on {bound}", file=sys.stderr, flush=True)
-        while not stop.wait(0.5):
-            if not server.wait_for_termination(timeout=0):  # False: terminated
-                log.error("server terminated on its own")
-                return 1
-        server.stop(grace=GRACE)
+    with StopSignals(absorb_after=True) as stop:  # a signal from here on stops it
+        # An image spec's services join vsockrpc's own (the default services without one).
+        registrars = user_services.registrars(userconfig.load(), access_log=True)
+        with rpc.serve(registrars, listen=list(listen), peer_credentials=True) as server:
+            bound = " ".join(str(a) for a in server.addresses)
+            print(f"{markers.READY} on {bound}", file=sys.stderr, flush=True)
+            while not stop.event.wait(0.5):
+                if not server.wait_for_termination(timeout=0):  # False: terminated
+                    log.error("server terminated on its own")
+                    return 1
+            log.info("signal %s: stopping", stop.received.name if stop.received else "?")
+            server.stop(grace=GRACE)
     return 0

@@ -6,8 +6,9 @@ spec's environment, copies its output to the console line by line as ``[NAME] li
 readiness (``vsockrpc-guest: command NAME ready`` once its vsock or TCP port accepts) and
 every exit (``command NAME exited with status N``), and restarts it per policy: ``always``,
 ``on-failure`` (non-zero exit or a signal) or ``never``, with a doubling delay (0.5 s … 10 s)
-that resets after a run of more than 10 s. SIGTERM stops the commands (SIGTERM, then SIGKILL
-after :data:`STOP_TIMEOUT`) and the supervisor. Standard library only, no grpc.
+that resets after a run of more than 10 s. SIGTERM (or SIGINT, SIGHUP) stops the commands
+(SIGTERM, then SIGKILL after :data:`STOP_TIMEOUT`) and the supervisor. Standard library
+only, no grpc.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import subprocess
 import sys
 import threading
 import time
-from types import FrameType
 
+from vsockrpc._stopsignals import StopSignals
 from vsockrpc.agent.markers import PREFIX
 from vsockrpc.guest.userconfig import CommandConfig, GuestConfig
 
@@ -125,29 +126,29 @@ class Supervisor:
         return True
 
     def run(self) -> int:
-        """Start every command and supervise until SIGTERM; returns the exit status."""
-
-        def on_term(_signum: int, _frame: FrameType | None) -> None:
-            self._stopping.set()
-
-        signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGINT, on_term)
-        for run in self._runs:
-            self._spawn(run)
-        while not self._stopping.wait(0.1):
+        """Start every command and supervise until a stop signal; returns the exit status."""
+        with StopSignals(absorb_after=True) as stop:
             for run in self._runs:
-                if run.proc is not None:
-                    status = run.proc.poll()
-                    if status is None:
-                        continue
-                    _say(f"command {run.command.name} exited with status {status}")
-                    run.proc = None
-                    if not self._schedule(run, failed=status != 0):
-                        run.next_start = float("inf")
-                elif time.monotonic() >= run.next_start:
-                    self._spawn(run)
-        self._stop_all()
+                self._spawn(run)
+            while not stop.event.wait(0.1):
+                self._poll()
+            self._stopping.set()  # readiness watchers give up
+            self._stop_all()
         return 0
+
+    def _poll(self) -> None:
+        """Report exits, plan restarts, start what is due."""
+        for run in self._runs:
+            if run.proc is not None:
+                status = run.proc.poll()
+                if status is None:
+                    continue
+                _say(f"command {run.command.name} exited with status {status}")
+                run.proc = None
+                if not self._schedule(run, failed=status != 0):
+                    run.next_start = float("inf")
+            elif time.monotonic() >= run.next_start:
+                self._spawn(run)
 
     def _stop_all(self) -> None:
         live = [r.proc for r in self._runs if r.proc is not None and r.proc.poll() is None]

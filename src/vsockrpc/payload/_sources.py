@@ -27,6 +27,7 @@ GUEST_PARTS = (
     "vsock_constants",
     "errors",
     "_fdlimit",
+    "_stopsignals",
     "agent",
     "guest",
     "services",

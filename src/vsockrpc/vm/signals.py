@@ -1,86 +1,20 @@
-"""Stop requests: SIGINT/SIGTERM/SIGHUP turned into a flag the launcher checks at safe points.
+"""Stop requests in the launcher: a signal sets a flag the launcher checks at safe points.
 
 Python's default SIGINT handler raises KeyboardInterrupt wherever the main thread happens to
 be: between starting QEMU and registering its cleanup, or in the middle of that cleanup when a
 second Ctrl-C follows the first, which left QEMU, the device and the run directory behind.
-Here a signal only sets :attr:`StopSignals.event`; the launcher raises KeyboardInterrupt itself
-where unwinding is safe, and further signals while stopping are absorbed.
-
-The handler itself takes no lock: Python runs it in the main thread between two bytecodes,
-possibly while that thread is inside ``Event.wait`` holding the Event's internal lock (the
-launcher waits on :attr:`StopSignals.event` in short steps all the time), and ``Event.set``
-there blocked forever on that non-reentrant lock: a SIGTERM could hang the launcher with
-nothing stopped. So the handler only writes a byte to a pipe (``os.write``: no Python lock),
-and a small thread reading it sets the event.
+Here a signal only sets :attr:`StopSignals.event` (:mod:`vsockrpc._stopsignals`, shared with
+the other entry points); the launcher raises KeyboardInterrupt itself where unwinding is safe
+(:func:`check`), and further signals while stopping are absorbed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import threading
-from types import FrameType
+
+from vsockrpc._stopsignals import STOP_SIGNALS, StopSignals
 
 __all__ = ["STOP_SIGNALS", "StopSignals", "check"]
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class StopSignals:
-    """Context manager: while inside, ``signals`` set :attr:`event` instead of their default
-    action. Installs nothing off the main thread (Python only runs handlers there)."""
-
-    def __init__(
-        self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS, *, absorb_after: bool = False
-    ) -> None:
-        self.signals = signals
-        # For a process that exits once stopped (the CLI): after a stop, later signals stay
-        # ignored instead of raising KeyboardInterrupt into the interpreter's own shutdown.
-        self.absorb_after = absorb_after
-        self.event = threading.Event()
-        self.received: signal.Signals | None = None
-        self._previous: dict[signal.Signals, object] = {}
-        self._wake_w = -1
-        self._waker: threading.Thread | None = None
-
-    def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        # No lock here (see the module docstring): note the signal, wake the waker thread.
-        if self.received is None:
-            self.received = signal.Signals(signum)
-        with contextlib.suppress(OSError):  # a full pipe already has a wake-up in it
-            os.write(self._wake_w, b"\0")
-
-    def _wake(self, read_fd: int) -> None:
-        """Set the event for every byte the handler writes; ends when the pipe is closed."""
-        with contextlib.closing(os.fdopen(read_fd, "rb", buffering=0)) as pipe:
-            while pipe.read(64):
-                self.event.set()
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            read_fd, self._wake_w = os.pipe2(os.O_CLOEXEC)
-            os.set_blocking(self._wake_w, False)
-            self._waker = threading.Thread(
-                target=self._wake, args=(read_fd,), name="vsockrpc-stop-signals", daemon=True
-            )
-            self._waker.start()
-            for sig in self.signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        absorb = self.absorb_after and self.received is not None
-        for sig, handler in self._previous.items():
-            signal.signal(sig, signal.SIG_IGN if absorb else handler)  # type: ignore[arg-type]
-        self._previous.clear()
-        if self._waker is not None:
-            # Our handler is no longer installed: closing the write end ends the waker (after
-            # it has set the event for any byte still in the pipe).
-            os.close(self._wake_w)
-            self._wake_w = -1
-            self._waker.join()
-            self._waker = None
 
 
 def check(event: threading.Event | None) -> None:

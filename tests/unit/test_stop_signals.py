@@ -1,5 +1,6 @@
 """StopSignals: stop signals become a flag; with ``absorb_after`` a stopped CLI ignores later
-ones (a second Ctrl-C while the interpreter shuts down printed a traceback)."""
+ones (a second Ctrl-C while the interpreter shuts down printed a traceback). The entry points
+that use it are stopped by bursts of signals in tests/integration/test_stop_signal_bursts.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import signal
 
 import pytest
 
-from vsockrpc.vm.signals import StopSignals
+from vsockrpc._stopsignals import StopSignals
 
 
 def test_a_signal_sets_the_flag_and_handlers_are_restored() -> None:
@@ -54,3 +55,9 @@ def test_a_signal_while_the_event_lock_is_held_does_not_deadlock() -> None:
                 pass
         assert stop.event.wait(5)
         assert stop.received == signal.SIGTERM
+
+
+def test_the_launcher_uses_the_shared_stop_signals() -> None:
+    from vsockrpc.vm import signals
+
+    assert signals.StopSignals is StopSignals
