@@ -1,14 +1,19 @@
-"""Static import graph of a package: what a module imports, transitively, read from the source.
+"""What modules import, read from their source: the one import reader of the static tests.
 
-An AST walk, not an import: it sees function-level imports (the guest defers grpc until after
-its fork) and ``importlib.import_module("literal")`` calls, and skips ``if TYPE_CHECKING:``
-blocks, which never run. Module names are resolved against the files under the package
-directory, so moving a module needs no change here.
+:func:`read_imports` is an AST walk, not an import: it sees every ``import`` and ``from ...
+import`` (function-level ones too: the guest defers grpc until after its fork), literal
+``importlib.import_module("...")`` / ``__import__("...")`` calls and ``[..., "-m", "pkg.mod"]``
+argv lists, and marks what sits in a function or in an ``if TYPE_CHECKING:`` block (which never
+runs); each test picks the imports its rule is about. The architecture test, the agent contract
+test, the packaging test and the payload closure (:func:`import_closure`: what a module
+imports, transitively, at run time) all read imports through it. Module names are resolved
+against the files under the package directory, so moving a module needs no change here.
 """
 
 from __future__ import annotations
 
 import ast
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,50 +35,117 @@ def module_file(package_dir: Path, name: str) -> Path | None:
     return package_dir / "__init__.py" if not parts else None
 
 
+@dataclass(frozen=True)
+class Import:
+    """One dependency read from a module's source.
+
+    ``module`` is absolute (relative imports resolved against the importer): ``X`` of ``import
+    X`` and of ``from X import a, b`` (then ``names`` are ``a, b`` and ``bound`` the names they
+    are bound to, ``as`` included), the literal of ``importlib.import_module("X")`` /
+    ``__import__("X")``, and ``X`` of an argv list ``[..., "-m", "X", ...]``, which starts a
+    child Python on it. ``how`` says which: ``import``, ``from``, ``import_module``,
+    ``__import__`` or ``-m``."""
+
+    module: str
+    how: str
+    line: int
+    names: tuple[str, ...] = ()
+    bound: tuple[str, ...] = ()
+    level: int = 0  # the dots of a relative ``from`` (0: absolute)
+    top_level: bool = False  # a statement directly in the module's body
+    deferred: bool = False  # inside a function or lambda: runs only when it is called
+    type_checking: bool = False  # inside ``if TYPE_CHECKING:``: never runs
+
+    @property
+    def runtime(self) -> bool:
+        return not self.type_checking
+
+    @property
+    def at_import(self) -> bool:
+        """Runs when the module is imported (a class body does; a function body does not)."""
+        return not (self.type_checking or self.deferred)
+
+
+def absolute(module: str, is_package: bool, level: int, name: str | None) -> str:
+    """The module ``from {"." * level}{name} import ...`` reads in ``module`` (a package when
+    ``is_package``, i.e. its file is ``__init__.py``)."""
+    if not level:
+        return name or ""
+    anchor = module.split(".")
+    anchor = anchor[: len(anchor) - level + (1 if is_package else 0)]
+    return ".".join(anchor + ([name] if name else []))
+
+
+def module_of(path: Path, package_dir: Path) -> tuple[str, bool]:
+    """The module name of ``path`` under ``package_dir`` (the ``pkg`` folder), and whether it is
+    a package (its ``__init__.py``)."""
+    parts = list(path.relative_to(package_dir.parent).with_suffix("").parts)
+    is_package = parts[-1] == "__init__"
+    return ".".join(parts[:-1] if is_package else parts), is_package
+
+
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
     )
 
 
-def _runtime_nodes(tree: ast.AST) -> Iterable[ast.AST]:
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        yield node
+def _literal(node: ast.expr) -> str | None:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def read_imports(source: str | ast.Module, module: str, is_package: bool = False) -> list[Import]:
+    """Every :class:`Import` in ``source`` (text or a parsed tree) of ``module``, in source
+    order, each with where it sits (module body, function, ``if TYPE_CHECKING:``)."""
+    tree = ast.parse(source) if isinstance(source, str) else source
+    found: list[Import] = []
+
+    def visit(node: ast.AST, top: bool, deferred: bool, typing_only: bool) -> None:
+        where = {"top_level": top, "deferred": deferred, "type_checking": typing_only}
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                found.append(Import(alias.name, "import", node.lineno, **where))
+        elif isinstance(node, ast.ImportFrom):
+            base = absolute(module, is_package, node.level, node.module)
+            names = tuple(a.name for a in node.names)
+            bound = tuple(a.asname or a.name for a in node.names)
+            found.append(Import(base, "from", node.lineno, names, bound, node.level, **where))
+        elif isinstance(node, ast.Call) and node.args:
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            target = _literal(node.args[0])
+            if called in ("import_module", "__import__") and target:
+                found.append(Import(target, called, node.lineno, **where))
+        elif isinstance(node, (ast.List, ast.Tuple)):
+            items = [_literal(e) for e in node.elts]
+            for flag, target in itertools.pairwise(items):
+                if flag == "-m" and target:
+                    found.append(Import(target, "-m", node.lineno, **where))
         if isinstance(node, ast.If) and _is_type_checking(node.test):
-            stack.extend(node.orelse)
-            continue
-        stack.extend(ast.iter_child_nodes(node))
+            for child in node.body:
+                visit(child, False, deferred, True)
+            for child in node.orelse:
+                visit(child, False, deferred, typing_only)
+            return
+        inner = deferred or isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+        for child in ast.iter_child_nodes(node):
+            visit(child, isinstance(node, ast.Module), inner, typing_only)
+
+    visit(tree, False, False, False)
+    return found
 
 
 def imported_names(path: Path, module: str) -> dict[str, bool]:
     """Absolute names ``module`` (whose file is ``path``) imports at run time → whether the
     name must be a module: for ``from X import y``, ``X`` must and ``X.y`` may be one."""
-    is_package = path.name == "__init__.py"
     names: dict[str, bool] = {}
-    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update((alias.name, True) for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                anchor = module.split(".")
-                anchor = anchor[: len(anchor) - node.level + (1 if is_package else 0)]
-                base = ".".join(anchor + ([node.module] if node.module else []))
-            else:
-                base = node.module or ""
-            names[base] = True
-            for alias in node.names:
-                names.setdefault(f"{base}.{alias.name}", False)
-        elif (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "import_module"
-            and node.args
-            and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, str)
-        ):
-            names[node.args[0].value] = True
+    is_package = path.name == "__init__.py"
+    for imp in read_imports(path.read_text(), module, is_package):
+        if not imp.runtime or imp.how == "-m":  # argv of any program (QEMU's -m is memory)
+            continue
+        names[imp.module] = True
+        for name in imp.names:
+            names.setdefault(f"{imp.module}.{name}", False)
     return names
 
 

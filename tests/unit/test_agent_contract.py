@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import vsockrpc
+from tests.unit.import_graph import module_of, read_imports
 
 PACKAGE = Path(vsockrpc.__file__).parent
 HOST_SIDE = ("sdk", "vm")
@@ -16,19 +17,11 @@ GUEST_SIDE = ("services", "guest")
 
 def _imports(path: Path) -> set[str]:
     """Every module a file imports (absolute names; relative imports resolved)."""
-    tree = ast.parse(path.read_text(), str(path))
-    package = ".".join(("vsockrpc", *path.relative_to(PACKAGE).parent.parts))
     found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                base = f"{parent}.{base}" if base else parent
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
+    for imp in read_imports(path.read_text(), *module_of(path, PACKAGE)):
+        if imp.how in ("import", "from"):
+            found.add(imp.module)
+            found.update(f"{imp.module}.{name}" for name in imp.names)
     return found
 
 

@@ -16,11 +16,11 @@ an entry that no longer occurs (delete it: the set only ever shrinks).
 from __future__ import annotations
 
 import ast
-import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import vsockrpc
+from tests.unit.import_graph import Import, module_of, read_imports
 
 SRC = Path(vsockrpc.__file__).resolve().parent  # src/vsockrpc
 MAX_MODULE_LINES = 500
@@ -157,15 +157,8 @@ class Codebase:
             self._trees[name] = ast.parse(self.sources[name], filename=name)
         return self._trees[name]
 
-    def from_base(self, importer: str, node: ast.ImportFrom) -> str:
-        """The absolute module a (possibly relative) ``from X import ...`` reads from."""
-        if not node.level:
-            return node.module or ""
-        package = importer.split(".")
-        if importer not in self.packages:
-            package.pop()
-        package = package[: len(package) - (node.level - 1)]
-        return ".".join([*package, *([node.module] if node.module else [])])
+    def imports(self, name: str) -> list[Import]:
+        return read_imports(self.tree(name), name, name in self.packages)
 
     def resolve_from(self, base: str, name: str) -> str:
         """The module that ``from base import name`` really depends on: the submodule
@@ -173,51 +166,35 @@ class Codebase:
         if f"{base}.{name}" in self.sources:
             return f"{base}.{name}"
         if base in self.packages:
-            for node in self.tree(base).body:
-                if isinstance(node, ast.ImportFrom):
-                    source = self.from_base(base, node)
-                    if source.startswith(base + ".") and any(
-                        (a.asname or a.name) == name for a in node.names
-                    ):
-                        return self.resolve_from(source, name)
+            for imp in self.imports(base):
+                if (
+                    imp.how == "from"
+                    and imp.top_level
+                    and imp.module.startswith(base + ".")
+                    and name in imp.bound
+                ):
+                    return self.resolve_from(imp.module, name)
         return base
 
     def dependencies(self, importer: str) -> set[str]:
         found: set[str] = set()
-        for node in ast.walk(self.tree(importer)):
-            if isinstance(node, ast.Import):
-                found.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = self.from_base(importer, node)
-                found.update(self.resolve_from(base, alias.name) for alias in node.names)
-            elif isinstance(node, ast.Call) and node.args:
-                func = node.func
-                called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-                target = _literal(node.args[0])
-                if called in ("import_module", "__import__") and target:
-                    found.add(target)
-            elif isinstance(node, (ast.List, ast.Tuple)):
-                items = [_literal(e) for e in node.elts]
-                for flag, target in itertools.pairwise(items):
-                    if flag == "-m" and target:
-                        found.add(target)
+        for imp in self.imports(importer):
+            if imp.how == "from":
+                found.update(self.resolve_from(imp.module, name) for name in imp.names)
+            else:
+                found.add(imp.module)
         found.discard(importer)
         return found
-
-
-def _literal(node: ast.expr) -> str | None:
-    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
 def read_codebase(root: Path = SRC) -> Codebase:
     sources: dict[str, str] = {}
     packages: set[str] = set()
     for path in sorted(root.rglob("*.py")):
-        parts = list(path.relative_to(root.parent).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts.pop()
-            packages.add(".".join(parts))
-        sources[".".join(parts)] = path.read_text(encoding="utf-8")
+        name, is_package = module_of(path, root)
+        if is_package:
+            packages.add(name)
+        sources[name] = path.read_text(encoding="utf-8")
     return Codebase(sources, frozenset(packages))
 
 

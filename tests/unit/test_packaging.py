@@ -6,14 +6,13 @@ matplotlib) may be imported only inside a function, which runs only when the fea
 
 from __future__ import annotations
 
-import ast
 import re
 import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
 
-from tests.unit.import_graph import imported_names
+from tests.unit.import_graph import imported_names, module_of, read_imports
 from vsockrpc.payload import normalize, package_dir
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
@@ -43,24 +42,11 @@ def _optional_dependencies() -> set[str]:
 def module_level_imports(source: str) -> set[str]:
     """Names imported when the module is imported: anywhere but inside a function (a class
     body runs at import), ``if TYPE_CHECKING:`` blocks excepted (they never run)."""
-    found: set[str] = set()
-
-    def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
-            return
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            for child in node.orelse:
-                visit(child)
-            return
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
-            found.add(node.module)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(ast.parse(source))
-    return found
+    return {
+        imp.module
+        for imp in read_imports(source, "")
+        if imp.at_import and (imp.how == "import" or (imp.how == "from" and not imp.level))
+    }
 
 
 def _third_party_imports() -> dict[str, dict[str, bool]]:
@@ -69,8 +55,7 @@ def _third_party_imports() -> dict[str, dict[str, bool]]:
     base = package_dir()
     found: dict[str, dict[str, bool]] = {}
     for path in sorted(base.rglob("*.py")):
-        rel = path.relative_to(base.parent).with_suffix("")
-        module = ".".join(rel.parts).removesuffix(".__init__")
+        module, _ = module_of(path, base)
         eager = {name.split(".")[0] for name in module_level_imports(path.read_text())}
         for name in imported_names(path, module):
             top = name.split(".")[0]

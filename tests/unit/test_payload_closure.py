@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.import_graph import import_closure, imported_names
+from tests.unit.import_graph import import_closure, imported_names, read_imports
 from vsockrpc import payload
 from vsockrpc.payload import ENTRY_MODULE, GUEST_DISTRIBUTIONS, guest_payload
 
@@ -87,3 +87,28 @@ def test_walker_sees_deferred_relative_and_dynamic_imports_but_not_type_checking
     (pkg / "main.py").write_text("import pkg.gone\n")
     with pytest.raises(LookupError, match=r"pkg\.gone"):
         import_closure(pkg, ["pkg.main"])
+
+
+def test_the_shared_reader_marks_where_each_import_sits() -> None:
+    source = (
+        "import a\n"
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    import b\nelse:\n    import c\n"
+        "class K:\n    from .d import e as f\n"
+        "def run():\n    import g\n    __import__('h')\n    x = ['python', '-m', 'pkg.i']\n"
+    )
+    seen = {
+        (i.module, i.how, i.top_level, i.deferred, i.type_checking, i.names, i.bound)
+        for i in read_imports(source, "pkg.sub.mod")
+    }
+    assert seen == {
+        ("a", "import", True, False, False, (), ()),
+        ("typing", "from", True, False, False, ("TYPE_CHECKING",), ("TYPE_CHECKING",)),
+        ("b", "import", False, False, True, (), ()),
+        ("c", "import", False, False, False, (), ()),
+        ("pkg.sub.d", "from", False, False, False, ("e",), ("f",)),
+        ("g", "import", False, True, False, (), ()),
+        ("h", "__import__", False, True, False, (), ()),
+        ("pkg.i", "-m", False, True, False, (), ()),
+    }
+    assert read_imports("from . import x\n", "pkg.sub", is_package=True)[0].module == "pkg.sub"
