@@ -9,6 +9,7 @@ former); ``scripts/soak-device`` runs the long soak (docs/device.md).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -17,6 +18,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -24,9 +26,13 @@ from hypothesis import strategies as st
 
 from vsockrpc.vhost import VsockDevice
 from vsockrpc.vhost.packet import HOST_CID, Op
-from vsockrpc.vhost.testing import GuestDriver, GuestStream, serving
+from vsockrpc.vhost.routes import MAX_PENDING_OUT
+from vsockrpc.vhost.sibling import MAX_PENDING_IN
+from vsockrpc.vhost.table import MAX_STATELESS_RST
+from vsockrpc.vhost.testing import GuestDriver, GuestStream, pump_all, serving, wait_all
 
 CID = 9
+MiB = 1 << 20
 FUZZ_EXAMPLES = int(os.environ.get("VSOCKRPC_FUZZ_EXAMPLES", "300"))
 RING_EXAMPLES = int(os.environ.get("VSOCKRPC_FUZZ_RING_EXAMPLES", max(20, FUZZ_EXAMPLES // 6)))
 
@@ -216,3 +222,192 @@ def test_fuzz_corrupted_rings_are_reported_and_recover(
     world.host.close()
     world.host, world.stream = _open(world.device, g, 700)
     _roundtrip(world, b"after reset")
+
+
+# ------------------------------------------------------------------ two guests of a group
+SIB_A, SIB_B, SIB_OUT = 11, 12, 13  # A and B share group "fz"; SIB_OUT is only in "other"
+SIBLING_EXAMPLES = int(
+    os.environ.get("VSOCKRPC_FUZZ_SIBLING_EXAMPLES", max(20, FUZZ_EXAMPLES // 6))
+)
+
+
+@dataclass
+class Siblings:
+    dev_a: VsockDevice
+    dev_b: VsockDevice
+    guest_a: GuestDriver
+    world_b: World  # guest B serving a stream to the host
+
+
+@pytest.fixture(scope="module")
+def siblings() -> Iterator[Siblings]:
+    d = tempfile.mkdtemp(prefix="vdfs", dir="/tmp")
+    groups = os.path.join(d, "groups")
+    try:
+        with contextlib.ExitStack() as stack:
+            devs, threads = [], []
+            for cid, group in ((SIB_A, "fz"), (SIB_B, "fz"), (SIB_OUT, "other")):
+                dev = stack.enter_context(
+                    VsockDevice(
+                        vhost_socket=os.path.join(d, f"v{cid}"),
+                        uds_path=os.path.join(d, f"u{cid}"),
+                        guest_cid=cid,
+                        groups=[group],
+                        groups_dir=groups,
+                    )
+                )
+                threads.append(stack.enter_context(serving(dev)))
+                devs.append(dev)
+            guest_a = stack.enter_context(
+                GuestDriver(os.path.join(d, f"v{SIB_A}"), guest_cid=SIB_A)
+            )
+            guest_b = stack.enter_context(
+                GuestDriver(os.path.join(d, f"v{SIB_B}"), guest_cid=SIB_B)
+            )
+            guest_a.boot()
+            guest_b.boot()
+            host, stream = _open(devs[1], guest_b, 700)
+            w = World(devs[1], guest_b, host, stream, threads[1])
+            try:
+                yield Siblings(devs[0], devs[1], guest_a, w)
+            finally:
+                w.host.close()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _check_bounds(s: Siblings) -> None:
+    a, b = s.dev_a.muxer, s.dev_b.muxer
+    assert len(a._sibling_pending) <= MAX_PENDING_OUT
+    assert b.siblings is not None and len(b.siblings._pending) <= MAX_PENDING_IN
+    assert b.sibling_counts.get(SIB_A, 0) <= b.sibling_limit()
+    assert len(a._stateless) <= MAX_STATELESS_RST
+    for dev in (s.dev_a, s.dev_b):
+        for conn in list(dev.muxer.conns.values()):
+            assert conn.pending_bytes <= conn.buf_alloc
+
+
+def _settle(s: Siblings) -> None:
+    """Guest A reboots (its device drops everything) and guest B closes what A opened: then
+    neither device may hold anything but B's host stream."""
+    s.guest_a.reset()
+    s.guest_a.packets.clear()
+    w = s.world_b
+    legit = (HOST_CID, w.stream.peer_port, w.stream.local_port)
+
+    def clean() -> bool:
+        for listener in w.guest.listeners.values():
+            listener.backlog.clear()
+        for stream in list(w.guest.streams.values()):
+            if stream.peer_cid != HOST_CID and not stream.shut_sent and not stream.shut_pending:
+                stream.close()
+        w.guest.packets.clear()
+        siblings = s.dev_b.muxer.siblings
+        return (
+            set(s.dev_b.muxer.conns) == {legit}
+            and not s.dev_a.muxer.conns
+            and siblings is not None
+            and not siblings._pending
+        )
+
+    wait_all([s.guest_a, w.guest], clean, 30, "sibling connections cleaned up")
+
+
+sibling_packet = st.fixed_dictionaries(
+    {
+        "op": st.one_of(st.just(Op.REQUEST), st.sampled_from(list(Op)), st.integers(0, 0xFFFF)),
+        "src_port": st.one_of(st.sampled_from([1, 700, 5000]), st.integers(0, 2**32 - 1)),
+        "dst_port": st.one_of(st.sampled_from([700, 701, 1 << 30]), st.integers(0, 2**32 - 1)),
+        "payload": st.binary(max_size=200),
+        "flags": st.integers(0, 2**32 - 1),
+        "buf_alloc": st.one_of(st.just(256 * 1024), st.integers(0, 2**32 - 1)),
+        "fwd_cnt": st.integers(0, 2**32 - 1),
+        "ptype": st.one_of(st.just(1), st.integers(0, 0xFFFF)),
+        "src_cid": st.one_of(st.just(SIB_A), st.integers(0, 2**64 - 1)),
+        "dst_cid": st.one_of(
+            st.sampled_from([SIB_B, SIB_OUT, 99, HOST_CID, SIB_A, 0, 1, 2**32 - 1]),
+            st.integers(0, 2**64 - 1),
+        ),
+        "length": st.one_of(st.none(), st.integers(0, 2**32 - 1)),
+        "repeat": st.integers(1, 40),  # a flood: the same packet from consecutive ports
+    }
+)
+
+
+@settings(
+    max_examples=SIBLING_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(packets=st.lists(sibling_packet, min_size=1, max_size=8))
+@pytest.mark.timeout(_budget(SIBLING_EXAMPLES))
+def test_fuzz_guest_a_floods_siblings_while_guest_b_serves_the_host(
+    siblings: Siblings, packets: list[dict[str, Any]]
+) -> None:
+    w = siblings.world_b
+    w.host.sendall(b"during the flood")  # B's host stream is busy while A floods
+    sent = 0
+    for p in packets:
+        for i in range(p["repeat"]):
+            siblings.guest_a.send_packet(
+                p["op"],
+                (p["src_port"] + i) & 0xFFFFFFFF,
+                p["dst_port"],
+                p["payload"],
+                flags=p["flags"],
+                buf_alloc=p["buf_alloc"],
+                fwd_cnt=p["fwd_cnt"],
+                ptype=p["ptype"],
+                src_cid=p["src_cid"],
+                dst_cid=p["dst_cid"],
+                length=p["length"],
+                kick=i % 8 == 7,
+            )
+            sent += 1
+        siblings.guest_a.kick_queue(1)
+    event(f"{'flood' if sent > 64 else 'burst'} of forged packets from guest A")
+    pump_all([siblings.guest_a, w.guest], 0.01)
+    _check_bounds(siblings)
+    got = bytearray()
+
+    def enough() -> bool:
+        got.extend(w.stream.recv())
+        return len(got) >= 16
+
+    wait_all([siblings.guest_a, w.guest], enough, 10, "B's host stream during the flood")
+    assert bytes(got) == b"during the flood"
+    _roundtrip(w, b"B still serves the host")
+    _check_bounds(siblings)
+    assert w.thread.is_alive()
+    linked = sum(1 for st_ in w.guest.streams.values() if st_.peer_cid == SIB_A)
+    event(f"guest B accepted {'some' if linked else 'no'} connections from guest A")
+    _settle(siblings)
+
+
+@pytest.mark.timeout(180)
+def test_connect_flood_to_siblings_and_non_members_does_not_starve_b(siblings: Siblings) -> None:
+    """600 connects to B and 600 to CIDs outside the group, while the host streams 8 MiB into
+    guest B: B's stream completes intact, A's refusals are immediate, everything stays bounded."""
+    w = siblings.world_b
+    ga = siblings.guest_a
+    w.stream.discard = True
+    before = w.stream.received
+    size = 8 * MiB
+    sender = threading.Thread(target=w.host.sendall, args=(bytes(size),), daemon=True)
+    sender.start()
+    for i in range(600):
+        for dst in (SIB_B, SIB_OUT, 99) if i % 2 else (SIB_B,):
+            ga.send_packet(Op.REQUEST, 20000 + i, 700, dst_cid=dst, kick=i % 16 == 0)
+        pump_all([ga, w.guest])
+    ga.kick_queue(1)
+    wait_all([ga, w.guest], lambda: w.stream.received - before >= size, 120, "B's 8 MiB")
+    sender.join(10)
+    _check_bounds(siblings)
+    limit = siblings.dev_b.muxer.sibling_limit()
+    assert siblings.dev_b.muxer.sibling_counts.get(SIB_A, 0) <= limit
+    w.stream.discard = False
+    _roundtrip(w, b"after the flood")
+    linked = sum(1 for st_ in w.guest.streams.values() if st_.peer_cid == SIB_A)
+    assert 0 < linked <= limit  # the flood did reach B, within the per-CID cap
+    assert siblings.dev_a.muxer.stats_sibling_refused >= 600  # non-members, refused at once
+    _settle(siblings)
