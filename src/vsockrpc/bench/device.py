@@ -28,6 +28,7 @@ from vsockrpc.bench._device_alone import (
     device_process,
     hybrid_connect,
 )
+from vsockrpc.bench._device_siblings import siblings_alone
 from vsockrpc.bench._private import device_guest_recipe
 from vsockrpc.errors import VsockRpcError
 
@@ -129,7 +130,37 @@ def run(ctx: Context) -> _model.PartResult:
                 pairs=[],
             )
         )
-    path = {"device alone": "userspace device, driven by the test driver (no QEMU, no guest)"}
+    sib_mib, sib_rounds, sib_pings = (16, 1, 200) if ctx.quick else (512, 3, 2000)
+    try:
+        sib = siblings_alone(
+            ctx.workdir, sib_mib * MiB, sib_rounds, sib_pings, lambda line: ctx.step(NAME, line)
+        )
+    except TransferFailed as err:
+        raise VsockRpcError(f"device bench: guest↔guest transfer failed: {err}") from err
+    figures.append(
+        _model.figure(
+            f"{NAME}.alone-siblings",
+            f"two devices of a group alone: guest A → guest B by CID, {sib_mib} MiB per run",
+            "rate",
+            {"guest→guest": sib["MBps"]},
+            unit="MB/s",
+            pairs=[],
+        )
+    )
+    figures.append(
+        _model.figure(
+            f"{NAME}.alone-siblings-rtt",
+            "two devices of a group alone: 64-byte guest↔guest round trip",
+            "latency",
+            {"guest↔guest": sib["rtt"]},
+            pairs=[],
+        )
+    )
+    path = {
+        "device alone": "userspace device, driven by the test driver (no QEMU, no guest)",
+        "guest↔guest alone": "two device processes of one group, both guests played by the "
+        "test driver in one thread (no QEMU)",
+    }
     recipe = device_guest_recipe()
     if ctx.quick:
         notes.append("--quick: the guest half (a TCG boot) was not run")
