@@ -304,3 +304,26 @@ def test_one_sibling_cannot_take_more_than_a_quarter_of_the_connections() -> Non
             assert dev_b.muxer.sibling_counts == {A: 4}
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_cid_2_still_reaches_the_host_beside_a_sibling_stream(pair: Pair) -> None:
+    """What VMADDR_FLAG_TO_HOST asks for: CID 2 is the host, groups or not."""
+    host_path = pair.dev_a.uds_path + "_7000"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+        srv.bind(host_path)
+        srv.listen()
+        srv.settimeout(10)
+        sib, _ = connect(pair)
+        to_host = pair.guest_a.connect_start(7000)
+        pair.wait(lambda: to_host.state.value != "connecting", 5, "connect to the host")
+        assert to_host.state.value == "established" and to_host.peer_cid == 2
+        peer, _ = srv.accept()
+        with peer:
+            peer.settimeout(10)
+            to_host.send(b"host?")
+            pair.pump(0.2)
+            assert peer.recv(16) == b"host?"
+        assert set(pair.dev_a.muxer.conns) == {
+            (B, PORT, sib.local_port),
+            (2, 7000, to_host.local_port),
+        }
