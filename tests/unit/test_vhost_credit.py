@@ -9,7 +9,7 @@ import itertools
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vsockrpc.vhost.connection import Connection, ConnState
@@ -85,6 +85,9 @@ def _rw(muxer: Muxer, conn: Connection, payload: bytes, *, fwd_cnt: int = 0) -> 
 
 
 # ---------------------------------------------------------------------- peer_free
+# The wall-clock limits (200 ms a case, 30 s to generate 10) are not about the code: a
+# starved process (a soak under nice -n 19 on a busy machine) overruns them.
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(buf_alloc=st.integers(0, U32 - 1), tx_cnt=st.integers(0, U32 - 1), used=st.integers(0))
 def test_peer_free_is_buf_alloc_minus_in_flight_mod_2_32(
     buf_alloc: int, tx_cnt: int, used: int

@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vsockrpc.vhost import packet
@@ -31,6 +31,9 @@ def test_header_is_44_little_endian_bytes_in_spec_order() -> None:
     assert struct.unpack("<III", raw[32:]) == (6, 7, 8)
 
 
+# The wall-clock limits (200 ms a case, 30 s to generate 10) are not about the code: a
+# starved process (a soak under nice -n 19 on a busy machine) overruns them.
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     fields=st.tuples(
         st.integers(0, 2**64 - 1),  # src_cid
@@ -75,6 +78,9 @@ def test_pack_rejects_fields_out_of_range() -> None:
         packet.pack(2, 3, 2**32, 1, 0, Op.RW, 0, 0, 0)
 
 
+# The wall-clock limits (200 ms a case, 30 s to generate 10) are not about the code: a
+# starved process (a soak under nice -n 19 on a busy machine) overruns them.
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.binary(max_size=HDR_SIZE), cuts=st.lists(st.integers(1, 20), max_size=6))
 def test_scatter_then_gather_across_segments(data: bytes, cuts: list[int]) -> None:
     segments = [memoryview(bytearray(n)) for n in cuts] + [memoryview(bytearray(HDR_SIZE))]

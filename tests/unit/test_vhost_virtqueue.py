@@ -198,12 +198,17 @@ desc_strategy = st.one_of(plausible_desc, plausible_desc, hostile_desc)
 #: Cases per run (CI default keeps the unit tier quick; raise it for a deeper soak).
 FUZZ_EXAMPLES = int(os.environ.get("VSOCKRPC_FUZZ_EXAMPLES", "600"))
 CHAIN_EXAMPLES = int(os.environ.get("VSOCKRPC_FUZZ_CHAIN_EXAMPLES", max(50, FUZZ_EXAMPLES // 3)))
+#: Health checks that are not about the device: the module's memory is shared on purpose, and
+#: ``too_slow`` times input generation by the wall clock (30 s for the first 10 cases), which a
+#: starved process (a soak under ``nice -n 19`` on a busy 2-core machine) overran once: a
+#: FailedHealthCheck, not a finding. The device fuzz (tests/integration) suppresses it too.
+NOT_ABOUT_THE_DEVICE = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 
 
 @settings(
     max_examples=FUZZ_EXAMPLES,
     deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    suppress_health_check=NOT_ABOUT_THE_DEVICE,
 )
 @given(
     num=st.sampled_from([1, 2, 4, 8, 16, 32]),
@@ -267,7 +272,7 @@ def test_fuzz_hostile_rings(  # noqa: PLR0917 - hypothesis passes each strategy 
 @settings(
     max_examples=CHAIN_EXAMPLES,
     deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    suppress_health_check=NOT_ABOUT_THE_DEVICE,
 )
 @given(
     num=st.sampled_from([4, 8, 16, 32]),
