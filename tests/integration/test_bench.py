@@ -5,6 +5,7 @@ run boots no guest."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,12 @@ def test_quick_run_writes_a_report_its_raw_json_rebuilds(tmp_path: Path) -> None
         assert part["skipped"] is None, part["name"]
         assert part["figures"], part["name"]
         assert part["path"], part["name"]
+    relay = next(p for p in raw["parts"] if p["name"] == "relay")
+    relay_series = [list(f["series"]) for f in relay["figures"]]
+    if shutil.which("g++") is not None:  # the same hop in C++ beside ours
+        assert all(series[-1] == "relay-C++" for series in relay_series), relay_series
+    else:
+        assert any(note.startswith("no relay-C++ line: g++") for note in relay["notes"])
     device = next(p for p in raw["parts"] if p["name"] == "device")
     assert "--quick: the guest half (a TCG boot) was not run" in device["notes"]
     assert all(not f["id"].endswith((".h2g", ".rtt", ".sweep")) for f in device["figures"])
@@ -73,6 +80,25 @@ def test_quick_run_writes_a_report_its_raw_json_rebuilds(tmp_path: Path) -> None
     assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
     assert (again / "report.md").read_text() == report
     assert json.loads((again / "raw.json").read_text()) == raw
+
+
+@pytest.mark.timeout(QUICK_TIMEOUT + 120)
+def test_agent_quick_measures_each_added_step_beside_the_raw_stream(tmp_path: Path) -> None:
+    from vsockrpc.bench.agent import FLOOR_STEPS
+
+    out = tmp_path / "agent"
+    done = _bench("agent", "--quick", "--json-only", "--out", str(out), timeout=QUICK_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    raw = json.loads((out / "raw.json").read_text())
+    assert validate(raw) == []
+    (agent,) = raw["parts"]
+    floor = next(f for f in agent["figures"] if f["id"] == "agent.floor")
+    assert list(floor["series"]) == ["raw stream, download", *FLOOR_STEPS]
+    download = next(f for f in agent["figures"] if f["id"] == "agent.download")
+    # The baseline is the download figure's own raw samples, round by round.
+    assert floor["series"]["raw stream, download"] == download["series"]["raw stream"]
+    for step in FLOOR_STEPS:
+        assert len(floor["series"][step]) == 2 and all(r > 0 for r in floor["series"][step])
 
 
 def test_bad_input_is_a_usage_error(tmp_path: Path) -> None:
