@@ -12,7 +12,7 @@ import pytest
 from vsockrpc.errors import VmError
 from vsockrpc.vm.qemu import QemuConfig, qemu_argv
 from vsockrpc.vm.restore import load_snapshot
-from vsockrpc.vm.snapshot import _device_args, _prepare_out, file_sha256, guest_config
+from vsockrpc.vm.snapshot import _prepare_out, device_add_args, file_sha256, guest_config
 
 # the module, not the function of the same name that vsockrpc.vm exports
 restore_mod = importlib.import_module("vsockrpc.vm.restore")
@@ -58,7 +58,7 @@ def test_userspace_restore_leaves_the_device_to_qmp_and_loads_deferred() -> None
     # same RAM backend as the saved guest: the state loads into shareable memory
     assert "memory-backend-memfd,id=mem,size=256M,share=on" in option(argv, "-object")
     # what device_add plugs in afterwards is exactly the cold-boot device
-    assert _device_args() == {
+    assert device_add_args() == {
         "driver": "vhost-user-vsock-pci",
         "chardev": "vhost-vsock",
         "id": "vsock",

@@ -34,11 +34,12 @@ from vsockrpc.vm import cid as cid_mod
 from vsockrpc.vm import readiness, signals
 from vsockrpc.vm.console import ConsoleFollower
 from vsockrpc.vm.options import check_launch
-from vsockrpc.vm.procs import exit_status, start_qemu
+from vsockrpc.vm.procs import start_qemu
 from vsockrpc.vm.qemu import QemuConfig, find_qemu, qemu_argv
 from vsockrpc.vm.qmp import CTRL_ALT_DEL, qmp_command
 from vsockrpc.vm.rundir import claim_name
 from vsockrpc.vm.runtime import groups_dir, runtime_dir
+from vsockrpc.vm.startup import pause, reap, state_record, wait_qemu_up
 from vsockrpc.vm.vsockdev import UserspaceDevice, wants_userspace
 
 __all__ = ["DEFAULT_PORT", "Vm", "launch"]
@@ -189,7 +190,7 @@ class Vm:
                     f"guest agent not ready after {timeout:g} s",
                     hint=f"guest console: {self._keep_console()}",
                 )
-            _pause(cancel, 0.05)
+            pause(cancel, 0.05)
         # The agent says it listens; now prove a gRPC connection crosses the vsock device,
         # noticing a stop request or a dying guest within a fraction of a second.
         deadline = max(deadline, time.monotonic() + 1.0)
@@ -229,7 +230,7 @@ class Vm:
                     f"supervised command {waiting[0]} not ready after {timeout:g} s",
                     hint=f"guest console: {self._keep_console()}",
                 )
-            _pause(cancel, 0.05)
+            pause(cancel, 0.05)
 
     def _update_timings(self) -> None:
         t = self.timings
@@ -265,24 +266,6 @@ class Vm:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _state(vm: Vm, detached: bool) -> dict[str, object]:
-    return {
-        "name": vm.name,
-        "cid": vm.cid,
-        "port": vm.port,
-        "image": str(vm.image.path),
-        "qemu_pid": vm.qemu.pid,
-        "device_pid": vm.device.pid if vm.device else None,
-        "hybrid_socket": str(vm.hybrid_socket) if vm.hybrid_socket else None,
-        "address": str(vm.address()),
-        "accel": vm.accel.name,
-        "groups": list(vm.groups),
-        "launcher_pid": os.getpid(),
-        "detached": detached,
-        "started": time.time(),
-    }
 
 
 def launch(
@@ -425,13 +408,13 @@ def _launch(
             name=f"vsockrpc-{vm_name}",
         )
         qemu = start_qemu(qemu_argv(config), run_dir, held, detach)
-        stack.callback(_reap, qemu)
+        stack.callback(reap, qemu)
         console = stack.enter_context(ConsoleFollower(run_dir / "console.log", echo=echo).start())
         vm = Vm(vm_name, lease.cid, port, info, run_dir, chosen, qemu, console, device, groups)
         vm.timings.launched = launched
-        _wait_qemu_up(vm, cancel)
+        wait_qemu_up(vm, cancel)
         vm.timings.qemu_started = time.monotonic()
-        (run_dir / "state.json").write_text(json.dumps(_state(vm, detach), indent=2))
+        (run_dir / "state.json").write_text(json.dumps(state_record(vm, detach), indent=2))
         if wait:
             vm.wait_ready(ready_timeout, cancel=cancel)
         signals.check(cancel)
@@ -456,33 +439,6 @@ def _boot_kernel(info: ImageInfo) -> Path:
     if choice != "bzimage" and info.pvh_kernel is not None:
         return info.pvh_kernel
     return info.kernel
-
-
-def _pause(cancel: threading.Event | None, seconds: float) -> None:
-    if cancel is not None:
-        cancel.wait(seconds)
-    else:
-        time.sleep(seconds)
-
-
-def _wait_qemu_up(vm: Vm, cancel: threading.Event | None, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not vm.qmp_socket.exists():
-        signals.check(cancel)
-        if vm.qemu.poll() is not None:
-            raise VmError(
-                f"QEMU exited at once ({exit_status(vm.qemu.returncode)}): "
-                f"{vm.qemu_log_tail() or 'no message'}"
-            )
-        if time.monotonic() > deadline:
-            raise VmError(f"QEMU did not open its QMP socket in {timeout:g} s")
-        _pause(cancel, 0.01)
-
-
-def _reap(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
 
 
 def _verdict_dir() -> Path | None:

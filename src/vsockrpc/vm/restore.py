@@ -32,19 +32,15 @@ from vsockrpc.vm import signals
 from vsockrpc.vm.accel import Accel
 from vsockrpc.vm.console import ConsoleFollower
 from vsockrpc.vm.identity import refresh_identity
-from vsockrpc.vm.launcher import (
-    Vm,
-    _reap,
-    _state,
-    _wait_qemu_up,
-)
+from vsockrpc.vm.launcher import Vm
 from vsockrpc.vm.options import InvalidVmOption, check_cid, check_name
 from vsockrpc.vm.procs import exit_status, start_qemu
 from vsockrpc.vm.qemu import VSOCK_CHARDEV, QemuConfig, find_qemu, qemu_argv
 from vsockrpc.vm.qmpsession import Session, run_session
 from vsockrpc.vm.rundir import NameClaim, claim_name
 from vsockrpc.vm.runtime import runtime_dir
-from vsockrpc.vm.snapshot import FORMAT, MANIFEST, STATE_FILE, _device_args, file_sha256
+from vsockrpc.vm.snapshot import FORMAT, MANIFEST, STATE_FILE, device_add_args, file_sha256
+from vsockrpc.vm.startup import reap, state_record, wait_qemu_up
 from vsockrpc.vm.vsockdev import UserspaceDevice, kernel_vhost_vsock_usable
 
 __all__ = ["RestoredVm", "Snapshot", "load_snapshot", "restore", "restore_many"]
@@ -295,7 +291,7 @@ def _start(
             incoming="defer",
         )
         qemu = start_qemu(qemu_argv(config), run_dir, held, detach)
-        stack.callback(_reap, qemu)
+        stack.callback(reap, qemu)
         console = stack.enter_context(ConsoleFollower(run_dir / "console.log", echo=echo).start())
         accel = Accel(guest["accel"], guest["cpu"], "as in the snapshot")
         vm = RestoredVm(
@@ -315,10 +311,10 @@ def _finish(
     fresh_identity: bool,
 ) -> None:
     vm = p.vm
-    _wait_qemu_up(vm, cancel)
+    wait_qemu_up(vm, cancel)
     vm.marks["start qemu"] = vm.timings.qemu_started = time.monotonic()
     run_session(vm.qmp_socket, lambda s: _load(s, snap, vm), timeout=LOAD_TIMEOUT)
-    state = _state(vm, p.detach) | {"restored_from": str(snap.path)}
+    state = state_record(vm, p.detach) | {"restored_from": str(snap.path)}
     (vm.run_dir / "state.json").write_text(json.dumps(state, indent=2))
     _wait_answer(vm, ready_timeout, cancel)
     vm.marks["agent answers"] = vm.timings.rpc_ready = time.monotonic()
@@ -359,7 +355,7 @@ async def _load(s: Session, snap: Snapshot, vm: RestoredVm) -> None:
                 },
             },
         )
-        await s.run("device_add", _device_args())
+        await s.run("device_add", device_add_args())
     vm.marks["device re-plug"] = time.monotonic()
 
 

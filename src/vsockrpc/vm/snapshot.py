@@ -35,7 +35,15 @@ from vsockrpc.vm.qemu import VSOCK_DEVICE, VSOCK_PORT, vhost_user_vsock_device
 from vsockrpc.vm.qmpsession import Session, run_session
 from vsockrpc.vm.registry import VmRecord, list_vms, stop_vm
 
-__all__ = ["FORMAT", "MANIFEST", "STATE_FILE", "SnapshotInfo", "file_sha256", "snapshot_vm"]
+__all__ = [
+    "FORMAT",
+    "MANIFEST",
+    "STATE_FILE",
+    "SnapshotInfo",
+    "device_add_args",
+    "file_sha256",
+    "snapshot_vm",
+]
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -196,10 +204,10 @@ def snapshot_vm(which: str, out: Path | str, *, stop: bool = False) -> SnapshotI
 async def _resume(s: Session, userspace: bool) -> None:
     await s.run("cont")
     if userspace:
-        await s.run("device_add", _device_args())
+        await s.run("device_add", device_add_args())
 
 
-def _device_args() -> dict[str, Any]:
+def device_add_args() -> dict[str, Any]:
     """``device_add`` arguments of :func:`vhost_user_vsock_device`'s ``-device`` value."""
     driver, *props = vhost_user_vsock_device().split(",")
     return {"driver": driver, **dict(p.split("=", 1) for p in props)}
