@@ -23,6 +23,8 @@ __all__ = ["Session", "run_session"]
 
 T = TypeVar("T")
 MIGRATION_POLL = 0.01  # s between query-migrate polls
+CONNECT_GRACE = 10.0  # s a QMP socket may refuse connections after it appeared
+CONNECT_RETRY = 0.02
 
 
 class Session:
@@ -69,17 +71,31 @@ class Session:
             await asyncio.sleep(MIGRATION_POLL)
 
 
+async def _connect(qmp_socket: Path) -> QMPClient:
+    """Connect, retrying "connection refused" for :data:`CONNECT_GRACE` s: QEMU binds its
+    QMP socket (the file appears) before it listens on it, and on a loaded host a freshly
+    started QEMU can sit between the two for a while (seen with ten clones starting at once).
+    A new client per attempt: one whose connect failed does not connect cleanly again."""
+    deadline = asyncio.get_running_loop().time() + CONNECT_GRACE
+    while True:
+        client = QMPClient("vsockrpc")
+        try:
+            await client.connect(str(qmp_socket))
+            return client
+        except (OSError, QMPError) as err:
+            refused = isinstance(err.__cause__ or err, ConnectionRefusedError)
+            if not refused or asyncio.get_running_loop().time() > deadline:
+                raise VmError(f"cannot reach QEMU's QMP socket: {err}") from err
+        await asyncio.sleep(CONNECT_RETRY)
+
+
 def run_session(
     qmp_socket: Path, body: Callable[[Session], Awaitable[T]], *, timeout: float = 300.0
 ) -> T:
     """Connect to QEMU's QMP socket, run ``body``, disconnect."""
 
     async def main() -> T:
-        client = QMPClient("vsockrpc")
-        try:
-            await client.connect(str(qmp_socket))
-        except (OSError, QMPError) as err:
-            raise VmError(f"cannot reach QEMU's QMP socket: {err}") from err
+        client = await _connect(qmp_socket)
         try:
             return await body(Session(client))
         finally:
