@@ -47,6 +47,7 @@ __all__ = ["RestoredVm", "Snapshot", "load_snapshot", "restore", "restore_many"]
 
 READY_TIMEOUT = 60.0
 LOAD_TIMEOUT = 120.0
+ANSWER_POLL = 0.05  # s between liveness checks while the agent's first connection is made
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,23 +361,35 @@ async def _load(s: Session, snap: Snapshot, vm: RestoredVm) -> None:
 
 
 def _wait_answer(vm: RestoredVm, timeout: float, cancel: threading.Event | None) -> None:
+    """Until a gRPC connection to the restored agent is established.
+
+    One channel for the whole wait: its connection attempt (the vsock handshake through the
+    re-plugged device, then HTTP/2's settings exchange with the agent) goes on, with grpcio's
+    reconnect backoff, while every :data:`ANSWER_POLL` s we check that QEMU and the device
+    still run and that nobody cancelled. Right after a restore a TCG guest has an empty
+    translation cache; with ten clones sharing two cores one handshake takes it several
+    seconds. A new channel per second (as before) abandoned every attempt before the guest
+    completed it, each abandoned connection cost the guest more work, and no clone answered.
+    """
     deadline = time.monotonic() + timeout
-    while True:
-        signals.check(cancel)
-        if not vm.running():
-            raise VmError(
-                f"restored guest stopped (QEMU {exit_status(vm.qemu.returncode)}): "
-                f"{vm.qemu_log_tail() or 'no message'}"
-            )
-        if vm.device is not None:
-            vm.device.check()
-        try:
-            rpc.wait_until_ready(
-                vm.address(), timeout=min(max(deadline - time.monotonic(), 0.1), 1.0)
-            )
-            return
-        except TransportError as err:
-            if time.monotonic() > deadline:
+    with rpc.channel(vm.address(), options=rpc.RETRY_OPTIONS) as ch:
+        while True:
+            signals.check(cancel)
+            if not vm.running():
                 raise VmError(
-                    f"restored guest's agent does not answer after {timeout:g} s: {err}"
-                ) from err
+                    f"restored guest stopped (QEMU {exit_status(vm.qemu.returncode)}): "
+                    f"{vm.qemu_log_tail() or 'no message'}"
+                )
+            if vm.device is not None:
+                vm.device.check()
+            left = deadline - time.monotonic()
+            try:
+                rpc.channel_ready(
+                    ch, timeout=max(min(left, ANSWER_POLL), 0.01), what=str(vm.address())
+                )
+                return
+            except TransportError as err:
+                if left <= ANSWER_POLL:
+                    raise VmError(
+                        f"restored guest's agent does not answer after {timeout:g} s: {err}"
+                    ) from err
