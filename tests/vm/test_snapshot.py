@@ -7,6 +7,7 @@ snapshot that runs out of disk is removed and the source keeps running."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -64,6 +65,8 @@ def snapshot(source: tuple[Vm, int], tmp_path_factory: pytest.TempPathFactory) -
     assert saved.returncode == 0, saved.stderr
     assert saved.stdout.startswith(f"snapshot {out}: ")
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "state.bin"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["ram"]["free_bytes_zeroed"] > 0  # page cache dropped, free pages zeroed
     return out
 
 
@@ -155,6 +158,7 @@ def test_disk_full_removes_the_partial_snapshot_and_the_guest_keeps_running(
 
 
 def test_three_clones_at_once_are_distinct_machines(source: tuple[Vm, int], snapshot: Path) -> None:
+    pid = source[1]
     clones = restore_many(snapshot, 3, name="clone")
     try:
         assert sorted(c.name for c in clones) == ["clone-1", "clone-2", "clone-3"]
@@ -163,6 +167,9 @@ def test_three_clones_at_once_are_distinct_machines(source: tuple[Vm, int], snap
         for clone in clones:
             with Guest(clone.address(), call_timeout=60) as g:
                 assert g.read_bytes(MARKER) == b"written before the snapshot"
+                alive = g.run(["sh", "-c", f"kill -0 {pid} && cat /proc/{pid}/cmdline"])
+                assert alive.exit_code == 0, alive.stderr
+                assert alive.stdout.split(b"\0")[:2] == [b"sleep", b"100000"]
                 randoms.add(g.run(["head", "-c", "32", "/dev/urandom"], check=True).stdout)
                 before = time.time_ns()
                 guest_now = g.info().time_ns

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 from vsockrpc import rpc
@@ -27,6 +26,7 @@ from vsockrpc.addresses import Address
 from vsockrpc.agent.v1 import agent_pb2 as pb
 from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
 from vsockrpc.errors import VmError
+from vsockrpc.vm.guestexec import guest_python
 
 __all__ = ["SEED_BYTES", "refresh_identity"]
 
@@ -53,12 +53,6 @@ if os.path.exists("/etc/machine-id"):
 """
 
 
-def _exec_requests(argv: list[str], stdin: bytes) -> Iterator[Any]:
-    yield pb.ExecRequest(start=pb.ExecStart(argv=[a.encode() for a in argv], timeout_seconds=30))
-    yield pb.ExecRequest(stdin=stdin)
-    yield pb.ExecRequest(close_stdin=True)
-
-
 def refresh_identity(address: Address, hostname: str) -> float:
     """Reseed, rename and set the clock of the guest at ``address``; returns how far its
     clock was off (guest - host, seconds) before it was set."""
@@ -76,22 +70,13 @@ def refresh_identity(address: Address, hostname: str) -> float:
         now += (now - sent) // 2
         reply = system.SetTime(pb.SetTimeRequest(time_ns=now), timeout=CALL_TIMEOUT)
         offset = float((reply.previous_time_ns - now) / 1e9)
-        argv = ["python3", "-IS", "-c", GUEST_SCRIPT]
-        stderr = b""
-        exited: Any = None
-        stub: Any = pb_grpc.ExecStub(channel)  # type: ignore[no-untyped-call]
-        events = stub.Exec(_exec_requests(argv, seed), timeout=CALL_TIMEOUT)
-        for event in events:
-            kind = event.WhichOneof("event")
-            if kind == "stderr":
-                stderr += event.stderr
-            elif kind == "exited":
-                exited = event.exited
+        guest_python(
+            channel, GUEST_SCRIPT, stdin=seed, what="reseeding the clone", timeout=CALL_TIMEOUT
+        )
+    except VmError:
+        raise
     except Exception as err:  # grpc.RpcError and transport errors alike
         raise VmError(f"cannot refresh the clone's identity through its agent: {err}") from err
     finally:
         channel.close()
-    if exited is None or exited.WhichOneof("status") != "exit_code" or exited.exit_code != 0:
-        last = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
-        raise VmError(f"reseeding the clone failed: {last[0]}")
     return float(offset)
