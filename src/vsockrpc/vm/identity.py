@@ -11,7 +11,7 @@ sets the hostname to the VM's name and, when the image has an ``/etc/machine-id`
 freshly generated one over it (the root file system is read-only). The clock is set from the
 host's with the ``System.SetTime`` RPC (the guest's clock stood still while it was saved).
 
-Only the agent contract and ``rpc/`` are used (``vm/`` sits below the SDK).
+Only the agent contract and grpcio are used (``vm/`` sits below the SDK).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import time
 import uuid
 from typing import Any
 
-from vsockrpc import rpc
-from vsockrpc.addresses import Address
+import grpc
+
 from vsockrpc.agent.v1 import agent_pb2 as pb
 from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
 from vsockrpc.errors import VmError
@@ -53,17 +53,16 @@ if os.path.exists("/etc/machine-id"):
 """
 
 
-def refresh_identity(address: Address, hostname: str) -> float:
-    """Reseed, rename and set the clock of the guest at ``address``; returns how far its
+def refresh_identity(channel: grpc.Channel, hostname: str) -> float:
+    """Reseed, rename and set the clock of the guest behind ``channel``; returns how far its
     clock was off (guest - host, seconds) before it was set."""
     seed = os.urandom(SEED_BYTES) + f"{hostname}\n{uuid.uuid4().hex}\n".encode()
-    channel = rpc.channel(address)
     try:
         system: Any = pb_grpc.SystemStub(channel)  # type: ignore[no-untyped-call]
         # The first call also connects (relay, hybrid CONNECT: seconds on a loaded TCG host);
         # a second Ping measures the round trip, and the clock is set to the host's time plus
         # half of it, when the request reaches the guest (NTP's estimate of one-way delay).
-        system.Ping(pb.PingRequest(), timeout=CALL_TIMEOUT)
+        system.Ping(pb.PingRequest(), timeout=CALL_TIMEOUT, wait_for_ready=True)
         sent = time.time_ns()
         system.Ping(pb.PingRequest(), timeout=CALL_TIMEOUT)
         now = time.time_ns()
@@ -77,6 +76,4 @@ def refresh_identity(address: Address, hostname: str) -> float:
         raise
     except Exception as err:  # grpc.RpcError and transport errors alike
         raise VmError(f"cannot refresh the clone's identity through its agent: {err}") from err
-    finally:
-        channel.close()
     return float(offset)

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import grpc
+
 from vsockrpc import rpc
 from vsockrpc.errors import ImageError, TransportError, VmError
 from vsockrpc.image import ImageInfo, find_image
@@ -317,10 +319,14 @@ def _finish(
     run_session(vm.qmp_socket, lambda s: _load(s, snap, vm), timeout=LOAD_TIMEOUT)
     state = state_record(vm, p.detach) | {"restored_from": str(snap.path)}
     (vm.run_dir / "state.json").write_text(json.dumps(state, indent=2))
-    _wait_answer(vm, ready_timeout, cancel)
-    vm.marks["agent answers"] = vm.timings.rpc_ready = time.monotonic()
-    if fresh_identity:
-        vm.clock_offset = refresh_identity(vm.address(), vm.name)
+    # The identity calls reuse the connection the wait made: a second connection costs a
+    # loaded guest another handshake, and can be refused (the device gives the guest 2 s to
+    # answer a connection request, as Linux does) where the first one succeeded.
+    with rpc.channel(vm.address(), options=rpc.RETRY_OPTIONS) as channel:
+        _wait_answer(vm, channel, ready_timeout, cancel)
+        vm.marks["agent answers"] = vm.timings.rpc_ready = time.monotonic()
+        if fresh_identity:
+            vm.clock_offset = refresh_identity(channel, vm.name)
         vm.marks["fresh identity"] = time.monotonic()
 
 
@@ -360,7 +366,9 @@ async def _load(s: Session, snap: Snapshot, vm: RestoredVm) -> None:
     vm.marks["device re-plug"] = time.monotonic()
 
 
-def _wait_answer(vm: RestoredVm, timeout: float, cancel: threading.Event | None) -> None:
+def _wait_answer(
+    vm: RestoredVm, ch: grpc.Channel, timeout: float, cancel: threading.Event | None
+) -> None:
     """Until a gRPC connection to the restored agent is established.
 
     One channel for the whole wait: its connection attempt (the vsock handshake through the
@@ -372,24 +380,21 @@ def _wait_answer(vm: RestoredVm, timeout: float, cancel: threading.Event | None)
     completed it, each abandoned connection cost the guest more work, and no clone answered.
     """
     deadline = time.monotonic() + timeout
-    with rpc.channel(vm.address(), options=rpc.RETRY_OPTIONS) as ch:
-        while True:
-            signals.check(cancel)
-            if not vm.running():
+    while True:
+        signals.check(cancel)
+        if not vm.running():
+            raise VmError(
+                f"restored guest stopped (QEMU {exit_status(vm.qemu.returncode)}): "
+                f"{vm.qemu_log_tail() or 'no message'}"
+            )
+        if vm.device is not None:
+            vm.device.check()
+        left = deadline - time.monotonic()
+        try:
+            rpc.channel_ready(ch, timeout=max(min(left, ANSWER_POLL), 0.01), what=str(vm.address()))
+            return
+        except TransportError as err:
+            if left <= ANSWER_POLL:
                 raise VmError(
-                    f"restored guest stopped (QEMU {exit_status(vm.qemu.returncode)}): "
-                    f"{vm.qemu_log_tail() or 'no message'}"
-                )
-            if vm.device is not None:
-                vm.device.check()
-            left = deadline - time.monotonic()
-            try:
-                rpc.channel_ready(
-                    ch, timeout=max(min(left, ANSWER_POLL), 0.01), what=str(vm.address())
-                )
-                return
-            except TransportError as err:
-                if left <= ANSWER_POLL:
-                    raise VmError(
-                        f"restored guest's agent does not answer after {timeout:g} s: {err}"
-                    ) from err
+                    f"restored guest's agent does not answer after {timeout:g} s: {err}"
+                ) from err
