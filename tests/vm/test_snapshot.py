@@ -64,9 +64,14 @@ def snapshot(source: tuple[Vm, int], tmp_path_factory: pytest.TempPathFactory) -
     )
     assert saved.returncode == 0, saved.stderr
     assert saved.stdout.startswith(f"snapshot {out}: ")
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "state.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "ram.bin", "state.bin"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["ram"]["free_bytes_zeroed"] > 0  # page cache dropped, free pages zeroed
+    # RAM beside the stream (x-ignore-shared), sparse: only pages that are not zero use disk
+    assert (out / "state.bin").stat().st_size < 4 << 20
+    ram = out / "ram.bin"
+    assert ram.stat().st_size == manifest["guest"]["memory_mib"] << 20
+    assert ram.stat().st_blocks * 512 < ram.stat().st_size // 2
     return out
 
 
@@ -138,7 +143,7 @@ def test_a_corrupt_snapshot_is_refused(
     assert len(lines) == 1, refused.stderr
     assert f"snapshot {bad} is corrupt: state.bin does not match its sha256" in lines[0]
     assert {r.name for r in list_vms()} == before
-    assert sorted(p.name for p in bad.iterdir()) == ["manifest.json", "state.bin"]
+    assert sorted(p.name for p in bad.iterdir()) == ["manifest.json", "ram.bin", "state.bin"]
 
 
 def test_disk_full_removes_the_partial_snapshot_and_the_guest_keeps_running(

@@ -62,6 +62,7 @@ class QemuConfig:
     vhost_user_socket: Path | None = None  # None: kernel vhost-vsock
     name: str = "vsockrpc"
     incoming: str | None = None  # a migration URI to load from (the guest starts paused)
+    ram_file: Path | None = None  # guest RAM from this file (shared), not a new memfd
 
 
 def vhost_user_vsock_device() -> str:
@@ -114,7 +115,11 @@ def qemu_argv(c: QemuConfig) -> list[str]:
         ]
     else:
         machine += ",memory-backend=mem"
-        argv += ["-object", f"memory-backend-memfd,id=mem,size={c.memory_mib}M,share=on"]
+        if c.ram_file is None:
+            ram = f"memory-backend-memfd,id=mem,size={c.memory_mib}M,share=on"
+        else:
+            ram = f"memory-backend-file,id=mem,size={c.memory_mib}M,mem-path={c.ram_file},share=on"
+        argv += ["-object", ram]
         if c.incoming is None:  # restored guests get theirs over QMP after the load
             argv += [
                 "-chardev",

@@ -16,6 +16,7 @@ survives the device going away and coming back; connections open at snapshot tim
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import threading
 import time
@@ -39,9 +40,18 @@ from vsockrpc.vm.options import InvalidVmOption, check_cid, check_name
 from vsockrpc.vm.procs import exit_status, start_qemu
 from vsockrpc.vm.qemu import VSOCK_CHARDEV, QemuConfig, find_qemu, qemu_argv
 from vsockrpc.vm.qmpsession import Session, run_session
+from vsockrpc.vm.ramfile import fill_memfd
 from vsockrpc.vm.rundir import NameClaim, claim_name
 from vsockrpc.vm.runtime import runtime_dir
-from vsockrpc.vm.snapshot import FORMAT, MANIFEST, STATE_FILE, device_add_args, file_sha256
+from vsockrpc.vm.snapshot import (
+    FORMAT,
+    IGNORE_SHARED,
+    MANIFEST,
+    RAM_FILE,
+    STATE_FILE,
+    device_add_args,
+    file_sha256,
+)
 from vsockrpc.vm.startup import reap, state_record, wait_qemu_up
 from vsockrpc.vm.vsockdev import UserspaceDevice, kernel_vhost_vsock_usable
 
@@ -230,6 +240,18 @@ def restore_many(
 
 
 @dataclass
+class _Fd:
+    """Our copy of the fd of a clone's RAM memfd: QEMU has its own once it is loaded."""
+
+    fd: int | None = None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+@dataclass
 class _Pending:
     """A clone whose processes run, not yet loaded: everything it holds in ``stack``."""
 
@@ -238,6 +260,7 @@ class _Pending:
     lease: cid_mod.CidLease
     claim: NameClaim
     detach: bool
+    ram: _Fd
 
     def release(self) -> RestoredVm:
         if self.detach:  # the VM outlives us; `vm stop` cleans up
@@ -276,6 +299,11 @@ def _start(
                     extra_fds=held,
                 )
             )
+        ram = _Fd()
+        if RAM_FILE in snap.manifest["files"]:  # copied, not loaded from the stream
+            size = int(guest["memory_mib"]) << 20
+            ram.fd = fill_memfd(snap.path / RAM_FILE, size, f"vsockrpc-ram-{claim.name}")
+            stack.callback(ram.close)
         config = QemuConfig(
             qemu=qemu_bin,
             kernel=Path(guest["kernel"]),
@@ -292,8 +320,10 @@ def _start(
             vhost_user_socket=device.vhost_socket if device else None,
             name=f"vsockrpc-{claim.name}",
             incoming="defer",
+            ram_file=None if ram.fd is None else Path(f"/proc/self/fd/{ram.fd}"),
         )
-        qemu = start_qemu(qemu_argv(config), run_dir, held, detach)
+        qemu_fds = held if ram.fd is None else (*held, ram.fd)
+        qemu = start_qemu(qemu_argv(config), run_dir, qemu_fds, detach)
         stack.callback(reap, qemu)
         console = stack.enter_context(ConsoleFollower(run_dir / "console.log", echo=echo).start())
         accel = Accel(guest["accel"], guest["cpu"], "as in the snapshot")
@@ -302,7 +332,7 @@ def _start(
             device, snapshot=snap.path,
         )  # fmt: skip
         vm.timings.launched = launched
-        return _Pending(vm, stack.pop_all(), lease, claim, detach)
+        return _Pending(vm, stack.pop_all(), lease, claim, detach, ram)
     raise AssertionError("unreachable")
 
 
@@ -317,6 +347,7 @@ def _finish(
     wait_qemu_up(vm, cancel)
     vm.marks["start qemu"] = vm.timings.qemu_started = time.monotonic()
     run_session(vm.qmp_socket, lambda s: _load(s, snap, vm), timeout=LOAD_TIMEOUT)
+    p.ram.close()  # QEMU has mapped it
     state = state_record(vm, p.detach) | {"restored_from": str(snap.path)}
     (vm.run_dir / "state.json").write_text(json.dumps(state, indent=2))
     # The identity calls reuse the connection the wait made: a second connection costs a
@@ -342,6 +373,8 @@ async def _load(s: Session, snap: Snapshot, vm: RestoredVm) -> None:
         raise VmError(
             f"snapshot {snap.path} was taken on machine type {want['machine']}, this is {machine}"
         )
+    if RAM_FILE in snap.manifest["files"]:  # RAM is in place already: device state only
+        await s.run("migrate-set-capabilities", IGNORE_SHARED)
     await s.run("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(snap.state_file))}"})
     await s.wait_migration(LOAD_TIMEOUT)
     status = await s.run("query-status")

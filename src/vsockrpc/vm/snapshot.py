@@ -17,6 +17,7 @@ directory this call created, and the guest is resumed with its device back.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -37,11 +38,14 @@ from vsockrpc.errors import TransportError, VmError
 from vsockrpc.vm.guestexec import guest_python
 from vsockrpc.vm.qemu import VSOCK_DEVICE, VSOCK_PORT, vhost_user_vsock_device
 from vsockrpc.vm.qmpsession import Session, run_session
+from vsockrpc.vm.ramfile import find_guest_ram, save_sparse
 from vsockrpc.vm.registry import VmRecord, list_vms, stop_vm
 
 __all__ = [
     "FORMAT",
+    "IGNORE_SHARED",
     "MANIFEST",
+    "RAM_FILE",
     "STATE_FILE",
     "SnapshotInfo",
     "device_add_args",
@@ -52,6 +56,8 @@ __all__ = [
 FORMAT = 1
 MANIFEST = "manifest.json"
 STATE_FILE = "state.bin"
+RAM_FILE = "ram.bin"  # guest RAM, sparse (:mod:`.ramfile`); not in state.bin then
+IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
 log = logging.getLogger(__name__)
 
 MIGRATE_TIMEOUT = 300.0
@@ -232,9 +238,17 @@ def snapshot_vm(
         t = time.monotonic()
         await s.run("stop")
         try:
+            if userspace:  # its RAM is a shared memfd: saved beside the stream, not in it
+                await s.run("migrate-set-capabilities", IGNORE_SHARED)
             await s.run("migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"})
             await s.wait_migration(MIGRATE_TIMEOUT)
             stats = await s.run("query-migrate")
+            if userspace:
+                size = int(config["memory_mib"]) << 20
+                ram = find_guest_ram(record.qemu_pid, size)
+                stats["ram_file_bytes"] = await asyncio.to_thread(
+                    save_sparse, ram, out / RAM_FILE, size
+                )
         except BaseException:
             await _resume(s, userspace)
             raise
@@ -245,6 +259,7 @@ def snapshot_vm(
             "version": version,
             "machine": machine,
             "ram": stats.get("ram", {}),
+            "ram_file_bytes": stats.get("ram_file_bytes"),
             "zeroed": zeroed,
         }
 
@@ -304,8 +319,13 @@ def _manifest(
             "transferred_bytes": ram.get("transferred"),
             "zero_pages": ram.get("duplicate"),
             "free_bytes_zeroed": saved["zeroed"],  # None: page cache not dropped
+            "file_data_bytes": saved["ram_file_bytes"],  # None: RAM is in the state file
         },
-        "files": {STATE_FILE: {"size": state.stat().st_size, "sha256": file_sha256(state)}},
+        "files": {
+            f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)}
+            for f in (state, state.parent / RAM_FILE)
+            if f.is_file()
+        },
     }
 
 
@@ -314,6 +334,6 @@ def _remove_partial(out: Path, created: bool) -> None:
     if created:
         shutil.rmtree(out, ignore_errors=True)
         return
-    for name in (STATE_FILE, MANIFEST, f".{MANIFEST}.tmp"):
+    for name in (STATE_FILE, RAM_FILE, MANIFEST, f".{MANIFEST}.tmp"):
         with contextlib.suppress(OSError):
             (out / name).unlink()
