@@ -28,7 +28,7 @@ from typing import Any, TextIO
 import grpc
 
 from vsockrpc import rpc
-from vsockrpc.errors import ImageError, TransportError, VmError
+from vsockrpc.errors import ImageError, VmError
 from vsockrpc.image import ImageInfo, find_image
 from vsockrpc.vm import cid as cid_mod
 from vsockrpc.vm import signals
@@ -413,21 +413,27 @@ def _wait_answer(
     completed it, each abandoned connection cost the guest more work, and no clone answered.
     """
     deadline = time.monotonic() + timeout
-    while True:
-        signals.check(cancel)
-        if not vm.running():
-            raise VmError(
-                f"restored guest stopped (QEMU {exit_status(vm.qemu.returncode)}): "
-                f"{vm.qemu_log_tail() or 'no message'}"
-            )
-        if vm.device is not None:
-            vm.device.check()
-        left = deadline - time.monotonic()
-        try:
-            rpc.channel_ready(ch, timeout=max(min(left, ANSWER_POLL), 0.01), what=str(vm.address()))
-            return
-        except TransportError as err:
-            if left <= ANSWER_POLL:
+    ready = grpc.channel_ready_future(ch)  # one future: each leaves a polling thread until done
+    try:
+        while True:
+            signals.check(cancel)
+            if not vm.running():
                 raise VmError(
-                    f"restored guest's agent does not answer after {timeout:g} s: {err}"
-                ) from err
+                    f"restored guest stopped (QEMU {exit_status(vm.qemu.returncode)}): "
+                    f"{vm.qemu_log_tail() or 'no message'}"
+                )
+            if vm.device is not None:
+                vm.device.check()
+            left = deadline - time.monotonic()
+            try:
+                ready.result(timeout=max(min(left, ANSWER_POLL), 0.0))
+                return
+            except grpc.FutureTimeoutError:
+                if left <= ANSWER_POLL:
+                    last = getattr(ch, "last_error", None)  # a relayed channel's last dial error
+                    raise VmError(
+                        f"restored guest's agent does not answer after {timeout:g} s"
+                        + (f": {last}" if last else "")
+                    ) from None
+    finally:
+        ready.cancel()
