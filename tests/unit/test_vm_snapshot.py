@@ -66,6 +66,17 @@ def test_userspace_restore_leaves_the_device_to_qmp_and_loads_deferred() -> None
     }
 
 
+def test_a_restore_from_a_ram_file_maps_it_shared_and_reads_back_as_the_same_guest() -> None:
+    ram = Path("/proc/self/fd/9")
+    argv = qemu_argv(config(vhost_user_socket=Path("/r/v.sock"), incoming="defer", ram_file=ram))
+    # shared: the vhost-user device maps guest RAM through the fd QEMU sends it
+    assert option(argv, "-object") == [
+        "memory-backend-file,id=mem,size=256M,mem-path=/proc/self/fd/9,share=on"
+    ]
+    assert option(argv, "-machine") == ["q35,memory-backend=mem"]
+    assert guest_config(argv) == guest_config(qemu_argv(config(vhost_user_socket=ram)))
+
+
 def test_kernel_vhost_vsock_restore_is_plain_migration_with_the_new_cid() -> None:
     argv = qemu_argv(config(guest_cid=11, incoming="defer"))
     assert option(argv, "-incoming") == ["defer"]
