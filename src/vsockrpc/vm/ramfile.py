@@ -17,11 +17,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 from vsockrpc.errors import VmError
 
-__all__ = ["fill_memfd", "find_guest_ram", "save_sparse"]
+__all__ = ["compress", "fill_memfd", "find_guest_ram", "save_sparse"]
+
+ZSTD_SUFFIX = ".zst"
 
 PAGE = 4096
 CHUNK = 1 << 20
@@ -103,12 +107,56 @@ def _save_sparse(source: Path, target: Path, size: int) -> int:
     return written
 
 
+def _zstd() -> str:
+    path = shutil.which("zstd")
+    if path is None:
+        raise VmError(
+            "zstd is not installed (a compressed snapshot needs it): apt-get install zstd"
+        )
+    return path
+
+
+def compress(ram_file: Path) -> Path:
+    """``ram_file`` compressed with zstd (fast level) to ``ram_file.zst``, then removed."""
+    target = ram_file.with_name(ram_file.name + ZSTD_SUFFIX)
+    done = subprocess.run(
+        [_zstd(), "-1", "-q", "-T0", "-o", str(target), str(ram_file)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        target.unlink(missing_ok=True)
+        last = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        raise VmError(f"compressing the guest RAM failed: {last[0]}")
+    ram_file.unlink()
+    return target
+
+
+def _decompress_into(ram_file: Path, fd: int) -> None:
+    """zstd writes the RAM into ``fd``, seeking over zero runs (``--sparse``)."""
+    done = subprocess.run(
+        [_zstd(), "-d", "-q", "--sparse", "-c", str(ram_file)],
+        stdin=subprocess.DEVNULL,
+        stdout=fd,
+        stderr=subprocess.PIPE,
+        check=False,
+    )
+    if done.returncode != 0:
+        last = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        raise VmError(f"{ram_file}: cannot decompress: {last[0]}")
+
+
 def fill_memfd(ram_file: Path, size: int, name: str) -> int:
     """A new memfd of ``size`` bytes holding ``ram_file`` (copied by the kernel, holes left
-    as holes); the caller owns the fd (it is inheritable: QEMU opens it by /proc path)."""
+    as holes; a ``.zst`` file is decompressed by zstd); the caller owns the fd (it is
+    inheritable: QEMU opens it by /proc path)."""
     fd = os.memfd_create(name, 0)  # no MFD_CLOEXEC: handed to QEMU with pass_fds
     try:
         os.ftruncate(fd, size)
+        if ram_file.name.endswith(ZSTD_SUFFIX):
+            _decompress_into(ram_file, fd)
+            return fd
         src = os.open(ram_file, os.O_RDONLY | os.O_CLOEXEC)
         try:
             for start, length in _data_extents(src, size):

@@ -47,7 +47,7 @@ from vsockrpc.vm.snapshot import (
     FORMAT,
     IGNORE_SHARED,
     MANIFEST,
-    RAM_FILE,
+    RAM_FILES,
     STATE_FILE,
     device_add_args,
     file_sha256,
@@ -71,6 +71,12 @@ class Snapshot:
     @property
     def state_file(self) -> Path:
         return self.path / STATE_FILE
+
+    @property
+    def ram_file(self) -> Path | None:
+        """The guest RAM beside the state (``ram.bin`` or ``ram.bin.zst``), if any."""
+        name = next((n for n in RAM_FILES if n in self.manifest["files"]), None)
+        return None if name is None else self.path / name
 
 
 @dataclass
@@ -300,9 +306,9 @@ def _start(
                 )
             )
         ram = _Fd()
-        if RAM_FILE in snap.manifest["files"]:  # copied, not loaded from the stream
+        if snap.ram_file is not None:  # copied, not loaded from the stream
             size = int(guest["memory_mib"]) << 20
-            ram.fd = fill_memfd(snap.path / RAM_FILE, size, f"vsockrpc-ram-{claim.name}")
+            ram.fd = fill_memfd(snap.ram_file, size, f"vsockrpc-ram-{claim.name}")
             stack.callback(ram.close)
         config = QemuConfig(
             qemu=qemu_bin,
@@ -373,7 +379,7 @@ async def _load(s: Session, snap: Snapshot, vm: RestoredVm) -> None:
         raise VmError(
             f"snapshot {snap.path} was taken on machine type {want['machine']}, this is {machine}"
         )
-    if RAM_FILE in snap.manifest["files"]:  # RAM is in place already: device state only
+    if snap.ram_file is not None:  # RAM is in place already: device state only
         await s.run("migrate-set-capabilities", IGNORE_SHARED)
     await s.run("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(snap.state_file))}"})
     await s.wait_migration(LOAD_TIMEOUT)
