@@ -58,8 +58,15 @@ def cli_server(
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if not line.startswith("listening on "):
+            # The exit status tells a server that failed (1, 2, with its one line on stderr)
+            # from one that something else killed before it said a word (a negative signal).
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
             stderr.seek(0)
-            raise AssertionError(f"serve did not start: {line!r} {stderr.read()[-2000:]}")
+            raise AssertionError(
+                f"serve did not start (exit status {proc.returncode}): {line!r} "
+                f"{stderr.read()[-2000:]}"
+            )
         yield proc
 
 
