@@ -16,6 +16,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -287,6 +288,14 @@ def _check_bounds(s: Siblings) -> None:
             assert conn.pending_bytes <= conn.buf_alloc
 
 
+def _let_handshakes_finish(s: Siblings) -> None:
+    settle_by = time.monotonic() + 0.2
+    while True:
+        pump_all([s.guest_a, s.world_b.guest], 0.005)
+        if not s.dev_a.muxer._sibling_pending or time.monotonic() > settle_by:
+            return
+
+
 def _settle(s: Siblings) -> None:
     """Guest A reboots (its device drops everything) and guest B closes what A opened: then
     neither device may hold anything but B's host stream."""
@@ -313,7 +322,7 @@ def _settle(s: Siblings) -> None:
     wait_all([s.guest_a, w.guest], clean, 30, "sibling connections cleaned up")
 
 
-sibling_packet = st.fixed_dictionaries(
+sibling_garbage = st.fixed_dictionaries(
     {
         "op": st.one_of(st.just(Op.REQUEST), st.sampled_from(list(Op)), st.integers(0, 0xFFFF)),
         "src_port": st.one_of(st.sampled_from([1, 700, 5000]), st.integers(0, 2**32 - 1)),
@@ -332,6 +341,30 @@ sibling_packet = st.fixed_dictionaries(
         "repeat": st.integers(1, 40),  # a flood: the same packet from consecutive ports
     }
 )
+# Well-formed packets on a few ports, so connects to B succeed and later packets (data,
+# shutdowns, resets, credit) land on live sibling connections.
+sibling_wellformed = st.fixed_dictionaries(
+    {
+        "op": st.sampled_from([Op.REQUEST] * 4 + list(Op)),
+        "src_port": st.sampled_from([5000, 5001, 5002]),
+        "dst_port": st.sampled_from([700, 701]),
+        "payload": st.binary(min_size=1, max_size=200),
+        "flags": st.sampled_from([0, 1, 2, 3]),
+        "buf_alloc": st.just(256 * 1024),
+        "fwd_cnt": st.just(0),
+        "ptype": st.just(1),
+        "src_cid": st.just(SIB_A),
+        "dst_cid": st.sampled_from([SIB_B, SIB_B, SIB_OUT, 99]),
+        "length": st.none(),
+        "repeat": st.sampled_from([1, 1, 2, 40]),
+        # then, on the same ports once the connect had its chance: data, shutdowns, resets…
+        "then": st.lists(
+            st.sampled_from([Op.RW, Op.RW, Op.RW, Op.SHUTDOWN, Op.CREDIT_REQUEST, Op.RST]),
+            max_size=4,
+        ),
+    }
+)
+sibling_packet = st.one_of(sibling_wellformed, sibling_garbage)
 
 
 @settings(
@@ -365,6 +398,18 @@ def test_fuzz_guest_a_floods_siblings_while_guest_b_serves_the_host(
             )
             sent += 1
         siblings.guest_a.kick_queue(1)
+        # Let handshakes complete before the next packets (which may carry data on them).
+        _let_handshakes_finish(siblings)
+        for op in p.get("then", []):
+            siblings.guest_a.send_packet(
+                op,
+                p["src_port"],
+                p["dst_port"],
+                p["payload"] if op == Op.RW else b"",
+                flags=p["flags"],
+                dst_cid=p["dst_cid"],
+            )
+        pump_all([siblings.guest_a, w.guest], 0.005)
     event(f"{'flood' if sent > 64 else 'burst'} of forged packets from guest A")
     pump_all([siblings.guest_a, w.guest], 0.01)
     _check_bounds(siblings)
@@ -381,6 +426,8 @@ def test_fuzz_guest_a_floods_siblings_while_guest_b_serves_the_host(
     assert w.thread.is_alive()
     linked = sum(1 for st_ in w.guest.streams.values() if st_.peer_cid == SIB_A)
     event(f"guest B accepted {'some' if linked else 'no'} connections from guest A")
+    carried = sum(st_.received for st_ in w.guest.streams.values() if st_.peer_cid == SIB_A)
+    event(f"{'some' if carried else 'no'} data from guest A reached guest B")
     _settle(siblings)
 
 
