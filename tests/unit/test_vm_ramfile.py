@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vsockrpc.errors import VmError
-from vsockrpc.vm.ramfile import fill_memfd, find_guest_ram, save_sparse
+from vsockrpc.vm.ramfile import RamFill, fill_memfd, find_guest_ram, save_sparse
 
 SIZE = 64 * 4096
 
@@ -47,3 +47,23 @@ def test_fill_memfd_holds_the_file_and_is_found_by_size(tmp_path: Path) -> None:
         os.close(fd)
     with pytest.raises(VmError, match="holds no memfd of 12288 bytes"):
         find_guest_ram(os.getpid(), 3 * 4096)
+
+
+def test_ram_fill_fills_in_the_background_and_reports_a_failure(tmp_path: Path) -> None:
+    content = guest_ram(tmp_path / "ram")
+    save_sparse(tmp_path / "ram", tmp_path / "ram.bin", SIZE)
+    ram = RamFill()
+    ram.start_fill(tmp_path / "ram.bin", SIZE, "test-ram")
+    assert ram.fd is not None
+    fd = ram.fd
+    ram.wait_filled()
+    assert os.pread(fd, SIZE + 1, 0) == content
+    ram.close()
+    assert ram.fd is None
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed
+    broken = RamFill()
+    broken.start_fill(tmp_path / "absent.bin", SIZE, "test-ram")
+    with pytest.raises(VmError, match="cannot copy the snapshot's guest RAM"):
+        broken.wait_filled()
+    broken.close()

@@ -19,11 +19,21 @@ import errno
 import os
 import shutil
 import subprocess
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from vsockrpc.errors import VmError
 
-__all__ = ["compress", "fill_memfd", "find_guest_ram", "save_sparse"]
+__all__ = [
+    "RamFill",
+    "compress",
+    "fill",
+    "fill_memfd",
+    "find_guest_ram",
+    "new_memfd",
+    "save_sparse",
+]
 
 ZSTD_SUFFIX = ".zst"
 
@@ -147,29 +157,87 @@ def _decompress_into(ram_file: Path, fd: int) -> None:
         raise VmError(f"{ram_file}: cannot decompress: {last[0]}")
 
 
-def fill_memfd(ram_file: Path, size: int, name: str) -> int:
-    """A new memfd of ``size`` bytes holding ``ram_file`` (copied by the kernel, holes left
-    as holes; a ``.zst`` file is decompressed by zstd); the caller owns the fd (it is
-    inheritable: QEMU opens it by /proc path)."""
+def new_memfd(size: int, name: str) -> int:
+    """A new, empty memfd of ``size`` bytes; the caller owns the fd (it is inheritable: QEMU
+    opens it by /proc path)."""
     fd = os.memfd_create(name, 0)  # no MFD_CLOEXEC: handed to QEMU with pass_fds
     try:
         os.ftruncate(fd, size)
-        if ram_file.name.endswith(ZSTD_SUFFIX):
-            _decompress_into(ram_file, fd)
-            return fd
-        src = os.open(ram_file, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            for start, length in _data_extents(src, size):
-                os.lseek(fd, start, os.SEEK_SET)
-                offset, end = start, start + length
-                while offset < end:
-                    sent = os.sendfile(fd, src, offset, end - offset)
-                    if sent == 0:
-                        raise VmError(f"{ram_file} ends early at {offset} of {size} bytes")
-                    offset += sent
-        finally:
-            os.close(src)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def fill(ram_file: Path, fd: int, size: int) -> None:
+    """Write ``ram_file`` into the empty file ``fd`` (copied by the kernel, holes left as
+    holes; a ``.zst`` file is decompressed by zstd)."""
+    if ram_file.name.endswith(ZSTD_SUFFIX):
+        _decompress_into(ram_file, fd)
+        return
+    src = os.open(ram_file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for start, length in _data_extents(src, size):
+            os.lseek(fd, start, os.SEEK_SET)
+            offset, end = start, start + length
+            while offset < end:
+                sent = os.sendfile(fd, src, offset, end - offset)
+                if sent == 0:
+                    raise VmError(f"{ram_file} ends early at {offset} of {size} bytes")
+                offset += sent
+    finally:
+        os.close(src)
+
+
+def fill_memfd(ram_file: Path, size: int, name: str) -> int:
+    """A new memfd of ``size`` bytes holding ``ram_file`` (:func:`new_memfd` + :func:`fill`)."""
+    fd = new_memfd(size, name)
+    try:
+        fill(ram_file, fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@dataclass
+class RamFill:
+    """A clone's RAM memfd, filled from a snapshot's RAM file in a thread while its QEMU
+    starts (QEMU does not touch guest RAM before the state is loaded: an empty memfd stays
+    empty until then); :meth:`close` once QEMU has mapped it (our copy of the fd)."""
+
+    fd: int | None = None
+    _thread: threading.Thread | None = None
+    _error: BaseException | None = None
+
+    def start_fill(self, ram_file: Path, size: int, name: str) -> None:
+        """Create the memfd (``fd``, for QEMU) and start filling it."""
+        fd = self.fd = new_memfd(size, name)
+
+        def run() -> None:
+            try:
+                fill(ram_file, fd, size)
+            except BaseException as err:  # raised by wait_filled(), on the restoring thread
+                self._error = err
+
+        self._thread = threading.Thread(target=run, name=f"vsockrpc-{name}", daemon=True)
+        self._thread.start()
+
+    def wait_filled(self) -> None:
+        """Until it is filled; VmError when that failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            if isinstance(error, VmError):
+                raise error
+            raise VmError(f"cannot copy the snapshot's guest RAM: {error!r}") from error
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.join()  # never close the fd under the filling thread
+            self._thread = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

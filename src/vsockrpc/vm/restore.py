@@ -15,8 +15,8 @@ survives the device going away and coming back; connections open at snapshot tim
 
 from __future__ import annotations
 
+import asyncio
 import json
-import os
 import shlex
 import threading
 import time
@@ -40,7 +40,7 @@ from vsockrpc.vm.options import InvalidVmOption, check_cid, check_name
 from vsockrpc.vm.procs import exit_status, start_qemu
 from vsockrpc.vm.qemu import VSOCK_CHARDEV, QemuConfig, find_qemu, qemu_argv
 from vsockrpc.vm.qmpsession import Session, run_session
-from vsockrpc.vm.ramfile import fill_memfd
+from vsockrpc.vm.ramfile import RamFill
 from vsockrpc.vm.rundir import NameClaim, claim_name
 from vsockrpc.vm.runtime import runtime_dir
 from vsockrpc.vm.snapshot import (
@@ -91,11 +91,18 @@ class RestoredVm(Vm):
         return self
 
     def restore_phases(self) -> dict[str, float]:
-        """Seconds per restore phase: start QEMU, load state, device re-plug, agent answers,
-        fresh identity (when it was asked for)."""
+        """Seconds per restore phase: start QEMU, load state, device re-plug, agent answers
+        (the guest's probe of the device, then the first connection), fresh identity (when
+        it was asked for)."""
         out: dict[str, float] = {}
         last = self.timings.launched
-        names = ("start qemu", "load state", "device re-plug", "agent answers", "fresh identity")
+        names = (
+            "start qemu",
+            "load state",
+            "device re-plug",
+            "agent answers",
+            "fresh identity",
+        )
         for name in names:
             if name not in self.marks:
                 break
@@ -246,18 +253,6 @@ def restore_many(
 
 
 @dataclass
-class _Fd:
-    """Our copy of the fd of a clone's RAM memfd: QEMU has its own once it is loaded."""
-
-    fd: int | None = None
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-@dataclass
 class _Pending:
     """A clone whose processes run, not yet loaded: everything it holds in ``stack``."""
 
@@ -266,7 +261,7 @@ class _Pending:
     lease: cid_mod.CidLease
     claim: NameClaim
     detach: bool
-    ram: _Fd
+    ram: RamFill
 
     def release(self) -> RestoredVm:
         if self.detach:  # the VM outlives us; `vm stop` cleans up
@@ -305,11 +300,11 @@ def _start(
                     extra_fds=held,
                 )
             )
-        ram = _Fd()
+        ram = RamFill()
         if snap.ram_file is not None:  # copied, not loaded from the stream
-            size = int(guest["memory_mib"]) << 20
-            ram.fd = fill_memfd(snap.ram_file, size, f"vsockrpc-ram-{claim.name}")
             stack.callback(ram.close)
+            size = int(guest["memory_mib"]) << 20
+            ram.start_fill(snap.ram_file, size, f"vsockrpc-ram-{claim.name}")
         config = QemuConfig(
             qemu=qemu_bin,
             kernel=Path(guest["kernel"]),
@@ -352,7 +347,7 @@ def _finish(
     vm = p.vm
     wait_qemu_up(vm, cancel)
     vm.marks["start qemu"] = vm.timings.qemu_started = time.monotonic()
-    run_session(vm.qmp_socket, lambda s: _load(s, snap, vm), timeout=LOAD_TIMEOUT)
+    run_session(vm.qmp_socket, lambda s: _load(s, snap, vm, p.ram), timeout=LOAD_TIMEOUT)
     p.ram.close()  # QEMU has mapped it
     state = state_record(vm, p.detach) | {"restored_from": str(snap.path)}
     (vm.run_dir / "state.json").write_text(json.dumps(state, indent=2))
@@ -364,10 +359,10 @@ def _finish(
         vm.marks["agent answers"] = vm.timings.rpc_ready = time.monotonic()
         if fresh_identity:
             vm.clock_offset = refresh_identity(channel, vm.name)
-        vm.marks["fresh identity"] = time.monotonic()
+            vm.marks["fresh identity"] = time.monotonic()
 
 
-async def _load(s: Session, snap: Snapshot, vm: RestoredVm) -> None:
+async def _load(s: Session, snap: Snapshot, vm: RestoredVm, ram: RamFill) -> None:
     version = await s.run("query-version")
     q = version["qemu"]
     have = f"{q['major']}.{q['minor']}.{q['micro']}"
@@ -380,6 +375,7 @@ async def _load(s: Session, snap: Snapshot, vm: RestoredVm) -> None:
             f"snapshot {snap.path} was taken on machine type {want['machine']}, this is {machine}"
         )
     if snap.ram_file is not None:  # RAM is in place already: device state only
+        await asyncio.to_thread(ram.wait_filled)
         await s.run("migrate-set-capabilities", IGNORE_SHARED)
     await s.run("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(snap.state_file))}"})
     await s.wait_migration(LOAD_TIMEOUT)
