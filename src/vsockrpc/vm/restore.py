@@ -33,7 +33,7 @@ from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
 from vsockrpc.errors import ImageError, VmError
 from vsockrpc.image import ImageInfo, find_image
 from vsockrpc.vm import cid as cid_mod
-from vsockrpc.vm import readiness, signals
+from vsockrpc.vm import signals
 from vsockrpc.vm.accel import Accel
 from vsockrpc.vm.console import ConsoleFollower
 from vsockrpc.vm.identity import refresh_identity
@@ -61,7 +61,7 @@ __all__ = ["RestoredVm", "Snapshot", "load_snapshot", "restore", "restore_many"]
 
 READY_TIMEOUT = 60.0
 LOAD_TIMEOUT = 120.0
-ANSWER_POLL = 0.2  # s between liveness checks while the agent's first connection is made
+ANSWER_POLL = 0.05  # s between liveness checks while the agent's first call is pending
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,11 +356,7 @@ def _finish(
     # The identity calls reuse the connection the wait made: a second connection costs a
     # loaded guest another handshake, and can be refused (the device gives the guest 2 s to
     # answer a connection request, as Linux does) where the first one succeeded.
-    # The relay's dial is bounded as the cold boot's (readiness.DIAL_TIMEOUT): closing the
-    # channel joins a dial in progress.
-    with rpc.channel(
-        vm.address(), options=rpc.RETRY_OPTIONS, connect_timeout=readiness.DIAL_TIMEOUT
-    ) as channel:
+    with rpc.channel(vm.address(), options=rpc.RETRY_OPTIONS) as channel:
         _wait_answer(vm, channel, ready_timeout, cancel)
         vm.marks["agent answers"] = vm.timings.rpc_ready = time.monotonic()
         if fresh_identity:
@@ -412,37 +408,38 @@ def _wait_answer(
 ) -> None:
     """Until the restored agent answers a ``System.Ping`` on ``ch``.
 
-    One channel for the whole wait: its connection attempt (the vsock handshake through the
-    re-plugged device, then HTTP/2's settings exchange with the agent) goes on, with grpcio's
-    reconnect backoff, across :data:`ANSWER_POLL`-long ``wait_for_ready`` calls, between
-    which we check that QEMU and the device still run and that nobody cancelled. Right after
-    a restore a TCG guest has an empty translation cache; with ten clones sharing two cores
-    one handshake takes it several seconds. A new channel per second (as before) abandoned
-    every attempt before the guest completed it, each abandoned connection cost the guest
-    more work, and no clone answered. (No ``channel_ready_future``: its polling thread can
-    outlive it and fail on the closed channel.)
+    One call for the whole wait (``wait_for_ready``: the channel's connection attempt — the
+    vsock handshake through the re-plugged device, then HTTP/2's settings exchange — goes on
+    with grpcio's reconnect backoff), polled every :data:`ANSWER_POLL` s while we check that
+    QEMU and the device still run and that nobody cancelled. Right after a restore a TCG guest
+    has an empty translation cache; with ten clones sharing two cores one handshake, and then
+    one call, takes it seconds. Giving up on an attempt and starting another (a new channel
+    every second, as before; or a call with a short deadline) abandons work the guest has
+    nearly done and adds more: no clone answered. (No ``channel_ready_future`` either: its
+    polling thread can outlive it and fail on the closed channel.)
     """
     system: Any = pb_grpc.SystemStub(ch)  # type: ignore[no-untyped-call]
-    deadline = time.monotonic() + timeout
-    while True:
-        signals.check(cancel)
-        if not vm.running():
-            raise VmError(
-                f"restored guest stopped (QEMU {exit_status(vm.qemu.returncode)}): "
-                f"{vm.qemu_log_tail() or 'no message'}"
-            )
-        if vm.device is not None:
-            vm.device.check()
-        left = deadline - time.monotonic()
-        try:
-            system.Ping(
-                pb.PingRequest(), timeout=max(min(left, ANSWER_POLL), 0.01), wait_for_ready=True
-            )
-            return
-        except grpc.RpcError as err:
-            if left <= ANSWER_POLL:
+    call = system.Ping.future(pb.PingRequest(), timeout=timeout, wait_for_ready=True)
+    try:
+        while True:
+            signals.check(cancel)
+            if not vm.running():
+                raise VmError(
+                    f"restored guest stopped (QEMU {exit_status(vm.qemu.returncode)}): "
+                    f"{vm.qemu_log_tail() or 'no message'}"
+                )
+            if vm.device is not None:
+                vm.device.check()
+            try:
+                call.result(timeout=ANSWER_POLL)
+                return
+            except grpc.FutureTimeoutError:
+                continue
+            except grpc.RpcError as err:
                 last = getattr(ch, "last_error", None)  # a relayed channel's last dial error
                 raise VmError(
                     f"restored guest's agent does not answer after {timeout:g} s: "
                     f"{last or err.details()}"
                 ) from None
+    finally:
+        call.cancel()
