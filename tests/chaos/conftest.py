@@ -13,6 +13,7 @@ prerequisite (root, mmdebstrap, QEMU) is an error naming it.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 import signal
@@ -138,14 +139,9 @@ class Runtime:
 
     def listed(self) -> dict[str, str]:
         """``vm list`` as {name: state}."""
-        proc = self.cli("vm", "list", timeout=60)
+        proc = self.cli("vm", "list", "--json", timeout=60)
         assert proc.returncode == 0, proc.stderr
-        out: dict[str, str] = {}
-        for line in proc.stdout.splitlines()[1:]:
-            if line.strip() and line != "no VMs":
-                name, _cid, rest = line.split(None, 2)
-                out[name] = rest.rsplit(None, 2)[0].strip()  # drop PID and ADDRESS
-        return out
+        return {str(row["name"]): str(row["state"]) for row in json.loads(proc.stdout)}
 
     def vm_processes(self, name: str) -> list[int]:
         return processes_with(str(self.run_dir(name)) + "/")

@@ -142,6 +142,9 @@ def test_two_runs_with_one_name_one_wins(env: Env) -> None:
     listed = env.run("vm", "list").stdout.splitlines()
     assert len([ln for ln in listed if ln.startswith("race ")]) == 1
     assert "running" in next(ln for ln in listed if ln.startswith("race "))
+    rows = json.loads(env.run("vm", "list", "--json").stdout)
+    assert [(r["name"], r["state"], r["groups"]) for r in rows] == [("race", "running", [])]
+    assert rows[0]["cid"] >= 3 and rows[0]["address"].startswith("hvsock:")
     stopped = env.run("vm", "stop", "race")
     assert stopped.returncode == 0, stopped.stderr
     assert "powered off" in stopped.stdout

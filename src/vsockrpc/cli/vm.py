@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import signal
 import sys
 import time
@@ -136,7 +137,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     stop.add_argument("which", metavar="NAME|CID")
     stop.set_defaults(func=_stop)
 
-    lst = vm_sub.add_parser("list", help="list detached guests")
+    lst = vm_sub.add_parser("list", help="list guests (name, CID, state, groups, address)")
+    lst.add_argument("--json", action="store_true", help="one JSON array, for scripts")
     lst.set_defaults(func=_list)
 
     demo = sub.add_parser(
@@ -353,10 +355,24 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list(_args: argparse.Namespace) -> int:
+def _list(args: argparse.Namespace) -> int:
     from vsockrpc.vm.registry import list_vms
 
     records = list_vms()
+    if args.json:
+        rows = [
+            {
+                "name": r.name,
+                "cid": r.cid,
+                "state": r.status,
+                "qemu_pid": r.qemu_pid,
+                "groups": list(r.groups),
+                "address": r.state.get("address"),
+            }
+            for r in records
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
     if not records:
         print("no VMs")
         return 0
