@@ -392,7 +392,10 @@ if sys.argv[2] == "own-handler":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
 ch = rpc.channel(sys.argv[1])
 print("ready", flush=True)
-time.sleep(60)
+# Short sleeps: a signal whose C handler runs (in any thread) just before a long sleep starts
+# is only acted on once that sleep returns (CPython checks pending handlers between bytecodes).
+for _ in range(600):
+    time.sleep(0.1)
 """
 
 
