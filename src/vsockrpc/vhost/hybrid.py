@@ -21,6 +21,32 @@ from dataclasses import dataclass, field
 
 from vsockrpc.vhost.reactor import IN, Reactor
 
+
+def read_line_step(sock: socket.socket, line: bytearray, limit: int) -> bool | None:
+    """One read of a newline-terminated handshake line from a non-blocking ``sock`` into
+    ``line``, never consuming a byte past the newline (what follows is the stream's own data):
+    True once the line is complete, False while more may come, None when the peer closed or
+    failed first or the line passed ``limit`` bytes. Shared by ``CONNECT <port>`` (here) and the
+    devices' ``SIBLING`` line (:mod:`.sibling`)."""
+    try:
+        peek = sock.recv(limit - len(line), socket.MSG_PEEK)
+    except BlockingIOError:
+        return False
+    except OSError:
+        peek = b""
+    if not peek:  # EOF or an error before a full line
+        return None
+    nl = peek.find(b"\n")
+    try:
+        # No newline yet: every peeked byte belongs to the line, take it all.
+        line += sock.recv(len(peek) if nl < 0 else nl + 1)
+    except OSError:
+        return None
+    if nl >= 0:
+        return True
+    return None if len(line) >= limit else False
+
+
 __all__ = ["CONNECT_TIMEOUT", "HybridHost", "parse_connect"]
 
 log = logging.getLogger(__name__)
@@ -72,25 +98,11 @@ class HybridHost:
         """Consume what arrived of ``CONNECT <port>\\n``, never a byte past the newline."""
         client = self._clients[fd]
         sock = client.sock
-        try:
-            peek = sock.recv(MAX_COMMAND - len(client.line), socket.MSG_PEEK)
-        except BlockingIOError:
-            return
-        except OSError:
-            peek = b""
-        if not peek:  # EOF or error before a full line
+        done = read_line_step(sock, client.line, MAX_COMMAND)
+        if done is None:
             self._reject(fd)
             return
-        nl = peek.find(b"\n")
-        try:
-            # No newline yet: every peeked byte belongs to the command line, take it all.
-            client.line += sock.recv(len(peek) if nl < 0 else nl + 1)
-        except OSError:
-            self._reject(fd)
-            return
-        if nl < 0:
-            if len(client.line) >= MAX_COMMAND:
-                self._reject(fd)
+        if not done:
             return
         del self._clients[fd]
         self.reactor.unregister(fd)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from vsockrpc.errors import DeviceError
 from vsockrpc.vhost.groups import GroupMember, check_group_name, read_member_pid
-from vsockrpc.vhost.hybrid import CONNECT_TIMEOUT
+from vsockrpc.vhost.hybrid import CONNECT_TIMEOUT, read_line_step
 from vsockrpc.vhost.reactor import IN, Reactor
 
 __all__ = [
@@ -205,24 +205,13 @@ class SiblingHub:
         """Consume what arrived of the line, never a byte past its newline."""
         pending = self._pending[fd]
         sock = pending.sock
-        try:
-            peek = sock.recv(MAX_HANDSHAKE - len(pending.line), socket.MSG_PEEK)
-        except BlockingIOError:
+        done = read_line_step(sock, pending.line, MAX_HANDSHAKE)
+        if done is None:
+            too_long = len(pending.line) >= MAX_HANDSHAKE
+            why = "handshake line too long" if too_long else "closed before its handshake"
+            self._reject(fd, why)
             return
-        except OSError:
-            peek = b""
-        if not peek:
-            self._reject(fd, "closed before its handshake")
-            return
-        nl = peek.find(b"\n")
-        try:
-            pending.line += sock.recv(len(peek) if nl < 0 else nl + 1)
-        except OSError:
-            self._reject(fd, "closed before its handshake")
-            return
-        if nl < 0:
-            if len(pending.line) >= MAX_HANDSHAKE:
-                self._reject(fd, "handshake line too long")
+        if not done:
             return
         del self._pending[fd]
         self.reactor.unregister(fd)

@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 
 from vsockrpc.errors import BadInputError, VmError
+from vsockrpc.vhost.groups import GROUP_NAME
 
 __all__ = [
     "MAX_CPUS",
@@ -31,8 +32,6 @@ __all__ = [
 # VM names become one path component (the run directory, the name lock) and QEMU's -name:
 # a letter or digit first (no ".", "..", hidden files or options), then a short safe charset.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-# Group names become one path component of the device's group directory (vsockrpc.vhost).
-_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MIN_GUEST_CID = 3  # 0 hypervisor, 1 local loopback, 2 host (include/uapi/linux/vm_sockets.h)
 MAX_GUEST_CID = 0xFFFFFFFE  # 0xFFFFFFFF is VMADDR_CID_ANY
 MAX_PORT = 0xFFFFFFFE  # a u32; 0xFFFFFFFF is VMADDR_PORT_ANY, 0 is not a port to listen on
@@ -62,7 +61,7 @@ def check_groups(groups: Sequence[str], *, trust_group: bool = False) -> tuple[s
     """The VM's groups, each once and in order; :class:`InvalidVmOption` for a bad name, or
     for ``trust_group`` without a group (there would be no one to trust)."""
     for group in groups:
-        if not _GROUP.fullmatch(group):
+        if not GROUP_NAME.match(group):  # the device's own rule: one path component
             raise InvalidVmOption(
                 f"group name {group!r} is invalid: use 1-64 letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit"
