@@ -144,8 +144,11 @@ def run(args: argparse.Namespace) -> int:
         groups_dir=args.groups_dir,
     ) as device:
 
+        received: list[int] = []
+
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            log.info("signal %d: stopping", signum)
+            # Only what is safe in a handler: note it and wake the loop (an eventfd write).
+            received.append(signum)
             device.stop()
 
         stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -159,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
                 ",".join(args.group) or "none",
             )
             device.serve_forever()
+            if received:
+                log.info("signal %d: stopped", received[0])
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
