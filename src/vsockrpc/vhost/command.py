@@ -143,7 +143,6 @@ def run(args: argparse.Namespace) -> int:
         groups=args.group,
         groups_dir=args.groups_dir,
     ) as device:
-
         received: list[int] = []
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
