@@ -30,17 +30,15 @@ from vsockrpc.errors import GuestError, ImageError, TransportError, VmError
 from vsockrpc.image import ImageInfo, find_image
 from vsockrpc.image.cache import cache_root
 from vsockrpc.vm import accel as accel_mod
-from vsockrpc.vm import cid as cid_mod
 from vsockrpc.vm import readiness, signals
 from vsockrpc.vm.console import ConsoleFollower
 from vsockrpc.vm.options import check_launch
 from vsockrpc.vm.procs import start_qemu
 from vsockrpc.vm.qemu import QemuConfig, find_qemu, qemu_argv
 from vsockrpc.vm.qmp import CTRL_ALT_DEL, qmp_command
-from vsockrpc.vm.rundir import claim_name
-from vsockrpc.vm.runtime import groups_dir, runtime_dir
-from vsockrpc.vm.startup import pause, reap, state_record, wait_qemu_up
-from vsockrpc.vm.vsockdev import UserspaceDevice, wants_userspace
+from vsockrpc.vm.runtime import groups_dir
+from vsockrpc.vm.startup import pause, reap, state_record, take_slot, wait_qemu_up
+from vsockrpc.vm.vsockdev import UserspaceDevice, device_in_run_dir, wants_userspace
 
 __all__ = ["DEFAULT_PORT", "Vm", "launch"]
 
@@ -363,30 +361,22 @@ def _launch(
     groups: tuple[str, ...],
 ) -> Vm:
     with ExitStack() as stack:
-        runtime = runtime_dir()
-        lease = stack.enter_context(cid_mod.lease(runtime, cid))
-        claim = claim_name(runtime, name or f"vm{lease.cid}")
-        stack.callback(claim.close)
-        stack.callback(claim.remove)  # runs before close: the name is still ours
+        slot = take_slot(stack, cid, name)
+        lease, claim, held = slot.lease, slot.claim, slot.held
         vm_name, run_dir = claim.name, claim.run_dir
-        # The CID and name locks go to every process of the VM: they stay taken while any
-        # of them lives, and become free by themselves once all are gone.
-        held = (lease.fileno(), claim.fileno())
         signals.check(cancel)
         chosen = accel_mod.choose_accel(qemu_bin, info.kernel, _verdict_dir())
         device: UserspaceDevice | None = None
         vhost_user = None
         if wants_userspace(groups):
             device = stack.enter_context(
-                UserspaceDevice(
-                    vhost_socket=run_dir / "vhost-user.sock",
-                    hybrid_socket=run_dir / "vsock.sock",
-                    guest_cid=lease.cid,
-                    log_file=run_dir / "device.log",
+                device_in_run_dir(
+                    run_dir,
+                    lease.cid,
                     detach=detach,
-                    extra_fds=held,
+                    held=held,
                     groups=groups,
-                    groups_dir=groups_dir(runtime),
+                    groups_dir=groups_dir(slot.runtime),
                 )
             )
             vhost_user = device.vhost_socket

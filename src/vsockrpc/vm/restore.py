@@ -43,8 +43,7 @@ from vsockrpc.vm.procs import exit_status, start_qemu
 from vsockrpc.vm.qemu import VSOCK_CHARDEV, QemuConfig, find_qemu, qemu_argv
 from vsockrpc.vm.qmpsession import Session, run_session
 from vsockrpc.vm.ramfile import RamFill
-from vsockrpc.vm.rundir import NameClaim, claim_name
-from vsockrpc.vm.runtime import runtime_dir
+from vsockrpc.vm.rundir import NameClaim
 from vsockrpc.vm.snapshot import (
     FORMAT,
     IGNORE_SHARED,
@@ -54,8 +53,8 @@ from vsockrpc.vm.snapshot import (
     device_add_args,
     file_sha256,
 )
-from vsockrpc.vm.startup import reap, state_record, wait_qemu_up
-from vsockrpc.vm.vsockdev import UserspaceDevice, kernel_vhost_vsock_usable
+from vsockrpc.vm.startup import reap, state_record, take_slot, wait_qemu_up
+from vsockrpc.vm.vsockdev import device_in_run_dir, kernel_vhost_vsock_usable
 
 __all__ = ["RestoredVm", "Snapshot", "load_snapshot", "restore", "restore_many"]
 
@@ -283,24 +282,13 @@ def _start(
     launched = time.monotonic()
     guest = snap.manifest["guest"]
     with ExitStack() as stack:
-        runtime = runtime_dir()
-        lease = stack.enter_context(cid_mod.lease(runtime, cid))
-        claim = claim_name(runtime, name or f"vm{lease.cid}")
-        stack.callback(claim.close)
-        stack.callback(claim.remove)
+        slot = take_slot(stack, cid, name)
+        lease, claim, held = slot.lease, slot.claim, slot.held
         run_dir = claim.run_dir
-        held = (lease.fileno(), claim.fileno())
         device = None
         if guest["vsock"] == "vhost-user-vsock-pci":
             device = stack.enter_context(
-                UserspaceDevice(
-                    vhost_socket=run_dir / "vhost-user.sock",
-                    hybrid_socket=run_dir / "vsock.sock",
-                    guest_cid=lease.cid,
-                    log_file=run_dir / "device.log",
-                    detach=detach,
-                    extra_fds=held,
-                )
+                device_in_run_dir(run_dir, lease.cid, detach=detach, held=held)
             )
         ram = RamFill()
         if snap.ram_file is not None:  # copied, not loaded from the stream

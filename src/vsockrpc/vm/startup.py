@@ -9,18 +9,50 @@ import os
 import subprocess
 import threading
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vsockrpc.errors import VmError
+from vsockrpc.vm import cid as cid_mod
 from vsockrpc.vm import signals
 from vsockrpc.vm.procs import exit_status
+from vsockrpc.vm.rundir import NameClaim, claim_name
+from vsockrpc.vm.runtime import runtime_dir
 
 if TYPE_CHECKING:
     from vsockrpc.vm.launcher import Vm
 
-__all__ = ["pause", "reap", "state_record", "wait_qemu_up"]
+__all__ = ["Slot", "pause", "reap", "state_record", "take_slot", "wait_qemu_up"]
 
 QEMU_UP_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """A VM's CID lease and name claim, both taken; undone by the stack they were taken on."""
+
+    runtime: Path
+    lease: cid_mod.CidLease
+    claim: NameClaim
+
+    @property
+    def held(self) -> tuple[int, int]:
+        """The lock fds every process of the VM inherits: the CID and the name stay taken while
+        any of them lives, and become free by themselves once all are gone."""
+        return (self.lease.fileno(), self.claim.fileno())
+
+
+def take_slot(stack: ExitStack, cid: int | None, name: str | None) -> Slot:
+    """Lease ``cid`` (None: the lowest free one) and claim ``name`` (None: ``vm<CID>``) in the
+    runtime directory; ``stack`` gives the name back (and removes its run directory) on unwind."""
+    runtime = runtime_dir()
+    lease = stack.enter_context(cid_mod.lease(runtime, cid))
+    claim = claim_name(runtime, name or f"vm{lease.cid}")
+    stack.callback(claim.close)
+    stack.callback(claim.remove)  # runs before close: the name is still ours
+    return Slot(runtime, lease, claim)
 
 
 def pause(cancel: threading.Event | None, seconds: float) -> None:

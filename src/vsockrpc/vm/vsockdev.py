@@ -29,7 +29,13 @@ from pathlib import Path
 from vsockrpc.errors import DeviceError, VmError
 from vsockrpc.vhost.paths import BoundPath, listen_unix
 
-__all__ = ["UserspaceDevice", "device_argv", "kernel_vhost_vsock_usable", "wants_userspace"]
+__all__ = [
+    "UserspaceDevice",
+    "device_argv",
+    "device_in_run_dir",
+    "kernel_vhost_vsock_usable",
+    "wants_userspace",
+]
 
 log = logging.getLogger(__name__)
 STOP_TIMEOUT = 5.0
@@ -177,3 +183,26 @@ class UserspaceDevice:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def device_in_run_dir(
+    run_dir: Path,
+    guest_cid: int,
+    *,
+    detach: bool,
+    held: tuple[int, ...],
+    groups: Sequence[str] = (),
+    groups_dir: Path | None = None,
+) -> UserspaceDevice:
+    """A VM's device with its sockets and log in the VM's run directory (``vhost-user.sock``,
+    ``vsock.sock``, ``device.log``); ``held``: the VM's lock fds, which it keeps open."""
+    return UserspaceDevice(
+        vhost_socket=run_dir / "vhost-user.sock",
+        hybrid_socket=run_dir / "vsock.sock",
+        guest_cid=guest_cid,
+        log_file=run_dir / "device.log",
+        detach=detach,
+        extra_fds=held,
+        groups=groups,
+        groups_dir=groups_dir,
+    )
