@@ -16,8 +16,8 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from vsockrpc.bench._device_alone import STALL_SECONDS, TransferFailed, device_process
-from vsockrpc.bench._private import GuestDriver, RxLayout
+from vsockrpc.bench._device_alone import STALL_SECONDS, TransferFailed, bench_guest, device_process
+from vsockrpc.bench._private import GuestDriver
 from vsockrpc.vhost.packet import SHUTDOWN_SEND
 from vsockrpc.vhost.testing import GuestStream, pump_all
 
@@ -38,16 +38,7 @@ def _guests(workdir: Path) -> Iterator[tuple[GuestDriver, GuestDriver]]:
                     vhost, uds, cid=cid, extra=["--group", GROUP, "--groups-dir", groups]
                 )
             )
-            g = stack.enter_context(
-                GuestDriver(
-                    vhost,
-                    guest_cid=cid,
-                    rx_buf_size=44 + 65536,
-                    rx_layout=RxLayout.SINGLE,
-                    mem_size=256 * MiB,
-                    buf_alloc=4 * MiB,
-                )
-            )
+            g = stack.enter_context(bench_guest(vhost, cid))
             g.boot()
             guests.append(g)
         yield guests[0], guests[1]

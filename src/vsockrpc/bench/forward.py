@@ -28,8 +28,7 @@ from vsockrpc import transport
 from vsockrpc.addresses import HybridAddress
 from vsockrpc.bench import _model
 from vsockrpc.bench._context import Context
-from vsockrpc.bench._device_alone import GUEST_CID, MiB, _h2g_alone, device_process
-from vsockrpc.bench._private import GuestDriver, RxLayout
+from vsockrpc.bench._device_alone import MiB, _h2g_alone, bench_guest, device_process
 from vsockrpc.errors import VsockRpcError
 from vsockrpc.transport import hybrid
 
@@ -138,14 +137,7 @@ def run(ctx: Context) -> _model.PartResult:
     series: dict[str, list[float]] = {path: [] for path in PATHS}
     with (
         device_process(vhost, uds),
-        GuestDriver(
-            vhost,
-            guest_cid=GUEST_CID,
-            rx_buf_size=44 + 65536,
-            rx_layout=RxLayout.SINGLE,
-            mem_size=256 * MiB,
-            buf_alloc=4 * MiB,
-        ) as g,
+        bench_guest(vhost) as g,
     ):
         g.boot()
         port = 9100
