@@ -35,9 +35,12 @@ __all__ = [
 ]
 
 # Reconnect quickly while a guest boots (grpcio's defaults start at 1 s and grow to 120 s).
+# Not "grpc.min_reconnect_backoff_ms": gRPC core takes it as the *minimum connect timeout*
+# (subchannel backoff options; default 20 s, floor 100 ms), so a low value abandoned every
+# connection attempt whose HTTP/2 handshake outlasted the current backoff step (a just-restored
+# TCG guest's first handshake takes ~0.3 s) and started another one from scratch.
 RETRY_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 50),
-    ("grpc.min_reconnect_backoff_ms", 50),
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
 
