@@ -217,6 +217,39 @@ def test_host_connect_times_out_without_response(device: VsockDevice, guest: Gue
 
 
 @pytest.mark.timeout(20)
+def test_host_connect_before_the_guest_driver_waits_for_it(device: VsockDevice) -> None:
+    """A restored guest's device is re-plugged while the host is already dialling: a CONNECT
+    that comes before the driver starts the rings is answered once it has, not closed."""
+    s = host_connect(device, 1234)
+    time.sleep(0.3)  # the device has read the line; no front-end, no rings yet
+    assert len(device.muxer.conns) == 1 and not device.muxer.running
+    with booted(device) as guest:
+        listener = guest.listen(1234)
+        stream = guest.accept(listener)
+        guest.pump(0.05)
+        assert read_ok(s) == f"OK {stream.peer_port}\n".encode()
+        s.sendall(b"hello")
+        assert recv_all_guest(guest, stream, 5) == b"hello"
+
+
+@pytest.mark.timeout(20)
+def test_host_connect_with_no_guest_ends_after_the_connect_timeout(device: VsockDevice) -> None:
+    s = host_connect(device, 1234)
+    t0 = time.monotonic()
+    with pytest.raises(EOFError):
+        read_ok(s)
+    assert 1.5 < time.monotonic() - t0 < 5
+    # Nothing is left behind, and a guest that starts later sees no stale REQUEST or RST.
+    deadline = time.monotonic() + 5
+    while device.muxer.conns and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not device.muxer.conns
+    with booted(device) as guest:
+        guest.pump(0.2)
+        assert not guest.packets
+
+
+@pytest.mark.timeout(20)
 def test_garbage_command_is_closed(device: VsockDevice, guest: GuestDriver) -> None:
     s = track(socket.socket(socket.AF_UNIX))
     s.settimeout(5)

@@ -4,7 +4,8 @@ Firecracker ``docs/vsock.md`` and rust-vmm vhost-device-vsock).
 * Host-initiated: a client connects to ``uds_path`` and writes ``CONNECT <port>\\n``
   (:mod:`~vsockrpc.vhost.hybrid`); we send the guest a REQUEST from ``2:<local_port>``; on
   RESPONSE we write ``OK <local_port>\\n`` and then forward bytes; on RST or after 2 s we close
-  the client without a message.
+  the client without a message. A client that comes before the guest's driver has started the
+  rings waits for them within those 2 s.
 * Guest-initiated to CID 2 port P: we connect to ``<uds_path>_P``; RESPONSE on success, RST at
   once when nothing listens there.
 * Guest-initiated to another guest's CID, and other guests' devices connecting to ours: sibling
@@ -77,9 +78,15 @@ class Muxer(GuestDispatch, RxFill):
         self.host.on_listener(listener)
 
     def _on_connect(self, sock: socket.socket, port: int) -> None:
-        """A host client's ``CONNECT <port>`` line is complete: ask the guest (REQUEST)."""
-        if not self.running or len(self.conns) >= self.max_connections:
-            sock.close()  # EOF before OK: the client retries (guest not ready) or gives up
+        """A host client's ``CONNECT <port>`` line is complete: ask the guest (REQUEST).
+
+        Before the guest's driver has started the rings (a guest booting, rebooting, or just
+        restored with its device re-plugged) the REQUEST waits in the control queue for them,
+        within the same :data:`CONNECT_TIMEOUT`: the client is answered as soon as the guest can
+        answer, instead of being closed and retrying on its own backoff (which cost a restored
+        guest ~0.1 s, a third of its time to first answer)."""
+        if len(self.conns) >= self.max_connections:
+            sock.close()  # EOF before OK: the client retries or gives up
             return
         conn = Connection(sock, self.alloc_port(port), port, ConnState.LOCAL_INIT, self.buf_alloc)
         self._add(conn)
@@ -105,7 +112,10 @@ class Muxer(GuestDispatch, RxFill):
         self._expire_credit(now)
         for conn in [c for c in self._deadlines if c.deadline is not None and c.deadline <= now]:
             log.debug("connection %s timed out in %s", conn.key, conn.state.value)
-            self._reset_conn(conn)
+            if self.running:
+                self._reset_conn(conn)
+            else:  # the guest never saw it: nothing to tell it
+                self._drop(conn)
         self.host.expire(now)
         if self.siblings is not None:
             self.siblings.expire(now)
