@@ -369,9 +369,6 @@ async def _load(s: Session, snap: Snapshot, vm: RestoredVm, ram: RamFill) -> Non
         await s.run("migrate-set-capabilities", IGNORE_SHARED)
     await s.run("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(snap.state_file))}"})
     await s.wait_migration(LOAD_TIMEOUT)
-    status = await s.run("query-status")
-    if status.get("status") != "running":
-        await s.run("cont")
     vm.marks["load state"] = time.monotonic()
     if vm.device is not None:
         await s.run(
@@ -388,6 +385,9 @@ async def _load(s: Session, snap: Snapshot, vm: RestoredVm, ram: RamFill) -> Non
             },
         )
         await s.run("device_add", device_add_args())
+    status = await s.run("query-status")
+    if status.get("status") != "running":
+        await s.run("cont")
     vm.marks["device re-plug"] = time.monotonic()
 
 
