@@ -116,11 +116,22 @@ def test_cli_restore_then_snapshot_with_stop(
         with Guest(address, call_timeout=60) as g:
             assert g.read_bytes(MARKER) == b"written before the snapshot"
         out = tmp_path / "again"
-        saved = run([*vsockrpc_cli, "vm", "snapshot", name, "--out", str(out), "--stop"])
+        saved = run(
+            [*vsockrpc_cli, "vm", "snapshot", name, "--out", str(out), "--stop", "--compress"]
+        )
         assert saved.returncode == 0, saved.stderr
-        assert "stopped" in saved.stdout
+        assert "stopped" in saved.stdout and "MiB on disk" in saved.stdout
         assert (out / "manifest.json").is_file()
+        assert (out / "ram.bin.zst").is_file() and not (out / "ram.bin").exists()
         assert name not in [r.name for r in list_vms()]
+        # The compressed snapshot restores like any other, with what the first one held.
+        again = run([*vsockrpc_cli, "vm", "run", "--from", str(out), "--detach", "--quiet"])
+        assert again.returncode == 0, again.stderr
+        name = again.stdout.split(":")[0].removeprefix("vm ")
+        address = again.stdout.split("agent at ")[1].split(",")[0]
+        with Guest(address, call_timeout=60) as g:
+            assert g.read_bytes(MARKER) == b"written before the snapshot"
+        assert run([*vsockrpc_cli, "vm", "stop", name], timeout=60).returncode == 0
     finally:
         if name in [r.name for r in list_vms()]:
             run([*vsockrpc_cli, "vm", "stop", name], timeout=60)

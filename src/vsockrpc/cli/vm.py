@@ -131,6 +131,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     snap.add_argument("which", metavar="NAME|CID")
     snap.add_argument("--out", type=Path, required=True, metavar="DIR", help="new directory")
     snap.add_argument("--stop", action="store_true", help="power the guest off once saved")
+    snap.add_argument(
+        "--compress",
+        action="store_true",
+        help="store the RAM compressed with zstd (about a third of the size on disk; each "
+        "restore then spends a few tenths of a second decompressing it)",
+    )
     snap.set_defaults(func=_snapshot)
 
     stop = vm_sub.add_parser("stop", help="power off a detached guest")
@@ -332,11 +338,13 @@ def _snapshot(args: argparse.Namespace) -> int:
 
     check_which(args.which)
     with step(f"snapshot of {args.which}"):
-        info = snapshot_vm(args.which, args.out, stop=args.stop)
-    size = info.manifest["files"]["state.bin"]["size"]
+        info = snapshot_vm(args.which, args.out, stop=args.stop, compressed=args.compress)
+    # On disk: the RAM file is sparse (the guest's zeroed free pages take no blocks).
+    size = sum(f.stat().st_blocks * 512 for f in info.path.iterdir() if f.is_file())
     after = "stopped" if args.stop else "resumed"
     print(
-        f"snapshot {info.path}: {size / 2**20:.0f} MiB, guest paused {info.seconds:.2f} s, {after}"
+        f"snapshot {info.path}: {size / 2**20:.0f} MiB on disk, guest paused "
+        f"{info.seconds:.2f} s, {after}"
     )
     return 0
 
