@@ -32,6 +32,7 @@ class AgentUnderTest:
     directory: str
     table: ProcessTable
     clock_calls: list[int] = field(default_factory=list)
+    identity_calls: list[tuple[bytes, str, str]] = field(default_factory=list)
     power_calls: list[PowerAction] = field(default_factory=list)
 
 
@@ -39,7 +40,7 @@ class AgentUnderTest:
 def running_agent(
     policy: PeerPolicy | None = None, resolver: PeerResolver = rpc.peer_address
 ) -> Iterator[AgentUnderTest]:
-    """Serve the agent; clock and power hooks record their calls instead of acting.
+    """Serve the agent; clock, identity and power hooks record their calls instead of acting.
     ``resolver`` finds the caller (as the guest's server does), or pretends one."""
     directory = tempfile.mkdtemp(prefix="agent-", dir="/tmp")
     table = ProcessTable()
@@ -52,6 +53,7 @@ def running_agent(
         policy=admitted,
         power_control=agent.power_calls.append,
         clock_setter=agent.clock_calls.append,
+        identity_setter=lambda *call: agent.identity_calls.append(call),
         table=table,
         files=files,
     )

@@ -42,6 +42,56 @@ def test_time_sync_sets_the_clock_from_the_host(guest: Guest, agent: AgentUnderT
     assert abs(offset) < 5
 
 
+def test_refresh_gives_a_clone_its_identity_and_the_host_clock(agent: AgentUnderTest) -> None:
+    from vsockrpc.rpc import channel
+    from vsockrpc.vm.identity import SEED_BYTES, refresh_identity
+
+    with channel(agent.address) as ch:
+        before = time.time_ns()
+        offset = refresh_identity(ch, "clone-7")
+        after = time.time_ns()
+    ((seed, hostname, machine_id),) = agent.identity_calls
+    assert (len(seed), hostname) == (SEED_BYTES, "clone-7")
+    assert len(machine_id) == 32 and int(machine_id, 16) >= 0
+    (set_to,) = agent.clock_calls
+    assert before <= set_to <= after
+    assert abs(offset) < 5
+
+
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        ({"seed": b"short"}, "seed must be 16 to 4096 bytes"),
+        ({"seed": bytes(4097)}, "seed must be 16 to 4096 bytes"),
+        ({"hostname": "../etc"}, "bad hostname"),
+        ({"hostname": "a" * 64}, "bad hostname"),
+        ({"hostname": ""}, "bad hostname"),
+        ({"machine_id": "F" * 32}, "machine_id must be 32 lowercase hex digits"),
+        ({"time_ns": 0}, "time_ns must be positive"),
+    ],
+)
+def test_refresh_refuses_bad_input_and_changes_nothing(
+    agent: AgentUnderTest, change: dict[str, object], complaint: str
+) -> None:
+    from vsockrpc.agent.v1 import agent_pb2 as pb
+    from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
+    from vsockrpc.rpc import channel
+
+    fields: dict[str, object] = {
+        "seed": bytes(64),
+        "hostname": "clone",
+        "machine_id": "0" * 32,
+        "time_ns": time.time_ns(),
+    }
+    with channel(agent.address) as ch:
+        stub = pb_grpc.SystemStub(ch)  # type: ignore[no-untyped-call]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Refresh(pb.RefreshRequest(**(fields | change)), timeout=10)  # type: ignore[arg-type]
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert complaint in (err.value.details() or "")
+    assert agent.identity_calls == [] and agent.clock_calls == []
+
+
 def test_shutdown_and_reboot_call_the_power_hook_after_replying(
     guest: Guest, agent: AgentUnderTest
 ) -> None:

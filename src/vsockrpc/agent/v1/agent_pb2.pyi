@@ -995,6 +995,58 @@ class SetTimeResponse(_message.Message):
 Global___SetTimeResponse: _TypeAlias = SetTimeResponse  # noqa: Y015
 
 @_typing.final
+class RefreshRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEED_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    MACHINE_ID_FIELD_NUMBER: _builtins.int
+    TIME_NS_FIELD_NUMBER: _builtins.int
+    seed: _builtins.bytes
+    """16 to 4096 random bytes from the host"""
+    hostname: _builtins.str
+    """1 to 63 of [A-Za-z0-9._-], not starting with . _ -"""
+    machine_id: _builtins.str
+    """32 lowercase hex digits"""
+    time_ns: _builtins.int
+    """host CLOCK_REALTIME, as SetTimeRequest.time_ns"""
+    def __init__(
+        self,
+        *,
+        seed: _builtins.bytes = ...,
+        hostname: _builtins.str = ...,
+        machine_id: _builtins.str = ...,
+        time_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "machine_id", b"machine_id", "seed", b"seed", "time_ns", b"time_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefreshRequest: _TypeAlias = RefreshRequest  # noqa: Y015
+
+@_typing.final
+class RefreshResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREVIOUS_TIME_NS_FIELD_NUMBER: _builtins.int
+    previous_time_ns: _builtins.int
+    """guest clock just before it was set"""
+    def __init__(
+        self,
+        *,
+        previous_time_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["previous_time_ns", b"previous_time_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefreshResponse: _TypeAlias = RefreshResponse  # noqa: Y015
+
+@_typing.final
 class ShutdownRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

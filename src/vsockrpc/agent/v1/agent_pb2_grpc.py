@@ -615,6 +615,11 @@ class SystemStub:
                 request_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ShutdownRequest.SerializeToString,
                 response_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ShutdownResponse.FromString,
                 _registered_method=True)
+        self.Refresh = channel.unary_unary(
+                '/vsockrpc.agent.v1.System/Refresh',
+                request_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.RefreshRequest.SerializeToString,
+                response_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.RefreshResponse.FromString,
+                _registered_method=True)
 
 
 class SystemServicer:
@@ -648,6 +653,15 @@ class SystemServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Refresh(self, request, context):
+        """Make a restored clone its own machine, in one call: mix the seed into the kernel's RNG and
+        reseed it, set the hostname, bind a fresh machine-id over /etc/machine-id (when the image
+        has one) and set the clock (as SetTime).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SystemServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -670,6 +684,11 @@ def add_SystemServicer_to_server(servicer, server):
                     servicer.Shutdown,
                     request_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ShutdownRequest.FromString,
                     response_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ShutdownResponse.SerializeToString,
+            ),
+            'Refresh': grpc.unary_unary_rpc_method_handler(
+                    servicer.Refresh,
+                    request_deserializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.RefreshRequest.FromString,
+                    response_serializer=vsockrpc_dot_agent_dot_v1_dot_agent__pb2.RefreshResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -782,6 +801,33 @@ class System:
             '/vsockrpc.agent.v1.System/Shutdown',
             vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ShutdownRequest.SerializeToString,
             vsockrpc_dot_agent_dot_v1_dot_agent__pb2.ShutdownResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Refresh(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vsockrpc.agent.v1.System/Refresh',
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.RefreshRequest.SerializeToString,
+            vsockrpc_dot_agent_dot_v1_dot_agent__pb2.RefreshResponse.FromString,
             options,
             channel_credentials,
             insecure,

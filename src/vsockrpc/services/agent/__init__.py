@@ -35,11 +35,13 @@ from vsockrpc.services.agent.process import is_agent_child, record_reaped
 from vsockrpc.services.agent.spawn import ProcessSpec, ProcessTable
 from vsockrpc.services.agent.system import (
     ClockSetter,
+    IdentitySetter,
     PowerAction,
     PowerControl,
     SystemServicer,
     default_power_control,
     install_power_control,
+    refresh_machine_identity,
     set_realtime_clock,
 )
 
@@ -48,6 +50,7 @@ __all__ = [
     "ClockSetter",
     "ExecServicer",
     "FilesServicer",
+    "IdentitySetter",
     "PeerGuard",
     "PeerPolicy",
     "PeerPolicyInterceptor",
@@ -82,6 +85,7 @@ def agent_services(
     policy: PeerPolicy | None = None,
     power_control: PowerControl | None = None,
     clock_setter: ClockSetter = set_realtime_clock,
+    identity_setter: IdentitySetter = refresh_machine_identity,
     table: ProcessTable | None = None,
     files: FilesServicer | None = None,
 ) -> list[Registrar]:
@@ -96,7 +100,9 @@ def agent_services(
     guard = PeerGuard(admitted, peer_resolver, uid_resolver)
     exec_servicer = ExecServicer(table)
     files_servicer = files if files is not None else FilesServicer(guard, sockets)
-    system_servicer = SystemServicer(power_control=power_control, clock_setter=clock_setter)
+    system_servicer = SystemServicer(
+        power_control=power_control, clock_setter=clock_setter, identity_setter=identity_setter
+    )
 
     def register_exec(server: grpc.Server) -> None:
         pb_grpc.add_ExecServicer_to_server(exec_servicer, server)  # type: ignore[no-untyped-call]
