@@ -196,6 +196,11 @@ def test_not_a_directory_is_refused(tmp_path: Path) -> None:
         (["--from", "S", "--count", "0"], "--count 0: expected 1 to 64"),
         (["--from", "S", "--memory", "256"], "--memory cannot be used with --from"),
         (["--from", "S", "--append", "x"], "--append cannot be used with --from"),
+        (
+            ["--from", "S", "--group", "g", "--trust-group"],
+            "--trust-group cannot be used with --from",
+        ),
+        (["--from", "S", "--group", "../g"], "group name '../g' is invalid"),
     ],
 )
 def test_restore_usage_errors_exit_2_before_anything(

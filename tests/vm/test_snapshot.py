@@ -20,12 +20,14 @@ from pathlib import Path
 import pytest
 
 from tests.vm.conftest import process_alive
+from tests.vm.test_groups import ADD_CLIENT
 from vsockrpc.errors import VmError
 from vsockrpc.image import ImageInfo
 from vsockrpc.sdk import Guest
 from vsockrpc.vm import Pool, Vm, launch, restore, snapshot_vm
 from vsockrpc.vm.registry import list_vms
 from vsockrpc.vm.restore import restore_many
+from vsockrpc.vm.runtime import groups_dir, runtime_dir
 
 MARKER = "/dev/shm/snapshot-marker"
 
@@ -204,6 +206,22 @@ def test_three_clones_at_once_are_distinct_machines(source: tuple[Vm, int], snap
         for clone in clones:
             clone.stop()
     assert not any(c.run_dir.exists() for c in clones)
+
+
+def test_clones_in_a_group_reach_each_other_by_cid(snapshot: Path) -> None:
+    group = f"clones{os.getpid()}"
+    clones = restore_many(snapshot, 2, name=f"grp{os.getpid()}", groups=[group])
+    try:
+        a, b = clones
+        assert {r.name: r.groups for r in list_vms()}[b.name] == (group,)
+        with Guest(b.address(), call_timeout=60) as g:  # the AF_VSOCK connect runs in clone b
+            result = g.run(["python3", "-c", ADD_CLIENT, str(a.cid)], timeout=180)
+        assert (result.exit_code, result.stdout) == (0, b"12\n"), result.stderr
+    finally:
+        for clone in clones:
+            clone.stop()
+    members = groups_dir(runtime_dir()) / group
+    assert not (list(members.iterdir()) if members.exists() else [])
 
 
 def test_pool_hands_out_ready_unused_guests_and_closes_everything(snapshot: Path) -> None:

@@ -294,8 +294,7 @@ def _run_from(args: argparse.Namespace) -> int:
 
     fixed = {"--memory": args.memory, "--cpus": args.cpus, "--append": args.append or None}
     fixed["--no-wait"] = args.no_wait or None
-    fixed["--group"] = args.groups or None
-    fixed["--trust-group"] = args.trust_group or None
+    fixed["--trust-group"] = args.trust_group or None  # the clone's agent has its policy
     given = [flag for flag, value in fixed.items() if value is not None]
     if given:
         raise InvalidVmOption(f"{given[0]} cannot be used with --from (the snapshot fixes it)")
@@ -314,10 +313,13 @@ def _run_from(args: argparse.Namespace) -> int:
             echo=echo,
             detach=args.detach,
             cancel=stop.event,
+            groups=args.groups,
         )
         for vm in vms:
             took = vm.timings.rpc_ready - vm.timings.launched if vm.timings.rpc_ready else 0.0
             line = f"vm {vm.name}: CID {vm.cid}, agent at {vm.address()}, restored in {took:.2f} s"
+            if vm.groups:
+                line += f", groups {','.join(vm.groups)}"
             print(line if args.detach else f"==> {line}", flush=True)
         if args.detach:
             names = " ".join(vm.name for vm in vms)

@@ -20,6 +20,7 @@ import json
 import shlex
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +39,13 @@ from vsockrpc.vm.accel import Accel
 from vsockrpc.vm.console import ConsoleFollower
 from vsockrpc.vm.identity import refresh_identity
 from vsockrpc.vm.launcher import Vm
-from vsockrpc.vm.options import InvalidVmOption, check_cid, check_name
+from vsockrpc.vm.options import InvalidVmOption, check_cid, check_groups, check_name
 from vsockrpc.vm.procs import exit_status, start_qemu
 from vsockrpc.vm.qemu import VSOCK_CHARDEV, QemuConfig, find_qemu, qemu_argv
 from vsockrpc.vm.qmpsession import Session, run_session
 from vsockrpc.vm.ramfile import RamFill
 from vsockrpc.vm.rundir import NameClaim
+from vsockrpc.vm.runtime import groups_dir
 from vsockrpc.vm.snapshot import (
     FORMAT,
     IGNORE_SHARED,
@@ -168,11 +170,15 @@ def restore(
     cancel: threading.Event | None = None,
     verify: bool = True,
     fresh_identity: bool = True,
+    groups: Sequence[str] = (),
 ) -> RestoredVm:
     """Start a new VM from ``snapshot``; returns once its agent answers (use it in ``with``).
 
     ``cid``: that CID or a :class:`VmError` when busy; None: the lowest free one.
-    ``fresh_identity``: reseed its RNG, set its clock and hostname (:mod:`.identity`)."""
+    ``fresh_identity``: reseed its RNG, set its clock and hostname (:mod:`.identity`).
+    ``groups``: VM↔VM, as for :func:`~vsockrpc.vm.launch` (the clone's agent keeps the
+    snapshot's peer policy: it admits group members only if its source was started trusting
+    them)."""
     return restore_many(
         snapshot,
         1,
@@ -184,6 +190,7 @@ def restore(
         cancel=cancel,
         verify=verify,
         fresh_identity=fresh_identity,
+        groups=groups,
     )[0]
 
 
@@ -199,6 +206,7 @@ def restore_many(
     cancel: threading.Event | None = None,
     verify: bool = True,
     fresh_identity: bool = True,
+    groups: Sequence[str] = (),
 ) -> list[RestoredVm]:
     """``count`` clones of ``snapshot`` restored concurrently, each with its own CID (the
     lowest free ones; ``cid`` only with ``count`` 1) and name (``name-1``… when given).
@@ -216,17 +224,26 @@ def restore_many(
     for n in names:
         if n is not None:
             check_name(n)
+    groups = check_groups(groups)
     snap = snapshot if isinstance(snapshot, Snapshot) else load_snapshot(snapshot, verify=verify)
     guest = snap.manifest["guest"]
-    if guest["vsock"] != "vhost-user-vsock-pci" and not kernel_vhost_vsock_usable():
-        raise VmError(
-            f"snapshot {snap.path} uses kernel vhost-vsock: /dev/vhost-vsock is not usable"
-        )
+    if guest["vsock"] != "vhost-user-vsock-pci":
+        if groups:  # its device state is in the snapshot: it cannot become ours
+            raise VmError(
+                f"snapshot {snap.path} uses kernel vhost-vsock, which cannot route between "
+                "VMs: its clones cannot join a group"
+            )
+        if not kernel_vhost_vsock_usable():
+            raise VmError(
+                f"snapshot {snap.path} uses kernel vhost-vsock: /dev/vhost-vsock is not usable"
+            )
     qemu_bin = find_qemu(str(snap.image.manifest.get("arch", "amd64")))
     pending: list[_Pending] = []
     try:
         for n in names:
-            pending.append(_start(snap, qemu_bin, cid=cid, name=n, echo=echo, detach=detach))
+            pending.append(
+                _start(snap, qemu_bin, cid=cid, name=n, echo=echo, detach=detach, groups=groups)
+            )
         errors: list[BaseException] = []
 
         def finish(p: _Pending) -> None:
@@ -277,7 +294,7 @@ class _Pending:
 
 def _start(
     snap: Snapshot, qemu_bin: str, *, cid: int | None, name: str | None, echo: TextIO | None,
-    detach: bool,
+    detach: bool, groups: tuple[str, ...],
 ) -> _Pending:  # fmt: skip
     launched = time.monotonic()
     guest = snap.manifest["guest"]
@@ -288,7 +305,14 @@ def _start(
         device = None
         if guest["vsock"] == "vhost-user-vsock-pci":
             device = stack.enter_context(
-                device_in_run_dir(run_dir, lease.cid, detach=detach, held=held)
+                device_in_run_dir(
+                    run_dir,
+                    lease.cid,
+                    detach=detach,
+                    held=held,
+                    groups=groups,
+                    groups_dir=groups_dir(slot.runtime) if groups else None,
+                )
             )
         ram = RamFill()
         if snap.ram_file is not None:  # copied, not loaded from the stream
@@ -320,7 +344,7 @@ def _start(
         accel = Accel(guest["accel"], guest["cpu"], "as in the snapshot")
         vm = RestoredVm(
             claim.name, lease.cid, int(guest["port"]), snap.image, run_dir, accel, qemu, console,
-            device, snapshot=snap.path,
+            device, groups, snapshot=snap.path,
         )  # fmt: skip
         vm.timings.launched = launched
         return _Pending(vm, stack.pop_all(), lease, claim, detach, ram)
