@@ -15,7 +15,6 @@ import enum
 import fcntl
 import logging
 import os
-import platform
 import re
 import shutil
 import signal
@@ -173,6 +172,8 @@ def _uptime() -> float:
 
 def _os_release() -> dict[str, str]:
     try:
+        import platform  # only here: Info is rare, the agent's start is not
+
         return platform.freedesktop_os_release()
     except OSError:
         return {}
@@ -217,7 +218,7 @@ class SystemServicer(pb_grpc.SystemServicer):
             uptime_seconds=_uptime(),
             time_ns=time.time_ns(),
             agent_pid=os.getpid(),
-            python_version=platform.python_version(),
+            python_version="{}.{}.{}".format(*sys.version_info[:3]),
         )
 
     def SetTime(
