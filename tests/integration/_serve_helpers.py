@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -37,23 +37,28 @@ def shared_dir() -> Iterator[Path]:
 def cli_server(
     listen: str,
     *options: str,
-    preexec_fn: Callable[[], None] | None = None,
+    setup: str | None = None,
     log: Path | None = None,
 ) -> Iterator[subprocess.Popen[str]]:
     """``vsockrpc serve --listen LISTEN OPTIONS…`` until it printed its address; stopped after.
-    Its stderr goes to ``log`` (a temporary file without one), shown if it fails to start."""
+    Its stderr goes to ``log`` (a temporary file without one), shown if it fails to start.
+
+    ``setup``: shell commands run before the server replaces the shell (``umask 000``,
+    ``ulimit -S -n 1024``). Not a ``preexec_fn``: that makes CPython fork() this process, which
+    has grpcio loaded, and run grpcio's at-fork handlers; the restarted poller thread in the
+    child then met its epoll fd closed by ``close_fds`` and aborted the child before exec
+    (grpc/grpc#43055): 1 failed start in several hundred, exit status -6, an ``epoll_wait
+    error: Bad file descriptor`` line (vsockrpc itself spawns without a ``preexec_fn`` for the
+    same reason: services/agent/spawn.py, vm/procs.py)."""
     with contextlib.ExitStack() as stack:
         if log is None:
             stderr = stack.enter_context(tempfile.TemporaryFile("w+"))
         else:
             stderr = stack.enter_context(log.open("w+"))
-        proc = subprocess.Popen(
-            [*CLI, "serve", "--listen", listen, *options],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            preexec_fn=preexec_fn,  # noqa: PLW1509  (umask / rlimit of the server only)
-        )
+        argv = [*CLI, "serve", "--listen", listen, *options]
+        if setup is not None:
+            argv = ["sh", "-c", f'{setup} && exec "$@"', "sh", *argv]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True)
         stack.callback(_stop, proc)
         assert proc.stdout is not None
         line = proc.stdout.readline()

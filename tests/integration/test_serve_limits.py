@@ -23,10 +23,8 @@ from vsockrpc.services import addition
 IDLE = 1000
 
 
-def default_fd_limit() -> None:
-    """The server starts with the kernel's default soft limit, as the guest agent did."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+# The server starts with the kernel's default soft limit, as the guest agent did.
+DEFAULT_FD_LIMIT = "ulimit -S -n 1024"
 
 
 def eof_within(sock: socket.socket, seconds: float) -> bool:
@@ -53,7 +51,7 @@ def test_1000_idle_connections_do_not_deny_the_agent(tmp_path: Path) -> None:
         pytest.fail(f"this test needs an open-files hard limit over {IDLE + 200}, not {hard}")
     path = tmp_path / "agent.sock"
     address = f"unix:{path}"
-    server = cli_server(address, "--agent", preexec_fn=default_fd_limit)
+    server = cli_server(address, "--agent", setup=DEFAULT_FD_LIMIT)
     with server, contextlib.ExitStack() as held:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the test's own sockets
         held.callback(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
@@ -117,7 +115,7 @@ def test_a_peer_at_its_cap_loses_its_oldest_silent_connection_and_calls_get_in(
 @pytest.mark.timeout(60)
 def test_serve_raises_its_open_files_limit(tmp_path: Path) -> None:
     path = tmp_path / "s.sock"
-    with cli_server(f"unix:{path}", preexec_fn=default_fd_limit) as proc:
+    with cli_server(f"unix:{path}", setup=DEFAULT_FD_LIMIT) as proc:
         limits = Path(f"/proc/{proc.pid}/limits").read_text()
     line = next(ln for ln in limits.splitlines() if ln.startswith("Max open files"))
     soft, hard = line.split()[3:5]

@@ -39,10 +39,6 @@ def mode_of(path: Path | str) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
 
-def umask_000() -> None:
-    os.umask(0)
-
-
 def ping(channel: grpc.Channel) -> agent_pb.PingResponse:
     stub = agent_grpc.SystemStub(channel)  # type: ignore[no-untyped-call]
     reply: agent_pb.PingResponse = stub.Ping(agent_pb.PingRequest(payload=b"hi"), timeout=20)
@@ -109,9 +105,9 @@ def test_cli_socket_mode_is_explicit_under_umask_000(
     tmp_path: Path, options: tuple[str, ...], expected: int
 ) -> None:
     path = tmp_path / "s.sock"
-    with cli_server(f"unix:{path}", *options, preexec_fn=umask_000):
+    with cli_server(f"unix:{path}", *options, setup="umask 000"):
         assert mode_of(path) == expected
-    with cli_server(f"unix:{path}", "--agent", *options, preexec_fn=umask_000):
+    with cli_server(f"unix:{path}", "--agent", *options, setup="umask 000"):
         assert mode_of(path) == expected  # the relayed listener too
 
 
