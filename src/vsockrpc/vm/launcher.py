@@ -36,9 +36,8 @@ from vsockrpc.vm.options import check_launch
 from vsockrpc.vm.procs import start_qemu
 from vsockrpc.vm.qemu import QemuConfig, find_qemu, qemu_argv
 from vsockrpc.vm.qmp import CTRL_ALT_DEL, qmp_command
-from vsockrpc.vm.runtime import groups_dir
 from vsockrpc.vm.startup import pause, reap, state_record, take_slot, wait_qemu_up
-from vsockrpc.vm.vsockdev import UserspaceDevice, device_in_run_dir, wants_userspace
+from vsockrpc.vm.vsockdev import UserspaceDevice, wants_userspace
 
 __all__ = ["DEFAULT_PORT", "Vm", "launch"]
 
@@ -369,16 +368,7 @@ def _launch(
         device: UserspaceDevice | None = None
         vhost_user = None
         if wants_userspace(groups):
-            device = stack.enter_context(
-                device_in_run_dir(
-                    run_dir,
-                    lease.cid,
-                    detach=detach,
-                    held=held,
-                    groups=groups,
-                    groups_dir=groups_dir(slot.runtime),
-                )
-            )
+            device = stack.enter_context(slot.device(detach=detach, groups=groups))
             vhost_user = device.vhost_socket
         signals.check(cancel)
         config = QemuConfig(

@@ -45,7 +45,6 @@ from vsockrpc.vm.qemu import VSOCK_CHARDEV, QemuConfig, find_qemu, qemu_argv
 from vsockrpc.vm.qmpsession import Session, run_session
 from vsockrpc.vm.ramfile import RamFill
 from vsockrpc.vm.rundir import NameClaim
-from vsockrpc.vm.runtime import groups_dir
 from vsockrpc.vm.snapshot import (
     FORMAT,
     IGNORE_SHARED,
@@ -56,7 +55,7 @@ from vsockrpc.vm.snapshot import (
     file_sha256,
 )
 from vsockrpc.vm.startup import reap, state_record, take_slot, wait_qemu_up
-from vsockrpc.vm.vsockdev import device_in_run_dir, kernel_vhost_vsock_usable
+from vsockrpc.vm.vsockdev import kernel_vhost_vsock_usable
 
 __all__ = ["RestoredVm", "Snapshot", "load_snapshot", "restore", "restore_many"]
 
@@ -304,16 +303,7 @@ def _start(
         run_dir = claim.run_dir
         device = None
         if guest["vsock"] == "vhost-user-vsock-pci":
-            device = stack.enter_context(
-                device_in_run_dir(
-                    run_dir,
-                    lease.cid,
-                    detach=detach,
-                    held=held,
-                    groups=groups,
-                    groups_dir=groups_dir(slot.runtime) if groups else None,
-                )
-            )
+            device = stack.enter_context(slot.device(detach=detach, groups=groups))
         ram = RamFill()
         if snap.ram_file is not None:  # copied, not loaded from the stream
             stack.callback(ram.close)

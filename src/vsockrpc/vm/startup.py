@@ -19,7 +19,8 @@ from vsockrpc.vm import cid as cid_mod
 from vsockrpc.vm import signals
 from vsockrpc.vm.procs import exit_status
 from vsockrpc.vm.rundir import NameClaim, claim_name
-from vsockrpc.vm.runtime import runtime_dir
+from vsockrpc.vm.runtime import groups_dir, runtime_dir
+from vsockrpc.vm.vsockdev import UserspaceDevice, device_in_run_dir
 
 if TYPE_CHECKING:
     from vsockrpc.vm.launcher import Vm
@@ -42,6 +43,18 @@ class Slot:
         """The lock fds every process of the VM inherits: the CID and the name stay taken while
         any of them lives, and become free by themselves once all are gone."""
         return (self.lease.fileno(), self.claim.fileno())
+
+    def device(self, *, detach: bool, groups: tuple[str, ...]) -> UserspaceDevice:
+        """The VM's userspace device: its sockets and log in the run directory, a member of
+        ``groups``, holding the slot's locks."""
+        return device_in_run_dir(
+            self.claim.run_dir,
+            self.lease.cid,
+            detach=detach,
+            held=self.held,
+            groups=groups,
+            groups_dir=groups_dir(self.runtime) if groups else None,
+        )
 
 
 def take_slot(stack: ExitStack, cid: int | None, name: str | None) -> Slot:
