@@ -25,6 +25,7 @@ from vsockrpc.bench._device_alone import (
     MiB,
     TransferFailed,
     backend_alone,
+    cpu_seconds,
     device_process,
     hybrid_connect,
 )
@@ -186,7 +187,13 @@ def _with_guest(ctx: Context, dg: ModuleType) -> list[_model.Figure]:
     down: dict[str, list[float]] = {p: [] for p in PATHS}
     lat: dict[str, list[float]] = {p: [] for p in PATHS}
     sweep: dict[str, list[list[float]]] = {p: [[] for _ in SWEEP] for p in PATHS}
-    with device_process(vhost, uds), dg.launch(vmlinuz, initramfs, vhost, workdir) as vm:
+    # CPU per round trip (µs), per round: where a round trip's time goes besides waiting.
+    cpu: dict[str, list[float]] = {f"{p}: {who}": [] for p in PATHS for who in ("QEMU", "device")}
+    cpu.pop(f"{PATHS[0]}: device")  # user networking has no device process
+    with (
+        device_process(vhost, uds) as device,
+        dg.launch(vmlinuz, initramfs, vhost, workdir) as vm,
+    ):
         ctx.step(NAME, "booting the probe guest (TCG)")
         vm.wait_console("PROBE-LISTEN tcp", 300)
         vm.wait_console("PROBE-LISTEN vsock", 300)
@@ -204,7 +211,12 @@ def _with_guest(ctx: Context, dg: ModuleType) -> list[_model.Figure]:
             for name, connect in paths.items():
                 up[name].append(h2g(connect, data))
                 down[name].append(g2h(connect, size))
+                before = {"QEMU": cpu_seconds(vm.proc.pid), "device": cpu_seconds(device.pid)}
                 lat[name] += rtt(connect, pings)
+                for who, pid in (("QEMU", vm.proc.pid), ("device", device.pid)):
+                    if f"{name}: {who}" in cpu:
+                        used = cpu_seconds(pid) - before[who]
+                        cpu[f"{name}: {who}"].append(used / pings * 1e6)
         for n in range(sweep_rounds):
             ctx.step(NAME, f"host→guest vs write size 64 B…1 MiB, round {n + 1} of {sweep_rounds}")
             for i, write in enumerate(SWEEP):
@@ -215,6 +227,16 @@ def _with_guest(ctx: Context, dg: ModuleType) -> list[_model.Figure]:
         _model.figure(f"{NAME}.h2g", "host→guest stream, 64 MiB", "rate", up, unit="MB/s"),
         _model.figure(f"{NAME}.g2h", "guest→host stream, 64 MiB", "rate", down, unit="MB/s"),
         _model.figure(f"{NAME}.rtt", "64-byte echo round trip", "latency", lat),
+        _model.figure(
+            f"{NAME}.rtt-cpu",
+            "CPU per 64-byte round trip, by process (one value per round)",
+            "time",
+            cpu,
+            unit="µs",
+            pairs=[],
+            note="utime + stime from /proc over the round's round trips (10 ms ticks); QEMU "
+            "includes the guest's emulated work, and user networking's slirp.",
+        ),
         _model.figure(
             f"{NAME}.sweep",
             "host→guest throughput vs size of each write",
