@@ -229,13 +229,13 @@ def _with_guest(ctx: Context, dg: ModuleType) -> list[_model.Figure]:
         _model.figure(f"{NAME}.rtt", "64-byte echo round trip", "latency", lat),
         _model.figure(
             f"{NAME}.rtt-cpu",
-            "CPU per 64-byte round trip, by process (one value per round)",
+            "CPU per 64-byte round trip, by process",
             "time",
             cpu,
             unit="µs",
             pairs=[],
-            note="utime + stime from /proc over the round's round trips (10 ms ticks); QEMU "
-            "includes the guest's emulated work, and user networking's slirp.",
+            note="One value per round: utime + stime from /proc over its round trips (10 ms "
+            "ticks); QEMU includes the guest's emulated work, and user networking's slirp.",
         ),
         _model.figure(
             f"{NAME}.sweep",
