@@ -11,7 +11,8 @@ other, so a change to one side that breaks the other shows up here, in one place
 - :mod:`vsockrpc.agent.checksum` — the end-to-end transfer checksums (CRC-32, SHA-256).
 - :mod:`vsockrpc.agent.datachannel` — the raw data channel's ticket line.
 - this module — the default port, the guest's kernel command-line keys, the peer-policy
-  variable and the metadata key that marks a call refused by that policy.
+  variable, the metadata key that marks a call refused by that policy, and the VM name rule
+  (a clone's ``System.Refresh`` takes its VM name as the hostname).
 
 Importing this package, :mod:`~vsockrpc.agent.markers` or :mod:`~vsockrpc.agent.datachannel`
 loads only the standard library (the guest's PID 1 imports the markers, and it never loads
@@ -20,6 +21,8 @@ protobuf or grpc); :mod:`~vsockrpc.agent.checksum` and :mod:`~vsockrpc.agent.v1`
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "CMDLINE_ALLOWED_CIDS",
     "CMDLINE_LISTEN",
@@ -27,6 +30,7 @@ __all__ = [
     "DEFAULT_PORT",
     "ENV_ALLOWED_CIDS",
     "REFUSED_PEER_KEY",
+    "VM_NAME",
 ]
 
 DEFAULT_PORT = 9999
@@ -47,3 +51,8 @@ REFUSED_PEER_KEY = "vsockrpc-refused-peer"
 A refused call and a file the agent may not write both end in ``PERMISSION_DENIED``; this key
 is how a client tells them apart (and hints at :data:`ENV_ALLOWED_CIDS` only for the first).
 """
+
+VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+"""A VM name (``fullmatch``): one path component on the host (the run directory, the name lock,
+QEMU's ``-name``), a letter or digit first, so no ".", "..", hidden file or option. The launcher
+checks names with it, and ``System.Refresh`` accepts exactly these as a clone's hostname."""

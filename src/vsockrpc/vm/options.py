@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Sequence
 
+from vsockrpc.agent import VM_NAME
 from vsockrpc.errors import BadInputError, VmError
 from vsockrpc.vhost.groups import GROUP_NAME
 
@@ -29,9 +29,6 @@ __all__ = [
     "check_which",
 ]
 
-# VM names become one path component (the run directory, the name lock) and QEMU's -name:
-# a letter or digit first (no ".", "..", hidden files or options), then a short safe charset.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 MIN_GUEST_CID = 3  # 0 hypervisor, 1 local loopback, 2 host (include/uapi/linux/vm_sockets.h)
 MAX_GUEST_CID = 0xFFFFFFFE  # 0xFFFFFFFF is VMADDR_CID_ANY
 MAX_PORT = 0xFFFFFFFE  # a u32; 0xFFFFFFFF is VMADDR_PORT_ANY, 0 is not a port to listen on
@@ -49,7 +46,7 @@ class InvalidVmOption(VmError, BadInputError, ValueError):
 
 def check_name(name: str) -> str:
     """``name`` when it is a valid VM name, else :class:`InvalidVmOption`."""
-    if not _NAME.fullmatch(name):
+    if not VM_NAME.fullmatch(name):
         raise InvalidVmOption(
             f"VM name {name!r} is invalid: use 1-63 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"

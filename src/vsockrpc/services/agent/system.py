@@ -28,6 +28,7 @@ from collections.abc import Callable
 import grpc
 
 from vsockrpc import __version__
+from vsockrpc.agent import VM_NAME
 from vsockrpc.agent.v1 import agent_pb2 as pb
 from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
 from vsockrpc.services.agent._rpc import abort, statuses
@@ -52,7 +53,6 @@ IdentitySetter = Callable[[bytes, str, str], None]
 
 # Refresh's input bounds (agent.proto RefreshRequest).
 MIN_SEED, MAX_SEED = 16, 4096
-_HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # a vsockrpc VM name
 _MACHINE_ID = re.compile(r"[0-9a-f]{32}")  # machine-id(5)
 _RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07), include/uapi/linux/random.h
 _MS_BIND = 4096  # include/uapi/linux/mount.h
@@ -243,7 +243,7 @@ class SystemServicer(pb_grpc.SystemServicer):
         with statuses(context, "Refresh"):
             if not MIN_SEED <= len(request.seed) <= MAX_SEED:
                 raise Status(Code.INVALID_ARGUMENT, f"seed must be {MIN_SEED} to {MAX_SEED} bytes")
-            if not _HOSTNAME.fullmatch(request.hostname):
+            if not VM_NAME.fullmatch(request.hostname):
                 raise Status(Code.INVALID_ARGUMENT, f"bad hostname {request.hostname!r}")
             if not _MACHINE_ID.fullmatch(request.machine_id):
                 raise Status(Code.INVALID_ARGUMENT, "machine_id must be 32 lowercase hex digits")
