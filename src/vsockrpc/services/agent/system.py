@@ -148,6 +148,11 @@ def refresh_machine_identity(seed: bytes, hostname: str, machine_id: str) -> Non
             raise OSError(err, f"bind mount over /etc/machine-id: {os.strerror(err)}")
 
 
+def _check_time_ns(time_ns: int) -> None:
+    if time_ns <= 0:
+        raise Status(Code.INVALID_ARGUMENT, "time_ns must be positive")
+
+
 def _meminfo() -> dict[str, int]:
     values: dict[str, int] = {}
     try:
@@ -225,15 +230,17 @@ class SystemServicer(pb_grpc.SystemServicer):
         self, request: pb.SetTimeRequest, context: grpc.ServicerContext
     ) -> pb.SetTimeResponse:
         with statuses(context, "SetTime"):
-            if request.time_ns <= 0:
-                raise Status(Code.INVALID_ARGUMENT, "time_ns must be positive")
-            previous = time.time_ns()
-            self._clock_setter(request.time_ns)
-            log.info(
-                "clock set from the host: moved by %+.3f s", (request.time_ns - previous) / 1e9
-            )
+            _check_time_ns(request.time_ns)
+            previous = self._set_clock(request.time_ns)
             return pb.SetTimeResponse(previous_time_ns=previous, time_ns=time.time_ns())
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _set_clock(self, time_ns: int) -> int:
+        """Set the clock to the host's ``time_ns`` (checked); the guest's time just before."""
+        previous = time.time_ns()
+        self._clock_setter(time_ns)
+        log.info("clock set from the host: moved by %+.3f s", (time_ns - previous) / 1e9)
+        return previous
 
     def Refresh(
         self, request: pb.RefreshRequest, context: grpc.ServicerContext
@@ -247,17 +254,10 @@ class SystemServicer(pb_grpc.SystemServicer):
                 raise Status(Code.INVALID_ARGUMENT, f"bad hostname {request.hostname!r}")
             if not _MACHINE_ID.fullmatch(request.machine_id):
                 raise Status(Code.INVALID_ARGUMENT, "machine_id must be 32 lowercase hex digits")
-            if request.time_ns <= 0:
-                raise Status(Code.INVALID_ARGUMENT, "time_ns must be positive")
+            _check_time_ns(request.time_ns)  # everything checked before anything changes
             self._identity_setter(request.seed, request.hostname, request.machine_id)
-            previous = time.time_ns()
-            self._clock_setter(request.time_ns)
-            log.info(
-                "fresh identity %s; clock set from the host: moved by %+.3f s",
-                request.hostname,
-                (request.time_ns - previous) / 1e9,
-            )
-            return pb.RefreshResponse(previous_time_ns=previous)
+            log.info("fresh identity: %s", request.hostname)
+            return pb.RefreshResponse(previous_time_ns=self._set_clock(request.time_ns))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def Shutdown(
