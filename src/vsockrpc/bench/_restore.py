@@ -51,11 +51,9 @@ def take_snapshot(info: Any, into: Path) -> tuple[Path, dict[str, Any]]:
             facts = g.info()
         out = into / "snapshot"
         saved = snapshot_vm(vm.name, out, stop=True)
-    # On disk: the RAM file is sparse (only pages that are not zero use blocks).
-    size = sum(f.stat().st_blocks * 512 for f in out.iterdir() if f.is_file())
     used = facts.memory_total_bytes - facts.memory_available_bytes
     return out, {
-        "snapshot bytes": size,
+        "snapshot bytes": saved.disk_bytes,
         "guest used RAM bytes": used,
         "guest paused s": saved.seconds,
     }

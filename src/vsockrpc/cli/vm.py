@@ -341,11 +341,9 @@ def _snapshot(args: argparse.Namespace) -> int:
     check_which(args.which)
     with step(f"snapshot of {args.which}"):
         info = snapshot_vm(args.which, args.out, stop=args.stop, compressed=args.compress)
-    # On disk: the RAM file is sparse (the guest's zeroed free pages take no blocks).
-    size = sum(f.stat().st_blocks * 512 for f in info.path.iterdir() if f.is_file())
     after = "stopped" if args.stop else "resumed"
     print(
-        f"snapshot {info.path}: {size / 2**20:.0f} MiB on disk, guest paused "
+        f"snapshot {info.path}: {info.disk_bytes / 2**20:.0f} MiB on disk, guest paused "
         f"{info.seconds:.2f} s, {after}"
     )
     return 0

@@ -99,6 +99,12 @@ class SnapshotInfo:
     manifest: dict[str, Any]
     seconds: float  # guest paused (stop → cont, or → quit)
 
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes the snapshot takes on disk: its RAM file is sparse (the guest's zeroed free
+        pages take no blocks), so this is far below the files' apparent size."""
+        return sum(f.stat().st_blocks * 512 for f in self.path.iterdir() if f.is_file())
+
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
