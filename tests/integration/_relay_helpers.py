@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import grpc
 
 from vsockrpc.rpc._relay import Relay
 
-__all__ = ["STREAM_SERVICE", "HybridPeer", "count_fds", "register_stream_service"]
+__all__ = ["STREAM_SERVICE", "HybridPeer", "count_fds", "register_stream_service", "wait_for"]
 
 
 def _read_line(conn: socket.socket, limit: int = 256) -> bytes:
@@ -122,3 +123,14 @@ def register_stream_service(server: grpc.Server) -> None:
 
 def count_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until true or ``timeout``: in-process test peers close their side of a
+    finished connection on their own threads, a moment after the client has seen EOF."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()

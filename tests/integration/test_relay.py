@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -34,6 +34,7 @@ from tests.integration._relay_helpers import (
     HybridPeer,
     count_fds,
     register_stream_service,
+    wait_for,
 )
 from tests.integration._served import agent_registrars
 from tests.integration.agent_harness import running_agent
@@ -56,15 +57,6 @@ def add(ch: grpc.Channel, a: int = 5, b: int = 7, **kwargs: object) -> int:
         pb.AdditionRequest(a=a, b=b), timeout=10, **kwargs
     )
     return reply.c
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 @pytest.fixture
