@@ -34,7 +34,7 @@ from vsockrpc.addresses import Address, HybridAddress, parse_address
 from vsockrpc.errors import AddressError, VsockRpcError
 from vsockrpc.rpc._relay import Relay
 from vsockrpc.transport import DEFAULT_DIALER, Dialer, unix
-from vsockrpc.vsock_constants import VMADDR_PORT_ANY
+from vsockrpc.vsock_constants import MAX_PORT
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -51,8 +51,6 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 """Seconds a connection may take to reach its destination (connect plus hybrid handshake)."""
 DEFAULT_MODE = unix.DEFAULT_MODE
 """Mode of a Unix socket file a forwarder listens on: only its owner may connect."""
-MAX_PORT = VMADDR_PORT_ANY - 1
-"""The highest port a forward takes: vsock ports are u32 and the last is "any" (vsock(7))."""
 
 
 def _check_port(port: int, what: str) -> int:

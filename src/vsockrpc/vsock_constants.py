@@ -7,6 +7,7 @@ device (which imports nothing gRPC) all take them from here.
 from __future__ import annotations
 
 __all__ = [
+    "MAX_PORT",
     "RESERVED_GUEST_CIDS",
     "VMADDR_CID_ANY",
     "VMADDR_CID_HOST",
@@ -24,6 +25,8 @@ VMADDR_CID_HOST = 2
 """The host, as seen from a guest."""
 VMADDR_PORT_ANY = 0xFFFFFFFF
 """Bind to any free port (the kernel picks one)."""
+MAX_PORT = VMADDR_PORT_ANY - 1
+"""The largest port one can name: a u32 that is not VMADDR_PORT_ANY (0 names no port either)."""
 
 RESERVED_GUEST_CIDS = frozenset(
     {VMADDR_CID_HYPERVISOR, VMADDR_CID_LOCAL, VMADDR_CID_HOST, VMADDR_CID_ANY}

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from vsockrpc.agent import VM_NAME
 from vsockrpc.errors import BadInputError, VmError
 from vsockrpc.vhost.groups import GROUP_NAME
+from vsockrpc.vsock_constants import MAX_PORT
 
 __all__ = [
     "MAX_CPUS",
@@ -31,7 +32,6 @@ __all__ = [
 
 MIN_GUEST_CID = 3  # 0 hypervisor, 1 local loopback, 2 host (include/uapi/linux/vm_sockets.h)
 MAX_GUEST_CID = 0xFFFFFFFE  # 0xFFFFFFFF is VMADDR_CID_ANY
-MAX_PORT = 0xFFFFFFFE  # a u32; 0xFFFFFFFF is VMADDR_PORT_ANY, 0 is not a port to listen on
 # Below ~128 MiB the guest kernel plus the agent's Python does not come up (it stalls before
 # the console prints anything rather than failing), so such a size is refused up front.
 MIN_MEMORY_MIB = 128
