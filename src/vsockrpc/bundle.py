@@ -31,10 +31,12 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vsockrpc import __version__
-from vsockrpc.payload import ImageSpec, Payload, Target, guest_payload, user_wheels
-from vsockrpc.payload.spec import BUNDLE_CONFIG
+
+if TYPE_CHECKING:  # the payload machinery loads when a bundle is built, not with the CLI
+    from vsockrpc.payload import ImageSpec, Payload
 
 __all__ = ["DEFAULT_PYTHONS", "MACHINE", "BundleInfo", "build_bundle"]
 
@@ -58,6 +60,8 @@ def _wheels(
     payload: Payload, pythons: Sequence[str], wheel_dir: Path | None, offline: bool
 ) -> list[Path]:
     """The union of the payload's wheel sets for ``pythons`` (pure wheels appear once)."""
+    from vsockrpc.payload import Target
+
     targets = [Target(python, MACHINE) for python in pythons]  # validates every version first
     chosen: dict[str, Path] = {}
     for target in targets:
@@ -69,6 +73,8 @@ def _wheels(
 
 def _spec_wheels(spec: ImageSpec, payload: Payload, pythons: Sequence[str]) -> list[Path]:
     """The spec's ``pip`` wheels (with dependencies) for every Python of the bundle."""
+    from vsockrpc.payload import Target, user_wheels
+
     out: list[Path] = []
     for python in pythons:
         out += user_wheels(spec, payload, Target(python, MACHINE)).wheels
@@ -115,6 +121,9 @@ def build_bundle(
     image spec's services (their sources, its ``pip`` wheels for every Python, its guest
     config next to the sources) ride along, so the bundle serves what the image serves.
     """
+    from vsockrpc.payload import guest_payload
+    from vsockrpc.payload.spec import BUNDLE_CONFIG
+
     payload = payload if payload is not None else guest_payload()
     wheels = _wheels(payload, pythons, wheel_dir, offline)
     entries = [(f"payload/{f.dest}", f.read()) for f in payload.sources]

@@ -15,9 +15,9 @@ import pytest
 from vsockrpc.errors import VmError
 from vsockrpc.vm.options import InvalidVmOption
 from vsockrpc.vm.pool import Pool
-from vsockrpc.vm.restore import Snapshot
+from vsockrpc.vm.restoring import Snapshot
 
-restore_mod = importlib.import_module("vsockrpc.vm.restore")
+restore_mod = importlib.import_module("vsockrpc.vm.restoring")
 
 
 class FakeVm:

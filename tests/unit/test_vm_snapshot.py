@@ -11,11 +11,11 @@ import pytest
 
 from vsockrpc.errors import VmError
 from vsockrpc.vm.qemu import QemuConfig, qemu_argv
-from vsockrpc.vm.restore import load_snapshot
+from vsockrpc.vm.restoring import load_snapshot
 from vsockrpc.vm.snapshot import _prepare_out, device_add_args, file_sha256, guest_config
 
 # the module, not the function of the same name that vsockrpc.vm exports
-restore_mod = importlib.import_module("vsockrpc.vm.restore")
+restore_mod = importlib.import_module("vsockrpc.vm.restoring")
 
 
 def config(**kw: object) -> QemuConfig:

@@ -26,7 +26,7 @@ from vsockrpc.image import ImageInfo
 from vsockrpc.sdk import Guest
 from vsockrpc.vm import Pool, Vm, launch, restore, snapshot_vm
 from vsockrpc.vm.registry import list_vms
-from vsockrpc.vm.restore import restore_many
+from vsockrpc.vm.restoring import restore_many
 from vsockrpc.vm.runtime import groups_dir, runtime_dir
 
 MARKER = "/dev/shm/snapshot-marker"

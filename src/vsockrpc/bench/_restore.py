@@ -74,7 +74,7 @@ def clones_at_once(snapshot: Any, count: int) -> str:
     """A line saying how long ``count`` clones restored at once took until all answered (the
     slowest clone's own restore time), or how it failed."""
     from vsockrpc.errors import VmError
-    from vsockrpc.vm.restore import restore_many
+    from vsockrpc.vm.restoring import restore_many
 
     t = time.monotonic()
     try:

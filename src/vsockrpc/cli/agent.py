@@ -18,11 +18,13 @@ import threading
 import time
 import tty
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vsockrpc.addresses import Address, parse_address
 from vsockrpc.errors import AddressError, AgentError
-from vsockrpc.sdk import Exited, Guest, Process, Stderr, Stdout
+
+if TYPE_CHECKING:  # the SDK (and grpc) load when a command runs, not for every command's parser
+    from vsockrpc.sdk import Exited, Guest, Process
 
 GUEST_PREFIX = "guest:"
 DEFAULT_SHELL = ["/bin/sh", "-c", 'exec "$(command -v bash || echo /bin/sh)" -l']
@@ -137,6 +139,12 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _guest(args: argparse.Namespace) -> Guest:
+    from vsockrpc.sdk import Guest
+
+    return Guest(args.address, wait=args.wait)
+
+
 def _forward_stdin(proc: Process) -> threading.Thread:
     def pump() -> None:
         try:
@@ -152,6 +160,8 @@ def _forward_stdin(proc: Process) -> threading.Thread:
 
 
 def _stream(proc: Process) -> Exited:
+    from vsockrpc.sdk import Exited, Stderr, Stdout
+
     for event in proc:
         if isinstance(event, Stdout):
             _write_all(1, event.data)
@@ -164,7 +174,7 @@ def _stream(proc: Process) -> Exited:
 
 def _exec(args: argparse.Namespace) -> int:
     command = _command(args)
-    with Guest(args.address, wait=args.wait) as guest:
+    with _guest(args) as guest:
         window = None
         if args.tty:
             with contextlib.suppress(OSError):
@@ -201,7 +211,7 @@ def _shell(args: argparse.Namespace) -> int:
         size = os.get_terminal_size(0)
         window = (size.lines, size.columns)
     with (
-        Guest(args.address, wait=args.wait) as guest,
+        _guest(args) as guest,
         guest.exec_stream(
             command,
             user=args.user,
@@ -247,7 +257,7 @@ def _cp(args: argparse.Namespace) -> int:
         )
     preserve = not args.no_preserve
     start = time.monotonic()
-    with Guest(args.address, wait=args.wait) as guest:
+    with _guest(args) as guest:
         name = os.path.basename(src.rstrip("/")) or src
         if dst_guest:
             if not os.path.lexists(src):
@@ -270,7 +280,7 @@ def _cp(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    with Guest(args.address, wait=args.wait) as guest:
+    with _guest(args) as guest:
         offset = guest.sync_time() if args.sync_time else None
         rtt = guest.ping()
         info = guest.info()
@@ -307,7 +317,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _shutdown(args: argparse.Namespace) -> int:
-    with Guest(args.address, wait=args.wait) as guest:
+    with _guest(args) as guest:
         guest.shutdown(reboot=args.reboot)
     print(f"guest acknowledged {'reboot' if args.reboot else 'power-off'}", file=sys.stderr)
     return 0

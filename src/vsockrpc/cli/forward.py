@@ -19,12 +19,16 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vsockrpc._stopsignals import StopSignals
 from vsockrpc.addresses import Address, parse_address
 from vsockrpc.errors import AddressError, TransportError
-from vsockrpc.forward import DEFAULT_MODE, MAX_PORT, Forwarder, expose, forward
+from vsockrpc.transport.unix import DEFAULT_MODE
+from vsockrpc.vsock_constants import MAX_PORT
+
+if TYPE_CHECKING:  # the forwarder (and grpc) load when the command runs, not for every parser
+    from vsockrpc.forward import Forwarder
 
 __all__ = ["exposure", "register"]
 
@@ -139,6 +143,8 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _start(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[Forwarder]:
+    from vsockrpc.forward import expose, forward
+
     started: list[Forwarder] = []
     common = {"mode": args.mode, "connect_timeout": args.connect_timeout}
     try:

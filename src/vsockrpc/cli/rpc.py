@@ -20,19 +20,16 @@ import pwd
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
-
-from vsockrpc import rpc, transport
 from vsockrpc._fdlimit import raise_open_files_limit
 from vsockrpc._stopsignals import StopSignals
 from vsockrpc.addresses import Address, parse_address
 from vsockrpc.errors import AddressError, RpcError, TransportTimeout
-from vsockrpc.proto import vsock_service_pb2 as pb
-from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
-from vsockrpc.services import addition, addition_services, served
 from vsockrpc.transport import unix as unix_transport
+
+if TYPE_CHECKING:  # grpc and the services load when a command runs, not for every parser
+    import grpc
 
 __all__ = ["DEFAULT_LISTEN", "register"]
 
@@ -47,6 +44,8 @@ def _address(text: str) -> Address:
 
 
 def _int32(text: str) -> int:
+    from vsockrpc.services import addition
+
     try:
         value = int(text)
     except ValueError:
@@ -164,6 +163,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def _services(args: argparse.Namespace) -> list[Callable[[grpc.Server], None]]:
+    from vsockrpc import rpc, transport
+    from vsockrpc.services import addition_services, served
+
     if not args.agent:
         if args.allow_uid:
             args.parser.error("--allow-uid needs --agent")
@@ -186,6 +188,8 @@ def _services(args: argparse.Namespace) -> list[Callable[[grpc.Server], None]]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from vsockrpc import rpc
+
     listen: list[Address] = args.listen or [parse_address(DEFAULT_LISTEN)]
     services = _services(args)
     if args.access_log:
@@ -221,6 +225,12 @@ def _rpc_error(err: grpc.RpcError) -> RpcError:
 
 
 def _add(args: argparse.Namespace) -> int:
+    import grpc
+
+    from vsockrpc import rpc
+    from vsockrpc.proto import vsock_service_pb2 as pb
+    from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
+
     target: Address = args.target
     options = rpc.RETRY_OPTIONS if args.wait else ()
     deadline = time.monotonic() + args.wait

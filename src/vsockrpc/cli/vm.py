@@ -290,7 +290,7 @@ def _run(args: argparse.Namespace) -> int:
 def _run_from(args: argparse.Namespace) -> int:
     from vsockrpc._stopsignals import StopSignals
     from vsockrpc.vm.options import InvalidVmOption
-    from vsockrpc.vm.restore import restore_many
+    from vsockrpc.vm.restoring import restore_many
 
     fixed = {"--memory": args.memory, "--cpus": args.cpus, "--append": args.append or None}
     fixed["--no-wait"] = args.no_wait or None

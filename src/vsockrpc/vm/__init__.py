@@ -14,10 +14,14 @@ lifecycle over QMP, readiness.
 
 from __future__ import annotations
 
-from vsockrpc.vm.launcher import DEFAULT_PORT, Timings, Vm, launch
-from vsockrpc.vm.pool import Pool
-from vsockrpc.vm.restore import RestoredVm, Snapshot, load_snapshot, restore, restore_many
-from vsockrpc.vm.snapshot import snapshot_vm
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vsockrpc.vm.launcher import DEFAULT_PORT, Timings, Vm, launch
+    from vsockrpc.vm.pool import Pool
+    from vsockrpc.vm.restoring import RestoredVm, Snapshot, load_snapshot, restore, restore_many
+    from vsockrpc.vm.snapshot import snapshot_vm
 
 __all__ = [
     "DEFAULT_PORT",
@@ -32,3 +36,32 @@ __all__ = [
     "restore_many",
     "snapshot_vm",
 ]
+
+# The public names load their module on first use (PEP 562): the launcher pulls in grpc and the
+# SDK, which ``vm list``/``vm stop`` (vsockrpc.vm.registry, a submodule) never need.
+_HOMES = {
+    "DEFAULT_PORT": "launcher",
+    "Timings": "launcher",
+    "Vm": "launcher",
+    "launch": "launcher",
+    "Pool": "pool",
+    "RestoredVm": "restoring",
+    "Snapshot": "restoring",
+    "load_snapshot": "restoring",
+    "restore": "restoring",
+    "restore_many": "restoring",
+    "snapshot_vm": "snapshot",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

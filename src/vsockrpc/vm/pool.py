@@ -6,7 +6,7 @@
         # leaving the inner block stops that guest; the pool has restored another meanwhile
 
 One background thread keeps ``size`` guests restored and waiting (restoring the missing ones
-at once with :func:`~.restore.restore_many`). A guest is handed out once and never comes back:
+at once with :func:`~.restoring.restore_many`). A guest is handed out once and never comes back:
 the caller stops it (``with``, or ``stop()``). ``close()`` stops what is waiting, what is being
 restored, and what was handed out and still runs: a foreground QEMU dies with the thread that
 started it (PDEATHSIG), so guests from a pool live at most as long as the pool.
@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 from vsockrpc.errors import VmError
-from vsockrpc.vm import restore as restore_mod
+from vsockrpc.vm import restoring
 from vsockrpc.vm.options import InvalidVmOption
-from vsockrpc.vm.restore import READY_TIMEOUT, RestoredVm, Snapshot, load_snapshot
+from vsockrpc.vm.restoring import READY_TIMEOUT, RestoredVm, Snapshot, load_snapshot
 
 __all__ = ["Pool"]
 
@@ -69,7 +69,7 @@ class Pool:
                     return
                 missing = self.size - len(self._ready)
             try:
-                vms = restore_mod.restore_many(
+                vms = restoring.restore_many(
                     self._snapshot,
                     missing,
                     ready_timeout=self._ready_timeout,

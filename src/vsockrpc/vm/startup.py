@@ -1,5 +1,5 @@
 """Steps shared by every way a VM comes up (a cold :func:`~.launcher.launch`, a
-:func:`~.restore.restore`): waiting for QEMU's QMP socket, the ``state.json`` record of a
+:func:`~.restoring.restore`): waiting for QEMU's QMP socket, the ``state.json`` record of a
 running VM, reaping QEMU when a start is undone, and a pause a stop request cuts short.
 """
 
