@@ -10,6 +10,7 @@ former); ``scripts/soak-device`` runs the long soak (docs/device.md).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -271,6 +272,46 @@ def test_fuzz_corrupted_rings_are_reported_and_recover(
     world.host.close()
     world.host, world.stream = _open(world.device, g, 700)
     _roundtrip(world, b"after reset")
+
+
+class _Keep(logging.Handler):
+    """Keeps every record, as pytest's log capture or a ``MemoryHandler`` does."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.timeout(60)
+def test_a_kept_corruption_record_holds_no_exception(world: World) -> None:
+    # A record whose args hold the RingError holds its traceback, whose frames hold views of
+    # guest memory: a handler that keeps records kept every mapping of every reset guest open
+    # (a soak ran out of fds that way). The device logs the reason as text.
+    g = world.guest
+    keep = _Keep()
+    logger = logging.getLogger("vsockrpc.vhost")
+    logger.addHandler(keep)
+    try:
+        slot = g.avail_idx[1] % g.num
+        DESC.pack_into(g.mem, g.desc[1] + 16 * slot, 1 << 62, 64, 0, 0)  # outside guest memory
+        U16.pack_into(g.mem, g.avail[1] + 4 + 2 * slot, slot)
+        g.avail_idx[1] = (g.avail_idx[1] + 1) & 0xFFFF
+        U16.pack_into(g.mem, g.avail[1] + 2, g.avail_idx[1])
+        g.kick_queue(1)
+        assert _outcome(world, 1, 0, 0) == (True, True)
+    finally:
+        logger.removeHandler(keep)
+    corrupt = [r for r in keep.records if "corrupted a virtqueue" in r.getMessage()]
+    assert corrupt and "vring 1" in corrupt[0].getMessage(), [r.getMessage() for r in keep.records]
+    held = [a for r in keep.records for a in (r.args or ()) if isinstance(a, BaseException)]
+    assert held == [] and all(r.exc_info is None for r in keep.records)
+    g.reset()
+    world.host.close()
+    world.host, world.stream = _open(world.device, g, 700)
+    _roundtrip(world, b"after the kept record")
 
 
 # ------------------------------------------------------------------ two guests of a group

@@ -280,17 +280,17 @@ class VsockDevice(VhostUserSession):
                 msg = vu.recv_message(conn)
             except (EOFError, OSError, ProtocolError) as err:
                 if not isinstance(err, EOFError):
-                    log.warning("vhost-user session ended: %s", err)
+                    log.warning("vhost-user session ended: %s", str(err))
                 self._disconnect()
                 return
             try:
                 self._dispatch(msg)
             except ProtocolError as err:
-                log.warning("bad vhost-user request %s: %s", msg.request, err)
+                log.warning("bad vhost-user request %s: %s", msg.request, str(err))
                 if msg.need_reply and self._conn is not None:
                     self._reply(msg.request, vu.U64.pack(1))
             except OSError as err:
-                log.warning("vhost-user session failed: %s", err)
+                log.warning("vhost-user session failed: %s", str(err))
                 self._disconnect()
                 return
             finally:

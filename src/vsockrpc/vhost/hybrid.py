@@ -84,7 +84,7 @@ class HybridHost:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:  # EMFILE and friends: keep serving the rest
-                log.warning("hybrid accept failed: %s", err)
+                log.warning("hybrid accept failed: %s", str(err))
                 return
             sock.setblocking(False)
             fd = sock.fileno()

@@ -142,7 +142,9 @@ class Muxer(GuestDispatch, RxFill):
             except RingError as err:
                 # vhost-user.rst: the back-end signals the vring's err fd on an error; the ring
                 # stays stopped until the front-end reconfigures it (guest reset).
-                log.warning("guest corrupted a virtqueue: %s", err)
+                # As text: a record kept by a handler (MemoryHandler, a test's capture) would
+                # otherwise keep the error's frames, and with them views of guest memory.
+                log.warning("guest corrupted a virtqueue: %s", str(err))
                 ring.break_ring()
                 self.reset()
                 break

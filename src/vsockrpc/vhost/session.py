@@ -259,7 +259,7 @@ class VhostUserSession:
             try:
                 ring.start(self.memory)
             except RingError as err:
-                log.warning("%s", err)
+                log.warning("guest corrupted a virtqueue: %s", str(err))  # text, as in the muxer
                 ring.break_ring()
             if fd is not None:
                 os.set_blocking(fd, False)

@@ -190,7 +190,7 @@ class SiblingHub:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:  # EMFILE and friends: keep serving the rest
-                log.warning("group %s: accept failed: %s", member.name, err)
+                log.warning("group %s: accept failed: %s", member.name, str(err))
                 return
             if len(self._pending) >= MAX_PENDING_IN:
                 sock.close()
