@@ -7,6 +7,7 @@ lives under a folder named ``vm`` or ``unit`` marks nothing by accident.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         tier = tier_of(item.path)
         if tier is not None:
             item.add_marker(getattr(pytest.mark, tier))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Signals ignored when the run began (``nohup``, ``cmd &`` in a script: SIGHUP, SIGINT,
+    SIGQUIT) go back to their defaults. Ignored dispositions survive exec, so every process the
+    tests start (the launcher, commands run by an in-process agent) would ignore the very
+    signals the tests send them."""
+    del config
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGHUP, signal.SIGQUIT):
+        if signal.getsignal(sig) is signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
