@@ -40,8 +40,10 @@ class Restorer:
         self.made: list[FakeVm] = []
         self.fail: BaseException | None = None
         self.lock = threading.Lock()
+        self.calls: list[dict[str, Any]] = []
 
     def __call__(self, snapshot: Any, count: int, **kw: Any) -> list[FakeVm]:
+        self.calls.append(kw)
         if self.fail is not None:
             raise self.fail
         with self.lock:
@@ -96,3 +98,25 @@ def test_restore_failures_surface_and_closed_pool_refuses(restorer: Restorer) ->
 def test_size_is_validated() -> None:
     with pytest.raises(InvalidVmOption, match="pool size 0"):
         Pool(SNAP, size=0)
+
+
+def test_every_guest_of_a_grouped_pool_joins_its_groups(restorer: Restorer) -> None:
+    userspace = Snapshot(Path("/u"), {"guest": {"vsock": "vhost-user-vsock-pci"}}, None)  # type: ignore[arg-type]
+    with Pool(userspace, size=2, groups=["lab", "ci", "lab"]) as pool:
+        assert pool.groups == ("lab", "ci")
+        for _ in range(3):
+            pool.acquire(timeout=10)
+    assert restorer.calls and all(kw["groups"] == ("lab", "ci") for kw in restorer.calls)
+
+
+def test_a_bad_group_or_a_kernel_vsock_snapshot_fails_before_any_restore(
+    restorer: Restorer,
+) -> None:
+    threads = threading.active_count()
+    with pytest.raises(InvalidVmOption, match=r"group name '\.\./lab' is invalid"):
+        Pool(SNAP, size=1, groups=["../lab"])
+    kernel = Snapshot(Path("/k"), {"guest": {"vsock": "vhost-vsock-pci"}}, None)  # type: ignore[arg-type]
+    with pytest.raises(VmError, match=r"snapshot /k uses kernel vhost-vsock.*cannot join a group"):
+        Pool(kernel, size=1, groups=["lab"])
+    assert restorer.calls == []
+    assert threading.active_count() == threads  # no filler thread left behind

@@ -225,9 +225,13 @@ def test_clones_in_a_group_reach_each_other_by_cid(snapshot: Path) -> None:
 
 
 def test_pool_hands_out_ready_unused_guests_and_closes_everything(snapshot: Path) -> None:
-    with Pool(snapshot, size=2, ready_timeout=180) as pool:
+    group = f"pool{os.getpid()}"
+    with Pool(snapshot, size=2, ready_timeout=180, groups=[group]) as pool:
         first, second = pool.acquire(timeout=240), pool.acquire(timeout=240)
         assert first is not second and first.cid != second.cid
+        with Guest(second.address(), call_timeout=60) as g:  # pool guests share its group
+            result = g.run(["python3", "-c", ADD_CLIENT, str(first.cid)], timeout=180)
+        assert (result.exit_code, result.stdout) == (0, b"12\n"), result.stderr
         with first, Guest(first.address(), call_timeout=60) as g:
             assert g.read_bytes(MARKER) == b"written before the snapshot"
         third = pool.acquire(timeout=240)  # a replacement, never the stopped one
@@ -239,3 +243,5 @@ def test_pool_hands_out_ready_unused_guests_and_closes_everything(snapshot: Path
     pids = [p for vm in started for p in (vm.qemu.pid, vm.device.pid if vm.device else 0)]
     assert not any(process_alive(p) for p in pids)
     assert not any(vm.run_dir.exists() for vm in started)
+    members = groups_dir(runtime_dir()) / group
+    assert not (list(members.iterdir()) if members.exists() else [])

@@ -11,7 +11,9 @@ the caller stops it (``with``, or ``stop()``). ``close()`` stops what is waiting
 restored, and what was handed out and still runs: a foreground QEMU dies with the thread that
 started it (PDEATHSIG), so guests from a pool live at most as long as the pool.
 
-The snapshot is verified (sha256) once, when the pool is made.
+The snapshot is verified (sha256) once, when the pool is made. ``groups``: every guest of the
+pool joins these groups (see ``docs/groups.md``), so guests acquired from it reach each other
+and the group's other members by CID.
 """
 
 from __future__ import annotations
@@ -20,12 +22,19 @@ import collections
 import contextlib
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from vsockrpc.errors import VmError
 from vsockrpc.vm import restoring
-from vsockrpc.vm.options import InvalidVmOption
-from vsockrpc.vm.restoring import READY_TIMEOUT, RestoredVm, Snapshot, load_snapshot
+from vsockrpc.vm.options import InvalidVmOption, check_groups
+from vsockrpc.vm.restoring import (
+    READY_TIMEOUT,
+    RestoredVm,
+    Snapshot,
+    check_clone_groups,
+    load_snapshot,
+)
 
 __all__ = ["Pool"]
 
@@ -41,12 +50,15 @@ class Pool:
         *,
         ready_timeout: float = READY_TIMEOUT,
         fresh_identity: bool = True,
+        groups: Sequence[str] = (),
     ) -> None:
         if not 1 <= size <= MAX_SIZE:
             raise InvalidVmOption(f"pool size {size}: expected 1 to {MAX_SIZE}")
+        self.groups = check_groups(groups)  # a bad name fails here, not in every restore
         self._snapshot = (
             snapshot if isinstance(snapshot, Snapshot) else load_snapshot(snapshot, verify=True)
         )
+        check_clone_groups(self._snapshot, self.groups)
         self.size = size
         self._ready_timeout = ready_timeout
         self._fresh = fresh_identity
@@ -75,6 +87,7 @@ class Pool:
                     ready_timeout=self._ready_timeout,
                     cancel=self._cancel,
                     fresh_identity=self._fresh,
+                    groups=self.groups,
                 )
             except BaseException as err:  # reported by acquire(); KeyboardInterrupt = closing
                 with self._cond:

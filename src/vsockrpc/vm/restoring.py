@@ -80,6 +80,12 @@ class Snapshot:
         name = next((n for n in RAM_FILES if n in self.manifest["files"]), None)
         return None if name is None else self.path / name
 
+    @property
+    def userspace_vsock(self) -> bool:
+        """Saved with our userspace device unplugged (re-plugged in each clone), not with the
+        kernel's vhost-vsock (whose state is in the snapshot)."""
+        return bool(self.manifest["guest"]["vsock"] == "vhost-user-vsock-pci")
+
 
 @dataclass
 class RestoredVm(Vm):
@@ -193,6 +199,16 @@ def restore(
     )[0]
 
 
+def check_clone_groups(snap: Snapshot, groups: Sequence[str]) -> None:
+    """:class:`VmError` if clones of ``snap`` cannot join ``groups``: a snapshot taken on kernel
+    vhost-vsock carries that device's state, so its clones cannot move to our device."""
+    if groups and not snap.userspace_vsock:
+        raise VmError(
+            f"snapshot {snap.path} uses kernel vhost-vsock, which cannot route between VMs: its "
+            "clones cannot join a group"
+        )
+
+
 def restore_many(
     snapshot: Snapshot | Path | str,
     count: int,
@@ -225,17 +241,11 @@ def restore_many(
             check_name(n)
     groups = check_groups(groups)
     snap = snapshot if isinstance(snapshot, Snapshot) else load_snapshot(snapshot, verify=verify)
-    guest = snap.manifest["guest"]
-    if guest["vsock"] != "vhost-user-vsock-pci":
-        if groups:  # its device state is in the snapshot: it cannot become ours
-            raise VmError(
-                f"snapshot {snap.path} uses kernel vhost-vsock, which cannot route between "
-                "VMs: its clones cannot join a group"
-            )
-        if not kernel_vhost_vsock_usable():
-            raise VmError(
-                f"snapshot {snap.path} uses kernel vhost-vsock: /dev/vhost-vsock is not usable"
-            )
+    check_clone_groups(snap, groups)
+    if not snap.userspace_vsock and not kernel_vhost_vsock_usable():
+        raise VmError(
+            f"snapshot {snap.path} uses kernel vhost-vsock: /dev/vhost-vsock is not usable"
+        )
     qemu_bin = find_qemu(str(snap.image.manifest.get("arch", "amd64")))
     pending: list[_Pending] = []
     try:
@@ -302,7 +312,7 @@ def _start(
         lease, claim, held = slot.lease, slot.claim, slot.held
         run_dir = claim.run_dir
         device = None
-        if guest["vsock"] == "vhost-user-vsock-pci":
+        if snap.userspace_vsock:
             device = stack.enter_context(slot.device(detach=detach, groups=groups))
         ram = RamFill()
         if snap.ram_file is not None:  # copied, not loaded from the stream
