@@ -33,12 +33,17 @@ def test_ping_and_info(guest: Guest) -> None:
     assert info.agent_version
 
 
+# The wall clock is not monotonic: a full run saw it step back 0.2 ms between the test's
+# reading and the client's, so "set to the host's time" is checked to within 50 ms.
+CLOCK_SLACK_NS = 50_000_000
+
+
 def test_time_sync_sets_the_clock_from_the_host(guest: Guest, agent: AgentUnderTest) -> None:
     before = time.time_ns()
     offset = guest.sync_time()
     after = time.time_ns()
     (set_to,) = agent.clock_calls
-    assert before <= set_to <= after
+    assert before - CLOCK_SLACK_NS <= set_to <= after + CLOCK_SLACK_NS
     assert abs(offset) < 5
 
 
@@ -54,7 +59,7 @@ def test_refresh_gives_a_clone_its_identity_and_the_host_clock(agent: AgentUnder
     assert (len(seed), hostname) == (SEED_BYTES, "clone-7")
     assert len(machine_id) == 32 and int(machine_id, 16) >= 0
     (set_to,) = agent.clock_calls
-    assert before <= set_to <= after
+    assert before - CLOCK_SLACK_NS <= set_to <= after + CLOCK_SLACK_NS
     assert abs(offset) < 5
 
 
