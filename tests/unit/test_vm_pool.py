@@ -109,12 +109,14 @@ def test_every_guest_of_a_grouped_pool_joins_its_groups(restorer: Restorer) -> N
     assert restorer.calls and all(kw["groups"] == ("lab", "ci") for kw in restorer.calls)
 
 
-def test_a_bad_group_or_a_kernel_vsock_snapshot_fails_before_any_restore(
+def test_bad_input_or_a_kernel_vsock_snapshot_with_groups_fails_before_any_restore(
     restorer: Restorer,
 ) -> None:
     threads = threading.active_count()
     with pytest.raises(InvalidVmOption, match=r"group name '\.\./lab' is invalid"):
         Pool(SNAP, size=1, groups=["../lab"])
+    with pytest.raises(InvalidVmOption, match="timeout nan s is invalid"):
+        Pool(SNAP, size=1, ready_timeout=float("nan"))
     kernel = Snapshot(Path("/k"), {"guest": {"vsock": "vhost-vsock-pci"}}, None)  # type: ignore[arg-type]
     with pytest.raises(VmError, match=r"snapshot /k uses kernel vhost-vsock.*cannot join a group"):
         Pool(kernel, size=1, groups=["lab"])

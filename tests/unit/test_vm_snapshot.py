@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from vsockrpc.errors import VmError
+from vsockrpc.vm.options import InvalidVmOption
 from vsockrpc.vm.qemu import QemuConfig, qemu_argv
 from vsockrpc.vm.restoring import load_snapshot
 from vsockrpc.vm.snapshot import _prepare_out, device_add_args, file_sha256, guest_config
@@ -201,6 +202,8 @@ def test_not_a_directory_is_refused(tmp_path: Path) -> None:
             "--trust-group cannot be used with --from",
         ),
         (["--from", "S", "--group", "../g"], "group name '../g' is invalid"),
+        (["--from", "S", "--timeout", "nan"], "timeout nan s is invalid"),
+        (["--from", "S", "--timeout", "-1"], "timeout -1.0 s is invalid"),
     ],
 )
 def test_restore_usage_errors_exit_2_before_anything(
@@ -213,3 +216,12 @@ def test_restore_usage_errors_exit_2_before_anything(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert message in err[0]
+
+
+@pytest.mark.parametrize("timeout", [0.0, -1.0, float("nan"), float("inf"), 1e9])
+def test_the_api_checks_the_ready_timeout_before_reading_the_snapshot(
+    timeout: float, tmp_path: Path
+) -> None:
+    # tmp_path/"nothing" does not exist: a timeout checked later would fail on the snapshot
+    with pytest.raises(InvalidVmOption, match=r"timeout .* s is invalid"):
+        restore_mod.restore_many(tmp_path / "nothing", 1, ready_timeout=timeout)

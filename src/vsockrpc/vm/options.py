@@ -27,6 +27,7 @@ __all__ = [
     "check_groups",
     "check_launch",
     "check_name",
+    "check_ready_timeout",
     "check_which",
 ]
 
@@ -89,6 +90,16 @@ def _host_memory_mib() -> int:
         return 1 << 30  # unknown: do not refuse anything a 64-bit host could have
 
 
+def check_ready_timeout(ready_timeout: float) -> float:
+    """Seconds to wait for the agent: a finite number in (0, MAX_TIMEOUT]."""
+    if not (math.isfinite(ready_timeout) and 0 < ready_timeout <= MAX_TIMEOUT):
+        raise InvalidVmOption(
+            f"timeout {ready_timeout!r} s is invalid: use a number of seconds in "
+            f"(0, {MAX_TIMEOUT:g}]"
+        )
+    return ready_timeout
+
+
 def check_launch(
     *,
     name: str | None,
@@ -117,8 +128,4 @@ def check_launch(
         )
     if not 1 <= cpus <= MAX_CPUS:
         raise InvalidVmOption(f"{cpus} CPUs is invalid: use 1..{MAX_CPUS}")
-    if not (math.isfinite(ready_timeout) and 0 < ready_timeout <= MAX_TIMEOUT):
-        raise InvalidVmOption(
-            f"timeout {ready_timeout!r} s is invalid: use a number of seconds in "
-            f"(0, {MAX_TIMEOUT:g}]"
-        )
+    check_ready_timeout(ready_timeout)

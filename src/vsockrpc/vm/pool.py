@@ -27,7 +27,7 @@ from pathlib import Path
 
 from vsockrpc.errors import VmError
 from vsockrpc.vm import restoring
-from vsockrpc.vm.options import InvalidVmOption, check_groups
+from vsockrpc.vm.options import InvalidVmOption, check_groups, check_ready_timeout
 from vsockrpc.vm.restoring import (
     READY_TIMEOUT,
     RestoredVm,
@@ -54,7 +54,9 @@ class Pool:
     ) -> None:
         if not 1 <= size <= MAX_SIZE:
             raise InvalidVmOption(f"pool size {size}: expected 1 to {MAX_SIZE}")
-        self.groups = check_groups(groups)  # a bad name fails here, not in every restore
+        # Bad input fails here, not in every background restore (seen only by acquire()).
+        self.groups = check_groups(groups)
+        check_ready_timeout(ready_timeout)
         self._snapshot = (
             snapshot if isinstance(snapshot, Snapshot) else load_snapshot(snapshot, verify=True)
         )

@@ -39,7 +39,13 @@ from vsockrpc.vm.accel import Accel
 from vsockrpc.vm.console import ConsoleFollower
 from vsockrpc.vm.identity import refresh_identity
 from vsockrpc.vm.launcher import Vm
-from vsockrpc.vm.options import InvalidVmOption, check_cid, check_groups, check_name
+from vsockrpc.vm.options import (
+    InvalidVmOption,
+    check_cid,
+    check_groups,
+    check_name,
+    check_ready_timeout,
+)
 from vsockrpc.vm.procs import exit_status, start_qemu
 from vsockrpc.vm.qemu import VSOCK_CHARDEV, QemuConfig, find_qemu, qemu_argv
 from vsockrpc.vm.qmpsession import Session, run_session
@@ -240,6 +246,7 @@ def restore_many(
         if n is not None:
             check_name(n)
     groups = check_groups(groups)
+    check_ready_timeout(ready_timeout)
     snap = snapshot if isinstance(snapshot, Snapshot) else load_snapshot(snapshot, verify=verify)
     check_clone_groups(snap, groups)
     if not snap.userspace_vsock and not kernel_vhost_vsock_usable():
