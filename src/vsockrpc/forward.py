@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Any
 
 from vsockrpc import transport
+from vsockrpc._checks import seconds
 from vsockrpc.addresses import Address, HybridAddress, parse_address
 from vsockrpc.errors import AddressError, VsockRpcError
 from vsockrpc.rpc._relay import Relay
@@ -126,6 +127,8 @@ class Forwarder:
         self.target: Address = parse_address(target)
         requested = parse_address(listen)
         unix.check_mode(mode)
+        if connect_timeout is not None:
+            seconds(connect_timeout, "connect_timeout")
         listener = transport.listen(requested)
         try:
             created = _Socket(listener)

@@ -186,6 +186,24 @@ def test_exec_of_an_empty_program_name_is_a_usage_error(agent: AgentUnderTest) -
     assert "argv is empty" not in done.stderr.decode()
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "least"),
+    [
+        ("--wait", "nan", "0 or more"),
+        ("--wait", "-1", "0 or more"),
+        ("--timeout", "0", "more than 0"),
+    ],
+)
+def test_bad_seconds_are_usage_errors_that_name_the_flag(
+    agent: AgentUnderTest, flag: str, value: str, least: str
+) -> None:
+    done = vsockrpc("exec", flag, value, agent.address, "--", "true")
+    assert done.returncode == 2
+    line = f"argument {flag}: {value!r} is not a number of seconds ({least})"
+    assert done.stderr.decode().splitlines()[-1].endswith(line), done.stderr
+    assert agent.table.list() == []  # nothing was started
+
+
 def test_exec_timeout_says_it_timed_out(agent: AgentUnderTest) -> None:
     started = time.monotonic()
     done = vsockrpc("exec", "--timeout", "0.5", agent.address, "--", "sleep", "30")

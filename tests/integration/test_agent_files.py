@@ -22,7 +22,7 @@ import pytest
 from tests.integration.agent_harness import AgentUnderTest, sha256_file
 from vsockrpc.agent.v1 import agent_pb2 as pb
 from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
-from vsockrpc.errors import AgentError
+from vsockrpc.errors import AgentError, BadInputError
 from vsockrpc.sdk import FileType, Guest
 
 pytestmark = pytest.mark.timeout(90)
@@ -276,6 +276,9 @@ def test_crc32_is_the_default_sha256_selectable_and_both_catch_corruption(
     assert not (tmp_path / "d.bin").exists()
     with pytest.raises(ValueError, match="checksum"):
         Guest(agent.address, checksum="md5")  # type: ignore[arg-type]
+    for bad in ({"wait": -1.0}, {"wait": float("nan")}, {"call_timeout": 0}, {"call_timeout": -5}):
+        with pytest.raises(BadInputError, match="must be a number of seconds"):
+            Guest(agent.address, **bad)  # type: ignore[arg-type]
 
 
 def test_large_transfers_use_the_data_channel(

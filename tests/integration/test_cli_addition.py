@@ -146,6 +146,8 @@ def test_wait_succeeds_when_the_server_comes_up_late(tmp_path: Path) -> None:
         ["add", "5", "7", "--target", "vsock:abc:1"],
         ["add", "5", "7", "--target", "bogus"],
         ["add", "5", "7", "--target", "unix:/tmp/x", "--timeout", "-1"],
+        ["add", "5", "7", "--target", "unix:/tmp/x", "--timeout", "0"],
+        ["add", "5", "7", "--target", "unix:/tmp/x", "--wait", "nan"],
         ["serve", "--listen", "vsock:1:99999999999"],
     ],
 )

@@ -19,7 +19,7 @@ import pytest
 
 from tests.integration._relay_helpers import HybridPeer, count_fds, wait_for
 from vsockrpc import transport
-from vsockrpc.errors import AddressError, AgentError, TransportError
+from vsockrpc.errors import AddressError, AgentError, BadInputError, TransportError
 from vsockrpc.forward import Forwarder, expose, forward
 from vsockrpc.sdk import Guest
 
@@ -246,6 +246,13 @@ def test_bad_ports_and_addresses_are_address_errors(tmp_path: Path) -> None:
     for agent_address in (f"unix:{tmp_path}/agent.sock", "vsock:3:9999", "tcp:127.0.0.1:1"):
         with pytest.raises(AddressError, match="expected the guest's hybrid address"):
             expose(agent_address, f"unix:{tmp_path}", port=5000)
+    threads = threading.active_count()
+    for timeout in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(BadInputError, match="connect_timeout must be a number of seconds"):
+            forward(agent, listen=f"unix:{tmp_path}/f.sock", to=80, connect_timeout=timeout)
+        with pytest.raises(BadInputError, match="connect_timeout must be a number of seconds"):
+            expose(agent, f"unix:{tmp_path}", port=5000, connect_timeout=timeout)
+    assert sorted(os.listdir(tmp_path)) == [] and threading.active_count() == threads
 
 
 @pytest.mark.timeout(60)

@@ -98,6 +98,14 @@ def test_a_host_port_in_use_is_one_line_and_exit_1(device: HybridPeer) -> None:
         (["--expose", "unix:{tmp}/missing.sock", "--as", "5000"], "missing.sock: no such"),
         (["--expose", "unix:{tmp}/guest80.sock"], "one --as PORT for each --expose"),
         ([], "nothing to forward"),
+        (
+            ["--listen", "tcp:127.0.0.1:0", "--to", "80", "--connect-timeout", "0"],
+            "argument --connect-timeout: '0' is not a number of seconds (more than 0)",
+        ),
+        (
+            ["--listen", "tcp:127.0.0.1:0", "--to", "80", "--connect-timeout", "inf"],
+            "argument --connect-timeout: 'inf' is not a number of seconds",
+        ),
     ],
 )
 def test_bad_input_is_a_usage_error(

@@ -21,6 +21,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from vsockrpc.addresses import Address, parse_address
+from vsockrpc.cli._args import seconds, seconds_or_zero
 from vsockrpc.errors import AddressError, AgentError
 
 if TYPE_CHECKING:  # the SDK (and grpc) load when a command runs, not for every command's parser
@@ -48,7 +49,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("address", metavar="ADDRESS", type=_address, help="the agent's address")
     parser.add_argument(
         "--wait",
-        type=float,
+        type=seconds_or_zero,
         default=10.0,
         metavar="SECONDS",
         help="wait this long for the agent to answer (default 10)",
@@ -68,7 +69,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     ex.add_argument("--cwd", help="working directory in the guest (absolute)")
     ex.add_argument("-u", "--user", help="run as this guest user (name or uid)")
     ex.add_argument(
-        "--timeout", type=float, help="kill the command after SECONDS (it then exits 137)"
+        "--timeout", type=seconds, help="kill the command after SECONDS (it then exits 137)"
     )
     ex.add_argument("-t", "--tty", action="store_true", help="run on a pseudo-terminal")
     ex.add_argument("-n", "--no-stdin", action="store_true", help="do not forward stdin")

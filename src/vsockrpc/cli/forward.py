@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from vsockrpc._stopsignals import StopSignals
 from vsockrpc.addresses import Address, parse_address
+from vsockrpc.cli._args import seconds
 from vsockrpc.errors import AddressError, TransportError
 from vsockrpc.transport.unix import DEFAULT_MODE
 from vsockrpc.vsock_constants import MAX_PORT
@@ -122,7 +123,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     parser.add_argument(
         "--connect-timeout",
-        type=float,
+        type=seconds,
         default=10.0,
         metavar="S",
         help="seconds each connection may take to reach its destination (10)",
@@ -138,8 +139,6 @@ def _check(args: argparse.Namespace) -> None:
         parser.error("give one --as PORT for each --expose ADDRESS")
     if not args.listen and not args.expose:
         parser.error("nothing to forward: give --listen ADDRESS --to PORT or --expose/--as")
-    if not args.connect_timeout > 0:
-        parser.error(f"--connect-timeout must be positive, not {args.connect_timeout}")
 
 
 def _start(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[Forwarder]:

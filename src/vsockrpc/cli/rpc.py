@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from vsockrpc._fdlimit import raise_open_files_limit
 from vsockrpc._stopsignals import StopSignals
 from vsockrpc.addresses import Address, parse_address
+from vsockrpc.cli._args import seconds, seconds_or_zero
 from vsockrpc.errors import AddressError, RpcError, TransportTimeout
 from vsockrpc.transport import unix as unix_transport
 
@@ -52,16 +53,6 @@ def _int32(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if not addition.INT32_MIN <= value <= addition.INT32_MAX:
         raise argparse.ArgumentTypeError(f"{value} does not fit in an int32")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be zero or more seconds")
     return value
 
 
@@ -150,11 +141,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="server address: vsock:CID:PORT, hvsock:PATH:PORT, unix:PATH or tcp:HOST:PORT",
     )
     add.add_argument(
-        "--timeout", type=_seconds, default=10.0, metavar="S", help="call deadline (default 10)"
+        "--timeout", type=seconds, default=10.0, metavar="S", help="call deadline (default 10)"
     )
     add.add_argument(
         "--wait",
-        type=_seconds,
+        type=seconds_or_zero,
         default=0.0,
         metavar="S",
         help="keep retrying for up to S seconds while the server is not up yet",

@@ -13,6 +13,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 import grpc
 
+from vsockrpc._checks import seconds
 from vsockrpc.addresses import Address, parse_address
 from vsockrpc.agent.checksum import CHECKSUMS
 from vsockrpc.errors import AgentError
@@ -66,6 +67,8 @@ class Guest:
     ) -> None:
         if checksum not in CHECKSUMS:
             raise ValueError(f"checksum must be one of {sorted(CHECKSUMS)}, not {checksum!r}")
+        seconds(wait, "wait", zero=True)
+        seconds(call_timeout, "call_timeout")
         self._owned: Any = None
         address: Address | None = None
         self._address: Address | None = None
