@@ -74,6 +74,13 @@ def test_signal_rpc_by_process_id(guest: Guest) -> None:
     assert info.value.code == "NOT_FOUND"
 
 
+@pytest.mark.timeout(30)
+def test_a_timeout_months_away_runs_the_command(guest: Guest) -> None:
+    # 30 days is past poll(2)'s C int of milliseconds: it used to kill the output pump
+    result = guest.run(["sh", "-c", "echo out"], timeout=30 * 86400)
+    assert (result.exit_code, result.stdout, result.timed_out) == (0, b"out\n", False)
+
+
 def test_timeout_kills_the_process_group(guest: Guest) -> None:
     start = time.monotonic()
     result = guest.run(["sh", "-c", "sleep 30 & sleep 30"], timeout=0.5)
@@ -242,6 +249,8 @@ def test_bad_input_gets_clear_statuses_and_agent_keeps_serving(
     assert _code(guest, []) == "INVALID_ARGUMENT"
     assert _code(guest, ["true"], user="no-such-user-xyz") == "INVALID_ARGUMENT"
     assert _code(guest, ["true"], env={"": "x"}) == "INVALID_ARGUMENT"
+    for timeout in (-1.0, float("nan"), float("inf")):  # NaN used to mean "no timeout"
+        assert _code(guest, ["true"], timeout=timeout) == "INVALID_ARGUMENT"
     assert guest.run(["true"]).exit_code == 0
     assert guest.ping() < 5
 

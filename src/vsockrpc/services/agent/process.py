@@ -57,6 +57,9 @@ QUEUE_DEPTH = 16
 """Events buffered per process: at most QUEUE_DEPTH * CHUNK_SIZE bytes of output held."""
 PTY_DRAIN_GRACE = 0.2
 """Seconds of silence after exit before a PTY still held open by a descendant is given up."""
+MAX_POLL_MS = 60_000
+"""Longest single wait for output (poll(2) takes a C int of ms: a deadline months away used to
+overflow it and kill the output pump); the loop checks the deadline after each wait."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,7 +314,8 @@ class ManagedProcess:
             if exited_at is None:
                 timeout_ms = None
                 if self._deadline is not None:
-                    timeout_ms = max(0, int((self._deadline - time.monotonic()) * 1000) + 1)
+                    left_ms = int((self._deadline - time.monotonic()) * 1000) + 1
+                    timeout_ms = min(max(0, left_ms), MAX_POLL_MS)
             else:
                 # After exit: pipes hold everything the process wrote, so drain what is there
                 # (timeout 0). A PTY's line discipline forwards asynchronously: allow a grace.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import pwd
 import shutil
@@ -240,8 +241,11 @@ class ProcessTable:
         account = _resolve_user(spec.user)
         env = _build_env(spec, account)
         executable = _resolve_executable(argv[0], cwd, env.get(b"PATH", DEFAULT_PATH))
-        if spec.timeout < 0:
-            raise Status(Code.INVALID_ARGUMENT, "timeout_seconds is negative")
+        if not (math.isfinite(spec.timeout) and spec.timeout >= 0):  # NaN: no deadline at all
+            raise Status(
+                Code.INVALID_ARGUMENT,
+                f"timeout_seconds must be a finite number, 0 (none) or more, not {spec.timeout!r}",
+            )
         wrapped = account is not None and account.pw_uid != os.geteuid()
         spawn_argv: list[bytes] = [executable, *argv[1:]]
         if account is not None and wrapped:
