@@ -149,6 +149,7 @@ def test_wait_succeeds_when_the_server_comes_up_late(tmp_path: Path) -> None:
         ["add", "5", "7", "--target", "unix:/tmp/x", "--timeout", "0"],
         ["add", "5", "7", "--target", "unix:/tmp/x", "--wait", "nan"],
         ["serve", "--listen", "vsock:1:99999999999"],
+        ["serve", "--listen", "unix:/tmp/x", "--workers", "0"],
     ],
 )
 @pytest.mark.timeout(30)

@@ -17,7 +17,7 @@ import pytest
 from tests import host
 from vsockrpc import rpc, transport
 from vsockrpc.addresses import VMADDR_CID_ANY, TcpAddress, UnixAddress, VsockAddress
-from vsockrpc.errors import AddressError, TransportError, TransportTimeout
+from vsockrpc.errors import AddressError, BadInputError, TransportError, TransportTimeout
 from vsockrpc.proto import vsock_service_pb2 as pb
 from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
 from vsockrpc.services import addition
@@ -89,6 +89,9 @@ def test_serve_needs_an_address() -> None:
         rpc.serve([addition.register], [])
     with pytest.raises(AddressError):
         rpc.serve([addition.register], ["nonsense"])
+    for workers in (0, -3, True, 2.5):
+        with pytest.raises(BadInputError, match="max_workers must be a whole number"):
+            rpc.serve([addition.register], ["unix:/nonexistent/x.sock"], max_workers=workers)  # type: ignore[arg-type]
 
 
 @pytest.mark.timeout(30)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from vsockrpc._fdlimit import raise_open_files_limit
 from vsockrpc._stopsignals import StopSignals
 from vsockrpc.addresses import Address, parse_address
-from vsockrpc.cli._args import seconds, seconds_or_zero
+from vsockrpc.cli._args import count, seconds, seconds_or_zero
 from vsockrpc.errors import AddressError, RpcError, TransportTimeout
 from vsockrpc.transport import unix as unix_transport
 
@@ -102,7 +102,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         action="append",
         help=f"address to listen on; repeatable (default {DEFAULT_LISTEN})",
     )
-    serve.add_argument("--workers", type=int, default=16, help="gRPC worker threads")
+    serve.add_argument("--workers", type=count, default=16, help="gRPC worker threads")
     serve.add_argument(
         "--agent",
         action="store_true",

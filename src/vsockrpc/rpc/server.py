@@ -19,7 +19,7 @@ import grpc
 from vsockrpc import transport
 from vsockrpc.addresses import Address
 from vsockrpc.addresses import parse_address as _parse
-from vsockrpc.errors import AddressError, TransportError
+from vsockrpc.errors import AddressError, BadInputError, TransportError
 from vsockrpc.rpc import _peers
 from vsockrpc.rpc._creds import read_peer_credentials
 from vsockrpc.rpc._limits import ConnectionLimits
@@ -185,6 +185,8 @@ def serve(
     Raises :class:`AddressError` for bad addresses and :class:`TransportError` when a bind fails.
     """
     unix_transport.check_mode(unix_mode)
+    if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+        raise BadInputError(f"max_workers must be a whole number, 1 or more: not {max_workers!r}")
     addresses = [_parse(item) for item in listen]
     if not addresses:
         raise AddressError("serve() needs at least one listen address")
