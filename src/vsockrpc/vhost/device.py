@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from types import TracebackType
 
-from vsockrpc.errors import DeviceError, ProtocolError
+from vsockrpc.errors import BadInputError, DeviceError, ProtocolError
 from vsockrpc.vhost import protocol as vu
 from vsockrpc.vhost.memory import GuestMemory
 from vsockrpc.vhost.muxer import Muxer
@@ -72,9 +72,9 @@ class VsockDevice(VhostUserSession):
         groups_dir: str | None = None,
     ) -> None:
         if guest_cid in RESERVED_CIDS or not 0 < guest_cid < 0xFFFFFFFF:
-            raise DeviceError(f"guest CID {guest_cid} is reserved or out of range (use >= 3)")
+            raise BadInputError(f"guest CID {guest_cid} is reserved or out of range (use >= 3)")
         if not 0 < buf_alloc <= 0x7FFFFFFF:
-            raise DeviceError(f"buf_alloc {buf_alloc} out of range")
+            raise BadInputError(f"buf_alloc {buf_alloc} out of range")
         self.guest_cid = guest_cid
         self.uds_path = uds_path
         self.state = SessionState.WAITING
