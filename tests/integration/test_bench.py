@@ -113,6 +113,15 @@ def test_bad_input_is_a_usage_error(tmp_path: Path) -> None:
     assert str(missing) in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "y").exists()
 
+    # The report's directory is checked before the suite runs, not after it (a full run takes
+    # half an hour): /proc takes no new directory
+    done = _bench("relay", "--quick", "--out", "/proc/vsockrpc-bench-out")
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1].endswith(
+        "--out /proc/vsockrpc-bench-out: cannot write there: No such file or directory"
+    )
+    assert "relay" not in done.stdout  # no part ran
+
     bogus = tmp_path / "bogus.json"
     bogus.write_text('{"schema": "something else", "parts": []}')
     done = _bench("report", str(bogus), "--out", str(tmp_path / "z"))

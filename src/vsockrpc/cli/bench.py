@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -62,24 +64,45 @@ def _run(args: argparse.Namespace) -> int:
     if len(set(parts)) != len(parts):
         parser.error("a part is named twice")
     out: Path = args.out or Path(f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    _check_out(parser, out)
+    created = _check_out(parser, out)
 
     from vsockrpc import bench
 
     argv = [*parts, *(["--quick"] if args.quick else [])]
-    raw = bench.run_suite(parts, quick=args.quick, progress=_progress, argv=argv)
+    try:
+        raw = bench.run_suite(parts, quick=args.quick, progress=_progress, argv=argv)
+    except BaseException:
+        if created:  # the directory made for this run, still empty: nothing of the user's
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     raw["notes"] += args.note
     for path in bench.write_report(raw, out, json_only=args.json_only):
         print(path, flush=True)
     return 0
 
 
-def _check_out(parser: argparse.ArgumentParser, out: Path) -> None:
+def _check_out(parser: argparse.ArgumentParser, out: Path) -> bool:
+    """Make sure the report can be written before the suite runs (minutes): create ``out``
+    (True if this call created it) and write a probe file in it, or exit 2 saying why."""
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out}: exists and is not a directory")
     parent = out.resolve().parent
     if not parent.is_dir():
         parser.error(f"--out {out}: {parent} does not exist")
+    created = False
+    try:
+        if not out.is_dir():
+            out.mkdir()
+            created = True
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        parser.error(f"--out {out}: cannot write there: {err.strerror or err}")
+    return created
 
 
 def _report(raw_path: Path, out: Path, *, json_only: bool) -> int:
