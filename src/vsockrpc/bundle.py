@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vsockrpc import __version__
+from vsockrpc.errors import BundleError
 
 if TYPE_CHECKING:  # the payload machinery loads when a bundle is built, not with the CLI
     from vsockrpc.payload import ImageSpec, Payload
@@ -82,8 +83,11 @@ def _spec_wheels(spec: ImageSpec, payload: Payload, pythons: Sequence[str]) -> l
 
 
 def _write(output: Path, entries: list[tuple[str, bytes]]) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".part")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".part")
+    except OSError as err:
+        raise BundleError(f"cannot write {output}: {err.strerror or err}") from err
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(SHEBANG)
@@ -100,6 +104,9 @@ def _write(output: Path, entries: list[tuple[str, bytes]]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o755)
         os.replace(tmp, output)
+    except OSError as err:  # disk full, output is a directory...: one line, no partial file
+        Path(tmp).unlink(missing_ok=True)
+        raise BundleError(f"cannot write {output}: {err.strerror or err}") from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -119,3 +119,36 @@ def test_bundle_cli_offline_without_wheels_fails_cleanly(tmp_path: Path) -> None
     assert b"no manylinux x86_64 wheel of grpcio" in done.stderr
     assert not (tmp_path / "b").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["wheels"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--python", "2.7"],
+            "--python 2.7: unsupported Python version '2.7': expected 3.11 or later",
+        ),
+        (["-o", "{tmp}"], "is a directory"),
+        (["-o", "/proc/vsockrpc-bundle.pyz"], "cannot write there: No such file or directory"),
+        (["-o", "{tmp}/file/b.pyz"], "{tmp}/file is not a directory"),
+    ],
+)
+def test_bundle_cli_bad_input_is_one_line_before_any_download(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    (tmp_path / "file").write_text("a file, not a directory")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "-o" not in argv:
+        argv += ["-o", str(tmp_path / "b.pyz")]
+    # --offline: had the checks passed, the build would fail differently (no cached wheels) or run
+    done = subprocess.run(
+        [sys.executable, "-m", "vsockrpc.cli.main", "bundle", "--offline", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1].endswith(message.replace("{tmp}", str(tmp_path)))
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

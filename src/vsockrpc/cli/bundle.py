@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,36 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="FILE",
         help="image spec (vsockrpc.toml): carry its services, pip wheels and guest config",
     )
-    parser.set_defaults(func=_bundle)
+    parser.set_defaults(func=_bundle, parser=parser)
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:
+    """The bad input found before anything is downloaded or built (exit 2)."""
+    from vsockrpc.errors import PayloadError
+    from vsockrpc.payload import Target
+
+    pythons = tuple(args.python or DEFAULT_PYTHONS)
+    for python in pythons:
+        try:
+            Target(python)
+        except PayloadError as err:
+            parser.error(f"--python {python}: {err}")
+    output: Path = args.output
+    if output.is_dir():
+        parser.error(f"--output {output}: is a directory")
+    if output.parent.exists():  # a missing one is made, like mkdir -p
+        if not output.parent.is_dir():
+            parser.error(f"--output {output}: {output.parent} is not a directory")
+        try:  # the file is written beside its place, then renamed: that directory must take it
+            with tempfile.TemporaryFile(dir=output.parent):
+                pass
+        except OSError as err:
+            parser.error(f"--output {output}: cannot write there: {err.strerror or err}")
+    return pythons
 
 
 def _bundle(args: argparse.Namespace) -> int:
-    pythons = tuple(args.python or DEFAULT_PYTHONS)
+    pythons = _check(args.parser, args)
     spec = None
     if args.spec is not None:
         from vsockrpc.payload import load_spec
