@@ -87,7 +87,7 @@ def test_cp_files_and_directories_both_ways(agent: AgentUnderTest, tmp_path: Pat
     )
     assert single.returncode == 0 and (tmp_path / "one.txt").read_text() == "A"
     both = vsockrpc("cp", agent.address, str(src), str(tmp_path / "x"))
-    assert both.returncode == 1 and b"guest:" in both.stderr
+    assert both.returncode == 2 and b"guest:" in both.stderr  # a usage error
 
 
 def test_info_json_and_shutdown(agent: AgentUnderTest) -> None:

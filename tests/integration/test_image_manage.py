@@ -137,5 +137,11 @@ def test_cli_list_rm_and_bad_names(cache: Path) -> None:
     missing = cli("rm", "nope")
     assert missing.returncode == 1
     assert missing.stderr.splitlines()[0] == "vsockrpc: error: no image named 'nope'"
+    for bad in ("../kv", "kv/..", "", "KV"):  # a name is never a path: usage error, nothing read
+        refused = cli("rm", bad)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.splitlines() == [
+            f"vsockrpc: error: {bad!r} is not a valid image name (a-z 0-9 . _ -, at most 63)"
+        ]
     assert cli("rm", "kv").returncode == 0
     assert not (cache / "images" / "named").exists()

@@ -47,7 +47,7 @@ CASES: list[tuple[VsockRpcError, bool, bool, bool]] = [
     (VmError("no QEMU system emulator"), False, False, False),
     (GuestError("kernel panic"), False, True, False),
     (BundleError("no grpcio wheel"), False, False, False),
-    (AgentError("exactly one side must be in the guest"), False, False, False),
+    (AgentError("the exec stream ended without an exit status"), False, False, False),
     (AgentError("exec: UNAVAILABLE: connection refused", code="UNAVAILABLE"), True, False, False),
     (
         AgentError("exec: RESOURCE_EXHAUSTED: 64 running", code="RESOURCE_EXHAUSTED"),

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from vsockrpc.addresses import Address, parse_address
 from vsockrpc.cli._args import seconds, seconds_or_zero
-from vsockrpc.errors import AddressError, AgentError
+from vsockrpc.errors import AddressError, AgentError, BadInputError
 
 if TYPE_CHECKING:  # the SDK (and grpc) load when a command runs, not for every command's parser
     from vsockrpc.sdk import Exited, Guest, Process
@@ -252,7 +252,7 @@ def _cp(args: argparse.Namespace) -> int:
     src_guest, src = _split(args.source)
     dst_guest, dst = _split(args.destination)
     if src_guest == dst_guest:
-        raise AgentError(
+        raise BadInputError(
             "exactly one side must be in the guest",
             hint=f"prefix the guest path with {GUEST_PREFIX!r}, e.g. {GUEST_PREFIX}/tmp/file",
         )

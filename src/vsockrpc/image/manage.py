@@ -108,6 +108,7 @@ def _remove_entry(path: Path) -> bool:
 def remove(name: str, in_use: Collection[Path], cache_root: Path | None = None) -> bool:
     """Forget ``name``; its image goes too unless another name or a running VM uses it
     (returns whether the image directory was removed)."""
+    names.check_name(name)
     root = cache.cache_root(cache_root)
     target = next((n for n in names.entries(root) if n.name == name), None)
     if target is None:

@@ -14,11 +14,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vsockrpc.errors import ImageError
+from vsockrpc.errors import BadInputError, ImageError
 from vsockrpc.image import cache
 
 __all__ = [
+    "InvalidImageName",
     "NamedImage",
+    "check_name",
     "entries",
     "locate",
     "protected",
@@ -39,8 +41,19 @@ class NamedImage:
     created: float
 
 
+class InvalidImageName(ImageError, BadInputError):
+    """An image name outside the name rule: the caller's input (usage error, exit 2)."""
+
+
 def valid_name(text: str) -> bool:
     return bool(_NAME.match(text))
+
+
+def check_name(text: str) -> str:
+    """``text`` if it is a valid image name (never a path), else :class:`InvalidImageName`."""
+    if not valid_name(text):
+        raise InvalidImageName(f"{text!r} is not a valid image name (a-z 0-9 . _ -, at most 63)")
+    return text
 
 
 def _dir(cache_root: Path | None) -> Path:
@@ -49,8 +62,7 @@ def _dir(cache_root: Path | None) -> Path:
 
 def register(name: str, image: Path, spec: Path | None, cache_root: Path | None = None) -> None:
     """Point ``name`` at the image directory ``image`` (atomically)."""
-    if not valid_name(name):
-        raise ImageError(f"{name!r} is not a valid image name (a-z 0-9 . _ -, at most 63)")
+    check_name(name)
     directory = _dir(cache_root)
     directory.mkdir(mode=0o755, exist_ok=True)
     record = {
@@ -113,6 +125,7 @@ def locate(text: str, cache_root: Path | None = None) -> Path:
 
 def remove(name: str, cache_root: Path | None = None) -> NamedImage:
     """Forget the name (the image itself goes with the next prune)."""
+    check_name(name)
     for named in entries(cache_root):
         if named.name == name:
             (_dir(cache_root) / f"{name}.json").unlink(missing_ok=True)
