@@ -10,6 +10,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _stubs(root: Path) -> list[Path]:
+    """The stub sources under ``root`` (not the bytecode a checkout's imports leave beside)."""
+    found = root.rglob("*_pb2*")
+    return sorted(p.relative_to(root) for p in found if p.suffix in (".py", ".pyi"))
+
+
 def test_checked_in_stubs_are_fresh(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(tmp_path)],
@@ -17,9 +23,9 @@ def test_checked_in_stubs_are_fresh(tmp_path: Path) -> None:
         capture_output=True,
         timeout=60,
     )
-    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*_pb2*"))
+    generated = _stubs(tmp_path)
     assert generated, "generator produced nothing"
-    checked_in = sorted(p.relative_to(ROOT / "src") for p in (ROOT / "src").rglob("*_pb2*"))
+    checked_in = _stubs(ROOT / "src")
     assert generated == checked_in, "stub set differs: run python scripts/gen_protos.py"
     for rel in generated:
         assert (tmp_path / rel).read_bytes() == (ROOT / "src" / rel).read_bytes(), (
