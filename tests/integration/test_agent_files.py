@@ -203,6 +203,13 @@ def test_stat_list_mkdir_remove_rename(guest: Guest, tmp_path: Path) -> None:
         (lambda g, t: g.read_bytes(t), "FAILED_PRECONDITION"),  # a directory
         (lambda g, t: g.read_bytes(t / "missing"), "NOT_FOUND"),
         (lambda g, t: g.remove("/"), "INVALID_ARGUMENT"),
+        # Other spellings of the root. Never recursive here: were the guard to miss one, the
+        # test would only see rmdir("/") fail (EBUSY), not wipe the machine running it.
+        (lambda g, t: g.remove("//", recursive=False), "INVALID_ARGUMENT"),
+        (lambda g, t: g.remove("//tmp/..", recursive=False), "INVALID_ARGUMENT"),
+        (lambda g, t: g.remove("/proc/self/root/", recursive=False), "INVALID_ARGUMENT"),
+        (lambda g, t: g.remove(f"{t}/rootlink/", recursive=False), "INVALID_ARGUMENT"),
+        (lambda g, t: g.read_bytes(t / "fifo"), "FAILED_PRECONDITION"),  # used to hang
         (lambda g, t: g.remove(t / "missing"), "NOT_FOUND"),
         (lambda g, t: g.write_bytes(t, b"x"), "FAILED_PRECONDITION"),  # existing directory
         (lambda g, t: g.write_bytes("/", b"x"), "INVALID_ARGUMENT"),
@@ -214,6 +221,8 @@ def test_bad_paths_get_clear_statuses(
     guest: Guest, tmp_path: Path, call: object, code: str
 ) -> None:
     (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "rootlink").symlink_to("/")
+    os.mkfifo(tmp_path / "fifo")
     with pytest.raises(AgentError) as err:
         call(guest, tmp_path)  # type: ignore[operator]
     assert err.value.code == code

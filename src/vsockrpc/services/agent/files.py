@@ -298,11 +298,14 @@ class FilesServicer(pb_grpc.FilesServicer):
             path = check_path(request.path)
             chunk = min(request.chunk_size or DEFAULT_CHUNK, MAX_CHUNK)
             digest = _hasher(request.checksum)
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO for reading would wait for a writer, holding one of the
+            # server's workers past the call's deadline; it is refused below instead.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             try:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     raise Status(Code.FAILED_PRECONDITION, f"{show(path)} is not a regular file")
+                os.set_blocking(fd, True)
                 yield pb.DownloadResponse(header=file_info(path, st))
                 sent = 0
                 if request.ticket:
@@ -375,14 +378,17 @@ class FilesServicer(pb_grpc.FilesServicer):
     def Remove(self, request: pb.RemoveRequest, context: grpc.ServicerContext) -> pb.RemoveResponse:
         with statuses(context, "Remove"):
             path = check_path(request.path)
-            if os.path.normpath(path) == b"/":
-                raise Status(_INVALID, "refusing to remove '/'")
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
                 if request.missing_ok:
                     return pb.RemoveResponse(removed=False)
                 raise Status(Code.NOT_FOUND, f"{show(path)}: no such file") from None
+            # By identity, not by spelling: "//", "/tmp/..", "/proc/self/root/" and a symlink
+            # to / with a trailing slash all name the root directory.
+            root = os.stat(b"/")
+            if (st.st_dev, st.st_ino) == (root.st_dev, root.st_ino):
+                raise Status(_INVALID, f"refusing to remove {show(path)}: it is '/'")
             if stat.S_ISDIR(st.st_mode):
                 if request.recursive:
                     shutil.rmtree(path)
