@@ -251,7 +251,8 @@ class FilesClient:
                             f"({received} bytes received, {part.trailer.size} sent)",
                             code="DATA_LOSS",
                         )
-                    assert header is not None
+                    if header is None:
+                        raise AgentError(f"{what}: trailer before any header", code="DATA_LOSS")
                     return header
         except grpc.RpcError as err:
             raise agent_error(err, what) from err
@@ -327,6 +328,7 @@ class FilesClient:
         files = size = 0
         dirs = 1
         for entry in self.listdir(remote, recursive=True):
+            _check_entry(remote, entry.path)
             target = os.path.join(local, entry.path)
             source = os.path.join(remote, entry.path)
             if entry.type is FileType.DIRECTORY:
@@ -361,3 +363,15 @@ class FilesClient:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def _check_entry(remote: bytes, path: bytes) -> None:
+    """A listed entry must stay below the directory being copied: the guest is not trusted
+    with the host's file system (an absolute path or a ``..`` would write outside ``local``)."""
+    parts = path.split(b"/")
+    if not path or path.startswith(b"/") or b"\0" in path or b".." in parts or b"" in parts:
+        raise AgentError(
+            f"get {os.fsdecode(remote)}: the agent listed {os.fsdecode(path)!r}, which is not a "
+            "path below that directory",
+            code="DATA_LOSS",
+        )
