@@ -251,6 +251,9 @@ def test_bad_input_gets_clear_statuses_and_agent_keeps_serving(
     assert _code(guest, ["true"], env={"": "x"}) == "INVALID_ARGUMENT"
     for timeout in (-1.0, float("nan"), float("inf")):  # NaN used to mean "no timeout"
         assert _code(guest, ["true"], timeout=timeout) == "INVALID_ARGUMENT"
+    # str.isdigit() digits that are not ASCII: "\uff10" (fullwidth zero) used to run as uid 0
+    for user in ("\u00b2", "\uff10", "a\0b", "9" * 30):
+        assert _code(guest, ["true"], user=user) == "INVALID_ARGUMENT"
     assert guest.run(["true"]).exit_code == 0
     assert guest.ping() < 5
 
@@ -258,6 +261,16 @@ def test_bad_input_gets_clear_statuses_and_agent_keeps_serving(
 def test_huge_argv_over_message_limit_is_refused(guest: Guest) -> None:
     assert _code(guest, ["true", "x" * (5 * 1024 * 1024)]) == "RESOURCE_EXHAUSTED"
     assert guest.run(["true"]).exit_code == 0
+
+
+def test_a_window_past_16_bits_is_invalid_argument(agent: AgentUnderTest) -> None:
+    start = pb.ExecStart(argv=[b"true"], pty=True, window=pb.WindowSize(rows=70000, cols=80))
+    with grpc.insecure_channel(agent.address) as channel:
+        call = pb_grpc.ExecStub(channel).Exec(iter([pb.ExecRequest(start=start)]), timeout=10)
+        with pytest.raises(grpc.RpcError) as info:
+            list(call)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "invalid window size 70000x80"
 
 
 def test_first_message_must_start_or_attach(agent: AgentUnderTest) -> None:

@@ -97,6 +97,20 @@ def test_refresh_refuses_bad_input_and_changes_nothing(
     assert agent.identity_calls == [] and agent.clock_calls == []
 
 
+def test_an_unknown_power_action_is_refused_and_changes_nothing(agent: AgentUnderTest) -> None:
+    from vsockrpc.agent.v1 import agent_pb2 as pb
+    from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(agent.address) as ch:
+        stub = pb_grpc.SystemStub(ch)  # type: ignore[no-untyped-call]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Shutdown(pb.ShutdownRequest(action=7), timeout=10)  # type: ignore[arg-type]
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "unknown power action 7"
+    time.sleep(0.5)  # the power hook runs 0.2 s after a reply: nothing may come
+    assert agent.power_calls == []
+
+
 def test_shutdown_and_reboot_call_the_power_hook_after_replying(
     guest: Guest, agent: AgentUnderTest
 ) -> None:

@@ -65,9 +65,17 @@ class Status(Exception):
         self.message = message
 
 
+SHOW_MAX = 200
+"""Characters of a caller's value a message repeats: a status message travels in a header,
+and one over gRPC's 16 KiB metadata limit reached the client as RESOURCE_EXHAUSTED instead."""
+
+
 def show(path: bytes | str) -> str:
-    """A path for a message: decoded with surrogateescape, quoted, never raising."""
+    """A path (or name, or id) for a message: decoded with surrogateescape, quoted, cut to
+    :data:`SHOW_MAX` characters, never raising."""
     text = os.fsdecode(path) if isinstance(path, bytes) else path
+    if len(text) > SHOW_MAX:
+        return f"{text[:SHOW_MAX]!r}... ({len(text)} characters)"
     return repr(text)
 
 

@@ -78,10 +78,13 @@ def _setpriv_prefix(account: pwd.struct_passwd) -> list[bytes]:
 def _resolve_user(user: str) -> pwd.struct_passwd | None:
     if not user:
         return None
+    # ASCII digits only: str.isdigit() also takes "\u00b2" (int() then fails) and a fullwidth
+    # zero, "\uff10", which int() read as uid 0.
+    numeric = user.isascii() and user.isdigit()
     try:
-        return pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except KeyError:
-        raise Status(Code.INVALID_ARGUMENT, f"unknown user {user!r}") from None
+        return pwd.getpwuid(int(user)) if numeric else pwd.getpwnam(user)
+    except (KeyError, ValueError, OverflowError):  # ValueError: a NUL in the name
+        raise Status(Code.INVALID_ARGUMENT, f"unknown user {show(user)}") from None
 
 
 def _resolve_executable(arg0: bytes, cwd: bytes, path_var: bytes) -> bytes:
@@ -220,7 +223,7 @@ class ProcessTable:
         with self._lock:
             proc = self._processes.get(process_id)
         if proc is None:
-            raise Status(Code.NOT_FOUND, f"no process {process_id!r}")
+            raise Status(Code.NOT_FOUND, f"no process {show(process_id)}")
         return proc
 
     def list(self) -> list[ManagedProcess]:
@@ -241,6 +244,9 @@ class ProcessTable:
         account = _resolve_user(spec.user)
         env = _build_env(spec, account)
         executable = _resolve_executable(argv[0], cwd, env.get(b"PATH", DEFAULT_PATH))
+        rows, cols = spec.window
+        if not (0 <= rows < 65536 and 0 <= cols < 65536):  # TIOCSWINSZ takes 16-bit sizes
+            raise Status(Code.INVALID_ARGUMENT, f"invalid window size {rows}x{cols}")
         if not (math.isfinite(spec.timeout) and spec.timeout >= 0):  # NaN: no deadline at all
             raise Status(
                 Code.INVALID_ARGUMENT,

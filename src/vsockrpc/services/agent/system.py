@@ -32,7 +32,7 @@ from vsockrpc.agent import VM_NAME
 from vsockrpc.agent.v1 import agent_pb2 as pb
 from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
 from vsockrpc.services.agent._rpc import abort, statuses
-from vsockrpc.services.agent._status import Code, Status
+from vsockrpc.services.agent._status import Code, Status, show
 
 log = logging.getLogger("vsockrpc.agent.system")
 
@@ -54,6 +54,11 @@ IdentitySetter = Callable[[bytes, str, str], None]
 # Refresh's input bounds (agent.proto RefreshRequest).
 MIN_SEED, MAX_SEED = 16, 4096
 _MACHINE_ID = re.compile(r"[0-9a-f]{32}")  # machine-id(5)
+_POWER_ACTIONS = {
+    pb.POWER_ACTION_UNSPECIFIED: PowerAction.POWEROFF,  # agent.proto: unspecified = power off
+    pb.POWER_ACTION_POWEROFF: PowerAction.POWEROFF,
+    pb.POWER_ACTION_REBOOT: PowerAction.REBOOT,
+}
 _RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07), include/uapi/linux/random.h
 _MS_BIND = 4096  # include/uapi/linux/mount.h
 
@@ -251,7 +256,7 @@ class SystemServicer(pb_grpc.SystemServicer):
             if not MIN_SEED <= len(request.seed) <= MAX_SEED:
                 raise Status(Code.INVALID_ARGUMENT, f"seed must be {MIN_SEED} to {MAX_SEED} bytes")
             if not VM_NAME.fullmatch(request.hostname):
-                raise Status(Code.INVALID_ARGUMENT, f"bad hostname {request.hostname!r}")
+                raise Status(Code.INVALID_ARGUMENT, f"bad hostname {show(request.hostname)}")
             if not _MACHINE_ID.fullmatch(request.machine_id):
                 raise Status(Code.INVALID_ARGUMENT, "machine_id must be 32 lowercase hex digits")
             _check_time_ns(request.time_ns)  # everything checked before anything changes
@@ -263,11 +268,9 @@ class SystemServicer(pb_grpc.SystemServicer):
     def Shutdown(
         self, request: pb.ShutdownRequest, context: grpc.ServicerContext
     ) -> pb.ShutdownResponse:
-        action = (
-            PowerAction.REBOOT
-            if request.action == pb.POWER_ACTION_REBOOT
-            else (PowerAction.POWEROFF)
-        )
+        if request.action not in _POWER_ACTIONS:  # an unknown value used to power off
+            abort(context, Code.INVALID_ARGUMENT, f"unknown power action {request.action}")
+        action = _POWER_ACTIONS[request.action]
         control = self._power_control or _installed_power_control or default_power_control
         if control is default_power_control and not can_carry_out(action):
             abort(
