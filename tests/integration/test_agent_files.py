@@ -450,3 +450,14 @@ def test_upload_cut_by_a_dying_agent_fails_with_one_line_and_no_grpc_traceback(
     time.sleep(0.2)  # a late log line from grpc's request thread would land here
     assert "Exception iterating requests" not in caplog.text
     assert not (tmp_path / "big.bin").exists()
+
+
+def test_a_long_path_is_cut_short_in_the_message(guest: Guest) -> None:
+    # the whole value used to be repeated: over gRPC's 16 KiB header limit, the client saw
+    # RESOURCE_EXHAUSTED instead of the agent's own status
+    long = "/" + "a" * 100_000
+    for call in (guest.stat, guest.read_bytes):
+        with pytest.raises(AgentError) as err:
+            call(long)
+        assert err.value.code in ("INVALID_ARGUMENT", "NOT_FOUND"), err.value
+        assert len(str(err.value)) < 1000 and "(100001 characters)" in str(err.value)

@@ -15,6 +15,9 @@ __all__ = ["CHUNK_SIZE", "Arg", "StrPath", "agent_error", "fsencode", "unary"]
 CHUNK_SIZE = 1024 * 1024
 """Bytes per upload or stdin chunk (well under gRPC's 4 MiB message limit)."""
 
+WHAT_MAX = 240
+"""Characters of a call's description (its path, mostly) an error repeats."""
+
 StrPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 Arg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 
@@ -39,6 +42,8 @@ def agent_error(err: grpc.RpcError, what: str) -> AgentError:
         hint = "is the guest running and its agent listening on that address?"
     elif name == "PERMISSION_DENIED" and _refused_by_policy(err):
         hint = f"the agent admits only allowed peers ({ENV_ALLOWED_CIDS} in the guest)"
+    if len(what) > WHAT_MAX:  # "stat /aaaa..." with a caller's 100 KB path: one readable line
+        what = f"{what[:WHAT_MAX]}... ({len(what)} characters)"
     return AgentError(f"{what}: {name}: {details}", code=name, hint=hint)
 
 
