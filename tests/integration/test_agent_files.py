@@ -461,3 +461,86 @@ def test_a_long_path_is_cut_short_in_the_message(guest: Guest) -> None:
             call(long)
         assert err.value.code in ("INVALID_ARGUMENT", "NOT_FOUND"), err.value
         assert len(str(err.value)) < 1000 and "(100001 characters)" in str(err.value)
+
+
+def _parked() -> int:
+    """Data connections presented but not taken, in every data-channel hub of this process."""
+    import gc
+
+    from vsockrpc.services.agent.datachannel import DataChannels
+
+    return sum(len(o._ready) for o in gc.get_objects() if isinstance(o, DataChannels))
+
+
+def test_failed_transfers_leave_no_parked_data_connection(guest: Guest, tmp_path: Path) -> None:
+    # Each call below opens a data channel, then fails before taking it: the connection used
+    # to stay parked in the agent, one fd per call, for the agent's whole life.
+    from tests.integration._relay_helpers import count_fds, wait_for
+
+    with pytest.raises(AgentError):
+        guest.download(tmp_path / "missing", io.BytesIO())  # warm-up: first listener, imports
+    fds = count_fds()
+    for _ in range(20):
+        with pytest.raises(AgentError, match="NOT_FOUND"):
+            guest.download(tmp_path / "missing", io.BytesIO())
+        with pytest.raises(AgentError, match="NOT_FOUND"):
+            guest.upload(
+                io.BytesIO(b"x" * (1 << 20)),
+                tmp_path / "no" / "f",
+                size=1 << 20,
+                make_parents=False,
+            )
+    assert wait_for(lambda: _parked() == 0), _parked()
+    assert wait_for(lambda: count_fds() <= fds + 2), (count_fds(), fds)
+
+
+@pytest.mark.timeout(60)
+def test_a_silent_data_channel_frees_the_worker(
+    agent: AgentUnderTest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vsockrpc.services.agent import datachannel
+
+    monkeypatch.setattr(datachannel, "IDLE_TIMEOUT", 1.0)
+    with grpc.insecure_channel(agent.address) as ch:
+        files = pb_grpc.FilesStub(ch)  # type: ignore[no-untyped-call]
+        dc = files.OpenDataChannel(pb.OpenDataChannelRequest(), timeout=10)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as data:
+            data.connect(dc.unix_path)
+            data.sendall(dc.ticket.encode() + b"\n")  # then nothing: a stalled client
+            header = pb.UploadHeader(path=os.fsencode(tmp_path / "f"), size=10, ticket=dc.ticket)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                files.Upload(iter([pb.UploadRequest(header=header)]), timeout=30)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "moved nothing for 1 s" in str(err.value.details())
+            assert time.monotonic() - started < 15
+    assert not (tmp_path / "f").exists() and os.listdir(tmp_path) == []
+
+
+class _FailingSource(io.RawIOBase):
+    """A source that gives 1 MiB, then fails like a disk that went away."""
+
+    def __init__(self) -> None:
+        self.given = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray) -> int:  # type: ignore[override]
+        if self.given >= 1 << 20:
+            raise OSError(5, "Input/output error")
+        n = min(len(buffer), (1 << 20) - self.given)
+        buffer[:n] = b"y" * n
+        self.given += n
+        return n
+
+
+@pytest.mark.timeout(60)
+def test_a_source_failing_midway_fails_the_upload_at_once(guest: Guest, tmp_path: Path) -> None:
+    # The data channel stayed open: the agent waited for the rest, the client for the reply.
+    started = time.monotonic()
+    with pytest.raises(AgentError, match="Input/output error"):
+        guest.upload(_FailingSource(), tmp_path / "f", size=4 << 20)  # type: ignore[arg-type]
+    assert time.monotonic() - started < 20
+    assert os.listdir(tmp_path) == []  # no file, no .part
+    assert guest.ping() < 5

@@ -207,13 +207,18 @@ class FilesClient:
                 yield pb.UploadRequest(trailer=trailer)
             except Exception as err:
                 failed.append(err)
+                if data is not None:  # EOF for the agent, which would wait for the rest
+                    data[0].close()
 
         try:
             return _file_info(self._files.Upload(parts()))
         except grpc.RpcError as err:
-            if failed and err.code() != grpc.StatusCode.UNAVAILABLE:
-                # The local side failed first (reading the source, the data channel broke):
-                # that is the cause; what the agent says about the cut stream is the effect.
+            # The agent closing the data channel (it refused the upload: a missing directory...)
+            # is its answer's effect, not a cause: its status says why.
+            closed_by_agent = failed and isinstance(failed[0], (BrokenPipeError, ConnectionError))
+            if failed and not closed_by_agent and err.code() != grpc.StatusCode.UNAVAILABLE:
+                # The local side failed first (reading the source): that is the cause; what
+                # the agent says about the cut stream is the effect.
                 raise AgentError(f"{what}: {failed[0]}") from failed[0]
             raise agent_error(err, what) from err
         finally:

@@ -39,6 +39,9 @@ from vsockrpc.services.agent._status import Code, Status
 
 log = logging.getLogger("vsockrpc.agent.data")
 
+IDLE_TIMEOUT = 60.0
+"""Seconds a taken data connection may go without moving a byte before the transfer fails."""
+
 
 class DataSockets(Protocol):
     """The socket operations data channels need (:mod:`vsockrpc.transport` provides them)."""
@@ -91,7 +94,7 @@ class DataChannels:
         self._listeners: dict[str, _Listener] = {}  # by scheme
         self._unix_dir: str | None = None
         self._tickets: dict[str, float] = {}  # issued, not connected yet: expiry
-        self._ready: dict[str, socket.socket] = {}  # connected, not taken yet
+        self._ready: dict[str, tuple[socket.socket, float]] = {}  # connected, not taken: expiry
 
     def open(self, peer: Address | None) -> tuple[int, str, str]:
         """(vsock_port, unix_path, ticket) of a channel for a caller at ``peer``."""
@@ -148,7 +151,7 @@ class DataChannels:
                     log.warning("data connection with an unknown or expired ticket")
                     conn.close()
                     return
-                self._ready[ticket] = conn
+                self._ready[ticket] = (conn, time.monotonic() + TICKET_TTL)
                 self._lock.notify_all()
         except OSError as err:
             log.info("data connection failed: %s", err)
@@ -166,12 +169,28 @@ class DataChannels:
                     self._tickets.pop(ticket, None)
                     raise Status(Code.DEADLINE_EXCEEDED, "the data channel was never connected")
                 self._lock.wait(remaining)
-            return self._ready.pop(ticket)
+            conn, _expiry = self._ready.pop(ticket)
+        # A peer that stops sending or reading must not hold the server's worker for good.
+        conn.settimeout(IDLE_TIMEOUT)
+        return conn
+
+    def discard(self, ticket: str) -> None:
+        """Forget ``ticket`` and close its connection if it was never taken (the call failed
+        first, e.g. a download of a missing file); nothing if it was taken."""
+        with self._lock:
+            self._tickets.pop(ticket, None)
+            parked = self._ready.pop(ticket, None)
+        if parked is not None:
+            parked[0].close()
 
     def _prune(self) -> None:
+        """Drop expired tickets, and close connections parked past their expiry (their call
+        never came to take them)."""
         now = time.monotonic()
         for ticket in [t for t, expiry in self._tickets.items() if expiry < now]:
             del self._tickets[ticket]
+        for ticket in [t for t, (_, expiry) in self._ready.items() if expiry < now]:
+            self._ready.pop(ticket)[0].close()
 
     def close(self) -> None:
         with self._lock:
@@ -179,7 +198,7 @@ class DataChannels:
                 with contextlib.suppress(OSError):
                     listener.sock.shutdown(socket.SHUT_RDWR)
                 listener.sock.close()
-            for conn in self._ready.values():
+            for conn, _expiry in self._ready.values():
                 conn.close()
             self._ready.clear()
             self._listeners.clear()

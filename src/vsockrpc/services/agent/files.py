@@ -126,6 +126,13 @@ def _fsync_dir(path: bytes) -> None:
         os.close(fd)
 
 
+def _idle(what: str, conn: socket.socket) -> Status:
+    seconds = conn.gettimeout() or 0.0
+    return Status(
+        Code.DEADLINE_EXCEEDED, f"{what}: the data channel moved nothing for {seconds:g} s"
+    )
+
+
 class FilesServicer(pb_grpc.FilesServicer):
     """``vsockrpc.agent.v1.Files``: paths are absolute bytes; see the module docstring.
 
@@ -156,7 +163,11 @@ class FilesServicer(pb_grpc.FilesServicer):
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("part") != "header":
                 raise Status(_INVALID, "the first Upload message must be the header")
-            return self._upload(first.header, request_iterator)
+            try:
+                return self._upload(first.header, request_iterator)
+            finally:
+                if first.header.ticket:  # a call that failed before taking its connection
+                    self.data.discard(first.header.ticket)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _upload(self, header: pb.UploadHeader, parts: Iterator[pb.UploadRequest]) -> pb.FileInfo:
@@ -271,6 +282,8 @@ class FilesServicer(pb_grpc.FilesServicer):
                 while out:
                     out = out[os.write(fd, out) :]
                 received += n
+        except TimeoutError:
+            raise _idle("upload", conn) from None
         finally:
             conn.close()
         return received
@@ -287,11 +300,22 @@ class FilesServicer(pb_grpc.FilesServicer):
                 conn.sendall(view[:n])
                 sent += n
             conn.shutdown(socket.SHUT_WR)
+        except TimeoutError:
+            raise _idle("download", conn) from None
         finally:
             conn.close()
         return sent
 
     def Download(
+        self, request: pb.DownloadRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.DownloadResponse]:
+        try:
+            yield from self._download(request, context)
+        finally:
+            if request.ticket:  # a call that failed before taking its connection
+                self.data.discard(request.ticket)
+
+    def _download(
         self, request: pb.DownloadRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.DownloadResponse]:
         with statuses(context, "Download"):
