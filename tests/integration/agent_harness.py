@@ -15,6 +15,7 @@ from vsockrpc import rpc, transport
 from vsockrpc.sdk import Guest, Process, Stdout
 from vsockrpc.services.agent import (
     AGENT_SERVICE_NAMES,
+    AGENT_WORKERS,
     FilesServicer,
     PeerGuard,
     PeerPolicy,
@@ -58,7 +59,12 @@ def running_agent(
         files=files,
     )
     try:
-        with rpc.serve([*services, health_and_reflection(AGENT_SERVICE_NAMES)], [agent.address]):
+        with rpc.serve(
+            [*services, health_and_reflection(AGENT_SERVICE_NAMES)],
+            [agent.address],
+            max_workers=AGENT_WORKERS,  # as the guest's server
+            maximum_concurrent_rpcs=AGENT_WORKERS,
+        ):
             yield agent
             table.close()
     finally:

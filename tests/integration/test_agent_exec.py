@@ -347,3 +347,18 @@ def test_failing_stdin_source_ends_the_call_with_one_error_and_no_grpc_traceback
     while guest.processes() and time.monotonic() < deadline:  # the agent killed `cat`
         time.sleep(0.05)
     assert guest.processes() == []
+
+
+@pytest.mark.timeout(120)
+def test_many_running_commands_leave_the_agent_answering(guest: Guest) -> None:
+    # Each Exec stream holds a server worker while its process runs: with 16 workers, 16
+    # running commands made every other call (Ping too) wait for one of them to end.
+    started = time.monotonic()
+    procs = [guest.exec_stream(["sleep", "60"]) for _ in range(24)]
+    try:
+        guest.ping()
+        assert guest.run(["echo", "still here"]).stdout == b"still here\n"
+        assert time.monotonic() - started < 20  # not after the sleeps end
+    finally:
+        for proc in procs:
+            proc.close()

@@ -102,7 +102,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         action="append",
         help=f"address to listen on; repeatable (default {DEFAULT_LISTEN})",
     )
-    serve.add_argument("--workers", type=count, default=16, help="gRPC worker threads")
+    serve.add_argument(
+        "--workers",
+        type=count,
+        help="gRPC worker threads (default 16; with --agent 256, each running command holds one)",
+    )
     serve.add_argument(
         "--agent",
         action="store_true",
@@ -183,6 +187,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     listen: list[Address] = args.listen or [parse_address(DEFAULT_LISTEN)]
     services = _services(args)
+    workers: int = args.workers or 16
+    if args.agent and args.workers is None:
+        from vsockrpc.services.agent import AGENT_WORKERS
+
+        workers = AGENT_WORKERS
     if args.access_log:
         logging.getLogger("vsockrpc.services").setLevel(logging.INFO)
     raise_open_files_limit()  # the relay holds a socket per client: 1024 is soon reached
@@ -192,7 +201,8 @@ def _serve(args: argparse.Namespace) -> int:
         rpc.serve(
             services,
             listen,
-            max_workers=args.workers,
+            max_workers=workers,
+            maximum_concurrent_rpcs=workers if args.agent else None,
             unix_mode=args.mode,
             peer_credentials=args.agent,  # agent callers on Unix sockets are checked by uid
         ) as server,

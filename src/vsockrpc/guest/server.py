@@ -31,13 +31,20 @@ def run_server(listen: Sequence[str]) -> int:
     from vsockrpc import rpc  # grpc import (~1 s in a TCG guest) after the fork
     from vsockrpc._fdlimit import raise_open_files_limit
     from vsockrpc.guest import user_services, userconfig
+    from vsockrpc.services.agent import AGENT_WORKERS
 
     raise_open_files_limit()
 
     with StopSignals(absorb_after=True) as stop:  # a signal from here on stops it
         # An image spec's services join vsockrpc's own (the default services without one).
         registrars = user_services.registrars(userconfig.load(), access_log=True)
-        with rpc.serve(registrars, listen=list(listen), peer_credentials=True) as server:
+        with rpc.serve(
+            registrars,
+            listen=list(listen),
+            peer_credentials=True,
+            max_workers=AGENT_WORKERS,
+            maximum_concurrent_rpcs=AGENT_WORKERS,
+        ) as server:
             bound = " ".join(str(a) for a in server.addresses)
             print(f"{markers.READY} on {bound}", file=sys.stderr, flush=True)
             while not stop.event.wait(0.5):

@@ -168,6 +168,7 @@ def serve(
     listen: Sequence[Address | str],
     *,
     max_workers: int = 16,
+    maximum_concurrent_rpcs: int | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     options: Sequence[tuple[str, Any]] = (),
     unix_mode: int = unix_transport.DEFAULT_MODE,
@@ -182,6 +183,7 @@ def serve(
     ``peer_credentials=True`` relays Unix addresses too, so that servicers learn each caller's
     ``SO_PEERCRED`` (:func:`vsockrpc.rpc.peer_credentials`; the agent checks the uid).
     ``limits`` caps the connections each relay holds and closes silent ones (None: no caps).
+    ``maximum_concurrent_rpcs``: calls past it are refused (RESOURCE_EXHAUSTED), not queued.
     Raises :class:`AddressError` for bad addresses and :class:`TransportError` when a bind fails.
     """
     unix_transport.check_mode(unix_mode)
@@ -194,6 +196,7 @@ def serve(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="vsockrpc-rpc"),
         interceptors=list(interceptors),
         options=[*DEFAULT_OPTIONS, *options],
+        maximum_concurrent_rpcs=maximum_concurrent_rpcs,
     )
     for register in services:
         register(server)

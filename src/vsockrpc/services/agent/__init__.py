@@ -45,8 +45,15 @@ from vsockrpc.services.agent.system import (
     set_realtime_clock,
 )
 
+AGENT_WORKERS = 256
+"""Server worker threads for an agent, and its cap on calls at once. Each Exec stream holds a
+worker for its process's whole life: with 16 workers, 16 running commands left no worker for
+anything else, and every later call (Ping included) waited until one ended. Past the cap a
+call is refused at once (RESOURCE_EXHAUSTED) rather than queued. Threads start on demand."""
+
 __all__ = [
     "AGENT_SERVICE_NAMES",
+    "AGENT_WORKERS",
     "ClockSetter",
     "ExecServicer",
     "FilesServicer",
