@@ -544,3 +544,11 @@ def test_a_source_failing_midway_fails_the_upload_at_once(guest: Guest, tmp_path
     assert time.monotonic() - started < 20
     assert os.listdir(tmp_path) == []  # no file, no .part
     assert guest.ping() < 5
+
+
+def test_a_chunk_size_out_of_range_is_bad_input(guest: Guest, tmp_path: Path) -> None:
+    # 0 sent nothing and blamed the agent (DATA_LOSS); over 4 MiB gRPC refused the message
+    for chunk_size in (0, -1, 5 << 20):
+        with pytest.raises(BadInputError, match="chunk_size must be 1 to"):
+            guest.upload(io.BytesIO(b"abc"), tmp_path / "f", size=3, chunk_size=chunk_size)
+    assert os.listdir(tmp_path) == []

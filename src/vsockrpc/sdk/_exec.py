@@ -9,7 +9,7 @@ import grpc
 
 from vsockrpc.agent.v1 import agent_pb2 as pb
 from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
-from vsockrpc.errors import AgentError
+from vsockrpc.errors import AgentError, BadInputError
 from vsockrpc.sdk._common import Arg, StrPath, fsencode, unary
 from vsockrpc.sdk._process import Process, StdinSource
 from vsockrpc.sdk._types import ExecResult, ProcessSummary
@@ -39,6 +39,11 @@ class ExecClient:
         term: str | None,
         keep_alive: bool,
     ) -> Process:
+        if isinstance(argv, (str, bytes)):  # "ls -l" would run ['l', 's', ' ', ...]
+            raise BadInputError(f"argv must be a list of arguments, not the string {argv!r}")
+        for name in env or {}:
+            if not name or "=" in name:  # {"A=B": "c"} would set A to "B=c"
+                raise BadInputError(f"environment variable name {name!r} is empty or has '='")
         start = pb.ExecStart(
             argv=[fsencode(a) for a in argv],
             env=[fsencode(k) + b"=" + fsencode(v) for k, v in (env or {}).items()],

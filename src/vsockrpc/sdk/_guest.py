@@ -16,7 +16,7 @@ import grpc
 from vsockrpc._checks import seconds
 from vsockrpc.addresses import Address, parse_address
 from vsockrpc.agent.checksum import CHECKSUMS
-from vsockrpc.errors import AgentError
+from vsockrpc.errors import AgentError, BadInputError
 from vsockrpc.sdk._common import CHUNK_SIZE, Arg, StrPath, fsencode
 from vsockrpc.sdk._exec import ExecClient
 from vsockrpc.sdk._files import FilesClient
@@ -228,6 +228,8 @@ class Guest:
         checksum (CRC-32 or SHA-256, see :class:`Guest`) match: on any failure ``remote`` is
         left as it was.
         """
+        if not 1 <= chunk_size <= CHUNK_SIZE * 3:  # a message must stay under gRPC's 4 MiB
+            raise BadInputError(f"chunk_size must be 1 to {CHUNK_SIZE * 3} bytes, not {chunk_size}")
         return self._files.upload(
             source,
             remote,
