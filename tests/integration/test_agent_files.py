@@ -552,3 +552,11 @@ def test_a_chunk_size_out_of_range_is_bad_input(guest: Guest, tmp_path: Path) ->
         with pytest.raises(BadInputError, match="chunk_size must be 1 to"):
             guest.upload(io.BytesIO(b"abc"), tmp_path / "f", size=3, chunk_size=chunk_size)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_upload_removes_the_parents_it_made(guest: Guest, tmp_path: Path) -> None:
+    too_long = "n" * 300  # a name past NAME_MAX, two levels below a directory that is new
+    with pytest.raises(AgentError) as err:
+        guest.upload(io.BytesIO(b"x"), tmp_path / "new" / too_long / "f", size=1)
+    assert err.value.code == "INVALID_ARGUMENT", err.value
+    assert os.listdir(tmp_path) == []  # "new" used to stay

@@ -102,13 +102,17 @@ def _make_parents(existing: bytes, missing: list[bytes]) -> list[bytes]:
     """
     created: list[bytes] = []
     directory = existing
-    for name in missing:
-        directory = os.path.join(directory, name)
-        try:
-            os.mkdir(directory)
-        except FileExistsError:
-            continue  # raced, or `..`: not ours (a non-directory fails the next step)
-        created.append(directory)
+    try:
+        for name in missing:
+            directory = os.path.join(directory, name)
+            try:
+                os.mkdir(directory)
+            except FileExistsError:
+                continue  # raced, or `..`: not ours (a non-directory fails the next step)
+            created.append(directory)
+    except BaseException:  # e.g. a name too long further down: undo the ones made before it
+        _remove_created(created)
+        raise
     return created
 
 
