@@ -560,3 +560,37 @@ def test_a_failed_upload_removes_the_parents_it_made(guest: Guest, tmp_path: Pat
         guest.upload(io.BytesIO(b"x"), tmp_path / "new" / too_long / "f", size=1)
     assert err.value.code == "INVALID_ARGUMENT", err.value
     assert os.listdir(tmp_path) == []  # "new" used to stay
+
+
+@pytest.mark.parametrize(
+    ("target", "code", "message"),
+    [
+        ("new/", "INVALID_ARGUMENT", "does not name a file"),
+        ("n" * 300, "INVALID_ARGUMENT", "file name longer than 255 bytes"),
+        ("dangling/f", "NOT_FOUND", "upload to"),
+    ],
+)
+def test_an_upload_that_cannot_land_is_refused_before_its_data(
+    agent: AgentUnderTest, tmp_path: Path, target: str, code: str, message: str
+) -> None:
+    # The first two used to be refused at the final rename, after every byte had come; all
+    # three named the agent's temporary file instead of the path asked for.
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    sent: list[int] = []
+
+    def requests() -> Iterator[pb.UploadRequest]:
+        path = os.fsencode(tmp_path) + b"/" + target.encode()  # (pathlib drops a trailing /)
+        header = pb.UploadHeader(path=path, size=3 << 20, make_parents=True)
+        yield pb.UploadRequest(header=header)
+        for _ in range(3):
+            sent.append(1)
+            yield pb.UploadRequest(data=b"x" * (1 << 20))
+            time.sleep(0.2)
+
+    with grpc.insecure_channel(agent.address) as ch, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.FilesStub(ch).Upload(requests(), timeout=20)  # type: ignore[no-untyped-call]
+    assert err.value.code().name == code
+    details = str(err.value.details())
+    assert message in details and ".part" not in details, details
+    assert len(sent) < 3  # refused before the data had all been sent
+    assert sorted(os.listdir(tmp_path)) == ["dangling"]

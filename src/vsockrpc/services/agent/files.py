@@ -27,7 +27,7 @@ from vsockrpc.agent.checksum import Hasher, checksum_name, new_hasher
 from vsockrpc.agent.v1 import agent_pb2 as pb
 from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
 from vsockrpc.services.agent._rpc import statuses
-from vsockrpc.services.agent._status import Code, Status, check_path, show
+from vsockrpc.services.agent._status import Code, Status, check_path, from_os_error, show
 from vsockrpc.services.agent.datachannel import DataChannels, DataSockets
 from vsockrpc.services.agent.peers import PeerGuard
 
@@ -130,6 +130,9 @@ def _fsync_dir(path: bytes) -> None:
         os.close(fd)
 
 
+NAME_MAX = 255  # bytes in one file name on Linux file systems (the temporary's is cut to fit)
+
+
 def _idle(what: str, conn: socket.socket) -> Status:
     seconds = conn.gettimeout() or 0.0
     return Status(
@@ -176,9 +179,13 @@ class FilesServicer(pb_grpc.FilesServicer):
 
     def _upload(self, header: pb.UploadHeader, parts: Iterator[pb.UploadRequest]) -> pb.FileInfo:
         path = check_path(header.path)
-        parent, name = os.path.split(path.rstrip(b"/") if path != b"/" else path)
-        if not name or name in (b".", b".."):
+        parent, name = os.path.split(path)
+        # Checked before any byte is received: these used to fail at the final rename, after
+        # the whole upload, with a message naming the temporary file.
+        if not name or name in (b".", b".."):  # "" : "DIR/" names a directory
             raise Status(_INVALID, f"path {show(path)} does not name a file")
+        if len(name) > NAME_MAX:
+            raise Status(_INVALID, f"path {show(path)}: file name longer than {NAME_MAX} bytes")
         if not header.make_parents:
             if not os.path.isdir(parent):
                 raise Status(Code.NOT_FOUND, f"directory {show(parent)} does not exist")
@@ -206,7 +213,10 @@ class FilesServicer(pb_grpc.FilesServicer):
         if header.no_overwrite and os.path.lexists(path):
             raise Status(Code.ALREADY_EXISTS, f"{show(path)} already exists")
         digest = _hasher(header.checksum)
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=b"." + name[:64] + b".", suffix=b".part")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix=b"." + name[:64] + b".", suffix=b".part")
+        except OSError as err:  # e.g. a parent that is a dangling symlink: name it, not the temp
+            raise from_os_error(err, f"upload to {show(path)}") from err
         tmp_path: bytes | None = tmp
         try:
             received = 0
