@@ -1,12 +1,13 @@
-"""Argument checks the public API shares (standard library only)."""
+"""Argument checks the public API and the command lines share (standard library only)."""
 
 from __future__ import annotations
 
+import argparse
 import math
 
 from vsockrpc.errors import BadInputError
 
-__all__ = ["seconds"]
+__all__ = ["positive_int", "seconds"]
 
 
 def seconds(value: float, what: str, *, zero: bool = False) -> float:
@@ -18,3 +19,14 @@ def seconds(value: float, what: str, *, zero: bool = False) -> float:
         least = "0 or more" if zero else "more than 0"
         raise BadInputError(f"{what} must be a number of seconds, {least}: not {value!r}")
     return float(value)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number, 1 or more (workers, connections, buffer sizes, pids)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, 1 or more")
+    return value

@@ -8,7 +8,7 @@ import argparse
 from vsockrpc._checks import seconds as _check_seconds
 from vsockrpc.errors import BadInputError
 
-__all__ = ["count", "seconds", "seconds_or_zero"]
+__all__ = ["seconds", "seconds_or_zero"]
 
 
 def _parse(text: str, *, zero: bool) -> float:
@@ -27,14 +27,3 @@ def seconds(text: str) -> float:
 def seconds_or_zero(text: str) -> float:
     """A finite number of seconds, 0 or more (0: do not wait)."""
     return _parse(text, zero=True)
-
-
-def count(text: str) -> int:
-    """A whole number, 1 or more (workers, connections)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, 1 or more")
-    return value

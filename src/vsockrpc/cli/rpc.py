@@ -22,10 +22,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from vsockrpc._checks import positive_int
 from vsockrpc._fdlimit import raise_open_files_limit
 from vsockrpc._stopsignals import StopSignals
 from vsockrpc.addresses import Address, parse_address
-from vsockrpc.cli._args import count, seconds, seconds_or_zero
+from vsockrpc.cli._args import seconds, seconds_or_zero
 from vsockrpc.errors import AddressError, RpcError, TransportTimeout
 from vsockrpc.transport import unix as unix_transport
 
@@ -104,7 +105,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     serve.add_argument(
         "--workers",
-        type=count,
+        type=positive_int,
         help="gRPC worker threads (default 16; with --agent 256, each running command holds one)",
     )
     serve.add_argument(

@@ -34,6 +34,7 @@ import traceback
 from collections.abc import Sequence
 from types import FrameType
 
+from vsockrpc._checks import positive_int
 from vsockrpc.errors import BadInputError, DeviceError
 from vsockrpc.vhost.paths import DEFAULT_MODE
 
@@ -75,13 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--buf-alloc",
         metavar="BYTES",
-        type=_positive,
+        type=positive_int,
         help="per-connection guest→host buffer (default 256 KiB)",
     )
     parser.add_argument(
         "--max-connections",
         metavar="N",
-        type=_positive,
+        type=positive_int,
         help="connection cap (default 1023, as Firecracker)",
     )
     parser.add_argument(
@@ -107,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--exit-with-pid",
         metavar="PID",
-        type=_positive,
+        type=positive_int,
         help="exit when process PID exits (e.g. the VM launcher or QEMU)",
     )
     parser.add_argument(
@@ -225,16 +226,6 @@ def _fd(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a file descriptor number") from None
     if value < 3:
         raise argparse.ArgumentTypeError(f"{text!r} is stdin/stdout/stderr, not a socket")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
     return value
 
 
