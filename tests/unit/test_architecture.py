@@ -116,6 +116,12 @@ RULES = (
         unless_target=("vsockrpc.errors", "vsockrpc.vsock_constants"),
     ),
     Rule(
+        "the shared argument checks (_checks) sit on the bottom: they import only errors",
+        ("vsockrpc._checks",),
+        ("vsockrpc", *GRPC),
+        unless_target=("vsockrpc.errors",),
+    ),
+    Rule(
         "the process helpers both sides use (fd limit, stop signals) are standard library only",
         PROCESS_HELPERS,
         ("vsockrpc", *GRPC),
