@@ -61,9 +61,13 @@ MANIFEST = "manifest.json"
 FILES = {"kernel": "vmlinuz", "initrd": "initrd.cpio", "rootfs": "rootfs.ext4"}
 # Optional: the same kernel uncompressed with a PVH entry (image/pvh.py), booted when present.
 PVH_KERNEL = "vmlinux"
+# cryptomgr.notests: the kernel's boot-time self-tests of its crypto algorithms re-check the
+# generic implementations on every boot; under TCG crypto_algapi_init alone took 0.42 s of
+# the kernel's 1.7 s of initcalls (initcall_debug). With it /init starts ~0.5 s sooner (guest
+# clock); the algorithms themselves are unchanged.
 CMDLINE = (
     "console=ttyS0 quiet panic=-1 root=/dev/vda rootfstype=ext4 random.trust_cpu=on "
-    f"init={agent.INIT_PATH}"
+    f"cryptomgr.notests init={agent.INIT_PATH}"
 )
 
 Step = Callable[[str], AbstractContextManager[Any]]
