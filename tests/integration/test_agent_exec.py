@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
 import hashlib
 import io
 import logging
 import os
 import signal
 import stat
+import termios
 import threading
 import time
 
@@ -196,6 +199,58 @@ def test_stream_end_kills_process_without_keep_alive(guest: Guest) -> None:
     with pytest.raises(AgentError) as info:
         guest.attach(proc.process_id)
     assert info.value.code == "NOT_FOUND"
+
+
+def test_a_descendant_holding_stdin_unread_does_not_hold_the_agent(
+    guest: Guest, agent: AgentUnderTest, tmp_path: os.PathLike[str]
+) -> None:
+    """A background child keeps the command's stdin pipe open and never reads it; the client
+    sends more than the pipe holds, then the command exits. The agent's feeder thread (blocked
+    writing that input) and pump thread, and the process's fds, must go once the process is
+    finished, not when that child exits."""
+    from tests.integration._relay_helpers import count_fds, wait_for
+
+    fds_before = count_fds()
+    go = os.path.join(tmp_path, "go")
+    script = (
+        "exec 3<&0; sleep 60 <&3 >/dev/null 2>&1 & echo $!; "
+        f"while [ ! -e {go} ]; do sleep 0.05; done"
+    )
+    with guest.exec_stream(["sh", "-c", script]) as proc:
+        for _ in range(16):
+            proc.send(b"x" * 64 * 1024)  # 1 MiB
+        managed = agent.table.get(proc.process_id)
+        assert managed.popen.stdin is not None
+        stdin = managed.popen.stdin.fileno()
+        capacity = fcntl.fcntl(stdin, fcntl.F_GETPIPE_SZ)
+        unread = array.array("i", [0])
+
+        def pipe_full() -> bool:
+            fcntl.ioctl(stdin, termios.FIONREAD, unread)
+            return unread[0] >= capacity
+
+        assert wait_for(pipe_full, timeout=20)  # the feeder now waits with input left to write
+        open(go, "w").close()  # the command exits
+        events = list(proc)
+    sleeper = int(b"".join(e.data for e in events if isinstance(e, Stdout)))
+    try:
+        assert events[-1] == Exited(exit_code=0, signal=None)
+        assert os.path.exists(f"/proc/{sleeper}")  # still holding the pipe
+        prefix = proc.process_id[:8]
+        assert wait_for(
+            lambda: (
+                not any(
+                    t.name in (f"exec-pump-{prefix}", f"exec-feed-{prefix}")
+                    for t in threading.enumerate()
+                )
+            ),
+            timeout=10,
+        ), [t.name for t in threading.enumerate()]
+        assert wait_for(lambda: count_fds() <= fds_before, timeout=10), (count_fds(), fds_before)
+        assert proc.process_id not in {p.process_id for p in agent.table.list()}
+        assert guest.run(["true"]).exit_code == 0  # the agent still serves
+    finally:
+        os.kill(sleeper, signal.SIGKILL)
 
 
 def test_attach_twice_is_refused(guest: Guest) -> None:

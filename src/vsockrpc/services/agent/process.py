@@ -57,6 +57,8 @@ QUEUE_DEPTH = 16
 """Events buffered per process: at most QUEUE_DEPTH * CHUNK_SIZE bytes of output held."""
 PTY_DRAIN_GRACE = 0.2
 """Seconds of silence after exit before a PTY still held open by a descendant is given up."""
+STDIN_WAIT = 0.1
+"""Seconds a stdin write waits for room before it looks again whether stdin was closed."""
 MAX_POLL_MS = 60_000
 """Longest single wait for output (poll(2) takes a C int of ms: a deadline months away used to
 overflow it and kill the output pump); the loop checks the deadline after each wait."""
@@ -137,8 +139,13 @@ class ManagedProcess:
         self._master_fd = master_fd
         self._events: queue.Queue[ProcessEvent] = queue.Queue(maxsize=QUEUE_DEPTH)
         self._lock = threading.Lock()
-        self._stdin_lock = threading.Lock()
+        self._stdin_lock = threading.Lock()  # the stdin fd's state; held only briefly
+        self._stdin_writer = threading.Lock()  # one write_stdin at a time, in order
         self._stdin_closed = False
+        # Input is written without blocking (write_stdin waits for room outside the lock):
+        # a blocked write(2) held the lock that the pump's clean-up needs, so a descendant
+        # keeping stdin open without reading it pinned two threads and the fds until it exited.
+        os.set_blocking(master_fd if master_fd is not None else self._stdin_fd(), False)
         self._attached = False
         self._abandoned = threading.Event()
         self._running = True
@@ -208,32 +215,50 @@ class ManagedProcess:
     # ------------------------------------------------------------------ input
 
     def write_stdin(self, data: bytes) -> None:
-        """Blocking write (back-pressure to the client when the process doesn't read)."""
-        with self._stdin_lock:
-            if self._stdin_closed:
-                return
-            fd = self._master_fd if self._master_fd is not None else self._stdin_fd()
-            view = memoryview(data)
-            try:
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-            except (BrokenPipeError, OSError) as err:
-                log.debug("stdin of %s: %s", self.process_id, err)
+        """Write ``data``, waiting while the pipe or terminal is full (back-pressure to the
+        client when the process doesn't read). What is left is dropped once stdin is closed:
+        after ``close_stdin``, or when the process has finished (its output pump's clean-up),
+        even if a descendant still holds the pipe."""
+        view = memoryview(data)
+        with self._stdin_writer:
+            while view:
+                with self._stdin_lock:
+                    if self._stdin_closed:
+                        return
+                    fd = self._master_fd if self._master_fd is not None else self._stdin_fd()
+                    try:
+                        view = view[os.write(fd, view) :]
+                        continue
+                    except BlockingIOError:
+                        pass
+                    except OSError as err:  # EPIPE: no reader left; EIO: the PTY is gone
+                        log.debug("stdin of %s: %s", self.process_id, err)
+                        return
+                # Full: wait for room without the lock. Once stdin is closed the fd number may
+                # be closed (POLLNVAL, at once) or reused: either way the next look sees
+                # _stdin_closed before writing anything.
+                room = select.poll()
+                room.register(fd, select.POLLOUT)
+                room.poll(int(STDIN_WAIT * 1000))
 
     def _stdin_fd(self) -> int:
         assert self.popen.stdin is not None
         return self.popen.stdin.fileno()
 
     def close_stdin(self) -> None:
+        if self.pty:
+            # A PTY has no half-close: send the line discipline's EOF character (VEOF).
+            with self._stdin_lock:
+                if self._stdin_closed or self._master_fd is None:
+                    return
+                try:
+                    eof = termios.tcgetattr(self._master_fd)[6][termios.VEOF]
+                except OSError:
+                    return
+            self.write_stdin(eof if isinstance(eof, bytes) else b"\x04")
+            return
         with self._stdin_lock:
             if self._stdin_closed:
-                return
-            if self._master_fd is not None:
-                # A PTY has no half-close: send the line discipline's EOF character (VEOF).
-                with contextlib.suppress(OSError):
-                    eof = termios.tcgetattr(self._master_fd)[6][termios.VEOF]
-                    os.write(self._master_fd, eof if isinstance(eof, bytes) else b"\x04")
                 return
             self._stdin_closed = True
             if self.popen.stdin is not None:
@@ -331,6 +356,8 @@ class ManagedProcess:
                     continue
                 try:
                     data = os.read(fd, CHUNK_SIZE)
+                except BlockingIOError:  # a PTY master is non-blocking (see write_stdin)
+                    continue
                 except OSError:  # EIO on a PTY master once every slave fd is closed
                     data = b""
                 if not data:
