@@ -434,7 +434,31 @@ def test_sdk_argument_mistakes_are_caught_before_sending(guest: Guest) -> None:
         (lambda: guest.run("true"), "argv must be a list of arguments"),  # type: ignore[arg-type]
         (lambda: guest.run(["env"], env={"A=B": "c"}), "'A=B' is empty or has '='"),
         (lambda: guest.run(["env"], env={"": "c"}), "'' is empty or has '='"),
+        (lambda: guest.signal("some-id", 0), "not a signal number: 0"),
+        (lambda: guest.signal("some-id", 65), "not a signal number: 65"),
     ):
         with pytest.raises(BadInputError, match=message):
             call()
     assert guest.run(["true"]).exit_code == 0
+
+
+def test_a_bad_signal_or_window_on_a_stream_is_refused_at_the_call(guest: Guest) -> None:
+    """Stream messages get no answer of their own (the agent could only log a bad one): the
+    SDK refuses them when called, and the process and its stream carry on."""
+    with guest.exec_stream(["sh", "-c", "read line; echo got:$line"], pty=True) as proc:
+        for bad, message in (
+            (lambda: proc.signal(0), "not a signal number: 0"),
+            (lambda: proc.signal(signal.NSIG), f"not a signal number: {signal.NSIG}"),
+            (lambda: proc.signal("TERM"), "not a signal number: 'TERM'"),  # type: ignore[arg-type]
+            (lambda: proc.signal(True), "not a signal number: True"),
+            (lambda: proc.resize(0, 80), "window size 0x80"),
+            (lambda: proc.resize(24, 65536), "window size 24x65536"),
+            (lambda: proc.resize(24.5, 80), "window size 24.5x80"),  # type: ignore[arg-type]
+        ):
+            with pytest.raises(BadInputError, match=message):
+                bad()
+        proc.resize(30, 100)
+        proc.send(b"still-here\n")
+        out = b"".join(e.data for e in proc if isinstance(e, Stdout))
+    assert b"got:still-here" in out
+    assert proc.exited == Exited(exit_code=0, signal=None)

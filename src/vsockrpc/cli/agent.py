@@ -228,7 +228,8 @@ def _shell(args: argparse.Namespace) -> int:
             def on_winch(_signum: int, _frame: object) -> None:
                 with contextlib.suppress(OSError):
                     size = os.get_terminal_size(0)
-                    proc.resize(size.lines, size.columns)
+                    if size.lines and size.columns:  # 0x0: a terminal that does not know
+                        proc.resize(size.lines, size.columns)
 
             previous = signal.signal(signal.SIGWINCH, on_winch)
             tty.setraw(0, termios.TCSANOW)  # keep type-ahead

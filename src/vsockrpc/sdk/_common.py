@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 import grpc
 
 from vsockrpc.agent import ENV_ALLOWED_CIDS, REFUSED_PEER_KEY
-from vsockrpc.errors import AgentError
+from vsockrpc.errors import AgentError, BadInputError
 
-__all__ = ["CHUNK_SIZE", "Arg", "StrPath", "agent_error", "fsencode", "unary"]
+__all__ = [
+    "CHUNK_SIZE",
+    "WINDOW_MAX",
+    "Arg",
+    "StrPath",
+    "agent_error",
+    "check_signal",
+    "check_window",
+    "fsencode",
+    "unary",
+]
 
 CHUNK_SIZE = 1024 * 1024
 """Bytes per upload or stdin chunk (well under gRPC's 4 MiB message limit)."""
+
+WINDOW_MAX = 65535
+"""Rows or columns of a PTY window at most (the kernel's winsize holds 16 bits)."""
 
 WHAT_MAX = 240
 """Characters of a call's description (its path, mostly) an error repeats."""
@@ -24,6 +38,24 @@ Arg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 
 def fsencode(value: Arg) -> bytes:
     return os.fsencode(value)
+
+
+def check_signal(signum: int) -> int:
+    """``signum`` if it is a signal number, else :class:`BadInputError`. Checked here because a
+    signal sent on an Exec stream has no answer of its own: the agent could only log it."""
+    if isinstance(signum, bool) or not isinstance(signum, int) or not 0 < signum < signal.NSIG:
+        raise BadInputError(f"not a signal number: {signum!r} (1 to {signal.NSIG - 1})")
+    return signum
+
+
+def check_window(rows: int, cols: int) -> tuple[int, int]:
+    """A PTY window size, each side 1 to :data:`WINDOW_MAX`, else :class:`BadInputError`."""
+    for value in (rows, cols):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= WINDOW_MAX:
+            raise BadInputError(
+                f"window size {rows!r}x{cols!r}: rows and columns must be 1 to {WINDOW_MAX}"
+            )
+    return rows, cols
 
 
 def _refused_by_policy(err: grpc.RpcError) -> bool:

@@ -10,7 +10,7 @@ import grpc
 from vsockrpc.agent.v1 import agent_pb2 as pb
 from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
 from vsockrpc.errors import AgentError, BadInputError
-from vsockrpc.sdk._common import Arg, StrPath, fsencode, unary
+from vsockrpc.sdk._common import Arg, StrPath, check_signal, fsencode, unary
 from vsockrpc.sdk._process import Process, StdinSource
 from vsockrpc.sdk._types import ExecResult, ProcessSummary
 
@@ -109,7 +109,7 @@ class ExecClient:
         return result
 
     def signal(self, process_id: str, signum: int) -> None:
-        request = pb.SignalRequest(process_id=process_id, signal=signum)
+        request = pb.SignalRequest(process_id=process_id, signal=int(check_signal(signum)))
         unary(self._stub.Signal, request, "signal", self._timeout)
 
     def processes(self) -> list[ProcessSummary]:

@@ -13,7 +13,7 @@ import grpc
 from vsockrpc.agent.v1 import agent_pb2 as pb
 from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
 from vsockrpc.errors import AgentError
-from vsockrpc.sdk._common import CHUNK_SIZE, agent_error
+from vsockrpc.sdk._common import CHUNK_SIZE, agent_error, check_signal, check_window
 from vsockrpc.sdk._types import ExecEvent, ExecResult, Exited, Started, Stderr, Stdout
 
 __all__ = ["Process", "StdinSource"]
@@ -157,11 +157,13 @@ class Process:
         self._put(pb.ExecRequest(close_stdin=True))
 
     def signal(self, signum: int) -> None:
-        """Send ``signum`` to the process group."""
-        self._put(pb.ExecRequest(signal=int(signum)))
+        """Send ``signum`` to the process group (:class:`BadInputError` if it is not a signal
+        number)."""
+        self._put(pb.ExecRequest(signal=int(check_signal(signum))))
 
     def resize(self, rows: int, cols: int) -> None:
-        """Change the PTY's window size (the process gets SIGWINCH)."""
+        """Change the PTY's window size (the process gets SIGWINCH); each side 1 to 65535."""
+        rows, cols = check_window(rows, cols)
         self._put(pb.ExecRequest(resize=pb.WindowSize(rows=rows, cols=cols)))
 
     def wait(self) -> ExecResult:
