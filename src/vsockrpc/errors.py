@@ -90,6 +90,13 @@ __all__ = [
 ]
 
 
+def _encodable(text: str) -> str:
+    """``text`` with lone surrogates written as ``\\udcXX``: a path that is not UTF-8 reaches
+    a message through ``os.fsdecode``, and such a message could not be encoded (printed to a
+    strict stream, logged to a file, sent as a gRPC status) without failing."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class VsockRpcError(Exception):
     """Root of every error vsockrpc raises on purpose.
 
@@ -97,8 +104,8 @@ class VsockRpcError(Exception):
     """
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.hint = hint
+        super().__init__(_encodable(message))
+        self.hint = None if hint is None else _encodable(hint)
 
     @property
     def retryable(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 
 import pytest
@@ -173,3 +174,13 @@ def test_invalid_vm_options_are_usage_errors() -> None:
     err = InvalidVmOption("VM name '..' is invalid")
     assert isinstance(err, VmError) and isinstance(err, ValueError) and err.bad_input
     assert exit_status(err) == EXIT_USAGE
+
+
+def test_a_path_that_is_not_utf8_leaves_the_message_encodable() -> None:
+    name = os.fsdecode(b"/tmp/\xff-odd")  # a lone surrogate, as every fsdecode'd path gives
+    err = AgentError(f"stat {name}: NOT_FOUND: no such file", code="NOT_FOUND", hint=name)
+    assert str(err).encode() == b"stat /tmp/\\udcff-odd: NOT_FOUND: no such file"
+    assert err.hint is not None and err.hint.encode() == b"/tmp/\\udcff-odd"
+    assert err.code == "NOT_FOUND"
+    plain = VmError("vm 'a' is not running")
+    assert str(plain) == "vm 'a' is not running"  # what needs no escaping is left as it was
