@@ -11,8 +11,8 @@ other, so a change to one side that breaks the other shows up here, in one place
 - :mod:`vsockrpc.agent.checksum` — the end-to-end transfer checksums (CRC-32, SHA-256).
 - :mod:`vsockrpc.agent.datachannel` — the raw data channel's ticket line.
 - this module — the default port, the guest's kernel command-line keys, the peer-policy
-  variable, the metadata key that marks a call refused by that policy, and the VM name rule
-  (a clone's ``System.Refresh`` takes its VM name as the hostname).
+  variable, the metadata key that marks a call refused by that policy, the VM name rule
+  (a clone's ``System.Refresh`` takes its VM name as the hostname) and the largest PTY window.
 
 Importing this package, :mod:`~vsockrpc.agent.markers` or :mod:`~vsockrpc.agent.datachannel`
 loads only the standard library (the guest's PID 1 imports the markers, and it never loads
@@ -31,6 +31,7 @@ __all__ = [
     "ENV_ALLOWED_CIDS",
     "REFUSED_PEER_KEY",
     "VM_NAME",
+    "WINDOW_MAX",
 ]
 
 DEFAULT_PORT = 9999
@@ -44,6 +45,10 @@ CMDLINE_ALLOWED_CIDS = "vsockrpc.allowed_cids"
 """Guest kernel command-line key: the CIDs the agent admits (when the variable is unset)."""
 ENV_ALLOWED_CIDS = "VSOCKRPC_AGENT_ALLOWED_CIDS"
 """The agent's environment: comma-separated CIDs it admits (``any`` for every CID); default 2."""
+
+WINDOW_MAX = 65535
+"""Rows or columns of a PTY window at most: the kernel's ``struct winsize`` (TIOCSWINSZ) holds
+16-bit sizes. The SDK refuses more before sending; the agent answers INVALID_ARGUMENT."""
 
 REFUSED_PEER_KEY = "vsockrpc-refused-peer"
 """Trailing-metadata key the agent sets (value: the peer) when its peer policy refused a call.

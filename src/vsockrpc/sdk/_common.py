@@ -8,12 +8,11 @@ from typing import Any
 
 import grpc
 
-from vsockrpc.agent import ENV_ALLOWED_CIDS, REFUSED_PEER_KEY
+from vsockrpc.agent import ENV_ALLOWED_CIDS, REFUSED_PEER_KEY, WINDOW_MAX
 from vsockrpc.errors import AgentError, BadInputError
 
 __all__ = [
     "CHUNK_SIZE",
-    "WINDOW_MAX",
     "Arg",
     "StrPath",
     "agent_error",
@@ -25,9 +24,6 @@ __all__ = [
 
 CHUNK_SIZE = 1024 * 1024
 """Bytes per upload or stdin chunk (well under gRPC's 4 MiB message limit)."""
-
-WINDOW_MAX = 65535
-"""Rows or columns of a PTY window at most (the kernel's winsize holds 16 bits)."""
 
 WHAT_MAX = 240
 """Characters of a call's description (its path, mostly) an error repeats."""

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from vsockrpc.agent import WINDOW_MAX
 from vsockrpc.services.agent._status import Code, Status
 
 __all__ = [
@@ -285,7 +286,7 @@ class ManagedProcess:
     def resize(self, rows: int, cols: int) -> None:
         if self._master_fd is None:
             raise Status(Code.FAILED_PRECONDITION, "resize needs a PTY (pty=true)")
-        if not (0 < rows < 65536 and 0 < cols < 65536):
+        if not (0 < rows <= WINDOW_MAX and 0 < cols <= WINDOW_MAX):
             raise Status(Code.INVALID_ARGUMENT, f"invalid window size {rows}x{cols}")
         with contextlib.suppress(OSError):
             set_window(self._master_fd, rows, cols)  # the kernel sends SIGWINCH

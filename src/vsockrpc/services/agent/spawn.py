@@ -18,6 +18,7 @@ import subprocess
 import threading
 from dataclasses import dataclass, field
 
+from vsockrpc.agent import WINDOW_MAX
 from vsockrpc.services.agent._status import Code, Status, check_path, from_os_error, show
 from vsockrpc.services.agent.process import ManagedProcess, claim_child, set_window
 
@@ -245,7 +246,7 @@ class ProcessTable:
         env = _build_env(spec, account)
         executable = _resolve_executable(argv[0], cwd, env.get(b"PATH", DEFAULT_PATH))
         rows, cols = spec.window
-        if not (0 <= rows < 65536 and 0 <= cols < 65536):  # TIOCSWINSZ takes 16-bit sizes
+        if not (0 <= rows <= WINDOW_MAX and 0 <= cols <= WINDOW_MAX):  # 0: the 24x80 default
             raise Status(Code.INVALID_ARGUMENT, f"invalid window size {rows}x{cols}")
         if not (math.isfinite(spec.timeout) and spec.timeout >= 0):  # NaN: no deadline at all
             raise Status(
