@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -49,11 +48,8 @@ def device_process(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``vsockrpc device`` for guest ``cid`` on ``vhost``/``uds`` (``extra``: more device
     options, e.g. ``--group``); stopped when the block ends."""
-    profile = os.environ.get("BENCH_DEVICE_PYSPY")  # e.g. /tmp/dev.txt: py-spy collapsed stacks
-    wrap = ["py-spy", "record", "--format", "raw", "-o", profile, "--"] if profile else []
     proc = subprocess.Popen(
         [
-            *wrap,
             sys.executable,
             "-m",
             "vsockrpc.cli.main",
@@ -64,9 +60,18 @@ def device_process(
             uds,
             "--cid",
             str(cid),
+            "--exit-with-pid",  # a benchmark killed with SIGKILL leaves no device behind
+            str(os.getpid()),
             *extra,
         ],
     )
+    # BENCH_DEVICE_PYSPY=/tmp/dev.txt: py-spy records the device (raw collapsed stacks) until it
+    # exits. Attached by pid, not wrapped around it: a wrapper stops without its child.
+    profile = os.environ.get("BENCH_DEVICE_PYSPY")
+    spy = None
+    if profile:
+        record = ["py-spy", "record", "--pid", str(proc.pid), "--format", "raw", "-o", profile]
+        spy = subprocess.Popen(record, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while not os.path.exists(uds):
@@ -75,12 +80,18 @@ def device_process(
             time.sleep(0.01)
         yield proc
     finally:
-        proc.send_signal(signal.SIGINT if profile else signal.SIGTERM)
+        proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if spy is not None:
+            try:
+                spy.wait(30)  # it writes the profile once the device has exited
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
 
 
 def hybrid_connect(uds: str, port: int) -> socket.socket:
