@@ -345,6 +345,28 @@ def test_16mib_each_way_checksummed(
         assert got_host.digest() == hashlib.sha256(data_g2h).digest()
 
 
+@pytest.mark.timeout(30)
+def test_small_messages_take_one_rx_buffer_each(device: VsockDevice, guest: GuestDriver) -> None:
+    """Request/response traffic reads each message into one rx buffer. The batch read (up to
+    16 buffers per recvmsg_into) is for reads that fill whole buffers; for 64-byte messages it
+    popped 16 buffers and held 15 of them back, unused, after every read."""
+    s, stream = open_pair(device, guest)
+    for i in range(20):
+        msg = f"{i:02d}".encode() * 32
+        s.sendall(msg)
+        assert recv_all_guest(guest, stream, 64) == msg
+        stream.send(msg[:8])
+        guest.pump(0.01)
+        got = b""
+        while len(got) < 8:
+            got += s.recv(8 - len(got))
+        assert got == msg[:8]
+    guest.sync()
+    rx = device.rings[0]
+    assert (rx.last_avail_idx - rx.used_idx) & 0xFFFF == 0  # no rx buffer popped and held
+    s.close()
+
+
 # --------------------------------------------------------------------------- credit
 @pytest.mark.timeout(60)
 def test_credit_exhaustion_and_recovery_host_to_guest(device: VsockDevice) -> None:

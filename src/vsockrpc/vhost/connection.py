@@ -63,6 +63,7 @@ class Connection:
         "peer_shut_send",
         "pending_bytes",
         "pending_out",
+        "read_short",
         "rx_cnt",
         "sock",
         "state",
@@ -110,6 +111,9 @@ class Connection:
         self.write_shut = False  # host socket's write side shut down
         self.host_readable = False  # epoll said readable and we have not drained it since
         self.host_hup = False  # epoll saw HUP/RDHUP: an EOF is queued behind any data
+        # The last read from the host socket did not fill one rx buffer (a request/response
+        # stream): read into one buffer, not a batch that mostly goes back unused.
+        self.read_short = False
         self.ctl: list[tuple[int, int]] = []  # control packets (op, flags) waiting for rx buffers
         self.deadline: float | None = None  # LOCAL_INIT / CLOSING timeout (monotonic)
 
