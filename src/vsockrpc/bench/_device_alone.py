@@ -118,15 +118,19 @@ class TransferFailed(RuntimeError):
     """A backend-alone transfer did not complete exactly: no figure is printed for it."""
 
 
-def _host_sender(uds: str, port: int, block: bytes, total: int, via: str | None = None) -> None:
+def _host_sender(
+    uds: str, port: int, block: bytes, total: int, *, via: str | None = None, cpu: Any = None
+) -> None:
     """Send ``total`` bytes (``block`` repeated), then wait for the guest's close. Exit status 0
     only if everything was written and the stream then ended cleanly. ``via``: an address that
-    forwards to the guest port (e.g. a ``vsockrpc forward`` listener) to send through instead."""
+    forwards to the guest port (e.g. a ``vsockrpc forward`` listener) to send through instead.
+    ``cpu``: set to this process's CPU seconds at the end."""
     if via is None:
         s = hybrid_connect(uds, port)
     else:
         s = transport.connect(via, timeout=60)
         s.settimeout(60)
+    cpu0 = _process_cpu()  # the transfer's CPU only, not the process's start-up
     sent = 0
     while sent < total:
         n = min(len(block), total - sent)
@@ -135,11 +139,19 @@ def _host_sender(uds: str, port: int, block: bytes, total: int, via: str | None 
     s.shutdown(socket.SHUT_WR)
     s.recv(1)
     s.close()
+    if cpu is not None:
+        cpu.value = _process_cpu() - cpu0
 
 
-def _host_sink(uds: str, port: int, total: int, got: Any, crc: Any) -> None:
+def _process_cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _host_sink(uds: str, port: int, total: int, *, got: Any, crc: Any, cpu: Any) -> None:
     """Accept the guest's connection; record the bytes received (and their crc32 if ``crc``
-    is given: ``crc.value`` is -1 for "do not check")."""
+    is given: ``crc.value`` is -1 for "do not check") and, at the end, this process's CPU
+    seconds in ``cpu``."""
     os.umask(0o077)  # the listening socket: owner only
     srv = socket.socket(socket.AF_UNIX)
     # Listen under a temporary name, then rename: the parent treats the path's existence as
@@ -148,6 +160,7 @@ def _host_sink(uds: str, port: int, total: int, got: Any, crc: Any) -> None:
     srv.listen()
     os.rename(f"{uds}_{port}.tmp", f"{uds}_{port}")
     peer, _ = srv.accept()
+    cpu0 = _process_cpu()  # the transfer's CPU only, not the process's start-up
     peer.settimeout(STALL_SECONDS)
     buf = bytearray(4 * MiB)
     view = memoryview(buf)
@@ -166,6 +179,7 @@ def _host_sink(uds: str, port: int, total: int, got: Any, crc: Any) -> None:
         crc.value = digest
     peer.close()
     srv.close()
+    cpu.value = _process_cpu() - cpu0
 
 
 def _repeated_crc(block: bytes, total: int) -> int:
@@ -185,7 +199,12 @@ def _h2g_alone(
     ctx = multiprocessing.get_context("forkserver")  # no fork of a threaded (grpc) process
     block = os.urandom(4 * MiB)
     listener = g.listen(port)
-    sender = ctx.Process(target=_host_sender, args=(uds, port, block, total, via))
+    sender_cpu = ctx.Value("d", 0.0)
+    sender = ctx.Process(
+        target=_host_sender,
+        args=(uds, port, block, total),
+        kwargs={"via": via, "cpu": sender_cpu},
+    )
     sender.start()
     try:
         stream = g.accept(listener, 60)
@@ -194,6 +213,7 @@ def _h2g_alone(
         packets = 0
         got = 0
         t0 = time.perf_counter()
+        driver0 = time.thread_time()  # the driver runs in this thread only
         last_progress = time.monotonic()
         while True:
             packets += g.pump(0.01)
@@ -217,6 +237,7 @@ def _h2g_alone(
             if time.monotonic() - last_progress > STALL_SECONDS:
                 raise TransferFailed(f"host→guest: no progress for {STALL_SECONDS:.0f} s at {got}")
         elapsed = time.perf_counter() - t0
+        driver_cpu = time.thread_time() - driver0
         if got != total:
             raise TransferFailed(f"host→guest: EOF after {got} of {total} bytes")
         if check and digest != _repeated_crc(block, total):
@@ -226,7 +247,13 @@ def _h2g_alone(
         sender.join(10)
         if sender.exitcode != 0:
             raise TransferFailed(f"host→guest: sender exited {sender.exitcode}")
-        return {"MBps": total / elapsed / 1e6, "pps": packets / elapsed, "elapsed": elapsed}
+        return {
+            "MBps": total / elapsed / 1e6,
+            "pps": packets / elapsed,
+            "elapsed": elapsed,
+            "driver_cpu": driver_cpu,
+            "host_cpu": sender_cpu.value,
+        }
     finally:
         if sender.is_alive():
             sender.kill()
@@ -238,9 +265,14 @@ def _g2h_alone(g: GuestDriver, uds: str, port: int, total: int, *, check: bool) 
     """Guest → host through the device alone; the sink must receive exactly ``total`` bytes
     (crc32-checked when ``check``)."""
     ctx = multiprocessing.get_context("forkserver")  # no fork of a threaded (grpc) process
-    got = ctx.Value("q", 0)
+    # One writer (the sink, after every read) and one reader: no lock, which would cost the
+    # sink a semaphore round per read.
+    got = ctx.Value("q", 0, lock=False)
     crc = ctx.Value("q", 0 if check else -1)
-    sink = ctx.Process(target=_host_sink, args=(uds, port, total, got, crc))
+    sink_cpu = ctx.Value("d", 0.0)
+    sink = ctx.Process(
+        target=_host_sink, args=(uds, port, total), kwargs={"got": got, "crc": crc, "cpu": sink_cpu}
+    )
     sink.start()
     try:
         deadline = time.monotonic() + 60  # the sink process starts under load
@@ -253,6 +285,7 @@ def _g2h_alone(g: GuestDriver, uds: str, port: int, total: int, *, check: bool) 
         chunk = memoryview(block)
         queued = 0
         t0 = time.perf_counter()
+        driver0 = time.thread_time()  # the driver runs in this thread only
         packets = 0
         last, last_progress = 0, time.monotonic()
         while stream.unsent or queued < total:
@@ -280,13 +313,20 @@ def _g2h_alone(g: GuestDriver, uds: str, port: int, total: int, *, check: bool) 
             if got.value != last:
                 last, last_progress = got.value, time.monotonic()
         elapsed = time.perf_counter() - t0
+        driver_cpu = time.thread_time() - driver0
         if sink.exitcode != 0 or got.value != total:
             raise TransferFailed(
                 f"guest→host: sink got {got.value} of {total} bytes (exit {sink.exitcode})"
             )
         if check and crc.value != _repeated_crc(block, total):
             raise TransferFailed("guest→host: checksum mismatch")
-        return {"MBps": total / elapsed / 1e6, "pps": packets / elapsed, "elapsed": elapsed}
+        return {
+            "MBps": total / elapsed / 1e6,
+            "pps": packets / elapsed,
+            "elapsed": elapsed,
+            "driver_cpu": driver_cpu,
+            "host_cpu": sink_cpu.value,
+        }
     finally:
         if sink.is_alive():
             sink.kill()
@@ -323,7 +363,19 @@ def backend_alone(
                 cpu = cpu_seconds(dev.pid) - cpu0
                 out.setdefault(f"{key}_MBps", []).append(r["MBps"])
                 out.setdefault(f"{key}_pps", []).append(r["pps"])
-                if cpu > 0:
-                    out.setdefault(f"{key}_cpu", []).append(total / cpu / 1e6)
+                rates = [total / c / 1e6 for c in (cpu, r["driver_cpu"], r["host_cpu"]) if c > 0]
+                if len(rates) == 3:
+                    for suffix, rate in zip(("cpu", "cpu_guest", "cpu_host"), rates, strict=True):
+                        out.setdefault(f"{key}_{suffix}", []).append(rate)
+                    out.setdefault(f"{key}_bound", []).append(cpu_bound(rates))
                 port += 1
     return out
+
+
+def cpu_bound(rates: Sequence[float], cores: int | None = None) -> float:
+    """The rate (MB/s) that processes moving the same bytes at ``rates`` MB per CPU-second each
+    allow together on ``cores`` cores: the cores' time divided by the CPU time per MB, and no
+    process faster than one core."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0))
+    return min(*rates, cores / sum(1 / rate for rate in rates))

@@ -120,15 +120,45 @@ def run(ctx: Context) -> _model.PartResult:
             pairs=[],
         )
     )
+    cores = len(os.sched_getaffinity(0))
+    bound = f"CPU bound, {cores} cores"
+    for key, direction in (("h2g", "host→guest"), ("g2h", "guest→host")):
+        if alone.get(f"{key}_bound"):
+            figures.append(
+                _model.figure(
+                    f"{NAME}.alone-bound-{key}",
+                    f"device alone, {direction}: measured vs what the CPU allows",
+                    "rate",
+                    {bound: alone[f"{key}_bound"], "measured": alone[f"{key}_MBps"]},
+                    unit="MB/s",
+                    baseline=bound,
+                    pairs=[["measured", bound]],
+                    note=f"{bound}: the rate that the CPU time of the three processes moving "
+                    "the bytes (device, test driver, host peer: next figure) allows on this "
+                    f"machine's {cores} cores, no process above one core. A run near it is "
+                    "bound by the machine, not by any one of them.",
+                )
+            )
     if alone.get("h2g_cpu") and alone.get("g2h_cpu"):
+        per_process = {}
+        for key, direction, peer in (
+            ("h2g", "host→guest", "sender"),
+            ("g2h", "guest→host", "sink"),
+        ):
+            per_process[f"{direction}: device"] = alone[f"{key}_cpu"]
+            per_process[f"{direction}: test driver (guest)"] = alone[f"{key}_cpu_guest"]
+            per_process[f"{direction}: host {peer}"] = alone[f"{key}_cpu_host"]
         figures.append(
             _model.figure(
                 f"{NAME}.alone-cpu",
-                "device alone: MB moved per CPU-second of the device process",
+                "device alone: MB moved per CPU-second, by process",
                 "rate",
-                {"host→guest": alone["h2g_cpu"], "guest→host": alone["g2h_cpu"]},
+                per_process,
                 unit="MB/CPU-s",
                 pairs=[],
+                note="The device's figure is what the back-end could move with a whole core to "
+                "itself. Device: utime + stime from /proc (10 ms ticks); test driver: the "
+                "CPU time of the bench thread that runs it; host peer: its own process times.",
             )
         )
     sib_mib, sib_rounds, sib_pings = (16, 1, 200) if ctx.quick else (512, 3, 2000)
