@@ -104,6 +104,7 @@ def test_the_report_puts_the_paths_side_by_side() -> None:
         {USER_NET: [20.0], VSOCK: [25.0]},
         {USER_NET: [1e-3, 2e-3, 1.5e-3], VSOCK: [5e-4, 1e-3, 6e-4]},
         64 << 20,
+        {f"{USER_NET}: QEMU A": [300.0, 320.0, 310.0], f"{VSOCK}: device A": [40.0, 60.0]},
     )
     part = _model.part_result(vmvm.NAME, vmvm.TITLE, vmvm.PATH, figures)
     raw = _raw(part)
@@ -119,6 +120,8 @@ def test_the_report_puts_the_paths_side_by_side() -> None:
     assert (
         "Path: guests: TCG" in report and "user net (slirp port forward, TCP): guest B →" in report
     )
+    assert "### CPU per 64-byte round trip, by process" in report
+    assert f"| {VSOCK}: device A | 2 | 40.0 | 50.0 | 60.0 |" in report
 
 
 def test_the_part_is_in_the_suite_but_boots_nothing_quick(tmp_path: Path) -> None:

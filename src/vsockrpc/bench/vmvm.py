@@ -30,7 +30,7 @@ from types import ModuleType
 
 from vsockrpc.bench import _model
 from vsockrpc.bench._context import Context
-from vsockrpc.bench._device_alone import MiB, device_process, hybrid_connect
+from vsockrpc.bench._device_alone import MiB, cpu_seconds, device_process, hybrid_connect
 from vsockrpc.bench._private import device_guest_recipe
 from vsockrpc.errors import VsockRpcError
 
@@ -131,11 +131,13 @@ def figures(
     a2b: dict[str, list[float]],
     rtt: dict[str, list[float]],
     size: int,
+    cpu: dict[str, list[float]] | None = None,
 ) -> list[_model.Figure]:
     """MB/s per run each way and seconds per round trip, each keyed by :data:`PATHS` (the first,
-    user networking, is the baseline of the ratios)."""
+    user networking, is the baseline of the ratios); ``cpu``: µs of CPU per round trip by
+    process, one value per round."""
     mib = size // MiB
-    return [
+    out = [
         _model.figure(
             f"{NAME}.b2a", f"guest B → guest A stream, {mib} MiB", "rate", b2a, unit="MB/s"
         ),
@@ -144,6 +146,21 @@ def figures(
         ),
         _model.figure(f"{NAME}.rtt", "guest B ↔ guest A 64-byte echo round trip", "latency", rtt),
     ]
+    if cpu:
+        out.append(
+            _model.figure(
+                f"{NAME}.rtt-cpu",
+                "CPU per 64-byte round trip, by process",
+                "time",
+                cpu,
+                unit="µs",
+                pairs=[],
+                note="One value per round: utime + stime from /proc over its round trips (10 ms "
+                "ticks); each QEMU includes its guest's emulated work, and user networking's "
+                "slirp.",
+            )
+        )
+    return out
 
 
 def run(ctx: Context) -> _model.PartResult:
@@ -165,6 +182,10 @@ def _with_guests(ctx: Context, dg: ModuleType) -> list[_model.Figure]:
     b2a: dict[str, list[float]] = {p: [] for p in PATHS}
     a2b: dict[str, list[float]] = {p: [] for p in PATHS}
     rtt: dict[str, list[float]] = {p: [] for p in PATHS}
+    # CPU per round trip (µs), per round: where a round trip's time goes besides waiting.
+    procs = ("QEMU A", "QEMU B", "device A", "device B")
+    cpu: dict[str, list[float]] = {f"{p}: {who}": [] for p in PATHS for who in procs}
+    pids: dict[str, int] = {}
     with contextlib.ExitStack() as stack:
         ctx.step(NAME, f"booting guests A (CID {CID_A}) and B (CID {CID_B}) (TCG)")
         vms, sockets = [], []
@@ -174,11 +195,12 @@ def _with_guests(ctx: Context, dg: ModuleType) -> list[_model.Figure]:
             vhost, uds = str(sub / "vhost.sock"), str(sub / "vm.vsock")
             group = ["--group", GROUP, "--groups-dir", str(groups)]
             try:
-                stack.enter_context(device_process(vhost, uds, cid=cid, extra=group))
+                device = stack.enter_context(device_process(vhost, uds, cid=cid, extra=group))
             except RuntimeError as err:  # e.g. a device without sibling routing (--group)
                 raise VsockRpcError(f"vmvm bench: guest {name}'s vsock device: {err}") from err
             vms.append(stack.enter_context(dg.launch(vmlinuz, initramfs, vhost, sub)))
             sockets.append(uds)
+            pids[f"device {name}"], pids[f"QEMU {name}"] = device.pid, vms[-1].proc.pid
         for name, vm in zip("AB", vms, strict=True):
             try:
                 vm.wait_console("PROBE-LISTEN tcp", BOOT_TIMEOUT)
@@ -210,5 +232,8 @@ def _with_guests(ctx: Context, dg: ModuleType) -> list[_model.Figure]:
                 target = targets[path]
                 b2a[path].append(size / run_op(control, target, b"s", size)[0] * 1e3)
                 a2b[path].append(size / run_op(control, target, b"g", size)[0] * 1e3)
+                before = {who: cpu_seconds(pid) for who, pid in pids.items()}
                 rtt[path] += [ns / 1e9 for ns in run_op(control, target, b"E", pings)]
-    return figures(b2a, a2b, rtt, size)
+                for who, pid in pids.items():
+                    cpu[f"{path}: {who}"].append((cpu_seconds(pid) - before[who]) / pings * 1e6)
+    return figures(b2a, a2b, rtt, size, cpu)
