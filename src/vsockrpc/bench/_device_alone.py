@@ -247,18 +247,25 @@ def _h2g_alone(
         sender.join(10)
         if sender.exitcode != 0:
             raise TransferFailed(f"host→guest: sender exited {sender.exitcode}")
-        return {
-            "MBps": total / elapsed / 1e6,
-            "pps": packets / elapsed,
-            "elapsed": elapsed,
-            "driver_cpu": driver_cpu,
-            "host_cpu": sender_cpu.value,
-        }
+        return _result(total, elapsed, packets, driver_cpu, sender_cpu.value)
     finally:
         if sender.is_alive():
             sender.kill()
         sender.join()
         g.listeners.pop(port, None)
+
+
+def _result(
+    total: int, elapsed: float, packets: int, driver_cpu: float, host_cpu: float
+) -> dict[str, float]:
+    """One run: MB/s, packets/s and the CPU seconds of the test driver and the host peer."""
+    return {
+        "MBps": total / elapsed / 1e6,
+        "pps": packets / elapsed,
+        "elapsed": elapsed,
+        "driver_cpu": driver_cpu,
+        "host_cpu": host_cpu,
+    }
 
 
 def _g2h_alone(g: GuestDriver, uds: str, port: int, total: int, *, check: bool) -> dict[str, float]:
@@ -320,13 +327,7 @@ def _g2h_alone(g: GuestDriver, uds: str, port: int, total: int, *, check: bool) 
             )
         if check and crc.value != _repeated_crc(block, total):
             raise TransferFailed("guest→host: checksum mismatch")
-        return {
-            "MBps": total / elapsed / 1e6,
-            "pps": packets / elapsed,
-            "elapsed": elapsed,
-            "driver_cpu": driver_cpu,
-            "host_cpu": sink_cpu.value,
-        }
+        return _result(total, elapsed, packets, driver_cpu, sink_cpu.value)
     finally:
         if sink.is_alive():
             sink.kill()

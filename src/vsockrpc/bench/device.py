@@ -207,6 +207,21 @@ def run(ctx: Context) -> _model.PartResult:
     return _model.part_result(NAME, TITLE, path, figures, notes=notes)
 
 
+def rtt_cpu_figure(part: str, cpu: dict[str, list[float]], qemu: str) -> _model.Figure:
+    """µs of CPU per 64-byte round trip by process, one value per round; ``qemu``: what a
+    QEMU process's figure includes."""
+    return _model.figure(
+        f"{part}.rtt-cpu",
+        "CPU per 64-byte round trip, by process",
+        "time",
+        cpu,
+        unit="µs",
+        pairs=[],
+        note="One value per round: utime + stime from /proc over its round trips (10 ms "
+        f"ticks); {qemu}, and user networking's slirp.",
+    )
+
+
 def _with_guest(ctx: Context, dg: ModuleType) -> list[_model.Figure]:
     size, pings, rounds, sweep_rounds = 64 * MiB, 2000, 3, 2
     workdir: Path = ctx.workdir
@@ -257,16 +272,7 @@ def _with_guest(ctx: Context, dg: ModuleType) -> list[_model.Figure]:
         _model.figure(f"{NAME}.h2g", "host→guest stream, 64 MiB", "rate", up, unit="MB/s"),
         _model.figure(f"{NAME}.g2h", "guest→host stream, 64 MiB", "rate", down, unit="MB/s"),
         _model.figure(f"{NAME}.rtt", "64-byte echo round trip", "latency", lat),
-        _model.figure(
-            f"{NAME}.rtt-cpu",
-            "CPU per 64-byte round trip, by process",
-            "time",
-            cpu,
-            unit="µs",
-            pairs=[],
-            note="One value per round: utime + stime from /proc over its round trips (10 ms "
-            "ticks); QEMU includes the guest's emulated work, and user networking's slirp.",
-        ),
+        rtt_cpu_figure(NAME, cpu, "QEMU includes the guest's emulated work"),
         _model.figure(
             f"{NAME}.sweep",
             "host→guest throughput vs size of each write",

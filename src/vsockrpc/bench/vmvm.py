@@ -32,6 +32,7 @@ from vsockrpc.bench import _model
 from vsockrpc.bench._context import Context
 from vsockrpc.bench._device_alone import MiB, cpu_seconds, device_process, hybrid_connect
 from vsockrpc.bench._private import device_guest_recipe
+from vsockrpc.bench.device import rtt_cpu_figure
 from vsockrpc.errors import VsockRpcError
 
 NAME = "vmvm"
@@ -147,19 +148,7 @@ def figures(
         _model.figure(f"{NAME}.rtt", "guest B ↔ guest A 64-byte echo round trip", "latency", rtt),
     ]
     if cpu:
-        out.append(
-            _model.figure(
-                f"{NAME}.rtt-cpu",
-                "CPU per 64-byte round trip, by process",
-                "time",
-                cpu,
-                unit="µs",
-                pairs=[],
-                note="One value per round: utime + stime from /proc over its round trips (10 ms "
-                "ticks); each QEMU includes its guest's emulated work, and user networking's "
-                "slirp.",
-            )
-        )
+        out.append(rtt_cpu_figure(NAME, cpu, "each QEMU includes its guest's emulated work"))
     return out
 
 
