@@ -1,9 +1,10 @@
 """Build the C++ Addition server and client (``cpp/``) against the system's grpc++, cached;
 and the relay part's splice relay in C++ (needs only g++).
 
-Optional: needs g++, pkg-config, protoc and grpc_cpp_plugin and the grpc++ development files
-(Debian: ``g++ pkg-config libgrpc++-dev protobuf-compiler-grpc``). Without them the ``rpc`` part
-says which is missing and skips the C++ line. Binaries are cached under the vsockrpc cache
+Optional: needs g++, pkg-config, protoc and grpc_cpp_plugin and the grpc++ and protobuf
+development files (Debian: ``g++ pkg-config libgrpc++-dev libprotobuf-dev
+protobuf-compiler-grpc``). Without them the ``rpc`` part says which is missing and skips the
+C++ line. Binaries are cached under the vsockrpc cache
 (``bench-cpp/<digest of sources and toolchain versions>``), so a second run does not recompile.
 """
 
@@ -23,6 +24,9 @@ SOURCES = ("addition_server.cc", "addition_client.cc")
 RELAY_SOURCE = "splice_relay.cc"
 PROTO = HERE.parent / "proto" / "vsock_service.proto"
 TOOLS = ("g++", "pkg-config", "protoc", "grpc_cpp_plugin")
+#: pkg-config modules the server links against, and the Debian package that ships each (Debian's
+#: libgrpc++-dev does not pull libprotobuf-dev in without recommends).
+PKG_CONFIG_MODULES = (("grpc++", "libgrpc++-dev"), ("protobuf", "libprotobuf-dev"))
 
 
 def _out(argv: list[str]) -> str:
@@ -33,11 +37,20 @@ def missing() -> str | None:
     """Why the C++ line cannot be built here, or None when it can."""
     absent = [tool for tool in TOOLS if shutil.which(tool) is None]
     if absent:
-        return f"{', '.join(absent)} not found (Debian: libgrpc++-dev protobuf-compiler-grpc g++)"
-    try:
-        _out(["pkg-config", "--exists", "grpc++", "protobuf"])
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError):
-        return "pkg-config finds no grpc++/protobuf development files (Debian: libgrpc++-dev)"
+        return (
+            f"{', '.join(absent)} not found "
+            "(Debian: g++ pkg-config libgrpc++-dev libprotobuf-dev protobuf-compiler-grpc)"
+        )
+    unfound = []
+    for module, package in PKG_CONFIG_MODULES:
+        try:
+            _out(["pkg-config", "--exists", module])
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError):
+            unfound.append((module, package))
+    if unfound:
+        modules = "/".join(module for module, _ in unfound)
+        packages = " ".join(package for _, package in unfound)
+        return f"pkg-config finds no {modules} development files (Debian: {packages})"
     return None
 
 
