@@ -65,14 +65,14 @@ def device_process(
             *extra,
         ],
     )
-    # BENCH_DEVICE_PYSPY=/tmp/dev.txt: py-spy records the device (raw collapsed stacks) until it
-    # exits. Attached by pid, not wrapped around it: a wrapper stops without its child.
-    profile = os.environ.get("BENCH_DEVICE_PYSPY")
     spy = None
-    if profile:
-        record = ["py-spy", "record", "--pid", str(proc.pid), "--format", "raw", "-o", profile]
-        spy = subprocess.Popen(record, stdout=subprocess.DEVNULL)
     try:
+        # BENCH_DEVICE_PYSPY=/tmp/dev.txt: py-spy records the device (raw collapsed stacks) until
+        # it exits. Attached by pid, not wrapped around it: a wrapper stops without its child.
+        profile = os.environ.get("BENCH_DEVICE_PYSPY")
+        if profile:
+            record = ["py-spy", "record", "--pid", str(proc.pid), "--format", "raw", "-o", profile]
+            spy = subprocess.Popen(record, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while not os.path.exists(uds):
             if proc.poll() is not None or time.monotonic() > deadline:
