@@ -367,6 +367,37 @@ def test_small_messages_take_one_rx_buffer_each(device: VsockDevice, guest: Gues
     s.close()
 
 
+@pytest.mark.timeout(30)
+def test_the_host_reading_what_the_guest_sent_does_not_wake_the_device(
+    device: VsockDevice, guest: GuestDriver
+) -> None:
+    """With nothing waiting to be written, the device does not watch a host socket for
+    EPOLLOUT: edge-triggered, it fired each time the host read and freed buffer space, one
+    idle loop pass per round trip of a request/response stream."""
+
+    def settled() -> int:
+        """The device's pass count once it has stayed put for 50 ms (the guest's packet and
+        the deferred tx-completion signal are handled by then)."""
+        passes = -1
+        while passes != device.muxer.stats_passes:
+            passes = device.muxer.stats_passes
+            time.sleep(0.05)
+        return passes
+
+    s, stream = open_pair(device, guest)
+    for i in range(10):
+        msg = f"{i:02d}".encode() * 32
+        stream.send(msg)
+        guest.pump(0.05)
+        passes = settled()
+        got = b""
+        while len(got) < len(msg):
+            got += s.recv(len(msg) - len(got))
+        assert got == msg
+        assert settled() == passes, f"round {i}: the host's read woke the device"
+    s.close()
+
+
 # --------------------------------------------------------------------------- credit
 @pytest.mark.timeout(60)
 def test_credit_exhaustion_and_recovery_host_to_guest(device: VsockDevice) -> None:

@@ -56,6 +56,8 @@ class Connection:
         "last_fwd_cnt_sent",
         "local_cid",
         "local_port",
+        "out_pending_at",
+        "out_watched",
         "peer_buf_alloc",
         "peer_fwd_cnt",
         "peer_port",
@@ -111,6 +113,8 @@ class Connection:
         self.write_shut = False  # host socket's write side shut down
         self.host_readable = False  # epoll said readable and we have not drained it since
         self.host_hup = False  # epoll saw HUP/RDHUP: an EOF is queued behind any data
+        self.out_watched = False  # the socket is registered for EPOLLOUT (table._sync_out)
+        self.out_pending_at = 0.0  # when output last waited in pending_out (monotonic)
         # The last read from the host socket did not fill one rx buffer (a request/response
         # stream): read into one buffer, not a batch that mostly goes back unused.
         self.read_short = False

@@ -132,6 +132,7 @@ class FlowControl(ConnectionTable):
         self._after_forward(conn)
 
     def _after_forward(self, conn: Connection) -> None:
+        self._sync_out(conn)
         if conn.pending_out:
             return
         if conn.state is ConnState.CLOSING:
