@@ -1,8 +1,9 @@
 """The device's single-threaded event loop: epoll plus per-fd callbacks and a wakeup eventfd.
 
 Hand-rolled rather than ``selectors``/``asyncio`` because the data path needs edge-triggered
-registration (host sockets are registered once for IN|OUT|ET and never re-registered as credit
-or rx buffers come and go), and a callback per ready fd without asyncio's per-event object churn.
+registration (host sockets stay registered for IN|ET as credit or rx buffers come and go; OUT
+is added only while output waits), and a callback per ready fd without asyncio's per-event
+object churn.
 """
 
 from __future__ import annotations
