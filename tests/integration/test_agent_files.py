@@ -427,10 +427,13 @@ def test_upload_cut_by_a_dying_agent_fails_with_one_line_and_no_grpc_traceback(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
     address = f"unix:{tmp_path}/agent.sock"
+    temp = tmp_path / "tmp"  # a SIGKILLed agent cannot remove its directories from TMPDIR
+    temp.mkdir()
     agent = subprocess.Popen(
         [sys.executable, "-m", "vsockrpc.guest", "--listen", address],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(temp)},
     )
     caplog.set_level(logging.DEBUG)
     try:
@@ -450,6 +453,34 @@ def test_upload_cut_by_a_dying_agent_fails_with_one_line_and_no_grpc_traceback(
     time.sleep(0.2)  # a late log line from grpc's request thread would land here
     assert "Exception iterating requests" not in caplog.text
     assert not (tmp_path / "big.bin").exists()
+
+
+def test_an_agent_stopped_by_sigterm_leaves_no_data_channel_directory(tmp_path: Path) -> None:
+    """The Unix data channel's socket lives in a directory the agent makes in the temporary
+    directory; an agent stopped by SIGTERM (the non-PID-1 way to stop it) must take it away."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    address = f"unix:{tmp_path}/agent.sock"
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "vsockrpc.guest", "--listen", address],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(temp)},
+    )
+    try:
+        (tmp_path / "src.bin").write_bytes(os.urandom(2 * MIB))
+        with Guest(address, wait=20) as g:
+            g.put(tmp_path / "src.bin", tmp_path / "dst.bin")  # over a data channel
+        made = [p.name for p in temp.iterdir()]
+        assert any(name.startswith("vsockrpc-data-") for name in made), made
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=30) == 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(timeout=10)
+    assert (tmp_path / "dst.bin").read_bytes() == (tmp_path / "src.bin").read_bytes()
+    assert not [p.name for p in temp.iterdir() if p.name.startswith("vsockrpc-data-")]
 
 
 def test_a_long_path_is_cut_short_in_the_message(guest: Guest) -> None:

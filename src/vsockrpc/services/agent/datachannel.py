@@ -29,8 +29,9 @@ import socket
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from vsockrpc.addresses import Address
 from vsockrpc.agent.datachannel import TICKET_LINE_MAX, TICKET_TTL, new_ticket, parse_ticket_line
@@ -82,6 +83,13 @@ class _Listener:
             ).start()
 
 
+def _remove_own_dir(path: str, creator: int) -> None:
+    """Remove the data channels' directory, only in the process that made it (a forked child
+    exiting through Python's exit handlers must not take its parent's socket away)."""
+    if os.getpid() == creator:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class DataChannels:
     """Listeners (one per address kind, opened on first use) and pending connections."""
 
@@ -93,6 +101,7 @@ class DataChannels:
         self._lock = threading.Condition()
         self._listeners: dict[str, _Listener] = {}  # by scheme
         self._unix_dir: str | None = None
+        self._remove_unix_dir: weakref.finalize[Any, Any] | None = None
         self._tickets: dict[str, float] = {}  # issued, not connected yet: expiry
         self._ready: dict[str, tuple[socket.socket, float]] = {}  # connected, not taken: expiry
 
@@ -127,6 +136,12 @@ class DataChannels:
     def _unix_path(self) -> str:
         if self._unix_dir is None:
             self._unix_dir = tempfile.mkdtemp(prefix="vsockrpc-data-")  # 0700: only us
+            # Removed by close(), or else when this object is collected or the process exits:
+            # an agent stopped by SIGTERM never closed its servicers and left the directory
+            # and its socket in the temporary directory.
+            self._remove_unix_dir = weakref.finalize(
+                self, _remove_own_dir, self._unix_dir, os.getpid()
+            )
         return os.path.join(self._unix_dir, "data.sock")
 
     def register(self, conn: socket.socket, peer: Address | None) -> None:
@@ -202,6 +217,6 @@ class DataChannels:
                 conn.close()
             self._ready.clear()
             self._listeners.clear()
-            if self._unix_dir is not None:
-                shutil.rmtree(self._unix_dir, ignore_errors=True)
-                self._unix_dir = None
+            if self._remove_unix_dir is not None:
+                self._remove_unix_dir()
+                self._remove_unix_dir = self._unix_dir = None
