@@ -6,10 +6,12 @@ import hashlib
 import io
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -427,8 +429,9 @@ def test_upload_cut_by_a_dying_agent_fails_with_one_line_and_no_grpc_traceback(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
     address = f"unix:{tmp_path}/agent.sock"
-    temp = tmp_path / "tmp"  # a SIGKILLed agent cannot remove its directories from TMPDIR
-    temp.mkdir()
+    # A SIGKILLed agent cannot remove its directories from TMPDIR: give it one of its own, short
+    # enough to hold socket paths (rpc/_private.py), and remove it here.
+    temp = Path(tempfile.mkdtemp())
     agent = subprocess.Popen(
         [sys.executable, "-m", "vsockrpc.guest", "--listen", address],
         stdout=subprocess.DEVNULL,
@@ -446,6 +449,7 @@ def test_upload_cut_by_a_dying_agent_fails_with_one_line_and_no_grpc_traceback(
         if agent.poll() is None:
             agent.kill()
         agent.wait(timeout=10)
+        shutil.rmtree(temp)
     message = str(info.value)
     assert "\n" not in message and "upload to" in message, message
     assert "Exception iterating requests" not in caplog.text
