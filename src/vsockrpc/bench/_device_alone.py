@@ -130,7 +130,7 @@ def _host_sender(
     else:
         s = transport.connect(via, timeout=60)
         s.settimeout(60)
-    cpu0 = _process_cpu()  # the transfer's CPU only, not the process's start-up
+    cpu0 = cpu_seconds(os.getpid())  # the transfer's CPU only, not the process's start-up
     sent = 0
     while sent < total:
         n = min(len(block), total - sent)
@@ -140,12 +140,7 @@ def _host_sender(
     s.recv(1)
     s.close()
     if cpu is not None:
-        cpu.value = _process_cpu() - cpu0
-
-
-def _process_cpu() -> float:
-    times = os.times()
-    return times.user + times.system
+        cpu.value = cpu_seconds(os.getpid()) - cpu0
 
 
 def _host_sink(uds: str, port: int, total: int, *, got: Any, crc: Any, cpu: Any) -> None:
@@ -160,7 +155,7 @@ def _host_sink(uds: str, port: int, total: int, *, got: Any, crc: Any, cpu: Any)
     srv.listen()
     os.rename(f"{uds}_{port}.tmp", f"{uds}_{port}")
     peer, _ = srv.accept()
-    cpu0 = _process_cpu()  # the transfer's CPU only, not the process's start-up
+    cpu0 = cpu_seconds(os.getpid())  # the transfer's CPU only, not the process's start-up
     peer.settimeout(STALL_SECONDS)
     buf = bytearray(4 * MiB)
     view = memoryview(buf)
@@ -179,7 +174,7 @@ def _host_sink(uds: str, port: int, total: int, *, got: Any, crc: Any, cpu: Any)
         crc.value = digest
     peer.close()
     srv.close()
-    cpu.value = _process_cpu() - cpu0
+    cpu.value = cpu_seconds(os.getpid()) - cpu0
 
 
 def _repeated_crc(block: bytes, total: int) -> int:
