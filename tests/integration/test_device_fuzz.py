@@ -28,10 +28,18 @@ from hypothesis import strategies as st
 
 from vsockrpc.vhost import VsockDevice
 from vsockrpc.vhost.packet import HOST_CID, Op
+from vsockrpc.vhost.reactor import Reactor
 from vsockrpc.vhost.routes import MAX_PENDING_OUT
-from vsockrpc.vhost.sibling import MAX_PENDING_IN
+from vsockrpc.vhost.sibling import MAX_PENDING_IN, CoHosted
 from vsockrpc.vhost.table import MAX_STATELESS_RST
-from vsockrpc.vhost.testing import GuestDriver, GuestStream, pump_all, serving, wait_all
+from vsockrpc.vhost.testing import (
+    GuestDriver,
+    GuestStream,
+    pump_all,
+    serving,
+    serving_together,
+    wait_all,
+)
 
 CID = 9
 MiB = 1 << 20
@@ -329,12 +337,20 @@ class Siblings:
     world_b: World  # guest B serving a stream to the host
 
 
-@pytest.fixture(scope="module")
-def siblings() -> Iterator[Siblings]:
+@pytest.fixture(scope="module", params=["separate", "together"])
+def siblings(request: pytest.FixtureRequest) -> Iterator[Siblings]:
+    """Guests A and B of group "fz" (and a device outside it): with a device each, or served
+    together by one loop on one reactor (one device process for both VMs, in-process links),
+    where A's flood and B's host stream share a thread."""
+    together = request.param == "together"
     d = tempfile.mkdtemp(prefix="vdfs", dir="/tmp")
     groups = os.path.join(d, "groups")
     try:
         with contextlib.ExitStack() as stack:
+            shared = Reactor() if together else None
+            if shared is not None:
+                stack.callback(shared.close)
+            cohosted = CoHosted()
             devs, threads = [], []
             for cid, group in ((SIB_A, "fz"), (SIB_B, "fz"), (SIB_OUT, "other")):
                 dev = stack.enter_context(
@@ -344,10 +360,20 @@ def siblings() -> Iterator[Siblings]:
                         guest_cid=cid,
                         groups=[group],
                         groups_dir=groups,
+                        **(
+                            {"reactor": shared, "cohosted": cohosted}
+                            if shared and cid != SIB_OUT
+                            else {}
+                        ),
                     )
                 )
-                threads.append(stack.enter_context(serving(dev)))
                 devs.append(dev)
+            if together:
+                loop = stack.enter_context(serving_together(devs[:2]))
+                threads += [loop, loop]
+            else:
+                threads += [stack.enter_context(serving(dev)) for dev in devs[:2]]
+            threads.append(stack.enter_context(serving(devs[2])))
             guest_a = stack.enter_context(
                 GuestDriver(os.path.join(d, f"v{SIB_A}"), guest_cid=SIB_A)
             )

@@ -222,3 +222,110 @@ def test_a_group_directory_that_is_a_symlink_is_refused(tmp: str) -> None:
     assert out.returncode == 1
     assert "is a symlink" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert os.listdir(os.path.join(tmp, "elsewhere")) == []
+
+
+# ---------------------------------------------------------------------- one process, several VMs
+def _vm(tmp: str, cid: int, groups: str = "g") -> str:
+    vhost, uds = os.path.join(tmp, f"v{cid}"), os.path.join(tmp, f"u{cid}")
+    spec = f"guest-cid={cid},socket={vhost},uds-path={uds}"
+    return f"{spec},groups={groups}" if groups else spec
+
+
+def _vm_argv(tmp: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "vsockrpc.vhost", *extra]
+
+
+def test_one_process_serves_two_vms_that_reach_each_other_and_exits_after_both(tmp: str) -> None:
+    proc = subprocess.Popen(
+        _vm_argv(
+            tmp,
+            "--vm",
+            _vm(tmp, A),
+            "--vm",
+            _vm(tmp, B),
+            "--groups-dir",
+            os.path.join(tmp, "groups"),
+            "--exit-on-disconnect",
+        ),
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not all(os.path.exists(os.path.join(tmp, f"u{c}")) for c in (A, B)):
+            assert proc.poll() is None and time.monotonic() < deadline, "device did not start"
+            time.sleep(0.02)
+        group = os.path.join(tmp, "groups", "g")
+        for cid in (A, B):  # members for devices of other processes too, both by this pid
+            assert _read(os.path.join(group, f"{cid}.pid")) == f"{proc.pid}\n"
+        with GuestDriver(os.path.join(tmp, f"v{A}"), guest_cid=A) as ga:
+            with GuestDriver(os.path.join(tmp, f"v{B}"), guest_cid=B) as gb:
+                ga.boot()
+                gb.boot()
+                listener = gb.listen(PORT)
+                a = ga.connect_start(PORT, cid=B)
+                wait_all([ga, gb], lambda: bool(listener.backlog), 10, "accept")
+                b = listener.backlog.popleft()
+                assert (b.peer_cid, b.peer_port) == (A, a.local_port)
+                data = os.urandom(MiB)
+                a.send(data)
+                got = bytearray()
+
+                def done() -> bool:
+                    got.extend(b.recv())
+                    return len(got) >= MiB
+
+                wait_all([ga, gb], done, 60, "1 MiB A → B")
+                assert bytes(got) == data
+            # B's front-end is gone: only its device stopped; A still reaches the host.
+            time.sleep(0.3)
+            assert proc.poll() is None
+            assert not os.path.exists(os.path.join(tmp, f"u{B}"))
+            assert not os.path.exists(os.path.join(group, f"{B}.sock"))
+            ga.listen(700)
+            with socket.socket(socket.AF_UNIX) as host:
+                host.settimeout(10)
+                host.connect(os.path.join(tmp, f"u{A}"))
+                host.sendall(b"CONNECT 700\n")
+                stream = ga.accept(ga.listeners[700], timeout=10)
+                assert stream.peer_cid == 2
+        proc.wait(10)  # the last front-end left: the process exits
+        assert proc.returncode == 0
+        assert os.listdir(group) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--vm", "guest-cid=5,socket=s"], "missing uds-path"),
+        (["--vm", "guest-cid=x,socket=s,uds-path=u"], "guest-cid 'x' is not a number"),
+        (["--vm", "cid=5,socket=s,uds-path=u"], "expected guest-cid=N"),
+        (["--vm", "guest-cid=5,guest-cid=6,socket=s,uds-path=u"], "guest-cid given twice"),
+        (["--vm", "guest-cid=5,socket=s,uds-path=u,groups=../x"], "is not a group name"),
+        (["--vm", "guest-cid=5,socket=s,uds-path=u", "--cid", "5"], "--cid does not go with"),
+        (["--vm", "guest-cid=5,socket=s,uds-path=u", "--socket", "x"], "not allowed with"),
+        (
+            ["--vm", "guest-cid=5,socket=s,uds-path=u", "--vm", "guest-cid=5,socket=t,uds-path=v"],
+            "two --vm give the same guest-cid 5",
+        ),
+        (
+            ["--vm", "guest-cid=5,socket=s,uds-path=u", "--vm", "guest-cid=6,socket=s,uds-path=v"],
+            "two --vm give the same socket s",
+        ),
+        (["--vm", "guest-cid=5,socket=s,uds-path=u,groups=g"], "--group needs --groups-dir"),
+        (["--uds", "u", "--cid", "5"], "one of --socket, --socket-fd or --vm is required"),
+        (["--socket", "s", "--cid", "5"], "--uds and --cid are required"),
+    ],
+)
+def test_bad_vm_arguments_are_usage_errors(tmp: str, extra: list[str], message: str) -> None:
+    out = subprocess.run(
+        _vm_argv(tmp, *extra), check=False, capture_output=True, text=True, timeout=30, cwd=tmp
+    )
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert os.listdir(tmp) == [], "nothing created"

@@ -1,6 +1,9 @@
-"""Sibling routing: two devices of one group, each with its test-driver guest, in this process
-(one thread per device). Guest A (CID 5) connects to guest B (CID 6) by CID; a third device
-(CID 7) belongs to another group. docs/device.md, "Sibling routing"."""
+"""Sibling routing: two devices of one group, each with its test-driver guest, in this process.
+Guest A (CID 5) connects to guest B (CID 6) by CID; a third device (CID 7) belongs to another
+group. docs/device.md, "Sibling routing". Every test runs twice: with A and B as separate
+devices (one thread each, linked by the group's Unix sockets, as two device processes are), and
+with A and B served together on one reactor (one device process for both VMs: an in-process
+link, no socket)."""
 
 from __future__ import annotations
 
@@ -19,8 +22,18 @@ from dataclasses import dataclass
 import pytest
 
 from vsockrpc.vhost import VsockDevice
+from vsockrpc.vhost.link import LinkEnd
 from vsockrpc.vhost.packet import SHUTDOWN_SEND, Op
-from vsockrpc.vhost.testing import GuestDriver, GuestStream, pump_all, serving, wait_all
+from vsockrpc.vhost.reactor import Reactor
+from vsockrpc.vhost.sibling import CoHosted
+from vsockrpc.vhost.testing import (
+    GuestDriver,
+    GuestStream,
+    pump_all,
+    serving,
+    serving_together,
+    wait_all,
+)
 
 A, B, C = 5, 6, 7
 GROUP = "g"
@@ -32,6 +45,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @dataclass
 class Pair:
+    together: bool  # A and B served by one loop (one process for both VMs)
     groups_dir: str
     dev_a: VsockDevice
     dev_b: VsockDevice
@@ -51,12 +65,17 @@ class Pair:
             pump_all(self.guests, 0.01)
 
 
-@pytest.fixture
-def pair() -> Iterator[Pair]:
+@pytest.fixture(params=["separate", "together"])
+def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
+    together = request.param == "together"
     d = tempfile.mkdtemp(prefix="vsib", dir="/tmp")
     groups = os.path.join(d, "groups")
     try:
         with contextlib.ExitStack() as stack:
+            shared = Reactor() if together else None
+            if shared is not None:
+                stack.callback(shared.close)
+            cohosted = CoHosted()
             devs, guests = [], []
             for cid, group in ((A, GROUP), (B, GROUP), (C, "other")):
                 vpath = os.path.join(d, f"v{cid}")
@@ -67,15 +86,25 @@ def pair() -> Iterator[Pair]:
                         guest_cid=cid,
                         groups=[group],
                         groups_dir=groups,
+                        **(
+                            {"reactor": shared, "cohosted": cohosted}
+                            if cid != C and together
+                            else {}
+                        ),
                     )
                 )
-                stack.enter_context(serving(dev))
                 devs.append(dev)
-                if cid != C:  # C's guest never boots: nothing may reach it anyway
-                    guest = stack.enter_context(GuestDriver(vpath, guest_cid=cid))
-                    guest.boot()
-                    guests.append(guest)
-            yield Pair(groups, devs[0], devs[1], guests[0], guests[1])
+            if together:
+                stack.enter_context(serving_together(devs[:2]))
+            else:
+                stack.enter_context(serving(devs[0]))
+                stack.enter_context(serving(devs[1]))
+            stack.enter_context(serving(devs[2]))
+            for cid in (A, B):  # C's guest never boots: nothing may reach it anyway
+                guest = stack.enter_context(GuestDriver(os.path.join(d, f"v{cid}"), guest_cid=cid))
+                guest.boot()
+                guests.append(guest)
+            yield Pair(together, groups, devs[0], devs[1], guests[0], guests[1])
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -111,6 +140,13 @@ def test_guest_a_reaches_guest_b_by_cid_and_b_sees_a_real_cid(pair: Pair) -> Non
     # Each device keys the stream by the other guest's CID, beside any host connections.
     assert set(pair.dev_a.muxer.conns) == {(B, PORT, a.local_port)}
     assert set(pair.dev_b.muxer.conns) == {(A, a.local_port, PORT)}
+    # Served together, the two are joined in-process; apart, by a socket between the devices.
+    links = [
+        isinstance(c.sock, LinkEnd)
+        for d in (pair.dev_a, pair.dev_b)
+        for c in d.muxer.conns.values()
+    ]
+    assert links == [pair.together, pair.together]
 
 
 def test_four_mib_each_way_checksummed_with_credit_flow(pair: Pair) -> None:

@@ -23,6 +23,7 @@ Lifetime flags, for a device that must never outlive its VM:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import logging
 import os
@@ -32,6 +33,7 @@ import stat
 import sys
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import FrameType
 
 from vsockrpc._checks import positive_int
@@ -53,19 +55,28 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The device's options (shared with ``vsockrpc device``)."""
-    where = parser.add_mutually_exclusive_group(required=True)
+    where = parser.add_mutually_exclusive_group()
     where.add_argument("--socket", metavar="PATH", help="vhost-user socket to listen on")
     where.add_argument(
         "--socket-fd", metavar="N", type=_fd, help="an inherited, listening vhost-user socket"
     )
-    parser.add_argument("--uds", metavar="PATH", required=True, help="hybrid vsock Unix socket")
+    where.add_argument(
+        "--vm",
+        metavar="SPEC",
+        action="append",
+        type=_vm_spec,
+        help="serve this VM too, in this one process (repeatable; instead of --socket, --uds and "
+        "--cid): 'guest-cid=N,socket=PATH,uds-path=PATH[,groups=A+B]', as vhost-device-vsock. "
+        "Guests of a shared group served by one process reach each other without a socket",
+    )
+    parser.add_argument("--uds", metavar="PATH", help="hybrid vsock Unix socket")
     parser.add_argument(
         "--uds-fd",
         metavar="N",
         type=_fd,
         help="an inherited socket already listening on --uds (the caller owns the path)",
     )
-    parser.add_argument("--cid", metavar="N", type=int, required=True, help="guest CID (>= 3)")
+    parser.add_argument("--cid", metavar="N", type=int, help="guest CID (>= 3)")
     parser.add_argument(
         "--mode",
         metavar="OCTAL",
@@ -121,53 +132,116 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the device until it is stopped; raises DeviceError when it cannot run."""
     # Imported here: `vsockrpc device --help` and the CLI's other commands need none of it.
-    from vsockrpc.vhost.device import DEFAULT_BUF_ALLOC, DEFAULT_MAX_CONNECTIONS, VsockDevice
+    from vsockrpc.vhost.device import (
+        DEFAULT_BUF_ALLOC,
+        DEFAULT_MAX_CONNECTIONS,
+        DeviceLoop,
+        VsockDevice,
+    )
+    from vsockrpc.vhost.reactor import Reactor
+    from vsockrpc.vhost.sibling import CoHosted
 
-    if args.group and not args.groups_dir:
+    specs = _vm_specs(args)
+    if any(spec.groups for spec in specs) and not args.groups_dir:
         raise BadInputError("--group needs --groups-dir DIR (where group members meet)")
     if args.exit_with_parent:
         _die_with_parent()
-    vhost: str | socket.socket = (
-        _inherited(args.socket_fd, "--socket-fd") if args.socket_fd is not None else args.socket
-    )
     uds_socket = _inherited(args.uds_fd, "--uds-fd") if args.uds_fd is not None else None
-    with VsockDevice(
-        vhost_socket=vhost,
-        uds_path=args.uds,
-        guest_cid=args.cid,
-        buf_alloc=args.buf_alloc or DEFAULT_BUF_ALLOC,
-        max_connections=args.max_connections or DEFAULT_MAX_CONNECTIONS,
-        uds_socket=uds_socket,
-        socket_mode=args.mode,
-        exit_on_disconnect=args.exit_on_disconnect,
-        exit_with_pid=args.exit_with_pid,
-        groups=args.group,
-        groups_dir=args.groups_dir,
-    ) as device:
+    reactor = Reactor()
+    cohosted = CoHosted()
+    with contextlib.ExitStack() as stack:
+        stack.callback(reactor.close)
+        devices: list[VsockDevice] = []
+        for spec in specs:
+            devices.append(
+                stack.enter_context(
+                    VsockDevice(
+                        vhost_socket=spec.socket,
+                        uds_path=spec.uds,
+                        guest_cid=spec.cid,
+                        buf_alloc=args.buf_alloc or DEFAULT_BUF_ALLOC,
+                        max_connections=args.max_connections or DEFAULT_MAX_CONNECTIONS,
+                        uds_socket=uds_socket,
+                        socket_mode=args.mode,
+                        exit_on_disconnect=args.exit_on_disconnect,
+                        exit_with_pid=args.exit_with_pid,
+                        groups=spec.groups,
+                        groups_dir=args.groups_dir,
+                        reactor=reactor,
+                        cohosted=cohosted,
+                    )
+                )
+            )
+        # A VM whose device stopped (its QEMU gone) releases its sockets and group files at
+        # once; the process goes on serving the others and exits after the last.
+        loop = DeviceLoop(reactor, on_leave=VsockDevice.close)
         received: list[int] = []
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             # Only what is safe in a handler: note it and wake the loop (an eventfd write).
             received.append(signum)
-            device.stop()
+            loop.stop()
 
         stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         previous = {s: signal.signal(s, on_signal) for s in stop_signals}
         try:
-            log.info(
-                "vsock device: vhost-user %s, hybrid %s, guest CID %d, groups %s",
-                args.socket or f"fd {args.socket_fd}",
-                args.uds,
-                args.cid,
-                ",".join(args.group) or "none",
-            )
-            device.serve_forever()
+            for spec in specs:
+                log.info(
+                    "vsock device: vhost-user %s, hybrid %s, guest CID %d, groups %s",
+                    spec.socket if isinstance(spec.socket, str) else f"fd {args.socket_fd}",
+                    spec.uds,
+                    spec.cid,
+                    ",".join(spec.groups) or "none",
+                )
+            for device in devices:
+                loop.add(device)
+            loop.run()
             if received:
                 log.info("signal %d: stopped", received[0])
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
     return 0
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """One VM the process serves: its vhost-user socket (a path, or inherited), hybrid socket
+    path, guest CID and groups."""
+
+    socket: str | socket.socket
+    uds: str
+    cid: int
+    groups: tuple[str, ...]
+
+
+_SPEC_FIELDS = {"guest-cid": "cid", "socket": "socket", "uds-path": "uds"}
+
+
+def _vm_specs(args: argparse.Namespace) -> list[VmSpec]:
+    """The VMs to serve: one from --socket/--socket-fd, --uds, --cid, --group; or the --vm
+    list (where those options have no place). BadInputError names what is wrong."""
+    if args.vm:
+        for flag, value in (("--uds", args.uds), ("--uds-fd", args.uds_fd), ("--cid", args.cid)):
+            if value is not None:
+                raise BadInputError(f"{flag} does not go with --vm (each --vm names its own)")
+        if args.group:
+            raise BadInputError("--group does not go with --vm (use groups=A+B in each --vm)")
+        specs: list[VmSpec] = args.vm
+        for field in ("guest-cid", "socket", "uds-path"):
+            seen = [str(getattr(spec, _SPEC_FIELDS[field])) for spec in specs]
+            twice = next((v for v in seen if seen.count(v) > 1), None)
+            if twice is not None:
+                raise BadInputError(f"two --vm give the same {field} {twice}")
+        return specs
+    if args.socket is None and args.socket_fd is None:
+        raise BadInputError("one of --socket, --socket-fd or --vm is required")
+    if args.uds is None or args.cid is None:
+        raise BadInputError("--uds and --cid are required (or use --vm)")
+    vhost: str | socket.socket = (
+        _inherited(args.socket_fd, "--socket-fd") if args.socket_fd is not None else args.socket
+    )
+    return [VmSpec(vhost, args.uds, args.cid, tuple(args.group))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -236,6 +310,31 @@ def _group(text: str) -> str:
         return check_group_name(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _vm_spec(text: str) -> VmSpec:
+    """``guest-cid=N,socket=PATH,uds-path=PATH[,groups=A+B]`` (vhost-device-vsock's --vm)."""
+    fields: dict[str, str] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("guest-cid", "socket", "uds-path", "groups"):
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: expected guest-cid=N, socket=PATH, uds-path=PATH or groups=A+B"
+            )
+        if key in fields:
+            raise argparse.ArgumentTypeError(f"{key} given twice")
+        fields[key] = value
+    missing = [k for k in ("guest-cid", "socket", "uds-path") if not fields.get(k)]
+    if missing:
+        raise argparse.ArgumentTypeError(f"missing {', '.join(missing)}")
+    try:
+        cid = int(fields["guest-cid"])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"guest-cid {fields['guest-cid']!r} is not a number"
+        ) from None
+    groups = tuple(_group(g) for g in fields["groups"].split("+")) if fields.get("groups") else ()
+    return VmSpec(fields["socket"], fields["uds-path"], cid, groups)
 
 
 def _mode(text: str) -> int:

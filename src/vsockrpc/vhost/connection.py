@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import socket
 from collections import deque
 
+from vsockrpc.vhost.link import Stream
 from vsockrpc.vhost.packet import HOST_CID
 
 __all__ = ["ConnState", "Connection"]
@@ -75,7 +75,7 @@ class Connection:
 
     def __init__(
         self,
-        sock: socket.socket,
+        sock: Stream,
         local_port: int,
         peer_port: int,
         state: ConnState,

@@ -15,8 +15,9 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
+from typing import Protocol
 
 from vsockrpc.errors import BadInputError, DeviceError, ProtocolError
 from vsockrpc.vhost import protocol as vu
@@ -26,15 +27,17 @@ from vsockrpc.vhost.packet import RESERVED_CIDS
 from vsockrpc.vhost.paths import DEFAULT_MODE, BoundPath, listen_unix
 from vsockrpc.vhost.reactor import ERR, IN, Reactor
 from vsockrpc.vhost.session import RX_QUEUE, TX_QUEUE, SessionState, StateError, VhostUserSession
-from vsockrpc.vhost.sibling import open_hub
+from vsockrpc.vhost.sibling import CoHosted, open_hub
 from vsockrpc.vhost.virtqueue import Virtqueue
 
-__all__ = ["SessionState", "StateError", "VsockDevice"]
+__all__ = ["DeviceLoop", "SessionState", "StateError", "VsockDevice"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUF_ALLOC = 256 * 1024
 DEFAULT_MAX_CONNECTIONS = 1023  # Firecracker's cap
+#: Extra passes per loop iteration for events between devices of one process (serve_devices).
+LINK_ROUNDS = 4
 
 
 class VsockDevice(VhostUserSession):
@@ -70,6 +73,8 @@ class VsockDevice(VhostUserSession):
         exit_with_pid: int | None = None,
         groups: Sequence[str] = (),
         groups_dir: str | None = None,
+        reactor: Reactor | None = None,
+        cohosted: CoHosted | None = None,
     ) -> None:
         if guest_cid in RESERVED_CIDS or not 0 < guest_cid < 0xFFFFFFFF:
             raise BadInputError(f"guest CID {guest_cid} is reserved or out of range (use >= 3)")
@@ -88,7 +93,10 @@ class VsockDevice(VhostUserSession):
         self.exit_on_disconnect = exit_on_disconnect
         self.stop_reason = ""  # why serve_forever returned on its own ("" after stop())
         self._pidfd: int | None = None
-        self.reactor = Reactor()
+        # A reactor given is shared with other devices of this process (serve_devices), and
+        # closed by its owner, not here.
+        self._owns_reactor = reactor is None
+        self.reactor = Reactor() if reactor is None else reactor
         try:
             if exit_with_pid is not None:
                 self._pidfd = _open_pidfd(exit_with_pid)
@@ -120,7 +128,12 @@ class VsockDevice(VhostUserSession):
         self.sessions = 0  # front-ends served so far (for tests and logs)
         try:
             self.muxer.siblings = open_hub(
-                self.reactor, groups_dir, groups, guest_cid, self.muxer.on_sibling
+                self.reactor,
+                groups_dir,
+                groups,
+                guest_cid,
+                self.muxer.on_sibling,
+                cohosted=cohosted,
             )
         except BaseException:
             self.close()
@@ -175,12 +188,19 @@ class VsockDevice(VhostUserSession):
             with contextlib.suppress(OSError):
                 os.close(self._pidfd)
             self._pidfd = None
-        if hasattr(self, "reactor"):
+        if hasattr(self, "reactor") and self._owns_reactor:
             with contextlib.suppress(OSError):
                 self.reactor.close()
 
     def serve_forever(self) -> None:
         """Serve front-ends one after another until :meth:`stop`."""
+        loop = DeviceLoop(self.reactor)
+        loop.add(self)
+        loop.run()
+
+    # One iteration of the loop, in parts, so that one thread can serve several devices on one
+    # reactor (DeviceLoop): begin, then (timeout, poll, after_poll) until stopped, then end.
+    def _begin(self) -> None:
         reactor = self.reactor
         self._served.clear()
         self._serving.set()
@@ -189,41 +209,43 @@ class VsockDevice(VhostUserSession):
         if self._pidfd is not None:
             gone = "the watched process exited"
             reactor.register(self._pidfd, IN, lambda _m: self._stop_for(gone))
+        if self.muxer.siblings is not None:
+            self.muxer.siblings.start()
+
+    def _timeout(self, now: float) -> float:
+        """How long the loop may sleep for this device: 0 with work to do, -1 for ever."""
         muxer = self.muxer
-        if muxer.siblings is not None:
-            muxer.siblings.start()
-        try:
-            monotonic = time.monotonic
-            while not self._stop_requested:
-                if muxer.has_work():
-                    timeout = 0.0
-                else:
-                    now = monotonic()
-                    deadline = muxer.next_deadline() if muxer.has_timers() else None
-                    timeout = -1.0 if deadline is None else max(0.0, deadline - now)
-                    tx_due = muxer.tx_signal_due(now)
-                    if tx_due is not None and (timeout < 0 or tx_due < timeout):
-                        timeout = tx_due
-                reactor.poll(timeout)
-                if self._stop_requested:
-                    break
-                muxer.run_pass()
-                tx = muxer.tx
-                if tx is not None and tx.signal_pending and muxer.tx_signal_due(monotonic()) == 0:
-                    tx.notify()
-                if muxer.has_timers():
-                    muxer.expire(monotonic())
-        finally:
-            self.state = SessionState.STOPPING
-            reactor.unregister(self._listener.fileno())
-            reactor.unregister(self._uds.fileno())
-            if self._pidfd is not None:
-                reactor.unregister(self._pidfd)
-            if muxer.siblings is not None:
-                muxer.siblings.stop()
-            self._disconnect()
-            self._serving.clear()
-            self._served.set()
+        if muxer.has_work():
+            return 0.0
+        deadline = muxer.next_deadline() if muxer.has_timers() else None
+        timeout = -1.0 if deadline is None else max(0.0, deadline - now)
+        tx_due = muxer.tx_signal_due(now)
+        if tx_due is not None and (timeout < 0 or tx_due < timeout):
+            timeout = tx_due
+        return timeout
+
+    def _after_poll(self) -> None:
+        muxer = self.muxer
+        if muxer.pass_due():
+            muxer.run_pass()
+        tx = muxer.tx
+        if tx is not None and tx.signal_pending and muxer.tx_signal_due(time.monotonic()) == 0:
+            tx.notify()
+        if muxer.has_timers():
+            muxer.expire(time.monotonic())
+
+    def _end(self) -> None:
+        reactor = self.reactor
+        self.state = SessionState.STOPPING
+        reactor.unregister(self._listener.fileno())
+        reactor.unregister(self._uds.fileno())
+        if self._pidfd is not None:
+            reactor.unregister(self._pidfd)
+        if self.muxer.siblings is not None:
+            self.muxer.siblings.stop()
+        self._disconnect()
+        self._serving.clear()
+        self._served.set()
 
     # ------------------------------------------------------------------ front-end socket
     def _accept(self) -> None:
@@ -310,3 +332,95 @@ def _open_pidfd(pid: int) -> int:
         raise DeviceError(f"process {pid} to exit with is not running") from None
     except OSError as err:
         raise DeviceError(f"cannot watch process {pid}: {err.strerror or err}") from err
+
+
+class LoopHooks(Protocol):
+    """What a :class:`DeviceLoop` runs besides its devices (the group host's own timers)."""
+
+    def next_deadline(self) -> float | None: ...
+
+    def expire(self, now: float) -> None: ...
+
+    def finished(self) -> bool:
+        """True when the loop may end (asked whenever no device is left)."""
+        ...
+
+
+class DeviceLoop:
+    """Serves devices that share one reactor, in one thread, until none is left.
+
+    Every iteration gives each device with work one pass (bounded work: at most a tx ring's
+    worth and an rx ring's worth), so a guest that floods its device delays the others by at
+    most one pass each turn. A device that stops (its QEMU gone with ``exit_on_disconnect``, its
+    watched process gone, :meth:`VsockDevice.stop`) leaves the loop and ``on_leave`` is called
+    with it; the others go on. Devices may be added while the loop runs (from its own thread)."""
+
+    def __init__(
+        self,
+        reactor: Reactor,
+        *,
+        on_leave: Callable[[VsockDevice], None] | None = None,
+        hooks: LoopHooks | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.devices: list[VsockDevice] = []
+        self.on_leave = on_leave
+        self.hooks = hooks
+
+    def add(self, device: VsockDevice) -> None:
+        if device.reactor is not self.reactor:
+            raise ValueError("devices served together must share one reactor")
+        device._begin()
+        self.devices.append(device)
+
+    def stop(self) -> None:
+        """Stop every device (thread- and signal-safe: flags and one eventfd write each)."""
+        for device in list(self.devices):
+            device.stop()
+        self.reactor.wake()
+
+    def run(self) -> None:
+        reactor, devices, hooks = self.reactor, self.devices, self.hooks
+        monotonic = time.monotonic
+        try:
+            while True:
+                for device in [d for d in devices if d._stop_requested]:
+                    self._leave(device)
+                if not devices and (hooks is None or hooks.finished()):
+                    break
+                now = monotonic()
+                timeout = -1.0
+                for device in devices:
+                    wait = device._timeout(now)
+                    if wait >= 0 and (timeout < 0 or wait < timeout):
+                        timeout = wait
+                if hooks is not None:
+                    deadline = hooks.next_deadline()
+                    if deadline is not None and (timeout < 0 or deadline - now < timeout):
+                        timeout = max(0.0, deadline - now)
+                reactor.poll(timeout)
+                for device in devices:
+                    if not device._stop_requested:
+                        device._after_poll()
+                # A pass that moved bytes over an in-process link posted an event for the
+                # other guest's device: give that device its pass now rather than after another
+                # epoll_wait (a round trip between two guests of this process then costs one
+                # wake-up per direction). Bounded, so real fds are polled again soon under load.
+                for _ in range(LINK_ROUNDS):
+                    if not reactor.has_posted:
+                        break
+                    reactor.deliver_posted()
+                    for device in devices:
+                        if not device._stop_requested and device.muxer.pass_due():
+                            device._after_poll()
+                if hooks is not None:
+                    hooks.expire(monotonic())
+        finally:
+            for device in list(devices):
+                self._leave(device)
+
+    def _leave(self, device: VsockDevice) -> None:
+        self.devices.remove(device)
+        device._end()
+        if self.on_leave is not None:
+            self.on_leave(device)

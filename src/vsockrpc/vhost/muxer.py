@@ -132,6 +132,13 @@ class Muxer(GuestDispatch, RxFill):
             return bool(self._held_rx) or self.rx.has_avail()
         return False
 
+    def pass_due(self) -> bool:
+        """True if :meth:`run_pass` has anything to do: a tx kick, or queued work (cheap: a
+        process serving several devices asks each of them every loop iteration)."""
+        return bool(
+            self.tx_kicked or self._writable or self._readable or self._ctl_conns or self._stateless
+        )
+
     def run_pass(self) -> None:
         rx, tx = self.rx, self.tx
         if rx is None or tx is None or not (rx.ready and tx.ready):

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import socket
 import time
 
 from vsockrpc.vhost.connection import Connection, ConnState
 from vsockrpc.vhost.flow import FlowControl
 from vsockrpc.vhost.hybrid import CONNECT_TIMEOUT
+from vsockrpc.vhost.link import Stream
 from vsockrpc.vhost.packet import Op
 from vsockrpc.vhost.reactor import ERR, IN, Reactor
 from vsockrpc.vhost.sibling import OK_LINE, RateLimitedLog, SiblingHub
@@ -60,7 +60,7 @@ class SiblingRoutes(FlowControl):
         """Guest REQUEST to ``dst_cid:local_port`` from its ``peer_port``."""
         hub = self.siblings
         if hub is None:
-            verdict: tuple[socket.socket, str] | str = "not in a shared group"
+            verdict: tuple[Stream, str] | str = "not in a shared group"
         elif len(self._sibling_pending) >= MAX_PENDING_OUT:
             verdict = f"{MAX_PENDING_OUT} sibling connects already pending"
         elif len(self.conns) >= self.max_connections:
@@ -124,7 +124,7 @@ class SiblingRoutes(FlowControl):
 
     # ---------------------------------------------------------------- sibling → guest
     def on_sibling(
-        self, sock: socket.socket, group: str, src_cid: int, src_port: int, dst_port: int
+        self, sock: Stream, group: str, src_cid: int, src_port: int, dst_port: int
     ) -> None:
         """A verified handshake from ``src_cid``'s device: ask our guest (REQUEST)."""
         limit = self.sibling_limit()

@@ -32,12 +32,14 @@ from dataclasses import dataclass, field
 from vsockrpc.errors import DeviceError
 from vsockrpc.vhost.groups import GroupMember, check_group_name, read_member_pid
 from vsockrpc.vhost.hybrid import CONNECT_TIMEOUT, read_line_step
+from vsockrpc.vhost.link import Stream, link_pair
 from vsockrpc.vhost.reactor import IN, Reactor
 
 __all__ = [
     "MAX_HANDSHAKE",
     "MAX_PENDING_IN",
     "OK_LINE",
+    "CoHosted",
     "RateLimitedLog",
     "SiblingHub",
     "parse_handshake",
@@ -52,7 +54,17 @@ _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 _U32 = 0xFFFFFFFF
 
 #: Called with a verified link: (socket, group, src_cid, src_port, dst_port); owns the socket.
-OnSibling = Callable[[socket.socket, str, int, int, int], None]
+OnSibling = Callable[[Stream, str, int, int, int], None]
+
+
+class CoHosted:
+    """The group members this process serves (one device process for several VMs, docs/
+    device.md): ``(group, guest CID) → hub``. A dial to one of them needs no handshake (the
+    process vouches for both CIDs) and no socket: the two guests are joined by an in-process
+    link (:mod:`~vsockrpc.vhost.link`) on the shared reactor."""
+
+    def __init__(self) -> None:
+        self.hubs: dict[tuple[str, int], SiblingHub] = {}
 
 
 class RateLimitedLog:
@@ -115,8 +127,11 @@ class SiblingHub:
         names: Sequence[str],
         guest_cid: int,
         on_sibling: OnSibling,
+        *,
+        cohosted: CoHosted | None = None,
     ) -> None:
         self.reactor = reactor
+        self.cohosted = cohosted
         self.groups_dir = groups_dir
         self.guest_cid = guest_cid
         self._on_sibling = on_sibling
@@ -139,12 +154,19 @@ class SiblingHub:
     def start(self) -> None:
         for member in self.members:
             assert member.listener is not None
+            if self.cohosted is not None:
+                self.cohosted.hubs[member.name, self.guest_cid] = self
             self.reactor.register(
                 member.listener.fileno(), IN, functools.partial(self._on_listener_event, member)
             )
 
     def stop(self) -> None:
         for member in self.members:
+            if (
+                self.cohosted is not None
+                and self.cohosted.hubs.get((member.name, self.guest_cid)) is self
+            ):
+                del self.cohosted.hubs[member.name, self.guest_cid]
             if member.listener is not None:
                 self.reactor.unregister(member.listener.fileno())
         for fd in list(self._pending):
@@ -157,11 +179,17 @@ class SiblingHub:
         self.members = []
 
     # ------------------------------------------------------------------ outgoing (A's side)
-    def dial(self, dst_cid: int, src_port: int, dst_port: int) -> tuple[socket.socket, str] | str:
+    def dial(self, dst_cid: int, src_port: int, dst_port: int) -> tuple[Stream, str] | str:
         """Connect to ``dst_cid``'s device in the first shared group that has it and send the
-        handshake line: (socket, group), or why not (a log phrase)."""
+        handshake line: (socket, group), or why not (a log phrase). A member served by this
+        same process is joined by an in-process link instead."""
         reason = "not in a shared group"
         for member in self.members:
+            near = self.cohosted.hubs.get((member.name, dst_cid)) if self.cohosted else None
+            if near is not None:
+                ours, theirs = link_pair(self.reactor)
+                near._on_sibling(theirs, member.name, self.guest_cid, src_port, dst_port)
+                return ours, member.name
             path = os.path.join(member.directory, f"{dst_cid}.sock")
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.setblocking(False)
@@ -276,6 +304,8 @@ def open_hub(
     names: Sequence[str],
     guest_cid: int,
     on_sibling: OnSibling,
+    *,
+    cohosted: CoHosted | None = None,
 ) -> SiblingHub | None:
     """The hub for ``names`` (None without groups); DeviceError on bad arguments."""
     if not names:
@@ -287,4 +317,4 @@ def open_hub(
             check_group_name(name)
         except ValueError as err:
             raise DeviceError(f"group {err}") from None
-    return SiblingHub(reactor, groups_dir, names, guest_cid, on_sibling)
+    return SiblingHub(reactor, groups_dir, names, guest_cid, on_sibling, cohosted=cohosted)

@@ -28,7 +28,13 @@ The driver is single-threaded: call :meth:`GuestDriver.pump` (or a method that p
 
 from __future__ import annotations
 
-from vsockrpc.vhost.testing.driver import GuestDriver, pump_all, serving, wait_all
+from vsockrpc.vhost.testing.driver import (
+    GuestDriver,
+    pump_all,
+    serving,
+    serving_together,
+    wait_all,
+)
 from vsockrpc.vhost.testing.rings import RxLayout
 from vsockrpc.vhost.testing.stack import GuestListener, GuestStream, Packet
 
@@ -40,5 +46,6 @@ __all__ = [
     "RxLayout",
     "pump_all",
     "serving",
+    "serving_together",
     "wait_all",
 ]

@@ -1,5 +1,6 @@
 """``GuestDriver``: the test driver as one object (QEMU's front-end + the guest's rings and
-vsock stack), and :func:`serving` to run a device in a thread."""
+vsock stack), and :func:`serving` to run a device in a thread (:func:`serving_together`:
+several devices of one process, on one reactor, in one thread)."""
 
 from __future__ import annotations
 
@@ -18,26 +19,45 @@ from vsockrpc.vhost.testing.frontend import VhostFrontend
 from vsockrpc.vhost.testing.rings import RxLayout
 from vsockrpc.vhost.testing.stack import GuestListener, GuestStream, GuestVsock, Packet
 
-__all__ = ["GuestDriver", "pump_all", "serving", "wait_all"]
+__all__ = ["GuestDriver", "pump_all", "serving", "serving_together", "wait_all"]
 
 
 @contextlib.contextmanager
 def serving(device: Any) -> Iterator[threading.Thread]:
     """Run ``device.serve_forever()`` in a thread for the duration of the block."""
+    with _in_thread(device.serve_forever, device.stop) as thread:
+        yield thread
+
+
+@contextlib.contextmanager
+def serving_together(devices: Sequence[Any]) -> Iterator[threading.Thread]:
+    """Serve ``devices`` (made with one shared ``reactor``, as one device process serving
+    several VMs) with a :class:`~vsockrpc.vhost.device.DeviceLoop` in one thread."""
+    from vsockrpc.vhost.device import DeviceLoop
+
+    loop = DeviceLoop(devices[0].reactor)
+    for device in devices:
+        loop.add(device)
+    with _in_thread(loop.run, loop.stop) as thread:
+        yield thread
+
+
+@contextlib.contextmanager
+def _in_thread(run: Callable[[], None], stop: Callable[[], None]) -> Iterator[threading.Thread]:
     errors: list[BaseException] = []
 
-    def run() -> None:
+    def target() -> None:
         try:
-            device.serve_forever()
+            run()
         except BaseException as err:  # surfaced when the block exits
             errors.append(err)
 
-    thread = threading.Thread(target=run, name="vsock-device", daemon=True)
+    thread = threading.Thread(target=target, name="vsock-device", daemon=True)
     thread.start()
     try:
         yield thread
     finally:
-        device.stop()
+        stop()
         thread.join(10)
         if errors:
             raise errors[0]
