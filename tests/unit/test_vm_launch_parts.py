@@ -12,7 +12,7 @@ from vsockrpc.errors import VmError
 from vsockrpc.vm import accel, cid, launch, vsockdev
 from vsockrpc.vm.options import InvalidVmOption, check_groups
 from vsockrpc.vm.qemu import QemuConfig, qemu_argv
-from vsockrpc.vm.vsockdev import device_argv
+from vsockrpc.vm.vsockdev import device_argv, host_argv
 
 
 def config(**kw: object) -> QemuConfig:
@@ -143,22 +143,16 @@ def test_groups_keep_order_once_and_trust_needs_a_group() -> None:
     assert check_groups(["g"], trust_group=True) == ("g",)
 
 
-def test_device_argv_carries_groups_and_their_directory() -> None:
+def test_a_grouped_vm_is_served_by_its_first_groups_host() -> None:
+    """A device of its own never joins groups; the host of the VM's first group does, started
+    so that the launcher learns when it listens and has nothing to reap."""
     argv = device_argv(
-        vhost_fd=5,
-        hybrid_socket=Path("/r/vsock.sock"),
-        hybrid_fd=6,
-        guest_cid=9,
-        exit_with_pid=None,
-        groups=("g1", "g2"),
-        groups_dir=Path("/r/groups"),
-    )
-    assert option(argv, "--group") == ["g1", "g2"]
-    assert option(argv, "--groups-dir") == ["/r/groups"]
-    isolated = device_argv(
         vhost_fd=5, hybrid_socket=Path("/s"), hybrid_fd=6, guest_cid=9, exit_with_pid=None
     )
-    assert "--group" not in isolated and "--groups-dir" not in isolated
+    assert "--group" not in argv and "--groups-dir" not in argv
+    host = host_argv(Path("/r/groups"), "g1")
+    assert option(host, "--host") == ["g1"] and option(host, "--groups-dir") == ["/r/groups"]
+    assert "--fork-when-ready" in host
 
 
 def test_a_grouped_vm_gets_the_userspace_device_even_with_kernel_vhost(

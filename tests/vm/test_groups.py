@@ -1,5 +1,9 @@
 """VM↔VM on real guests: three guests on our device, A and B in one group, C in another.
 
+A and B are served by one process, their group's device host (B's first group is A's), so
+their traffic crosses no socket; C is served by its own group's host, and B, also a member of
+C's group, reaches C across the two processes.
+
 B calls A's Addition at ``vsock:<CID of A>:9999`` from inside B and A's access log names B's
 CID; C (sharing no group with A) and a CID nobody has are refused at once; 16 MiB cross each way
 between A and B, checked by sha256 on both ends, and the listener sees the caller's real CID;
@@ -12,17 +16,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tests.vm.conftest import process_alive
+from vsockrpc.errors import VmError
 from vsockrpc.image import ImageInfo
 from vsockrpc.sdk import Guest, Stdout
+from vsockrpc.vhost.hostproto import IDLE_EXIT
 from vsockrpc.vm import Vm, launch
 from vsockrpc.vm.registry import list_vms
 from vsockrpc.vm.runtime import groups_dir, runtime_dir
+from vsockrpc.vm.vsockdev import HostedDevice
 
 GROUP = f"g{os.getpid()}"
 OTHER = f"{GROUP}-other"
@@ -120,12 +128,17 @@ def trio(guest_image: ImageInfo) -> Iterator[tuple[Vm, Vm, Vm]]:
         pids = [pid for vm in vms for pid in (vm.qemu.pid, vm.device.pid if vm.device else 0)]
         for vm in vms:
             vm.stop()
-        assert not [pid for pid in pids if pid and process_alive(pid)]
+        # The group hosts exit by themselves once they serve no VM (IDLE_EXIT seconds).
+        deadline = time.monotonic() + IDLE_EXIT + 20
+        while [pid for pid in pids if pid and process_alive(pid)]:
+            assert time.monotonic() < deadline, "a VM process or group host outlived its VMs"
+            time.sleep(0.1)
         assert not [vm.run_dir for vm in vms if vm.run_dir.exists()]
-        # Each device removed its own membership (socket and pid file) on the way out.
+        # Each device removed its own membership (socket and pid file), each host its socket
+        # and pid file; the hosts' logs stay.
         for group in (GROUP, OTHER):
             members = groups_dir(runtime_dir()) / group
-            assert not (list(members.iterdir()) if members.exists() else [])
+            assert [p.name for p in members.iterdir()] == ["host.log"]
 
 
 def _run(vm: Vm, *argv: str, timeout: float = 180) -> str:
@@ -133,6 +146,20 @@ def _run(vm: Vm, *argv: str, timeout: float = 180) -> str:
         result = guest.run(["python3", "-c", *argv], timeout=timeout)
     assert result.exit_code == 0, result.stderr.decode(errors="replace")
     return result.stdout.decode()
+
+
+def device_log(vm: Vm) -> str:
+    """What the process serving ``vm``'s device logged (its group host's log)."""
+    assert isinstance(vm.device, HostedDevice)
+    return vm.device.host_log.read_text()
+
+
+def test_members_of_one_first_group_share_one_device_process(trio: tuple[Vm, Vm, Vm]) -> None:
+    a, b, c = trio
+    assert a.device is not None and b.device is not None and c.device is not None
+    assert a.device.pid == b.device.pid != c.device.pid
+    assert {r.name: r.device_alive for r in list_vms()}[b.name] is True
+    assert f"guest CID {b.cid}" in device_log(b)
 
 
 def test_vm_list_shows_the_groups(trio: tuple[Vm, Vm, Vm]) -> None:
@@ -164,7 +191,7 @@ def test_vms_sharing_no_group_are_refused_at_once(trio: tuple[Vm, Vm, Vm]) -> No
         outcome, seconds = _run(source, RAW_CONNECT, str(target), "9999").split()
         assert outcome == "ConnectionResetError", (source.name, target, outcome)
         assert float(seconds) < 1.0  # a reset, not the kernel's 2 s connect timeout
-    assert "not in a shared group" in (a.run_dir / "device.log").read_text()
+    assert "not in a shared group" in device_log(a)
 
 
 @pytest.mark.timeout(600)
@@ -203,14 +230,19 @@ def test_the_agent_admits_members_only_when_trusted(trio: tuple[Vm, Vm, Vm]) -> 
 def test_a_killed_member_is_refused_at_once_and_the_others_carry_on(
     trio: tuple[Vm, Vm, Vm],
 ) -> None:
-    """Last in the module: kill -9 B's QEMU. Its device exits and leaves the group; A's
-    connects to B's CID are refused at once, and A and C keep working."""
+    """Last in the module: kill -9 B's QEMU. Its device leaves the group host (the host serves A
+    on) and the group; A's connects to B's CID are refused at once, and A and C keep working."""
     a, b, c = trio
     b.qemu.kill()
     b.qemu.wait(30)
     assert b.device is not None
-    b.device.process.wait(30)  # --exit-on-disconnect: QEMU's end of vhost-user closed
-    assert not list((groups_dir(runtime_dir()) / GROUP).glob(f"{b.cid}.*"))
+    deadline = time.monotonic() + 30
+    while list((groups_dir(runtime_dir()) / GROUP).glob(f"{b.cid}.*")):
+        assert time.monotonic() < deadline, "B's device did not leave its group"
+        time.sleep(0.05)
+    with pytest.raises(VmError, match="dropped this VM's device"):
+        b.device.check()  # QEMU's end of vhost-user closed: the host told B's launcher
+    assert process_alive(b.device.pid), "the host still serves A"
     outcome, seconds = _run(a, RAW_CONNECT, str(b.cid), "9999").split()
     assert (outcome, float(seconds) < 1.0) == ("ConnectionResetError", True)
     for vm in (a, c):

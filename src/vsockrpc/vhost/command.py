@@ -69,6 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cid): 'guest-cid=N,socket=PATH,uds-path=PATH[,groups=A+B]', as vhost-device-vsock. "
         "Guests of a shared group served by one process reach each other without a socket",
     )
+    where.add_argument(
+        "--host",
+        metavar="GROUP",
+        type=_group,
+        help="run as GROUP's device host (with --groups-dir): serve the VMs that VM launchers "
+        "bring over DIR/GROUP/host.sock, exit once none is left (docs/device.md)",
+    )
     parser.add_argument("--uds", metavar="PATH", help="hybrid vsock Unix socket")
     parser.add_argument(
         "--uds-fd",
@@ -112,6 +119,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "subdirectory per group, mode 0700)",
     )
     parser.add_argument(
+        "--fork-when-ready",
+        action="store_true",
+        help="with --host: once listening, go on in a child process and exit 0, so the "
+        "caller knows the host is ready (exit 1: it could not start) and need not reap it",
+    )
+    parser.add_argument(
+        "--idle-exit",
+        metavar="SECONDS",
+        type=_idle_seconds,
+        help="with --host: exit after serving no VM for this long (default 1)",
+    )
+    parser.add_argument(
         "--exit-on-disconnect",
         action="store_true",
         help="exit when the vhost-user front-end (QEMU) disconnects instead of accepting another",
@@ -141,6 +160,10 @@ def run(args: argparse.Namespace) -> int:
     from vsockrpc.vhost.reactor import Reactor
     from vsockrpc.vhost.sibling import CoHosted
 
+    if args.host is not None:
+        return _run_host(args)
+    if args.idle_exit is not None or args.fork_when_ready:
+        raise BadInputError("--idle-exit and --fork-when-ready go with --host only")
     specs = _vm_specs(args)
     if any(spec.groups for spec in specs) and not args.groups_dir:
         raise BadInputError("--group needs --groups-dir DIR (where group members meet)")
@@ -201,6 +224,54 @@ def run(args: argparse.Namespace) -> int:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+    return 0
+
+
+def _run_host(args: argparse.Namespace) -> int:
+    from vsockrpc.vhost.device import DEFAULT_BUF_ALLOC, DEFAULT_MAX_CONNECTIONS
+    from vsockrpc.vhost.hosting import IDLE_EXIT, GroupHost
+
+    if not args.groups_dir:
+        raise BadInputError("--host needs --groups-dir DIR")
+    for flag, value in (("--uds", args.uds), ("--uds-fd", args.uds_fd), ("--cid", args.cid)):
+        if value is not None:
+            raise BadInputError(f"{flag} does not go with --host (launchers bring the VMs)")
+    if args.group or args.exit_on_disconnect or args.exit_with_pid:
+        raise BadInputError("--host takes no --group, --exit-on-disconnect or --exit-with-pid")
+    if args.exit_with_parent:
+        _die_with_parent()
+    # Joins and leaves are the host's own few lines: logged whatever the level (not the
+    # per-connection INFO lines of the devices in it).
+    hosting_log = logging.getLogger(GroupHost.__module__)
+    hosting_log.setLevel(min(hosting_log.getEffectiveLevel(), logging.INFO))
+    host = GroupHost(
+        args.groups_dir,
+        args.host,
+        buf_alloc=args.buf_alloc or DEFAULT_BUF_ALLOC,
+        max_connections=args.max_connections or DEFAULT_MAX_CONNECTIONS,
+        idle_exit=args.idle_exit if args.idle_exit is not None else IDLE_EXIT,
+    )
+    if args.fork_when_ready:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if os.fork():
+            os._exit(0)  # ready: the child holds the same locked pid file and listening socket
+        host.forked()
+    try:
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            host.stop()  # flags and eventfd writes only
+
+        previous = {
+            s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        }
+        try:
+            host.serve()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+    finally:
+        host.close()
     return 0
 
 
@@ -335,6 +406,16 @@ def _vm_spec(text: str) -> VmSpec:
         ) from None
     groups = tuple(_group(g) for g in fields["groups"].split("+")) if fields.get("groups") else ()
     return VmSpec(fields["socket"], fields["uds-path"], cid, groups)
+
+
+def _idle_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86400:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds in (0, 86400]")
+    return value
 
 
 def _mode(text: str) -> int:

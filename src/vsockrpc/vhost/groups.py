@@ -27,7 +27,14 @@ import stat
 from vsockrpc.errors import DeviceError
 from vsockrpc.vhost.paths import BoundPath, listen_unix
 
-__all__ = ["GROUP_NAME", "GroupMember", "check_group_name", "read_member_pid"]
+__all__ = [
+    "GROUP_NAME",
+    "GroupMember",
+    "check_group_name",
+    "ensure_private_dir",
+    "lock_pid_file",
+    "read_member_pid",
+]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +114,34 @@ def ensure_private_dir(path: str) -> None:
         raise DeviceError(f"{path} is writable by other users (mode {st.st_mode & 0o777:04o})")
 
 
+def lock_pid_file(path: str, what: str, *, busy: str) -> int:
+    """Open ``path`` (created 0600, never through a symlink), take its exclusive ``flock`` and
+    write our pid into it: the fd, which holds the lock until closed. DeviceError ``busy`` when
+    another process holds it; ``what`` names the file's owner in other errors."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as err:
+        raise DeviceError(f"{what}: cannot open the pid file: {err.strerror or err}") from err
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            raise DeviceError(f"{what}: {path} is not our regular file")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DeviceError(busy) from None
+        # Ours now (a file left by a dead process is taken over). Written before any socket is
+        # bound: no peer reads it until the socket exists.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class GroupMember:
     """This device's membership of one group: its lock, pid file and listening socket.
 
@@ -139,31 +174,11 @@ class GroupMember:
             raise
 
     def _lock_pid_file(self) -> None:
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(self.pid_path, flags, 0o600)
-        except OSError as err:
-            why = err.strerror or err
-            raise DeviceError(f"group {self.name}: cannot open the pid file: {why}") from err
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-                raise DeviceError(f"group {self.name}: {self.pid_path} is not our regular file")
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise DeviceError(
-                    f"CID {self.guest_cid} is already a member of group {self.name}"
-                ) from None
-            # Ours now (a file left by a dead device is taken over). Written before the socket
-            # is bound: no peer reads it until the socket exists.
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{self._pid}\n".encode(), 0)
-            os.fchmod(fd, 0o600)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._pid_fd = fd
+        self._pid_fd = lock_pid_file(
+            self.pid_path,
+            f"group {self.name}",
+            busy=f"CID {self.guest_cid} is already a member of group {self.name}",
+        )
 
     def close(self) -> None:
         """Stop listening; remove the socket and pid files if they are still this device's."""

@@ -60,6 +60,13 @@ class VmRecord:
         return str(self.run_dir)
 
     @property
+    def device_host(self) -> str | None:
+        """The marker of the group device host serving this VM (None: a device of its own,
+        or kernel vhost-vsock). That process serves other VMs too: never stopped for this one."""
+        host = self.state.get("device_host")
+        return str(host) if host else None
+
+    @property
     def qemu_alive(self) -> bool:
         return is_vm_process(self.qemu_pid, self.marker)
 
@@ -67,7 +74,7 @@ class VmRecord:
     def device_alive(self) -> bool | None:
         """None with kernel vhost-vsock (no device process)."""
         pid = self.device_pid
-        return None if pid is None else is_vm_process(pid, self.marker)
+        return None if pid is None else is_vm_process(pid, self.device_host or self.marker)
 
     @property
     def status(self) -> str:
@@ -145,7 +152,9 @@ def stop_vm(which: str, *, timeout: float = 20.0) -> Stopped:
             if not _wait_gone(pid, marker, 5.0):
                 kill_vm_process(pid, marker)
                 _wait_gone(pid, marker, 5.0)
-    device = record.device_pid
+    # A device of its own is stopped with the VM; one in a group's host left it when QEMU
+    # disconnected (the host serves the other members, and exits after the last).
+    device = None if record.device_host else record.device_pid
     sent = device is not None and kill_vm_process(device, marker, signal.SIGTERM)
     if device is not None and sent and not _wait_gone(device, marker, 5.0):
         kill_vm_process(device, marker)

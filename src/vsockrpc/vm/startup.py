@@ -20,7 +20,7 @@ from vsockrpc.vm import signals
 from vsockrpc.vm.procs import exit_status
 from vsockrpc.vm.rundir import NameClaim, claim_name
 from vsockrpc.vm.runtime import groups_dir, runtime_dir
-from vsockrpc.vm.vsockdev import UserspaceDevice, device_in_run_dir
+from vsockrpc.vm.vsockdev import Device, HostedDevice, device_in_run_dir
 
 if TYPE_CHECKING:
     from vsockrpc.vm.launcher import Vm
@@ -44,7 +44,7 @@ class Slot:
         any of them lives, and become free by themselves once all are gone."""
         return (self.lease.fileno(), self.claim.fileno())
 
-    def device(self, *, detach: bool, groups: tuple[str, ...]) -> UserspaceDevice:
+    def device(self, *, detach: bool, groups: tuple[str, ...]) -> Device:
         """The VM's userspace device: its sockets and log in the run directory, a member of
         ``groups``, holding the slot's locks."""
         return device_in_run_dir(
@@ -85,6 +85,8 @@ def state_record(vm: Vm, detached: bool) -> dict[str, object]:
         "image": str(vm.image.path),
         "qemu_pid": vm.qemu.pid,
         "device_pid": vm.device.pid if vm.device else None,
+        # A grouped VM's device lives in its group's host: the marker of that shared process.
+        "device_host": vm.device.marker if isinstance(vm.device, HostedDevice) else None,
         "hybrid_socket": str(vm.hybrid_socket) if vm.hybrid_socket else None,
         "address": str(vm.address()),
         "accel": vm.accel.name,

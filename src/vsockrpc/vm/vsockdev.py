@@ -1,8 +1,11 @@
 """The guest's vsock device: kernel vhost-vsock when usable, else our userspace back-end.
 
 A VM in a group (``vm run --group``) always gets the userspace device: the kernel's vhost-vsock
-only routes between a guest and the host, ours also between guests of one group (each device
-listens in ``<runtime>/groups/<group>/``; see docs/device.md).
+only routes between a guest and the host, ours also between guests of one group. Such a VM is
+served by the *device host* of its first group (:class:`HostedDevice`): one process for the
+group's VMs, started by the first launcher that needs it, that exits by itself once it serves
+no VM (docs/device.md, "One process per group"); its members meet in
+``<runtime>/groups/<group>/``.
 
 Capability check up front (like mkosi's ``QemuDeviceNode.available()``): ``/dev/vhost-vsock``
 must open read-write. Otherwise the userspace device runs as a child process through its own
@@ -11,7 +14,7 @@ are bound and listening here, before QEMU starts (QEMU's chardev is the client, 
 pitfall 3), and handed over as inherited fds rather than started by path and polled for; so
 this side owns both socket files and removes them only if they are still the ones it bound.
 
-The device never outlives its VM: it exits when QEMU disconnects from it
+A VM's device never outlives its VM: it exits (or leaves the host) when QEMU disconnects from it
 (``--exit-on-disconnect``: QEMU dying closes the vhost-user socket) and, for a VM that lives
 only as long as this process (not detached), when this process exits (``--exit-with-pid``,
 a pidfd watch that also covers SIGKILL of the launcher).
@@ -19,17 +22,23 @@ a pidfd watch that also covers SIGKILL of the launcher).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Self
 
 from vsockrpc.errors import DeviceError, VmError
+from vsockrpc.vhost.hostproto import join_host
 from vsockrpc.vhost.paths import BoundPath, listen_unix
 
 __all__ = [
+    "Device",
+    "HostedDevice",
     "UserspaceDevice",
     "device_argv",
     "device_in_run_dir",
@@ -72,11 +81,9 @@ def device_argv(
     hybrid_fd: int,
     guest_cid: int,
     exit_with_pid: int | None,
-    groups: Sequence[str] = (),
-    groups_dir: Path | None = None,
 ) -> list[str]:
     """The device's command line: inherited sockets, exit when QEMU (and ``exit_with_pid``)
-    goes away; with ``groups``, membership under ``groups_dir``."""
+    goes away. (A VM in groups is served by its group's host instead: :func:`host_argv`.)"""
     argv = [
         sys.executable,
         "-m",
@@ -93,16 +100,56 @@ def device_argv(
     ]
     if exit_with_pid is not None:
         argv += ["--exit-with-pid", str(exit_with_pid)]
-    if groups:
-        if groups_dir is None:
-            raise ValueError("groups need a groups_dir")
-        argv += ["--groups-dir", str(groups_dir)]
-        for group in groups:
-            argv += ["--group", group]
     return argv
 
 
-class UserspaceDevice:
+class VmDevice:
+    """What a launcher holds of its VM's userspace device: the two socket files it bound (and
+    removes at :meth:`stop`, if still its own), the pid serving them, a liveness check. A
+    context manager that stops it."""
+
+    def __init__(self, vhost_socket: Path, hybrid_socket: Path) -> None:
+        self.vhost_socket = vhost_socket
+        self.hybrid_socket = hybrid_socket
+        self._bound: list[BoundPath] = []
+
+    @contextlib.contextmanager
+    def _listening(self) -> Iterator[tuple[socket.socket, socket.socket]]:
+        """Both sockets bound and listening (before QEMU starts), closed here after the block:
+        by then the device's process holds its own copies."""
+        vhost, bound = listen_unix(str(self.vhost_socket), backlog=1)
+        self._bound.append(bound)
+        with vhost:
+            hybrid, bound = listen_unix(str(self.hybrid_socket))
+            self._bound.append(bound)
+            with hybrid:
+                yield vhost, hybrid
+
+    @property
+    def pid(self) -> int:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """VmError if the device is gone."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def _unlink(self) -> None:
+        """Remove the socket files, unless another device has bound the same paths since."""
+        for bound in self._bound:
+            bound.unlink()
+        self._bound = []
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class UserspaceDevice(VmDevice):
     """The device as a child process; a context manager that stops it.
 
     ``detach``: the device runs in its own session and outlives this process (it still exits
@@ -117,36 +164,25 @@ class UserspaceDevice:
         log_file: Path,
         detach: bool = False,
         extra_fds: tuple[int, ...] = (),
-        groups: Sequence[str] = (),
-        groups_dir: Path | None = None,
     ) -> None:
-        self.vhost_socket = vhost_socket
-        self.hybrid_socket = hybrid_socket
-        self._bound: list[BoundPath] = []
+        super().__init__(vhost_socket, hybrid_socket)
         try:
-            vhost, bound = listen_unix(str(vhost_socket), backlog=1)
-            self._bound.append(bound)
-            with vhost:
-                hybrid, bound = listen_unix(str(hybrid_socket))
-                self._bound.append(bound)
-                with hybrid, log_file.open("ab") as out:
-                    self.process = subprocess.Popen(
-                        device_argv(
-                            vhost_fd=vhost.fileno(),
-                            hybrid_socket=hybrid_socket,
-                            hybrid_fd=hybrid.fileno(),
-                            guest_cid=guest_cid,
-                            exit_with_pid=None if detach else os.getpid(),
-                            groups=groups,
-                            groups_dir=groups_dir,
-                        ),
-                        stdin=subprocess.DEVNULL,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        pass_fds=(vhost.fileno(), hybrid.fileno(), *extra_fds),
-                        # own process group (see procs.detached_or_own_group)
-                        **({"start_new_session": True} if detach else {"process_group": 0}),
-                    )
+            with self._listening() as (vhost, hybrid), log_file.open("ab") as out:
+                self.process = subprocess.Popen(
+                    device_argv(
+                        vhost_fd=vhost.fileno(),
+                        hybrid_socket=hybrid_socket,
+                        hybrid_fd=hybrid.fileno(),
+                        guest_cid=guest_cid,
+                        exit_with_pid=None if detach else os.getpid(),
+                    ),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=(vhost.fileno(), hybrid.fileno(), *extra_fds),
+                    # own process group (see procs.detached_or_own_group)
+                    **({"start_new_session": True} if detach else {"process_group": 0}),
+                )
             # The child holds its own copies of both listening sockets from here on.
         except (OSError, DeviceError) as err:
             self._unlink()
@@ -172,17 +208,112 @@ class UserspaceDevice:
                 self.process.wait()
         self._unlink()
 
-    def _unlink(self) -> None:
-        """Remove the socket files, unless another device has bound the same paths since."""
-        for bound in self._bound:
-            bound.unlink()
-        self._bound = []
 
-    def __enter__(self) -> UserspaceDevice:
-        return self
+class HostedDevice(VmDevice):
+    """The VM's device inside the device host of its first group (one process for the group's
+    VMs, so that their traffic crosses no socket; docs/device.md): its sockets are bound here,
+    as for :class:`UserspaceDevice`, and handed to the host with the VM's lock fds
+    (:func:`vsockrpc.vhost.hosting.join_host`); the host is started if the group has none.
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    The host serves the VM until QEMU disconnects (and, unless ``detach``, until this process
+    exits), and closes :attr:`conn` when the VM's device leaves: :meth:`check` reads that.
+    :meth:`stop` closes it, which drops the device if QEMU never connected."""
+
+    def __init__(
+        self,
+        *,
+        vhost_socket: Path,
+        hybrid_socket: Path,
+        guest_cid: int,
+        log_file: Path,
+        groups: Sequence[str],
+        groups_dir: Path,
+        detach: bool = False,
+        held: tuple[int, ...] = (),
+    ) -> None:
+        super().__init__(vhost_socket, hybrid_socket)
+        self.group = groups[0]
+        self.host_dir = groups_dir / self.group
+        self.host_log = self.host_dir / "host.log"
+        try:
+            with self._listening() as (vhost, hybrid):
+                self.conn, self._pid = join_host(
+                    str(groups_dir),
+                    groups,
+                    cid=guest_cid,
+                    uds=str(hybrid_socket),
+                    exit_with_pid=None if detach else os.getpid(),
+                    fds=(vhost.fileno(), hybrid.fileno(), *held),
+                    start_host=self._start_host,
+                )
+            # The host holds its own copies of both listening sockets from here on.
+            with log_file.open("a") as out:
+                out.write(
+                    f"served by the device host of group {self.group} (pid {self.pid}); "
+                    f"its log: {self.host_log}\n"
+                )
+        except (OSError, DeviceError) as err:
+            self._unlink()
+            raise VmError(f"cannot start the userspace vsock device: {err}") from err
+
+    def _start_host(self) -> subprocess.Popen[bytes]:
+        """The group's host, in its own session: it serves every member and outlives this
+        process, exiting by itself once no VM is left. Its first process exits once the host
+        listens (``--fork-when-ready``), so nothing is left here to reap."""
+        with self.host_log.open("ab") as out:
+            os.chmod(self.host_log, 0o600)
+            proc = subprocess.Popen(
+                host_argv(self.host_dir.parent, self.group),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return proc
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @property
+    def marker(self) -> str:
+        """What the host's command line contains (see :func:`host_argv`)."""
+        return str(self.host_dir.parent)
+
+    def check(self) -> None:
+        try:
+            gone = self.conn.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            gone = False
+        except OSError:
+            gone = True
+        if gone:
+            raise VmError(
+                f"group {self.group}'s vsock device host dropped this VM's device "
+                f"(its log: {self.host_log})"
+            )
+
+    def stop(self) -> None:
+        self.conn.close()
+        self._unlink()
+
+
+def host_argv(groups_dir: Path, group: str) -> list[str]:
+    """The command line of ``group``'s device host."""
+    return [
+        sys.executable,
+        "-m",
+        "vsockrpc.vhost",
+        "--host",
+        group,
+        "--groups-dir",
+        str(groups_dir),
+        "--fork-when-ready",
+    ]
+
+
+#: A VM's userspace device: a process of its own, or its place in its group's device host.
+Device = VmDevice
 
 
 def device_in_run_dir(
@@ -193,9 +324,23 @@ def device_in_run_dir(
     held: tuple[int, ...],
     groups: Sequence[str] = (),
     groups_dir: Path | None = None,
-) -> UserspaceDevice:
+) -> Device:
     """A VM's device with its sockets and log in the VM's run directory (``vhost-user.sock``,
-    ``vsock.sock``, ``device.log``); ``held``: the VM's lock fds, which it keeps open."""
+    ``vsock.sock``, ``device.log``); ``held``: the VM's lock fds, which it keeps open. A VM in
+    groups joins the device host of its first group."""
+    if groups:
+        if groups_dir is None:
+            raise ValueError("groups need a groups_dir")
+        return HostedDevice(
+            vhost_socket=run_dir / "vhost-user.sock",
+            hybrid_socket=run_dir / "vsock.sock",
+            guest_cid=guest_cid,
+            log_file=run_dir / "device.log",
+            groups=groups,
+            groups_dir=groups_dir,
+            detach=detach,
+            held=held,
+        )
     return UserspaceDevice(
         vhost_socket=run_dir / "vhost-user.sock",
         hybrid_socket=run_dir / "vsock.sock",
@@ -203,6 +348,4 @@ def device_in_run_dir(
         log_file=run_dir / "device.log",
         detach=detach,
         extra_fds=held,
-        groups=groups,
-        groups_dir=groups_dir,
     )
