@@ -162,3 +162,56 @@ def test_device_killed_mid_download(runtime: Runtime, bystander: Vm) -> None:
     after = settles_to(before)
     assert after.fds <= before.fds and after.threads <= before.threads, (before, after)
     assert_bystander_fine(runtime, bystander)
+
+
+def test_a_grouped_vms_launcher_killed_leaves_the_group_host_serving_the_others(
+    runtime: Runtime, bystander: Vm
+) -> None:
+    """kill -9 of the launcher of one VM of a group: its QEMU dies, its device leaves the
+    group's host (membership files gone), the host serves the other member on; when that one
+    stops, the host exits by itself and nothing under the runtime dir is left running."""
+    group = "chaosg"
+    stays = launch(runtime.image, name="gstay", groups=(group,), ready_timeout=300)
+    assert stays.device is not None
+    host = stays.device.pid
+    members = runtime.root / "groups" / group
+    proc = runtime.start(
+        "vm",
+        "run",
+        "--quiet",
+        "--image",
+        str(runtime.image.path),
+        "--name",
+        "gkill",
+        "--group",
+        group,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while runtime.listed().get("gkill") != "running":
+            assert time.monotonic() < deadline and proc.poll() is None, "gkill never ran"
+            time.sleep(0.2)
+        recorded = json.loads((runtime.run_dir("gkill") / "state.json").read_text())
+        assert recorded["device_pid"] == host and recorded["device_host"]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+        assert gone(int(recorded["qemu_pid"]), 15.0), "QEMU outlived its killed launcher"
+        cid = int(recorded["cid"])
+        deadline = time.monotonic() + 15
+        while list(members.glob(f"{cid}.*")):
+            assert time.monotonic() < deadline, "the killed VM's device stayed in the group"
+            time.sleep(0.05)
+        assert alive(host), "the group host went down with one member"
+        with Guest(stays.address(), wait=60, call_timeout=60) as g:
+            assert g.run(["true"], timeout=60).exit_code == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+        runtime.cli("vm", "stop", "gkill")
+        stays.stop()
+    runtime.assert_vm_gone("gkill")
+    runtime.assert_vm_gone("gstay")
+    assert gone(host, 15.0), "the group host outlived its last VM"
+    assert [p.name for p in members.iterdir()] == ["host.log"]
+    assert_bystander_fine(runtime, bystander)

@@ -48,21 +48,35 @@ def device_process(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``vsockrpc device`` for guest ``cid`` on ``vhost``/``uds`` (``extra``: more device
     options, e.g. ``--group``); stopped when the block ends."""
+    with _device(["--socket", vhost, "--uds", uds, "--cid", str(cid), *extra], uds) as proc:
+        yield proc
+
+
+@contextmanager
+def group_device_process(
+    guests: Sequence[tuple[str, str, int]], *, group: str, groups_dir: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """One ``vsockrpc device`` serving several guests of ``group`` (``--vm``, one per
+    ``(vhost, uds, cid)``), as a group's device host does for ``vm run --group``."""
+    specs: list[str] = []
+    for vhost, uds, cid in guests:
+        specs += ["--vm", f"guest-cid={cid},socket={vhost},uds-path={uds},groups={group}"]
+    with _device([*specs, "--groups-dir", groups_dir], guests[-1][1]) as proc:
+        yield proc
+
+
+@contextmanager
+def _device(args: Sequence[str], ready: str) -> Iterator[subprocess.Popen[bytes]]:
+    """The device with ``args``, ready once ``ready`` (its last hybrid socket) exists."""
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "vsockrpc.cli.main",
             "device",
-            "--socket",
-            vhost,
-            "--uds",
-            uds,
-            "--cid",
-            str(cid),
+            *args,
             "--exit-with-pid",  # a benchmark killed with SIGKILL leaves no device behind
             str(os.getpid()),
-            *extra,
         ],
     )
     spy = None
@@ -74,7 +88,7 @@ def device_process(
             record = ["py-spy", "record", "--pid", str(proc.pid), "--format", "raw", "-o", profile]
             spy = subprocess.Popen(record, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
-        while not os.path.exists(uds):
+        while not os.path.exists(ready):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("device did not start")
             time.sleep(0.01)

@@ -1,10 +1,14 @@
-"""Two devices of one group, alone: guest ↔ guest through sibling routing (docs/device.md).
+"""Devices of one group, alone: guest ↔ guest through sibling routing (docs/device.md).
 
-Two ``vsockrpc device`` child processes share a group; this process drives both guests with the
-test driver (:mod:`vsockrpc.vhost.testing`), no QEMU. Guest A connects to guest B by CID: a
-crc32-checked warm-up each way (untimed), then timed one-way streams A → B and 64-byte round
-trips. Every timed stream must end exactly (every byte, then A's EOF) or no figure is produced.
-Both guests share this one thread, so the figure includes the driver's own cost twice.
+Two pairs of guests, each pair in a group of its own: one pair served by one ``vsockrpc
+device`` process (``--vm`` twice: an in-process link between them, as a group's device host
+serves ``vm run --group``), the other by two device processes (linked by the group's Unix
+socket, as members of different first groups are). This process drives the guests with the test
+driver (:mod:`vsockrpc.vhost.testing`), no QEMU. In each pair guest A connects to guest B by
+CID: a crc32-checked warm-up (untimed), then timed one-way streams A → B and 64-byte round
+trips, the two pairs' rounds alternating. Every timed stream must end exactly (every byte, then
+A's EOF) or no figure is produced. Both guests of a pair share this one thread, so the figures
+include the driver's own cost twice.
 """
 
 from __future__ import annotations
@@ -16,28 +20,37 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from vsockrpc.bench._device_alone import STALL_SECONDS, TransferFailed, bench_guest, device_process
+from vsockrpc.bench._device_alone import (
+    STALL_SECONDS,
+    TransferFailed,
+    bench_guest,
+    device_process,
+    group_device_process,
+)
 from vsockrpc.bench._private import GuestDriver
 from vsockrpc.vhost.packet import SHUTDOWN_SEND
 from vsockrpc.vhost.testing import GuestStream, pump_all
 
-CID_A, CID_B = 43, 44
+#: The two ways of serving a group's guests, as the figures name them.
+ONE, TWO = "one device process", "two device processes"
 GROUP = "bench"
 MiB = 1 << 20
 
 
 @contextlib.contextmanager
-def _guests(workdir: Path) -> Iterator[tuple[GuestDriver, GuestDriver]]:
-    groups = str(workdir / "groups")
+def _guests(workdir: Path, mode: str, cid_a: int) -> Iterator[tuple[GuestDriver, GuestDriver]]:
+    groups = str(workdir / f"groups-{cid_a}")
+    cids = (cid_a, cid_a + 1)
+    paths = [(str(workdir / f"sib{c}.vhost"), str(workdir / f"sib{c}.vsock"), c) for c in cids]
     with contextlib.ExitStack() as stack:
+        if mode == ONE:
+            stack.enter_context(group_device_process(paths, group=GROUP, groups_dir=groups))
+        else:
+            for vhost, uds, cid in paths:
+                extra = ["--group", GROUP, "--groups-dir", groups]
+                stack.enter_context(device_process(vhost, uds, cid=cid, extra=extra))
         guests = []
-        for cid in (CID_A, CID_B):
-            vhost, uds = str(workdir / f"sib{cid}.vhost"), str(workdir / f"sib{cid}.vsock")
-            stack.enter_context(
-                device_process(
-                    vhost, uds, cid=cid, extra=["--group", GROUP, "--groups-dir", groups]
-                )
-            )
+        for vhost, _uds, cid in paths:
             g = stack.enter_context(bench_guest(vhost, cid))
             g.boot()
             guests.append(g)
@@ -46,11 +59,11 @@ def _guests(workdir: Path) -> Iterator[tuple[GuestDriver, GuestDriver]]:
 
 def _link(a: GuestDriver, b: GuestDriver, port: int) -> tuple[GuestStream, GuestStream]:
     listener = b.listen(port)
-    sa = a.connect_start(port, cid=CID_B)
+    sa = a.connect_start(port, cid=b.guest_cid)
     deadline = time.monotonic() + 30
     while sa.state.value == "connecting" or not listener.backlog:
         if time.monotonic() > deadline or sa.reset:
-            raise TransferFailed(f"guest↔guest: connect to CID {CID_B} port {port} failed")
+            raise TransferFailed(f"guest↔guest: connect to CID {b.guest_cid} port {port} failed")
         pump_all([a, b], 0.01)
     return sa, listener.backlog.popleft()
 
@@ -117,16 +130,22 @@ def _rtt(a: GuestDriver, b: GuestDriver, port: int, pings: int) -> list[float]:
 
 def siblings_alone(
     workdir: Path, total: int, rounds: int, pings: int, step: Callable[[str], None]
-) -> dict[str, list[float]]:
-    """``{"MBps": [...], "rtt": [...]}``: ``rounds`` timed ``total``-byte streams guest A → guest
-    B after a checked warm-up, and ``pings`` 64-byte round trips (seconds)."""
-    out: dict[str, list[float]] = {"MBps": [], "rtt": []}
-    with _guests(workdir) as (a, b):
+) -> dict[str, dict[str, list[float]]]:
+    """``{"MBps": {mode: [...]}, "rtt": {mode: [...]}}`` for each mode (:data:`ONE`,
+    :data:`TWO`): ``rounds`` timed ``total``-byte streams guest A → guest B after a checked
+    warm-up, and ``pings`` 64-byte round trips (seconds) in ``rounds`` parts, alternating."""
+    out: dict[str, dict[str, list[float]]] = {"MBps": {ONE: [], TWO: []}, "rtt": {ONE: [], TWO: []}}
+    with _guests(workdir, ONE, 43) as one, _guests(workdir, TWO, 53) as two:
+        pairs = {ONE: one, TWO: two}
         port = 9000
-        _stream(a, b, port, min(total, 64 * MiB), check=True)
+        for a, b in pairs.values():
+            _stream(a, b, port, min(total, 64 * MiB), check=True)
         for n in range(rounds):
-            port += 1
-            step(f"guest↔guest through two devices: {total // MiB} MiB, round {n + 1} of {rounds}")
-            out["MBps"].append(_stream(a, b, port, total, check=False))
-        out["rtt"] = _rtt(a, b, port + 1, pings)
+            port += 2
+            order = (ONE, TWO) if n % 2 == 0 else (TWO, ONE)
+            for mode in order:
+                a, b = pairs[mode]
+                step(f"guest↔guest, {mode}: {total // MiB} MiB, round {n + 1} of {rounds}")
+                out["MBps"][mode].append(_stream(a, b, port, total, check=False))
+                out["rtt"][mode] += _rtt(a, b, port + 1, max(1, pings // rounds))
     return out

@@ -29,6 +29,8 @@ from vsockrpc.bench._device_alone import (
     device_process,
     hybrid_connect,
 )
+from vsockrpc.bench._device_siblings import ONE as SIB_ONE
+from vsockrpc.bench._device_siblings import TWO as SIB_TWO
 from vsockrpc.bench._device_siblings import siblings_alone
 from vsockrpc.bench._private import device_guest_recipe
 from vsockrpc.errors import VsockRpcError
@@ -171,26 +173,27 @@ def run(ctx: Context) -> _model.PartResult:
     figures.append(
         _model.figure(
             f"{NAME}.alone-siblings",
-            f"two devices of a group alone: guest A → guest B by CID, {sib_mib} MiB per run",
+            f"a group's devices alone: guest A → guest B by CID, {sib_mib} MiB per run",
             "rate",
-            {"guest→guest": sib["MBps"]},
+            {SIB_ONE: sib["MBps"][SIB_ONE], SIB_TWO: sib["MBps"][SIB_TWO]},
             unit="MB/s",
-            pairs=[],
+            pairs=[(SIB_ONE, SIB_TWO)],
         )
     )
     figures.append(
         _model.figure(
             f"{NAME}.alone-siblings-rtt",
-            "two devices of a group alone: 64-byte guest↔guest round trip",
+            "a group's devices alone: 64-byte guest↔guest round trip",
             "latency",
-            {"guest↔guest": sib["rtt"]},
-            pairs=[],
+            {SIB_ONE: sib["rtt"][SIB_ONE], SIB_TWO: sib["rtt"][SIB_TWO]},
+            pairs=[(SIB_ONE, SIB_TWO)],
         )
     )
     path = {
         "device alone": "userspace device, driven by the test driver (no QEMU, no guest)",
-        "guest↔guest alone": "two device processes of one group, both guests played by the "
-        "test driver in one thread (no QEMU)",
+        "guest↔guest alone": f"{SIB_ONE}: both guests of the group served by one process "
+        f"(in-process link, as vm run --group); {SIB_TWO}: one each, linked by the group's "
+        "Unix socket; both guests played by the test driver in one thread (no QEMU)",
     }
     recipe = device_guest_recipe()
     if ctx.quick:

@@ -1,14 +1,15 @@
 """``vmvm`` part: guest ↔ guest through our vsock device (sibling routing) vs QEMU user networking.
 
 Two TCG probe guests (the device tests' recipe: Debian cloud kernel, busybox, a static C probe),
-A and B, each with its own ``vsockrpc device`` (the two devices share a group, so guest B's
-connect to ``vsock:<CID of A>:PORT`` reaches A's listener) and a virtio-net NIC on QEMU user
-networking with a host port forwarded to the probe's TCP listener. The two paths:
+A and B, served by one ``vsockrpc device`` process (both in one group, as ``vm run --group``
+serves them: its group's device host), so guest B's connect to ``vsock:<CID of A>:PORT``
+reaches A's listener, and each with a virtio-net NIC on QEMU user networking with a host port
+forwarded to the probe's TCP listener. The two paths:
 
 - ``user net``: what a user sets up without vsock: guest B connects to ``10.0.2.2:<host port
   forwarded to A>``: B's slirp → the host's loopback TCP → A's slirp port forward → A.
-- ``vsock``: guest B connects to ``vsock:<CID of A>:PORT``: B's device → the group's Unix socket
-  between the two devices → A's device → A.
+- ``vsock``: guest B connects to ``vsock:<CID of A>:PORT``: the device takes B's packet from B's
+  tx ring and, in the same loop pass, puts it in A's rx ring (an in-process link, no socket).
 
 The host only triggers the runs: it asks B's probe (over B's hybrid socket) to connect to A and
 stream or echo (the probe's ``X`` command); B times them with ``CLOCK_MONOTONIC`` inside the
@@ -30,14 +31,14 @@ from types import ModuleType
 
 from vsockrpc.bench import _model
 from vsockrpc.bench._context import Context
-from vsockrpc.bench._device_alone import MiB, cpu_seconds, device_process, hybrid_connect
+from vsockrpc.bench._device_alone import MiB, cpu_seconds, group_device_process, hybrid_connect
 from vsockrpc.bench._private import device_guest_recipe
 from vsockrpc.bench.device import rtt_cpu_figure
 from vsockrpc.errors import VsockRpcError
 
 NAME = "vmvm"
 TITLE = "guest ↔ guest: vsock sibling routing through the device vs QEMU user networking"
-PATHS = ("user net (slirp port forward, TCP)", "vsock sibling (userspace devices)")
+PATHS = ("user net (slirp port forward, TCP)", "vsock sibling (one device process)")
 CID_A, CID_B = 43, 44
 GROUP = "bench"
 GATEWAY = 0x0A000202  # 10.0.2.2: the host as user networking shows it to a guest
@@ -53,8 +54,8 @@ PATH = {
     "guests": "TCG, 1 vCPU each, q35; the probe guest of the device tests (KVM not used)",
     PATHS[0]: "guest B → B's QEMU user networking (slirp) → host loopback TCP → A's slirp "
     "port forward → guest A (virtio-net both ends)",
-    PATHS[1]: "guest B → B's userspace device (vsockrpc device, vhost-user) → the group's "
-    "Unix socket → A's userspace device → guest A (sibling routing)",
+    PATHS[1]: "guest B → the group's userspace device process (vsockrpc device serving both "
+    "VMs, vhost-user) → guest A (sibling routing through an in-process link)",
     "timing": "inside guest B (CLOCK_MONOTONIC), triggered by the host over B's hybrid socket",
 }
 
@@ -172,26 +173,32 @@ def _with_guests(ctx: Context, dg: ModuleType) -> list[_model.Figure]:
     a2b: dict[str, list[float]] = {p: [] for p in PATHS}
     rtt: dict[str, list[float]] = {p: [] for p in PATHS}
     # CPU per round trip (µs), per round: where a round trip's time goes besides waiting.
-    procs = ("QEMU A", "QEMU B", "device A", "device B")  # user networking uses no device
+    procs = ("QEMU A", "QEMU B", "device")  # user networking uses no device
     cpu: dict[str, list[float]] = {
         f"{p}: {who}": [] for p in PATHS for who in procs if "QEMU" in who or p == PATHS[1]
     }
     pids: dict[str, int] = {}
     with contextlib.ExitStack() as stack:
         ctx.step(NAME, f"booting guests A (CID {CID_A}) and B (CID {CID_B}) (TCG)")
-        vms, sockets = [], []
+        guests = []
         for name, cid in (("A", CID_A), ("B", CID_B)):
             sub = workdir / name.lower()
             sub.mkdir(mode=0o700)
-            vhost, uds = str(sub / "vhost.sock"), str(sub / "vm.vsock")
-            group = ["--group", GROUP, "--groups-dir", str(groups)]
-            try:
-                device = stack.enter_context(device_process(vhost, uds, cid=cid, extra=group))
-            except RuntimeError as err:  # e.g. a device without sibling routing (--group)
-                raise VsockRpcError(f"vmvm bench: guest {name}'s vsock device: {err}") from err
-            vms.append(stack.enter_context(dg.launch(vmlinuz, initramfs, vhost, sub)))
-            sockets.append(uds)
-            pids[f"device {name}"], pids[f"QEMU {name}"] = device.pid, vms[-1].proc.pid
+            guests.append((str(sub / "vhost.sock"), str(sub / "vm.vsock"), cid))
+        try:
+            device = stack.enter_context(
+                group_device_process(guests, group=GROUP, groups_dir=str(groups))
+            )
+        except RuntimeError as err:  # e.g. a device without --vm
+            raise VsockRpcError(f"vmvm bench: the guests' vsock device: {err}") from err
+        pids["device"] = device.pid
+        vms = []
+        for name, (vhost, _uds, _cid) in zip("AB", guests, strict=True):
+            vms.append(
+                stack.enter_context(dg.launch(vmlinuz, initramfs, vhost, workdir / name.lower()))
+            )
+            pids[f"QEMU {name}"] = vms[-1].proc.pid
+        sockets = [uds for _vhost, uds, _cid in guests]
         for name, vm in zip("AB", vms, strict=True):
             try:
                 vm.wait_console("PROBE-LISTEN tcp", BOOT_TIMEOUT)
