@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BUF_ALLOC = 256 * 1024
 DEFAULT_MAX_CONNECTIONS = 1023  # Firecracker's cap
-#: Extra passes per loop iteration for events between devices of one process (serve_devices).
+#: Extra passes per loop iteration for events between devices of one process (DeviceLoop).
 LINK_ROUNDS = 4
 
 
@@ -93,7 +93,7 @@ class VsockDevice(VhostUserSession):
         self.exit_on_disconnect = exit_on_disconnect
         self.stop_reason = ""  # why serve_forever returned on its own ("" after stop())
         self._pidfd: int | None = None
-        # A reactor given is shared with other devices of this process (serve_devices), and
+        # A reactor given is shared with other devices of this process (DeviceLoop), and
         # closed by its owner, not here.
         self._owns_reactor = reactor is None
         self.reactor = Reactor() if reactor is None else reactor
@@ -224,15 +224,17 @@ class VsockDevice(VhostUserSession):
             timeout = tx_due
         return timeout
 
-    def _after_poll(self) -> None:
+    def _after_poll(self, now: float) -> None:
+        """The device's pass (if it has work), then its deferred tx signal and timers, as of
+        ``now`` (read once per loop iteration)."""
         muxer = self.muxer
         if muxer.pass_due():
             muxer.run_pass()
         tx = muxer.tx
-        if tx is not None and tx.signal_pending and muxer.tx_signal_due(time.monotonic()) == 0:
+        if tx is not None and tx.signal_pending and muxer.tx_signal_due(now) == 0:
             tx.notify()
         if muxer.has_timers():
-            muxer.expire(time.monotonic())
+            muxer.expire(now)
 
     def _end(self) -> None:
         reactor = self.reactor
@@ -399,22 +401,25 @@ class DeviceLoop:
                     if deadline is not None and (timeout < 0 or deadline - now < timeout):
                         timeout = max(0.0, deadline - now)
                 reactor.poll(timeout)
+                now = monotonic()
                 for device in devices:
                     if not device._stop_requested:
-                        device._after_poll()
+                        device._after_poll(now)
                 # A pass that moved bytes over an in-process link posted an event for the
                 # other guest's device: give that device its pass now rather than after another
                 # epoll_wait (a round trip between two guests of this process then costs one
                 # wake-up per direction). Bounded, so real fds are polled again soon under load.
+                # (Timers and deferred signals wait for the next iteration.)
                 for _ in range(LINK_ROUNDS):
                     if not reactor.has_posted:
                         break
                     reactor.deliver_posted()
                     for device in devices:
-                        if not device._stop_requested and device.muxer.pass_due():
-                            device._after_poll()
+                        muxer = device.muxer
+                        if not device._stop_requested and muxer.pass_due():
+                            muxer.run_pass()
                 if hooks is not None:
-                    hooks.expire(monotonic())
+                    hooks.expire(now)
         finally:
             for device in list(devices):
                 self._leave(device)

@@ -129,6 +129,7 @@ class Reactor:
         if self._wake_fd < 0:
             return
         self._callbacks.clear()
+        self._virtual.clear()
         self._masks.clear()
         self._posted.clear()
         self._epoll.close()
