@@ -352,3 +352,33 @@ def test_join_errors_are_device_errors_naming_the_group(lab: Lab) -> None:
             fds=(),
             start_host=broken_host,
         )
+
+
+def test_a_watched_qemu_keeps_its_vm_after_the_launcher_leaves_until_it_exits(lab: Lab) -> None:
+    """A detached launcher: WATCH <qemu pid>, then its connection closes before QEMU connected.
+    The VM stays served while that process lives, and is dropped when it exits; a WATCH of a
+    process that is already gone drops the VM at once; other lines are ignored."""
+    qemu = subprocess.Popen(["sleep", "60"])
+    try:
+        a = join(lab, 5)
+        a.conn.sendall(b"HELLO there\n" + f"WATCH {qemu.pid}\n".encode())
+        a.conn.close()
+        time.sleep(0.5)
+        assert os.path.exists(os.path.join(lab.group_dir, "5.pid")), "dropped while watched"
+        b = join(lab, 6)
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        b.conn.sendall(f"WATCH {dead.pid}\n".encode())
+        assert gone(b.conn), "a VM whose QEMU is already gone is dropped"
+        qemu.kill()
+        qemu.wait()
+        deadline = time.monotonic() + 10
+        while os.path.exists(os.path.join(lab.group_dir, "5.pid")):
+            assert time.monotonic() < deadline, "the VM outlived its watched QEMU"
+            time.sleep(0.02)
+        host_exits(lab, a.host_pid)
+        assert "ignored b'HELLO there'" in lab.log()
+    finally:
+        if qemu.poll() is None:
+            qemu.kill()
+            qemu.wait()

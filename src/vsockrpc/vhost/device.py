@@ -93,6 +93,7 @@ class VsockDevice(VhostUserSession):
         self.exit_on_disconnect = exit_on_disconnect
         self.stop_reason = ""  # why serve_forever returned on its own ("" after stop())
         self._pidfd: int | None = None
+        self._watched: int | None = None  # a pidfd added later by watch_process()
         # A reactor given is shared with other devices of this process (DeviceLoop), and
         # closed by its owner, not here.
         self._owns_reactor = reactor is None
@@ -183,11 +184,12 @@ class VsockDevice(VhostUserSession):
                 if not bound.unlink():
                     log.info("not removing %s: no longer the socket this device bound", bound.path)
         self._owned_paths = []
-        if getattr(self, "_pidfd", None) is not None:
-            assert self._pidfd is not None
-            with contextlib.suppress(OSError):
-                os.close(self._pidfd)
-            self._pidfd = None
+        for attr in ("_pidfd", "_watched"):
+            fd = getattr(self, attr, None)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, attr, None)
         if hasattr(self, "reactor") and self._owns_reactor:
             with contextlib.suppress(OSError):
                 self.reactor.close()
@@ -211,6 +213,15 @@ class VsockDevice(VhostUserSession):
             reactor.register(self._pidfd, IN, lambda _m: self._stop_for(gone))
         if self.muxer.siblings is not None:
             self.muxer.siblings.start()
+
+    def watch_process(self, pid: int, what: str) -> None:
+        """Stop when process ``pid`` exits (its QEMU, named later than the device was made:
+        a group host learns it from the launcher); once, from the loop's thread."""
+        if self._watched is not None:
+            raise DeviceError("a process is already watched")
+        self._watched = _open_pidfd(pid)
+        gone = f"{what} (pid {pid}) exited"
+        self.reactor.register(self._watched, IN, lambda _m: self._stop_for(gone))
 
     def _timeout(self, now: float) -> float:
         """How long the loop may sleep for this device: 0 with work to do, -1 for ever."""
@@ -243,6 +254,8 @@ class VsockDevice(VhostUserSession):
         reactor.unregister(self._uds.fileno())
         if self._pidfd is not None:
             reactor.unregister(self._pidfd)
+        if self._watched is not None:
+            reactor.unregister(self._watched)
         if self.muxer.siblings is not None:
             self.muxer.siblings.stop()
         self._disconnect()

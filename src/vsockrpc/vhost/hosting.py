@@ -15,9 +15,11 @@ launcher's CID lease and name claim). The host answers ``OK <pid>\\n`` (serving 
 on, as ``--exit-on-disconnect`` device) or ``ERR <reason>\\n`` and closes.
 
 The connection stays open after ``OK``: the host closes it when the VM's device leaves, which
-is how the launcher learns of it; if the launcher closes it before QEMU has connected to the
-device (the launcher failed or was killed while starting QEMU), the device is dropped. After
-QEMU connected, the VM's device lives until QEMU disconnects, or ``exit_with_pid`` exits.
+is how the launcher learns of it. Once QEMU has started, the launcher sends ``WATCH <pid>\\n``
+and the host stops the VM's device when that process exits, whether or not QEMU ever connected;
+a launcher that closes the connection before that (it failed or was killed while starting QEMU)
+and before QEMU connected takes its VM along. A detached launcher closes it after ``WATCH``;
+the VM's device then lives until QEMU disconnects or exits (or ``exit_with_pid`` does).
 
 Bounds: :data:`MAX_PENDING` joins being read at once, :data:`MAX_REQUEST` bytes and
 :data:`JOIN_TIMEOUT` seconds each, peers of our uid (or root) only. The host exits once it has
@@ -85,6 +87,8 @@ class _Member:
 
     conn: socket.socket
     held: list[int]
+    line: bytearray = field(default_factory=bytearray)  # a command line arriving
+    watched: bool = False  # its QEMU is watched: the connection is no longer its lease
 
 
 class GroupHost:
@@ -314,21 +318,41 @@ class GroupHost:
         return device
 
     def _on_launcher(self, device: VsockDevice, mask: int) -> None:
-        """The launcher's connection after OK: EOF before QEMU ever connected drops the VM."""
+        """The launcher's connection after OK: ``WATCH <qemu pid>`` lines, then EOF. EOF
+        before QEMU ever connected, and with no QEMU watched, drops the VM."""
         member = self._members.get(device)
         if member is None:
             return
         try:
-            data = member.conn.recv(64)
+            data = member.conn.recv(MAX_REQUEST - len(member.line))
         except BlockingIOError:
             return
         except OSError:
             data = b""
         if data:
-            return  # nothing more is expected; ignore chatter
+            member.line += data
+            while b"\n" in member.line:
+                line, _, rest = bytes(member.line).partition(b"\n")
+                member.line = bytearray(rest)
+                self._on_command(device, member, line)
+            if len(member.line) >= MAX_REQUEST:
+                member.line.clear()  # no such command: drop it
+            return
         self.reactor.unregister(member.conn.fileno())
-        if device.sessions == 0:
+        if device.sessions == 0 and not member.watched:
             device._stop_for("its launcher left before QEMU connected")
+
+    def _on_command(self, device: VsockDevice, member: _Member, line: bytes) -> None:
+        word, _, pid = line.decode(errors="replace").partition(" ")
+        if word != "WATCH" or not pid.isdigit() or member.watched:
+            log.warning("device host of group %s: ignored %r from a launcher", self.group, line)
+            return
+        try:
+            device.watch_process(int(pid), "its QEMU")
+        except DeviceError as err:  # gone already: the VM will not connect
+            device._stop_for(str(err))
+            return
+        member.watched = True
 
     def _left(self, device: VsockDevice) -> None:
         member = self._members.pop(device, None)

@@ -389,6 +389,8 @@ def _launch(
         )
         qemu = start_qemu(qemu_argv(config), run_dir, held, detach)
         stack.callback(reap, qemu)
+        if device is not None:
+            device.watch(qemu.pid)
         console = stack.enter_context(ConsoleFollower(run_dir / "console.log", echo=echo).start())
         vm = Vm(vm_name, lease.cid, port, info, run_dir, chosen, qemu, console, device, groups)
         vm.timings.launched = launched
@@ -400,6 +402,8 @@ def _launch(
         signals.check(cancel)
         if detach:
             stack.pop_all()  # the VM outlives us; `vm stop` cleans up
+            if device is not None:
+                device.release()
             console.close()
             lease.close()  # QEMU and the device hold the locks through their inherited fds
             claim.close()

@@ -300,6 +300,8 @@ class _Pending:
     def release(self) -> RestoredVm:
         if self.detach:  # the VM outlives us; `vm stop` cleans up
             self.stack.pop_all()
+            if self.vm.device is not None:
+                self.vm.device.release()
             self.vm.console.close()
             self.lease.close()  # QEMU and the device hold the locks through inherited fds
             self.claim.close()
@@ -347,6 +349,8 @@ def _start(
         qemu_fds = held if ram.fd is None else (*held, ram.fd)
         qemu = start_qemu(qemu_argv(config), run_dir, qemu_fds, detach)
         stack.callback(reap, qemu)
+        if device is not None:
+            device.watch(qemu.pid)
         console = stack.enter_context(ConsoleFollower(run_dir / "console.log", echo=echo).start())
         accel = Accel(guest["accel"], guest["cpu"], "as in the snapshot")
         vm = RestoredVm(

@@ -136,6 +136,13 @@ class VmDevice:
     def stop(self) -> None:
         raise NotImplementedError
 
+    def watch(self, qemu_pid: int) -> None:
+        """QEMU has started with pid ``qemu_pid`` (a device of its own already exits when QEMU
+        disconnects, or with this process)."""
+
+    def release(self) -> None:
+        """The VM is detached: this process lets go of the device without stopping it."""
+
     def _unlink(self) -> None:
         """Remove the socket files, unless another device has bound the same paths since."""
         for bound in self._bound:
@@ -281,6 +288,8 @@ class HostedDevice(VmDevice):
         return str(self.host_dir.parent)
 
     def check(self) -> None:
+        if self.conn.fileno() < 0:
+            return  # released (a detached VM): the host no longer reports to this process
         try:
             gone = self.conn.recv(1, socket.MSG_PEEK) == b""
         except BlockingIOError:
@@ -292,6 +301,21 @@ class HostedDevice(VmDevice):
                 f"group {self.group}'s vsock device host dropped this VM's device "
                 f"(its log: {self.host_log})"
             )
+
+    def watch(self, qemu_pid: int) -> None:
+        """The host stops this VM's device when QEMU exits, whether or not it ever connected;
+        from then on the connection is no longer the VM's lease."""
+        try:
+            self.conn.setblocking(True)
+            self.conn.settimeout(5.0)
+            self.conn.sendall(f"WATCH {qemu_pid}\n".encode())
+        except OSError as err:
+            raise VmError(f"group {self.group}'s vsock device host is gone: {err}") from err
+        finally:
+            self.conn.setblocking(False)
+
+    def release(self) -> None:
+        self.conn.close()  # QEMU is watched: the host serves the VM on
 
     def stop(self) -> None:
         self.conn.close()
