@@ -319,10 +319,20 @@ def test_one_process_serves_two_vms_that_reach_each_other_and_exits_after_both(t
         ),
         (["--vm", "guest-cid=5,socket=s,uds-path=u,groups=g"], "--group needs --groups-dir"),
         (["--uds", "u", "--cid", "5"], "one of --socket, --socket-fd or --vm is required"),
+        (["--host", "g"], "--host needs --groups-dir"),
+        (["--host", "../g", "--groups-dir", "d"], "is not a group name"),
+        (["--host", "g", "--groups-dir", "d", "--cid", "5"], "--cid does not go with --host"),
+        (["--host", "g", "--groups-dir", "d", "--group", "h"], "--host takes no --group"),
+        (["--host", "g", "--groups-dir", "d", "--idle-exit", "nan"], "is not a number of seconds"),
+        (["--host", "g", "--groups-dir", "d", "--idle-exit", "0"], "is not a number of seconds"),
+        (["--socket", "s", "--uds", "u", "--cid", "5", "--idle-exit", "2"], "go with --host only"),
+        (["--socket", "s", "--uds", "u", "--cid", "5", "--fork-when-ready"], "go with --host only"),
         (["--socket", "s", "--cid", "5"], "--uds and --cid are required"),
     ],
 )
-def test_bad_vm_arguments_are_usage_errors(tmp: str, extra: list[str], message: str) -> None:
+def test_bad_vm_and_host_arguments_are_usage_errors(
+    tmp: str, extra: list[str], message: str
+) -> None:
     out = subprocess.run(
         _vm_argv(tmp, *extra), check=False, capture_output=True, text=True, timeout=30, cwd=tmp
     )
