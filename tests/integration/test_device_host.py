@@ -27,6 +27,7 @@ from vsockrpc.errors import DeviceError
 from vsockrpc.vhost.hostproto import join_host, read_pid
 from vsockrpc.vhost.paths import BoundPath, listen_unix
 from vsockrpc.vhost.testing import GuestDriver, wait_all
+from vsockrpc.vm.procs import alive
 
 GROUP = "g"
 PORT = 9000
@@ -79,15 +80,7 @@ class Lab:
     def host_pids(self) -> set[int]:
         """The hosts now running for the group (from their pid file)."""
         pid = read_pid(os.path.join(self.group_dir, "host.pid"))
-        return {pid} if pid is not None and _alive(pid) else set()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+        return {pid} if pid is not None and alive(pid) else set()
 
 
 @dataclass
@@ -133,6 +126,16 @@ def join(
     return Joined(conn, pid, vhost_path, [vb, hb])
 
 
+def assert_host_reaches(lab: Lab, guest: GuestDriver, port: int = 700) -> None:
+    """A host client of the guest's hybrid socket gets a stream to its listener on ``port``."""
+    guest.listen(port)
+    with socket.socket(socket.AF_UNIX) as host:
+        host.settimeout(10)
+        host.connect(os.path.join(lab.tmp, f"u{guest.guest_cid}"))
+        host.sendall(f"CONNECT {port}\n".encode())
+        assert guest.accept(guest.listeners[port], timeout=10).peer_cid == 2
+
+
 def gone(conn: socket.socket, timeout: float = 10) -> bool:
     """The host closed the launcher's connection (its VM's device left); closes ours."""
     conn.settimeout(timeout)
@@ -147,7 +150,7 @@ def gone(conn: socket.socket, timeout: float = 10) -> bool:
 def host_exits(lab: Lab, pid: int) -> None:
     """The host (not our child: it forked when ready) ends, removing its socket and pid file."""
     deadline = time.monotonic() + 10
-    while _alive(pid):
+    while alive(pid):
         assert time.monotonic() < deadline, "the host did not exit"
         time.sleep(0.02)
     assert not os.path.exists(os.path.join(lab.group_dir, "host.sock"))
@@ -181,12 +184,7 @@ def test_two_vms_share_one_host_reach_each_other_and_the_host_exits_when_idle(la
         assert hashlib.sha256(got_a).digest() == hashlib.sha256(data_b).digest()
         assert hashlib.sha256(got_b).digest() == hashlib.sha256(data_a).digest()
         # The host → guest path of each VM works as with a device of its own.
-        ga.listen(700)
-        with socket.socket(socket.AF_UNIX) as host:
-            host.settimeout(10)
-            host.connect(os.path.join(lab.tmp, "u5"))
-            host.sendall(b"CONNECT 700\n")
-            assert ga.accept(ga.listeners[700], timeout=10).peer_cid == 2
+        assert_host_reaches(lab, ga)
     # Both front-ends gone: the host tells each launcher, then exits once idle.
     assert gone(a.conn) and gone(b.conn)
     host_exits(lab, a.host_pid)
@@ -208,7 +206,7 @@ def test_a_vm_whose_launcher_leaves_before_qemu_connects_is_dropped(lab: Lab) ->
     while os.path.exists(os.path.join(lab.group_dir, "6.pid")):
         assert time.monotonic() < deadline, "B's membership was not dropped"
         time.sleep(0.02)
-    assert _alive(a.host_pid), "A is still served"
+    assert alive(a.host_pid), "A is still served"
     with GuestDriver(a.vhost, guest_cid=5) as ga:
         ga.boot()
     assert gone(a.conn)
@@ -268,15 +266,10 @@ def test_bad_joins_get_one_line_and_the_host_serves_on(
             stack.enter_context(right)
             fds = [left.fileno(), right.fileno()]
         assert _raw_join(lab, line, fds).startswith(answer)
-    assert _alive(a.host_pid)
+    assert alive(a.host_pid)
     with GuestDriver(a.vhost, guest_cid=5) as ga:
         ga.boot()
-        ga.listen(700)
-        with socket.socket(socket.AF_UNIX) as host:
-            host.settimeout(10)
-            host.connect(os.path.join(lab.tmp, "u5"))
-            host.sendall(b"CONNECT 700\n")
-            assert ga.accept(ga.listeners[700], timeout=10).peer_cid == 2
+        assert_host_reaches(lab, ga)
     assert not os.path.exists(os.path.join(lab.group_dir, "7.pid"))
     assert gone(a.conn)
     host_exits(lab, a.host_pid)
@@ -323,7 +316,7 @@ def test_a_second_host_for_the_group_exits_1_and_a_joiner_of_a_dead_host_starts_
     ]
     os.kill(a.host_pid, signal.SIGKILL)  # dies without cleaning up: stale files stay
     deadline = time.monotonic() + 10
-    while _alive(a.host_pid):
+    while alive(a.host_pid):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     a.conn.close()
