@@ -171,6 +171,7 @@ def test_a_grouped_vms_launcher_killed_leaves_the_group_host_serving_the_others(
     group's host (membership files gone), the host serves the other member on; when that one
     stops, the host exits by itself and nothing under the runtime dir is left running."""
     group = "chaosg"
+    before = Usage.now()
     stays = launch(runtime.image, name="gstay", groups=(group,), ready_timeout=300)
     assert stays.device is not None
     host = stays.device.pid
@@ -214,4 +215,6 @@ def test_a_grouped_vms_launcher_killed_leaves_the_group_host_serving_the_others(
     runtime.assert_vm_gone("gstay")
     assert gone(host, 15.0), "the group host outlived its last VM"
     assert [p.name for p in members.iterdir()] == ["host.log"]
+    after = settles_to(before)  # the launcher's connection to the host is closed too
+    assert after.fds <= before.fds and after.threads <= before.threads, (before, after)
     assert_bystander_fine(runtime, bystander)
