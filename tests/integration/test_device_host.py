@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -200,7 +201,8 @@ def test_a_vm_whose_launcher_leaves_before_qemu_connects_is_dropped(lab: Lab) ->
     b = join(lab, 6, held=(write_end,))
     os.close(write_end)  # the host holds the only other copy
     b.conn.close()  # B's launcher is gone and its QEMU never connected
-    assert os.read(read_end, 1) == b"", "the host released B's held fd"
+    assert select.select([read_end], [], [], 10)[0], "the host kept B's held fd"
+    assert os.read(read_end, 1) == b""
     os.close(read_end)
     deadline = time.monotonic() + 10
     while os.path.exists(os.path.join(lab.group_dir, "6.pid")):
@@ -375,3 +377,26 @@ def test_a_watched_qemu_keeps_its_vm_after_the_launcher_leaves_until_it_exits(la
         if qemu.poll() is None:
             qemu.kill()
             qemu.wait()
+
+
+def test_a_join_with_too_many_fds_is_closed_unanswered_and_its_fds_released(lab: Lab) -> None:
+    a = join(lab, 5)
+    read_end, write_end = os.pipe()
+    try:
+        extra = [os.dup(write_end) for _ in range(7)]  # more than the sockets and MAX_HELD
+        os.close(write_end)
+        answer = _raw_join(lab, _request(7), extra)
+        for fd in extra:
+            os.close(fd)
+        assert answer == ""  # closed without a word
+        assert select.select([read_end], [], [], 10)[0], "the host kept a copy of a refused fd"
+        assert os.read(read_end, 1) == b""
+    finally:
+        os.close(read_end)
+    deadline = time.monotonic() + 10  # the host logs it just after closing the fds
+    while "join refused: too many file descriptors" not in lab.log():
+        assert time.monotonic() < deadline, lab.log()
+        time.sleep(0.02)
+    assert alive(a.host_pid) and not os.path.exists(os.path.join(lab.group_dir, "7.pid"))
+    a.conn.close()
+    host_exits(lab, a.host_pid)

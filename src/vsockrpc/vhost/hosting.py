@@ -198,7 +198,7 @@ class GroupHost:
 
     def finished(self) -> bool:
         """No VM left: exit if stopped, or once idle long enough and no launcher is joining
-        (then it shuts the door first, holding join.lock until it exits)."""
+        (then it shuts the door first, holding the join lock until it exits)."""
         if self._stop_requested:
             return True
         if self._pending or time.monotonic() - self._idle_since < self.idle_exit:
