@@ -220,11 +220,12 @@ class HostedDevice(VmDevice):
     """The VM's device inside the device host of its first group (one process for the group's
     VMs, so that their traffic crosses no socket; docs/device.md): its sockets are bound here,
     as for :class:`UserspaceDevice`, and handed to the host with the VM's lock fds
-    (:func:`vsockrpc.vhost.hosting.join_host`); the host is started if the group has none.
+    (:func:`vsockrpc.vhost.hostproto.join_host`); the host is started if the group has none.
 
-    The host serves the VM until QEMU disconnects (and, unless ``detach``, until this process
-    exits), and closes :attr:`conn` when the VM's device leaves: :meth:`check` reads that.
-    :meth:`stop` closes it, which drops the device if QEMU never connected."""
+    The host serves the VM until QEMU disconnects or exits (:meth:`watch`) and, unless
+    ``detach``, until this process exits; it closes :attr:`conn` when the VM's device leaves,
+    which :meth:`check` reads. :meth:`stop` closes it (a VM whose QEMU was never started or
+    named is dropped then); :meth:`release` too, for a detached VM the host serves on."""
 
     def __init__(
         self,
@@ -284,8 +285,9 @@ class HostedDevice(VmDevice):
 
     @property
     def marker(self) -> str:
-        """What the host's command line contains (see :func:`host_argv`)."""
-        return str(self.host_dir.parent)
+        """What this group's host's command line contains, and no other process's: the
+        arguments naming the group and its directory, NUL-separated as in /proc/PID/cmdline."""
+        return "\0".join(host_argv(self.host_dir.parent, self.group)[3:7])
 
     def check(self) -> None:
         if self.conn.fileno() < 0:
