@@ -232,6 +232,7 @@ def test_clones_in_a_group_reach_each_other_by_cid(snapshot: Path) -> None:
     members = groups_dir(runtime_dir()) / group
     host_gone(clones[0].device.pid if clones[0].device else 0)
     assert [p.name for p in members.iterdir()] == ["host.log"]  # the clones' group host's
+    shutil.rmtree(members)  # this test's own group (its name carries our pid)
 
 
 def test_pool_hands_out_ready_unused_guests_and_closes_everything(snapshot: Path) -> None:
@@ -256,3 +257,4 @@ def test_pool_hands_out_ready_unused_guests_and_closes_everything(snapshot: Path
     assert not any(vm.run_dir.exists() for vm in started)
     members = groups_dir(runtime_dir()) / group
     assert [p.name for p in members.iterdir()] == ["host.log"]  # the pool group host's
+    shutil.rmtree(members)
