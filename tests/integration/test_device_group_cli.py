@@ -318,7 +318,7 @@ def test_one_process_serves_two_vms_that_reach_each_other_and_exits_after_both(t
             "two --vm give the same socket s",
         ),
         (["--vm", "guest-cid=5,socket=s,uds-path=u,groups=g"], "--group needs --groups-dir"),
-        (["--uds", "u", "--cid", "5"], "one of --socket, --socket-fd or --vm is required"),
+        (["--uds", "u", "--cid", "5"], "one of --socket, --socket-fd, --vm or --host is required"),
         (["--host", "g"], "--host needs --groups-dir"),
         (["--host", "../g", "--groups-dir", "d"], "is not a group name"),
         (["--host", "g", "--groups-dir", "d", "--cid", "5"], "--cid does not go with --host"),

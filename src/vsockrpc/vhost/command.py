@@ -306,7 +306,7 @@ def _vm_specs(args: argparse.Namespace) -> list[VmSpec]:
                 raise BadInputError(f"two --vm give the same {field} {twice}")
         return specs
     if args.socket is None and args.socket_fd is None:
-        raise BadInputError("one of --socket, --socket-fd or --vm is required")
+        raise BadInputError("one of --socket, --socket-fd, --vm or --host is required")
     if args.uds is None or args.cid is None:
         raise BadInputError("--uds and --cid are required (or use --vm)")
     vhost: str | socket.socket = (
