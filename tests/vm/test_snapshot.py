@@ -258,3 +258,32 @@ def test_pool_hands_out_ready_unused_guests_and_closes_everything(snapshot: Path
     members = groups_dir(runtime_dir()) / group
     assert [p.name for p in members.iterdir()] == ["host.log"]  # the pool group host's
     shutil.rmtree(members)
+
+
+@pytest.mark.timeout(600)
+def test_a_grouped_vm_snapshots_and_its_clone_joins_the_same_host(
+    guest_image: ImageInfo, tmp_path: Path
+) -> None:
+    """A VM served by its group's host is saved (its device unplugged and re-plugged in the
+    host) and keeps answering; a clone restored into the group joins the same host and calls
+    the source's Addition by CID."""
+    group = f"snapgrp{os.getpid()}"
+    origin = launch(guest_image, name=f"sg{os.getpid()}", groups=(group,), ready_timeout=300)
+    clones: list[Vm] = []
+    try:
+        snapshot_vm(origin.name, tmp_path / "s")
+        with Guest(origin.address(), call_timeout=60) as g:
+            assert g.run(["true"], timeout=60).exit_code == 0  # resumed, vsock re-plugged
+        clones = restore_many(tmp_path / "s", 1, name=f"sgc{os.getpid()}", groups=[group])
+        assert origin.device is not None and clones[0].device is not None
+        assert clones[0].device.pid == origin.device.pid  # one process for the group
+        with Guest(clones[0].address(), call_timeout=60) as g:
+            result = g.run(["python3", "-c", ADD_CLIENT, str(origin.cid)], timeout=180)
+        assert (result.exit_code, result.stdout) == (0, b"12\n"), result.stderr
+    finally:
+        for vm in [*clones, origin]:
+            vm.stop()
+    host_gone(origin.device.pid if origin.device else 0)
+    members = groups_dir(runtime_dir()) / group
+    assert [p.name for p in members.iterdir()] == ["host.log"]
+    shutil.rmtree(members)
