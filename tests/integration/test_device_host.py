@@ -21,14 +21,16 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
-from vsockrpc.errors import DeviceError
+from vsockrpc.errors import DeviceError, VmError
 from vsockrpc.vhost.hostproto import join_host, read_pid
 from vsockrpc.vhost.paths import BoundPath, listen_unix
 from vsockrpc.vhost.testing import GuestDriver, wait_all
 from vsockrpc.vm.procs import alive
+from vsockrpc.vm.vsockdev import HostedDevice
 
 GROUP = "g"
 PORT = 9000
@@ -400,3 +402,27 @@ def test_a_join_with_too_many_fds_is_closed_unanswered_and_its_fds_released(lab:
     assert alive(a.host_pid) and not os.path.exists(os.path.join(lab.group_dir, "7.pid"))
     a.conn.close()
     host_exits(lab, a.host_pid)
+
+
+def test_a_host_that_cannot_start_is_one_launcher_error_naming_why(lab: Lab) -> None:
+    """A symlink planted where the host's pid file goes: the host refuses it and exits 1; the
+    launcher's one-line error carries the host's reason, and it leaves no socket behind."""
+    os.makedirs(lab.group_dir, mode=0o700)
+    os.symlink(os.path.join(lab.tmp, "elsewhere"), os.path.join(lab.group_dir, "host.pid"))
+    run_dir = Path(lab.tmp) / "run"
+    run_dir.mkdir()
+    with pytest.raises(VmError) as caught:
+        HostedDevice(
+            vhost_socket=run_dir / "vhost-user.sock",
+            hybrid_socket=run_dir / "vsock.sock",
+            guest_cid=5,
+            log_file=run_dir / "device.log",
+            groups=[GROUP],
+            groups_dir=Path(lab.groups),
+        )
+    message = str(caught.value)
+    assert message.startswith("cannot start the userspace vsock device: group g's device host")
+    assert "exited with status 1 (group g's host: cannot open the pid file" in message
+    assert "\n" not in message
+    assert sorted(os.listdir(run_dir)) == []  # both sockets removed again
+    assert not os.path.exists(os.path.join(lab.tmp, "elsewhere"))

@@ -26,6 +26,7 @@ __all__ = [
     "MAX_HELD",
     "MAX_PENDING",
     "MAX_REQUEST",
+    "HostStartError",
     "JoinRequest",
     "host_paths",
     "join_host",
@@ -42,6 +43,10 @@ MAX_HELD = 4  # fds a VM's device keeps open for the launcher (its locks)
 MAX_FDS = 2 + MAX_HELD
 JOIN_TIMEOUT = 5.0  # seconds for a launcher to send its whole request
 IDLE_EXIT = 1.0  # seconds without a VM before the host exits
+
+
+class HostStartError(DeviceError):
+    """The group's host, started for this join, did not come up (it says why in its log)."""
 
 
 def host_paths(groups_dir: str, group: str) -> tuple[str, str]:
@@ -158,11 +163,11 @@ def join_host(
             except subprocess.TimeoutExpired:
                 started.kill()
                 started.wait()
-                raise DeviceError(
+                raise HostStartError(
                     f"group {group}'s device host did not start in {timeout:.0f} s"
                 ) from None
             if code != 0:
-                raise DeviceError(f"group {group}'s device host exited with status {code}")
+                raise HostStartError(f"group {group}'s device host exited with status {code}")
             sock = _connect(path)
             if sock is None:
                 raise DeviceError(f"group {group}'s device host is not listening")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Self
 
 from vsockrpc.errors import DeviceError, VmError
-from vsockrpc.vhost.hostproto import join_host
+from vsockrpc.vhost.hostproto import HostStartError, join_host
 from vsockrpc.vhost.paths import BoundPath, listen_unix
 
 __all__ = [
@@ -262,7 +262,19 @@ class HostedDevice(VmDevice):
                 )
         except (OSError, DeviceError) as err:
             self._unlink()
-            raise VmError(f"cannot start the userspace vsock device: {err}") from err
+            why = self._host_said() if isinstance(err, HostStartError) else ""
+            raise VmError(f"cannot start the userspace vsock device: {err}{why}") from err
+
+    def _host_said(self) -> str:
+        """A host that failed to start said why as the last line of its log: ``: <that>``."""
+        try:
+            with self.host_log.open("rb") as f:
+                f.seek(max(0, self.host_log.stat().st_size - 1024))
+                last = f.read().decode(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        prefix = "python -m vsockrpc.vhost: error: "
+        return f" ({last[-1].removeprefix(prefix)})" if last and last[-1].startswith(prefix) else ""
 
     def _start_host(self) -> subprocess.Popen[bytes]:
         """The group's host, in its own session: it serves every member and outlives this
