@@ -9,6 +9,13 @@ with ``--debug``), 2 on a usage error.
 Groups (sibling routing, docs/device.md): ``--group NAME`` (repeatable) with ``--groups-dir DIR``
 makes the guest a member of each group; guests of a shared group connect to each other by CID.
 
+Several VMs in one process: ``--vm guest-cid=N,socket=PATH,uds-path=PATH[,groups=A+B]``
+(repeatable, vhost-device-vsock's syntax) instead of ``--socket``/``--uds``/``--cid``; guests of
+a shared group served together are linked in-process. ``--host GROUP`` runs the group's device
+host, which VM launchers bring their VMs to (:mod:`~vsockrpc.vhost.hosting`): with
+``--fork-when-ready`` its first process exits 0 once it listens, and it exits by itself
+``--idle-exit`` seconds after its last VM has left. The lifetime flags below apply to each VM.
+
 Lifetime flags, for a device that must never outlive its VM:
 
 * ``--exit-on-disconnect``: exit when the vhost-user front-end (QEMU) disconnects — QEMU
