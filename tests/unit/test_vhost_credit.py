@@ -199,3 +199,40 @@ def test_rw_after_shutdown_send_resets(muxer: Muxer) -> None:
     assert conn.write_shut
     _rw(muxer, conn, b"late")
     assert conn.key not in muxer.conns
+
+
+class EndlessTx:
+    """A tx ring whose guest adds a packet as fast as one is taken (a flooding guest on another
+    vCPU): pop never runs dry."""
+
+    num = 128
+
+    def __init__(self) -> None:
+        self.popped = 0
+        self.pushed = 0
+
+    def pop(self) -> tuple[int, list[memoryview]] | None:
+        self.popped += 1
+        if self.popped > 10 * self.num:
+            raise AssertionError("one pass kept draining a ring the guest keeps refilling")
+        return self.popped % self.num, [memoryview(bytearray(44))]  # a header from CID 0: dropped
+
+    def push(self, head: int, length: int) -> None:
+        self.pushed += 1
+
+
+def test_one_pass_drains_at_most_one_ring_of_packets_and_leaves_the_rest_kicked(
+    muxer: Muxer,
+) -> None:
+    """A guest refilling its tx ring as fast as the device drains it cannot keep one pass (and
+    the other VMs of a shared device process) waiting: a ring's worth, then the next pass."""
+    tx = EndlessTx()
+    muxer.tx_kicked = False
+    muxer._drain_tx(tx)  # type: ignore[arg-type]
+    assert tx.popped == tx.pushed == tx.num
+    assert muxer.tx_kicked, "the rest of the ring waits for the next pass"
+    empty = EndlessTx()
+    empty.pop = lambda: None  # type: ignore[method-assign]
+    muxer.tx_kicked = False
+    muxer._drain_tx(empty)  # type: ignore[arg-type]
+    assert not muxer.tx_kicked

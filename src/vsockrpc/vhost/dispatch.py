@@ -41,9 +41,13 @@ class GuestDispatch(SiblingRoutes):
 
     host: HybridHost  # set by the muxer: where guest-initiated connections go
     max_connections: int
+    tx_kicked: bool  # the muxer's: the tx ring may hold packets (a kick, or a drain cut short)
 
     def _drain_tx(self, tx: Virtqueue) -> None:
-        while True:
+        """At most one ring's worth of packets per pass: a guest adding buffers as fast as they
+        are consumed gets the rest next pass (``tx_kicked`` stays set), after the other VMs of
+        the process had theirs."""
+        for _ in range(max(1, tx.num)):
             chain = tx.pop()
             if chain is None:
                 return
@@ -53,6 +57,7 @@ class GuestDispatch(SiblingRoutes):
                 self._on_guest_packet(segments)
             finally:
                 tx.push(head, 0)  # tx buffers are only read (2.7.8: used len = bytes written)
+        self.tx_kicked = True
 
     def _on_guest_packet(self, segments: list[memoryview]) -> None:
         first = segments[0]

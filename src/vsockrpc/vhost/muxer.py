@@ -125,7 +125,7 @@ class Muxer(GuestDispatch, RxFill):
         """True if another pass could make progress without waiting for an fd."""
         if not self.running:
             return False
-        if self._writable:
+        if self._writable or self.tx_kicked:
             return True
         if self._stateless or self._ctl_conns or self._readable:
             assert self.rx is not None
