@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from vsockrpc.errors import DeviceError, VmError
-from vsockrpc.vhost.hostproto import join_host, read_pid
+from vsockrpc.vhost.groups import read_pid_file
+from vsockrpc.vhost.hostproto import join_host
 from vsockrpc.vhost.paths import BoundPath, listen_unix
 from vsockrpc.vhost.testing import GuestDriver, wait_all
 from vsockrpc.vm.procs import alive
@@ -82,7 +83,7 @@ class Lab:
 
     def host_pids(self) -> set[int]:
         """The hosts now running for the group (from their pid file)."""
-        pid = read_pid(os.path.join(self.group_dir, "host.pid"))
+        pid = read_pid_file(os.path.join(self.group_dir, "host.pid"))
         return {pid} if pid is not None and alive(pid) else set()
 
 

@@ -34,6 +34,8 @@ __all__ = [
     "ensure_private_dir",
     "lock_pid_file",
     "read_member_pid",
+    "read_pid_file",
+    "release_pid_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -61,12 +63,15 @@ def member_path(groups_dir: str, group: str, cid: int, suffix: str) -> str:
 
 
 def read_member_pid(groups_dir: str, group: str, cid: int) -> int | None:
-    """The pid in ``<group>/<cid>.pid``, or None if there is no such regular file or it does not
+    """The pid in ``<group>/<cid>.pid`` (see :func:`read_pid_file`)."""
+    return read_pid_file(member_path(groups_dir, group, cid, "pid"))
+
+
+def read_pid_file(path: str) -> int | None:
+    """The pid in the pid file ``path``, or None if there is no such regular file or it does not
     hold a pid (a symlink planted there is not followed)."""
     try:
-        fd = os.open(
-            member_path(groups_dir, group, cid, "pid"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-        )
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
     try:
@@ -142,6 +147,20 @@ def lock_pid_file(path: str, what: str, *, busy: str) -> int:
     return fd
 
 
+def release_pid_file(fd: int, path: str, pid: int) -> bool:
+    """Remove the pid file locked by ``fd`` (:func:`lock_pid_file`) if ``path`` is still that
+    file and holds ``pid``, then close ``fd``, which releases the lock after the file is gone.
+    True if the file was removed."""
+    removed = False
+    with contextlib.suppress(OSError):
+        held, now = os.fstat(fd), os.lstat(path)
+        if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino) and read_pid_file(path) == pid:
+            os.unlink(path)
+            removed = True
+    os.close(fd)
+    return removed
+
+
 class GroupMember:
     """This device's membership of one group: its lock, pid file and listening socket.
 
@@ -192,13 +211,4 @@ class GroupMember:
             self._bound = None
         fd, self._pid_fd = self._pid_fd, None
         if fd is not None:
-            with contextlib.suppress(OSError):
-                if self._pid_file_is_ours(fd):
-                    os.unlink(self.pid_path)
-            os.close(fd)  # releases the lock, after the file is gone
-
-    def _pid_file_is_ours(self, fd: int) -> bool:
-        held, now = os.fstat(fd), os.lstat(self.pid_path)
-        if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
-            return False
-        return read_member_pid(self.groups_dir, self.name, self.guest_cid) == self._pid
+            release_pid_file(fd, self.pid_path, self._pid)

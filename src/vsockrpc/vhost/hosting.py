@@ -37,13 +37,18 @@ import logging
 import os
 import socket
 import stat
-import struct
 import time
 from dataclasses import dataclass, field
 
 from vsockrpc.errors import DeviceError
 from vsockrpc.vhost.device import DeviceLoop, VsockDevice
-from vsockrpc.vhost.groups import SUN_PATH_MAX, ensure_private_dir, lock_pid_file
+from vsockrpc.vhost.groups import (
+    SUN_PATH_MAX,
+    ensure_private_dir,
+    lock_pid_file,
+    read_pid_file,
+    release_pid_file,
+)
 from vsockrpc.vhost.hostproto import (
     IDLE_EXIT,
     JOIN_TIMEOUT,
@@ -53,17 +58,14 @@ from vsockrpc.vhost.hostproto import (
     host_paths,
     lock_joins,
     parse_request,
-    read_pid,
 )
 from vsockrpc.vhost.paths import BoundPath, listen_unix
 from vsockrpc.vhost.reactor import ERR, IN, Reactor
-from vsockrpc.vhost.sibling import CoHosted
+from vsockrpc.vhost.sibling import CoHosted, peer_process
 
 __all__ = ["IDLE_EXIT", "GroupHost"]
 
 log = logging.getLogger(__name__)
-
-_UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 
 
 @dataclass
@@ -121,7 +123,6 @@ class GroupHost:
         self._retire_fd: int | None = None  # the join lock, held from retiring to exit
         self._listener: socket.socket | None = None
         self._bound: BoundPath | None = None
-        self.stats_joined = 0
         try:
             if len(self.socket_path.encode()) > SUN_PATH_MAX:
                 raise DeviceError(f"--groups-dir {groups_dir}: too long for the host socket path")
@@ -130,7 +131,7 @@ class GroupHost:
                 self.pid_path,
                 f"group {group}'s host",
                 busy=f"group {group} already has a device host "
-                f"(pid {read_pid(self.pid_path) or 'unknown'})",
+                f"(pid {read_pid_file(self.pid_path) or 'unknown'})",
             )
             self._listener, self._bound = listen_unix(self.socket_path, mode=0o600)
             self._listener.setblocking(False)
@@ -165,10 +166,7 @@ class GroupHost:
             self._left(device)
         pid_fd, self._pid_fd = self._pid_fd, None
         if pid_fd is not None:
-            with contextlib.suppress(OSError):
-                if _same_file(pid_fd, self.pid_path) and read_pid(self.pid_path) == os.getpid():
-                    os.unlink(self.pid_path)
-            os.close(pid_fd)  # releases the lock, after the file is gone
+            release_pid_file(pid_fd, self.pid_path, os.getpid())
         retire_fd, self._retire_fd = self._retire_fd, None
         if retire_fd is not None:
             os.close(retire_fd)
@@ -223,7 +221,8 @@ class GroupHost:
             except OSError as err:  # EMFILE and friends: keep serving
                 log.warning("device host of group %s: accept failed: %s", self.group, err)
                 return
-            why = _peer_refusal(sock)
+            peer = peer_process(sock)
+            why = peer if isinstance(peer, str) else ""
             if why or len(self._pending) >= MAX_PENDING:
                 log.warning("device host of group %s: join refused: %s", self.group, why or "busy")
                 sock.close()
@@ -308,7 +307,6 @@ class GroupHost:
             hybrid.close()
             raise
         self.loop.add(device)
-        self.stats_joined += 1
         log.info(
             "device host of group %s: serving guest CID %d (groups %s)",
             self.group,
@@ -378,22 +376,6 @@ class GroupHost:
     def _answer(sock: socket.socket, line: str) -> None:
         with contextlib.suppress(OSError):  # a short line into a fresh socket: never blocks
             sock.send(line.encode(errors="replace")[:MAX_REQUEST])
-
-
-def _same_file(fd: int, path: str) -> bool:
-    held, now = os.fstat(fd), os.lstat(path)
-    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
-
-
-def _peer_refusal(sock: socket.socket) -> str:
-    """Why a launcher's connection is refused ("" when it is ours, or root's)."""
-    try:
-        _pid, uid, _gid = _UCRED.unpack(
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        )
-    except OSError as err:
-        return f"no peer credentials ({err.strerror})"
-    return "" if uid in (os.getuid(), 0) else f"connected as uid {uid}"
 
 
 def _listening_unix(fd: int, what: str) -> socket.socket:

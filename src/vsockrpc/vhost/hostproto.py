@@ -32,7 +32,6 @@ __all__ = [
     "join_host",
     "lock_joins",
     "parse_request",
-    "read_pid",
 ]
 
 HOST_SOCKET = "host.sock"
@@ -108,21 +107,6 @@ def parse_request(line: bytes, group: str) -> JoinRequest | str:
     if pid is not None and (type(pid) is not int or pid <= 0):
         return f"bad pid {pid!r}"
     return JoinRequest(cid, uds, tuple(dict.fromkeys(groups)), pid)
-
-
-def read_pid(path: str) -> int | None:
-    """The pid in a pid file (not followed through a symlink), or None."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        text = os.read(fd, 32).strip()
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return int(text) if text.isdigit() and len(text) < 16 else None
 
 
 # ---------------------------------------------------------------------- the launcher's side

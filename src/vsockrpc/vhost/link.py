@@ -1,7 +1,7 @@
 """In-process links: a stream between two guests served by the same device process.
 
 When one device process serves several VMs of a group (``vsockrpc device --vm … --vm …``,
-docs/device.md "One process for a group"), a sibling connection between two of them needs no
+docs/device.md "One process per group"), a sibling connection between two of them needs no
 Unix socket: :func:`link_pair` makes two :class:`LinkEnd` objects that the connection table uses
 exactly as it uses a socket (``send``, ``recv_into``, ``recvmsg_into``, ``recv``, ``shutdown``,
 ``close``, ``fileno``), and whose readiness is posted to the shared

@@ -43,6 +43,7 @@ __all__ = [
     "RateLimitedLog",
     "SiblingHub",
     "parse_handshake",
+    "peer_process",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,20 @@ MAX_PENDING_IN = 64  # handshakes being read at once (excess: closed at accept)
 OK_LINE = b"OK\n"
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 _U32 = 0xFFFFFFFF
+
+
+def peer_process(sock: socket.socket) -> int | str:
+    """The pid of the process at the other end of a Unix socket (``SO_PEERCRED``) if it runs as
+    our user or as root, else why it is refused (a log phrase): processes of the same user are
+    trusted (they could already ptrace us), no one else is."""
+    try:
+        pid, uid, _gid = _UCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        )
+    except OSError as err:
+        return f"no peer credentials ({err.strerror})"
+    return pid if uid in (os.getuid(), 0) else f"connected as uid {uid}"
+
 
 #: Called with a verified link: (socket, group, src_cid, src_port, dst_port); owns the socket.
 OnSibling = Callable[[Stream, str, int, int, int], None]
@@ -263,14 +278,9 @@ class SiblingHub:
             return f"names group {group!r} on group {member.name}'s socket"
         if not 2 < src_cid < _U32 or src_cid == self.guest_cid:
             return f"claims CID {src_cid}"
-        try:
-            pid, uid, _gid = _UCRED.unpack(
-                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-            )
-        except OSError as err:
-            return f"no peer credentials ({err.strerror})"
-        if uid not in (os.getuid(), 0):
-            return f"connected as uid {uid}"
+        pid = peer_process(sock)
+        if isinstance(pid, str):
+            return pid
         if pid <= 0 or read_member_pid(self.groups_dir, member.name, src_cid) != pid:
             return f"process {pid} is not the member with CID {src_cid}"
         return src_cid, src_port, dst_port
