@@ -251,12 +251,14 @@ def _request(cid: int, **over: object) -> bytes:
         (_request(7), 0, "ERR the vhost-user and hybrid sockets did not come"),
         (_request(5), 2, "ERR CID 5 is already served here"),
         (_request(7), -1, "ERR the vhost-user fd is not a listening Unix stream socket"),
+        (_request(7), -2, "ERR the hybrid fd is not a listening Unix stream socket"),
     ],
 )
 def test_bad_joins_get_one_line_and_the_host_serves_on(
     lab: Lab, line: bytes, sockets: int, answer: str
 ) -> None:
     a = join(lab, 5)
+    host_fds = len(os.listdir(f"/proc/{a.host_pid}/fd"))
     with contextlib.ExitStack() as stack:
         fds: list[int] = []
         if sockets > 0:
@@ -265,12 +267,25 @@ def test_bad_joins_get_one_line_and_the_host_serves_on(
                 stack.enter_context(sock)
                 stack.callback(bound.unlink)
                 fds.append(sock.fileno())
-        elif sockets < 0:  # a connected socket, not a listening one, and a pipe
+        elif sockets == -1:  # two connected sockets, not listening ones
             left, right = socket.socketpair()
             stack.enter_context(left)
             stack.enter_context(right)
             fds = [left.fileno(), right.fileno()]
+        elif sockets == -2:  # a listening socket, then a connected one
+            sock, bound = listen_unix(os.path.join(lab.tmp, "good"))
+            stack.enter_context(sock)
+            stack.callback(bound.unlink)
+            left, right = socket.socketpair()
+            stack.enter_context(left)
+            stack.enter_context(right)
+            fds = [sock.fileno(), left.fileno()]
         assert _raw_join(lab, line, fds).startswith(answer)
+    # Every fd the refused join brought was closed (the refusal is sent before they are).
+    deadline = time.monotonic() + 10
+    while len(os.listdir(f"/proc/{a.host_pid}/fd")) != host_fds:
+        assert time.monotonic() < deadline, "the host kept fds of a refused join"
+        time.sleep(0.02)
     assert alive(a.host_pid)
     with GuestDriver(a.vhost, guest_cid=5) as ga:
         ga.boot()

@@ -36,7 +36,6 @@ import logging
 import os
 import signal
 import socket
-import stat
 import sys
 import traceback
 from collections.abc import Sequence
@@ -359,16 +358,9 @@ def _die_with_parent() -> None:
 
 
 def _inherited(fd: int, flag: str) -> socket.socket:
-    try:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            raise DeviceError(f"{flag} {fd} is not a socket")
-        sock = socket.socket(fileno=fd)
-    except OSError as err:
-        raise DeviceError(f"{flag} {fd}: {err.strerror or err}") from err
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        sock.detach()
-        raise DeviceError(f"{flag} {fd} is not a Unix stream socket")
-    return sock
+    from vsockrpc.vhost.paths import unix_stream_from_fd
+
+    return unix_stream_from_fd(fd, f"{flag} {fd}", listening=False, owned=False)
 
 
 def _fd(text: str) -> int:

@@ -36,7 +36,6 @@ import functools
 import logging
 import os
 import socket
-import stat
 import time
 from dataclasses import dataclass, field
 
@@ -59,7 +58,7 @@ from vsockrpc.vhost.hostproto import (
     lock_joins,
     parse_request,
 )
-from vsockrpc.vhost.paths import BoundPath, listen_unix
+from vsockrpc.vhost.paths import BoundPath, listen_unix, unix_stream_from_fd
 from vsockrpc.vhost.reactor import ERR, IN, Reactor
 from vsockrpc.vhost.sibling import CoHosted, peer_process
 
@@ -284,9 +283,18 @@ class GroupHost:
             raise DeviceError("the vhost-user and hybrid sockets did not come with the request")
         if any(d.guest_cid == request.cid for d in self._members):
             raise DeviceError(f"CID {request.cid} is already served here")
-        vhost = _listening_unix(pending.fds[0], "vhost-user")
-        hybrid = _listening_unix(pending.fds[1], "hybrid")
-        pending.fds[:2] = []  # the sockets own them now
+        vhost_fd, hybrid_fd = pending.fds[:2]
+        pending.fds[:2] = []  # from here each is closed exactly once, here or by its socket
+        try:
+            vhost = _listener(vhost_fd, "vhost-user")
+        except BaseException:
+            os.close(hybrid_fd)
+            raise
+        try:
+            hybrid = _listener(hybrid_fd, "hybrid")
+        except BaseException:
+            vhost.close()
+            raise
         try:
             device = VsockDevice(
                 vhost_socket=vhost,
@@ -378,23 +386,8 @@ class GroupHost:
             sock.send(line.encode(errors="replace")[:MAX_REQUEST])
 
 
-def _listening_unix(fd: int, what: str) -> socket.socket:
-    """A received fd as a listening Unix stream socket; DeviceError (fd closed) otherwise."""
-    try:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            raise DeviceError(f"the {what} fd is not a socket")
-        sock = socket.socket(fileno=fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        raise
-    ok = (
-        sock.family == socket.AF_UNIX
-        and sock.type == socket.SOCK_STREAM
-        and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-    )
-    if not ok:
-        sock.close()
-        raise DeviceError(f"the {what} fd is not a listening Unix stream socket")
+def _listener(fd: int, what: str) -> socket.socket:
+    """A received fd as a non-blocking listening Unix stream socket (closed if it is not)."""
+    sock = unix_stream_from_fd(fd, f"the {what} fd", listening=True, owned=True)
     sock.setblocking(False)
     return sock

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from vsockrpc.errors import DeviceError
 
-__all__ = ["DEFAULT_MODE", "BoundPath", "listen_unix"]
+__all__ = ["DEFAULT_MODE", "BoundPath", "listen_unix", "unix_stream_from_fd"]
 
 DEFAULT_MODE = 0o600  # owner only, whatever the umask
 
@@ -67,3 +67,31 @@ def listen_unix(
         sock.close()
         raise
     return sock, bound
+
+
+def unix_stream_from_fd(fd: int, name: str, *, listening: bool, owned: bool) -> socket.socket:
+    """``fd`` as a Unix stream socket object (``listening``: it must be listening), or
+    DeviceError naming ``name``. ``owned``: the fd is ours, closed on failure (one received from
+    a launcher); otherwise it stays open (one inherited from our caller)."""
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise DeviceError(f"{name} is not a socket")
+        sock = socket.socket(fileno=fd)
+    except (OSError, DeviceError) as err:
+        if owned:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if isinstance(err, DeviceError):
+            raise
+        raise DeviceError(f"{name}: {err.strerror or err}") from err
+    kind = "listening Unix stream socket" if listening else "Unix stream socket"
+    ok = sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM
+    if ok and listening:
+        ok = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    if not ok:
+        if owned:
+            sock.close()
+        else:
+            sock.detach()
+        raise DeviceError(f"{name} is not a {kind}")
+    return sock
