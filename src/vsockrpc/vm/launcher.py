@@ -37,7 +37,7 @@ from vsockrpc.vm.procs import start_qemu
 from vsockrpc.vm.qemu import QemuConfig, find_qemu, qemu_argv
 from vsockrpc.vm.qmp import CTRL_ALT_DEL, qmp_command
 from vsockrpc.vm.startup import pause, reap, state_record, take_slot, wait_qemu_up
-from vsockrpc.vm.vsockdev import Device, wants_userspace
+from vsockrpc.vm.vsockdev import VmDevice, wants_userspace
 
 __all__ = ["DEFAULT_PORT", "Vm", "launch"]
 
@@ -90,7 +90,7 @@ class Vm:
     accel: accel_mod.Accel
     qemu: subprocess.Popen[bytes]
     console: ConsoleFollower
-    device: Device | None
+    device: VmDevice | None
     groups: tuple[str, ...] = ()  # VM↔VM: the groups whose members this guest can reach
     timings: Timings = field(default_factory=Timings)
     qemu_last_words: str = ""  # QEMU's last stderr line, kept when it exits (stop/failure)
@@ -365,7 +365,7 @@ def _launch(
         vm_name, run_dir = claim.name, claim.run_dir
         signals.check(cancel)
         chosen = accel_mod.choose_accel(qemu_bin, info.kernel, _verdict_dir())
-        device: Device | None = None
+        device: VmDevice | None = None
         vhost_user = None
         if wants_userspace(groups):
             device = stack.enter_context(slot.device(detach=detach, groups=groups))

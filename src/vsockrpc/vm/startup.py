@@ -20,7 +20,7 @@ from vsockrpc.vm import signals
 from vsockrpc.vm.procs import exit_status
 from vsockrpc.vm.rundir import NameClaim, claim_name
 from vsockrpc.vm.runtime import groups_dir, runtime_dir
-from vsockrpc.vm.vsockdev import Device, HostedDevice, device_in_run_dir
+from vsockrpc.vm.vsockdev import HostedDevice, VmDevice, device_in_run_dir
 
 if TYPE_CHECKING:
     from vsockrpc.vm.launcher import Vm
@@ -44,7 +44,7 @@ class Slot:
         any of them lives, and become free by themselves once all are gone."""
         return (self.lease.fileno(), self.claim.fileno())
 
-    def device(self, *, detach: bool, groups: tuple[str, ...]) -> Device:
+    def device(self, *, detach: bool, groups: tuple[str, ...]) -> VmDevice:
         """The VM's userspace device: its sockets and log in the run directory, a member of
         ``groups``, holding the slot's locks."""
         return device_in_run_dir(

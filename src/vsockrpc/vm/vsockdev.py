@@ -37,11 +37,12 @@ from vsockrpc.vhost.hostproto import HostStartError, join_host
 from vsockrpc.vhost.paths import BoundPath, listen_unix
 
 __all__ = [
-    "Device",
     "HostedDevice",
     "UserspaceDevice",
+    "VmDevice",
     "device_argv",
     "device_in_run_dir",
+    "host_argv",
     "kernel_vhost_vsock_usable",
     "wants_userspace",
 ]
@@ -350,10 +351,6 @@ def host_argv(groups_dir: Path, group: str) -> list[str]:
     ]
 
 
-#: A VM's userspace device: a process of its own, or its place in its group's device host.
-Device = VmDevice
-
-
 def device_in_run_dir(
     run_dir: Path,
     guest_cid: int,
@@ -362,7 +359,7 @@ def device_in_run_dir(
     held: tuple[int, ...],
     groups: Sequence[str] = (),
     groups_dir: Path | None = None,
-) -> Device:
+) -> VmDevice:
     """A VM's device with its sockets and log in the VM's run directory (``vhost-user.sock``,
     ``vsock.sock``, ``device.log``); ``held``: the VM's lock fds, which it keeps open. A VM in
     groups joins the device host of its first group."""
