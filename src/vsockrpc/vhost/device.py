@@ -92,15 +92,15 @@ class VsockDevice(VhostUserSession):
         self._owned_paths: list[BoundPath] = []
         self.exit_on_disconnect = exit_on_disconnect
         self.stop_reason = ""  # why serve_forever returned on its own ("" after stop())
-        self._pidfd: int | None = None
-        self._watched: int | None = None  # a pidfd added later by watch_process()
+        # pidfds of processes whose exit stops the device → what to log then
+        self._pidfds: dict[int, str] = {}
         # A reactor given is shared with other devices of this process (DeviceLoop), and
         # closed by its owner, not here.
         self._owns_reactor = reactor is None
         self.reactor = Reactor() if reactor is None else reactor
         try:
             if exit_with_pid is not None:
-                self._pidfd = _open_pidfd(exit_with_pid)
+                self._pidfds[_open_pidfd(exit_with_pid)] = "the watched process exited"
             if isinstance(vhost_socket, socket.socket):
                 self._listener = vhost_socket
                 self.vhost_path: str | None = None
@@ -184,12 +184,10 @@ class VsockDevice(VhostUserSession):
                 if not bound.unlink():
                     log.info("not removing %s: no longer the socket this device bound", bound.path)
         self._owned_paths = []
-        for attr in ("_pidfd", "_watched"):
-            fd = getattr(self, attr, None)
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-                setattr(self, attr, None)
+        for fd in getattr(self, "_pidfds", {}):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._pidfds = {}
         if hasattr(self, "reactor") and self._owns_reactor:
             with contextlib.suppress(OSError):
                 self.reactor.close()
@@ -208,20 +206,20 @@ class VsockDevice(VhostUserSession):
         self._serving.set()
         reactor.register(self._listener.fileno(), IN, lambda _m: self._accept())
         reactor.register(self._uds.fileno(), IN, lambda _m: self.muxer.on_listener(self._uds))
-        if self._pidfd is not None:
-            gone = "the watched process exited"
-            reactor.register(self._pidfd, IN, lambda _m: self._stop_for(gone))
+        for fd, gone in self._pidfds.items():
+            self._watch_pidfd(fd, gone)
         if self.muxer.siblings is not None:
             self.muxer.siblings.start()
 
     def watch_process(self, pid: int, what: str) -> None:
-        """Stop when process ``pid`` exits (its QEMU, named later than the device was made:
-        a group host learns it from the launcher); once, from the loop's thread."""
-        if self._watched is not None:
-            raise DeviceError("a process is already watched")
-        self._watched = _open_pidfd(pid)
-        gone = f"{what} (pid {pid}) exited"
-        self.reactor.register(self._watched, IN, lambda _m: self._stop_for(gone))
+        """Stop when process ``pid`` exits too (its QEMU, named after the device was made and
+        started: a group host learns it from the launcher); from the loop's thread."""
+        fd = _open_pidfd(pid)
+        self._pidfds[fd] = gone = f"{what} (pid {pid}) exited"
+        self._watch_pidfd(fd, gone)
+
+    def _watch_pidfd(self, fd: int, gone: str) -> None:
+        self.reactor.register(fd, IN, lambda _m: self._stop_for(gone))
 
     def _timeout(self, now: float) -> float:
         """How long the loop may sleep for this device: 0 with work to do, -1 for ever."""
@@ -252,10 +250,8 @@ class VsockDevice(VhostUserSession):
         self.state = SessionState.STOPPING
         reactor.unregister(self._listener.fileno())
         reactor.unregister(self._uds.fileno())
-        if self._pidfd is not None:
-            reactor.unregister(self._pidfd)
-        if self._watched is not None:
-            reactor.unregister(self._watched)
+        for fd in self._pidfds:
+            reactor.unregister(fd)
         if self.muxer.siblings is not None:
             self.muxer.siblings.stop()
         self._disconnect()
