@@ -55,10 +55,6 @@ class LinkEnd:
     def fileno(self) -> int:
         return self.fd
 
-    def setblocking(self, flag: bool) -> None:
-        if flag:
-            raise ValueError("a link end is non-blocking")
-
     def ready_mask(self) -> int:
         """What a level check would report now: IN (data or EOF), OUT (room), ERR (peer gone)."""
         mask = 0
