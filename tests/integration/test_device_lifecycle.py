@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 
@@ -352,3 +353,26 @@ def test_old_device_exit_keeps_a_new_devices_socket(tmp: str) -> None:
         code = _finish(new)
     assert code == 0
     assert not os.path.exists(upath) and not os.path.exists(vpath)
+
+
+def test_a_device_loop_stopped_before_a_device_is_added_stops_that_device_too(tmp: str) -> None:
+    """A signal that arrives while a device process is still adding its VMs is not lost: the
+    loop's stop also stops the devices added after it."""
+    from vsockrpc.vhost.device import DeviceLoop, VsockDevice
+    from vsockrpc.vhost.reactor import Reactor
+
+    reactor = Reactor()
+    try:
+        loop = DeviceLoop(reactor)
+        loop.stop()
+        with VsockDevice(
+            vhost_socket=f"{tmp}/v", uds_path=f"{tmp}/u", guest_cid=3, reactor=reactor
+        ) as device:
+            loop.add(device)
+            done = threading.Thread(target=loop.run, daemon=True)
+            done.start()
+            done.join(10)
+            assert not done.is_alive(), "the loop kept serving after its stop"
+            assert not loop.devices
+    finally:
+        reactor.close()

@@ -377,15 +377,20 @@ class DeviceLoop:
         self.devices: list[VsockDevice] = []
         self.on_leave = on_leave
         self.hooks = hooks
+        self._stopping = False
 
     def add(self, device: VsockDevice) -> None:
         if device.reactor is not self.reactor:
             raise ValueError("devices served together must share one reactor")
         device._begin()
         self.devices.append(device)
+        if self._stopping:  # stopped before this device came: it leaves at once
+            device.stop()
 
     def stop(self) -> None:
-        """Stop every device (thread- and signal-safe: flags and one eventfd write each)."""
+        """Stop every device, and any added later (thread- and signal-safe: flags and one
+        eventfd write each)."""
+        self._stopping = True
         for device in list(self.devices):
             device.stop()
         self.reactor.wake()
