@@ -38,7 +38,7 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
@@ -204,16 +204,8 @@ def run(args: argparse.Namespace) -> int:
         # A VM whose device stopped (its QEMU gone) releases its sockets and group files at
         # once; the process goes on serving the others and exits after the last.
         loop = DeviceLoop(reactor, on_leave=VsockDevice.close)
-        received: list[int] = []
 
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            # Only what is safe in a handler: note it and wake the loop (an eventfd write).
-            received.append(signum)
-            loop.stop()
-
-        stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        previous = {s: signal.signal(s, on_signal) for s in stop_signals}
-        try:
+        def serve() -> None:
             for spec in specs:
                 log.info(
                     "vsock device: vhost-user %s, hybrid %s, guest CID %d, groups %s",
@@ -225,12 +217,30 @@ def run(args: argparse.Namespace) -> int:
             for device in devices:
                 loop.add(device)
             loop.run()
-            if received:
-                log.info("signal %d: stopped", received[0])
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+
+        signum = _serve_until_signalled(serve, loop.stop)
+        if signum is not None:
+            log.info("signal %d: stopped", signum)
     return 0
+
+
+def _serve_until_signalled(serve: Callable[[], None], stop: Callable[[], None]) -> int | None:
+    """Run ``serve`` with SIGTERM, SIGINT and SIGHUP calling ``stop`` (which only sets flags
+    and writes eventfds: safe in a handler); the first signal received, if any."""
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        stop()
+
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {s: signal.signal(s, on_signal) for s in stop_signals}
+    try:
+        serve()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return received[0] if received else None
 
 
 def _run_host(args: argparse.Namespace) -> int:
@@ -264,18 +274,7 @@ def _run_host(args: argparse.Namespace) -> int:
             os._exit(0)  # ready: the child holds the same locked pid file and listening socket
         host.forked()
     try:
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            host.stop()  # flags and eventfd writes only
-
-        previous = {
-            s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        }
-        try:
-            host.serve()
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+        _serve_until_signalled(host.serve, host.stop)
     finally:
         host.close()
     return 0
