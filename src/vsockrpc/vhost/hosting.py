@@ -30,7 +30,6 @@ a new host) to the answer, so no join is ever in flight to a host that is going 
 
 from __future__ import annotations
 
-import array
 import contextlib
 import functools
 import logging
@@ -233,18 +232,14 @@ class GroupHost:
 
     def _on_join_data(self, fd: int, mask: int) -> None:
         pending = self._pending[fd]
-        fds = array.array("i")
         try:
-            data, ancdata, msg_flags, _ = pending.sock.recvmsg(
-                MAX_REQUEST - len(pending.data), socket.CMSG_SPACE(MAX_FDS * fds.itemsize)
+            data, fds, msg_flags, _ = socket.recv_fds(
+                pending.sock, MAX_REQUEST - len(pending.data), MAX_FDS, socket.MSG_CMSG_CLOEXEC
             )
         except BlockingIOError:
             return
         except OSError:
-            data, ancdata, msg_flags = b"", [], 0
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            data, fds, msg_flags = b"", [], 0
         pending.fds.extend(fds)
         if msg_flags & socket.MSG_CTRUNC or len(pending.fds) > MAX_FDS:
             self._reject(fd, "too many file descriptors")

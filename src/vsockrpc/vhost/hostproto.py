@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import array
 import fcntl
 import json
 import os
@@ -157,10 +156,7 @@ def join_host(
                 raise DeviceError(f"group {group}'s device host is not listening")
         try:
             sock.settimeout(max(0.1, deadline - time.monotonic()))
-            sock.sendmsg(
-                [(line + "\n").encode()],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())],
-            )
+            socket.send_fds(sock, [(line + "\n").encode()], fds)
             reply = _read_line(sock)
         except BaseException:
             sock.close()

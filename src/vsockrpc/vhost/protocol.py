@@ -11,7 +11,6 @@ rust-vmm's ``vhost`` crate is Rust); the protocol subset a vsock device needs is
 
 from __future__ import annotations
 
-import array
 import contextlib
 import enum
 import socket
@@ -217,15 +216,9 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
 def recv_message(sock: socket.socket) -> Message:
     """Read one message (blocking socket). Raises EOFError on a clean close, ProtocolError on a
     malformed header. Received fds are returned even for bad messages' callers to close."""
-    fds = array.array("i")
-    data, ancdata, msg_flags, _ = sock.recvmsg(
-        HEADER.size, socket.CMSG_SPACE(MAX_FDS * fds.itemsize)
+    data, fd_list, msg_flags, _ = socket.recv_fds(
+        sock, HEADER.size, MAX_FDS, socket.MSG_CMSG_CLOEXEC
     )
-    for level, kind, cdata in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(cdata) - (len(cdata) % fds.itemsize)
-            fds.frombytes(cdata[:usable])
-    fd_list = list(fds)
     if not data:
         for fd in fd_list:
             _close_quietly(fd)
@@ -261,8 +254,7 @@ def send_message(
     flags = FLAG_VERSION | (FLAG_NEED_REPLY if need_reply else 0)
     data = HEADER.pack(request, flags, len(payload)) + payload
     if fds:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        sock.sendmsg([data], anc)
+        socket.send_fds(sock, [data], fds)
     else:
         sock.sendall(data)
 
