@@ -11,7 +11,10 @@
 Both return a :class:`Forwarder`, a context manager. Each connection is dialled afresh when it
 is accepted, so a guest that reboots only fails the connections made while it is down (each is
 closed with a log line naming the cause; the listener keeps serving), and one broken connection
-never affects the others. The bytes move through :class:`vsockrpc.rpc._relay.Relay` — the same
+never affects the others. On our own device a host → guest connection is passed to the device
+with its ``CONNECT`` (:func:`vsockrpc.transport.dial_for`), so its bytes flow between the client
+and the guest with no hop through this process; elsewhere (a Firecracker or Cloud Hypervisor
+socket, a guest → host expose) they move through :class:`vsockrpc.rpc._relay.Relay` — the same
 splice(2) pump with half-close the gRPC relay uses — rather than a second implementation.
 
 This module is host-only (it is not part of the guest payload): the guest side of a forward is
@@ -33,8 +36,8 @@ from vsockrpc import transport
 from vsockrpc._checks import seconds
 from vsockrpc.addresses import Address, HybridAddress, parse_address
 from vsockrpc.errors import AddressError, VsockRpcError
-from vsockrpc.rpc._relay import Relay
-from vsockrpc.transport import DEFAULT_DIALER, Dialer, unix
+from vsockrpc.rpc._relay import Passed, Relay
+from vsockrpc.transport import DEFAULT_DIALER, Dialer, dial_for, unix
 from vsockrpc.vsock_constants import MAX_PORT
 
 __all__ = [
@@ -144,17 +147,18 @@ class Forwarder:
         self._state = state
         dial_target, what = self.target, self.description
 
-        def dial(_conn: socket.socket, peer: object) -> socket.socket:
+        def dial(conn: socket.socket, peer: object) -> socket.socket | Passed:
             try:
-                sock = dialer.connect(dial_target, timeout=connect_timeout)
+                sock, passed = dial_for(dialer, dial_target, conn, timeout=connect_timeout)
             except (VsockRpcError, OSError) as err:
                 state["last_error"] = str(err)
                 state["failures"] += 1
                 log.warning("forward %s: connection from %s closed: %s", what, _peer(peer), err)
                 raise
             state["last_error"] = None
-            log.debug("forward %s: connection from %s", what, _peer(peer))
-            return sock
+            how = "passed to the device" if passed else "relayed"
+            log.debug("forward %s: connection from %s, %s", what, _peer(peer), how)
+            return Passed(sock) if passed else sock
 
         self._relay = Relay(listener, dial, name="forward")
         self._relay.start()
@@ -163,6 +167,12 @@ class Forwarder:
     @property
     def active_connections(self) -> int:
         return self._relay.active_connections
+
+    @property
+    def passed_connections(self) -> int:
+        """Connections the device took over since the start (our hybrid device: no relay in
+        between, see :func:`vsockrpc.transport.dial_for`); the others are relayed."""
+        return self._relay.passed_connections
 
     @property
     def last_error(self) -> str | None:

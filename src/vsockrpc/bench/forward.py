@@ -5,8 +5,9 @@ Device-alone half (always): the guest is the device alone
 as its guest, no QEMU), so the figure isolates what the forwarder adds. ``direct``: a host
 process connects to the device's hybrid socket (``CONNECT``/``OK``) and streams to the guest
 port. ``forward``: the same sender connects to a ``vsockrpc forward ADDRESS --listen
-tcp:127.0.0.1:0 --to PORT`` process (the CLI, as a user runs it), which opens the hybrid
-stream and pumps with splice(2). Rounds alternate the two so drift from other load hits both
+tcp:127.0.0.1:0 --to PORT`` process (the CLI, as a user runs it), which passes each accepted
+connection to the device with its ``CONNECT`` (our device's passed streams; on another device
+it would pump with splice(2)). Rounds alternate the two so drift from other load hits both
 alike; every run must deliver exactly (see ``_h2g_alone``).
 
 Guest half (not in ``--quick``): the project's image booted in QEMU (TCG here), a sink in the
@@ -165,7 +166,11 @@ def run(ctx: Context) -> _model.PartResult:
     paths = {
         "guest": "the userspace device driven by the test driver (no QEMU)",
         PATHS[0]: "sender → device hybrid socket (CONNECT/OK)",
-        PATHS[1]: "sender → TCP 127.0.0.1 → vsockrpc forward (splice) → device hybrid socket",
+        PATHS[1]: (
+            "sender → TCP 127.0.0.1 → device: vsockrpc forward accepts and passes the"
+            " connection to the device with its CONNECT (it splices only on a device without"
+            " passed streams)"
+        ),
     }
     notes = []
     if ctx.quick:

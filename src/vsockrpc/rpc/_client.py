@@ -25,8 +25,8 @@ import grpc.aio
 from vsockrpc.addresses import Address
 from vsockrpc.errors import VsockRpcError
 from vsockrpc.rpc._private import acquire_shared_dir, release_shared_dir
-from vsockrpc.rpc._relay import Relay
-from vsockrpc.transport import Dialer
+from vsockrpc.rpc._relay import Passed, Relay
+from vsockrpc.transport import Dialer, dial_for
 from vsockrpc.transport import unix as unix_transport
 
 __all__ = ["ClientRelay", "RelayedRpcError", "wrap_multicallable"]
@@ -45,14 +45,14 @@ class ClientRelay:
         self.path = self._shared.fresh("relay")
         self.target = unix_transport.grpc_target_for_path(self.path)
 
-        def dial(_conn: socket.socket, _peer: object) -> socket.socket:
+        def dial(conn: socket.socket, _peer: object) -> socket.socket | Passed:
             try:
-                sock = dialer.connect(address, timeout=connect_timeout)
+                sock, passed = dial_for(dialer, address, conn, timeout=connect_timeout)
             except (VsockRpcError, OSError) as err:
                 self.last_error = str(err)
                 raise
             self.last_error = None
-            return sock
+            return Passed(sock) if passed else sock
 
         try:
             listener = unix_transport.listen_path(self.path)

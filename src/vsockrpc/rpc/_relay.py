@@ -5,6 +5,10 @@ so :func:`vsockrpc.rpc.channel` and :func:`vsockrpc.rpc.serve` put grpcio on a U
 private directory and relay bytes to the real transport. grpcio exposes no hook to hand it an
 already-connected fd from Python, which is why this is hand-rolled.
 
+A device that can take the accepted socket itself (our hybrid device: the ``Dial`` returns
+:class:`Passed`) leaves nothing to relay: the bytes flow between grpcio (or a forwarded client)
+and the device directly, and the relay only holds the lifeline (:class:`PassedLink`).
+
 Each relayed connection is a :class:`Link`: two sockets and one pump thread per direction.
 A pump moves bytes with ``splice(2)`` through a pipe, so they never enter Python (falling back to
 ``recv_into`` a preallocated buffer + ``sendall`` where the kernel can't splice a socket family).
@@ -33,11 +37,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from vsockrpc.errors import VsockRpcError
 from vsockrpc.rpc._limits import ConnectionLimits, Gate, PeerKey, peer_key
 
-__all__ = ["BUFFER_SIZE", "Dial", "Link", "Relay"]
+__all__ = ["BUFFER_SIZE", "Dial", "Link", "Passed", "PassedLink", "Relay"]
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +52,18 @@ BUFFER_SIZE = 256 * 1024
 _ACCEPT_RETRY_DELAY = 0.05
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # fcntl(2), Linux
 
-# Given an accepted socket and its peer address (as accept() returned it), open the other side.
-Dial = Callable[[socket.socket, object], socket.socket]
+
+class Passed(NamedTuple):
+    """What a :data:`Dial` returns when the far side took the accepted socket itself (our
+    hybrid device: :func:`vsockrpc.transport.dial_for`): nothing is left to pump, and
+    ``lifeline`` stays open for as long as that stream lives (closing it ends the stream)."""
+
+    lifeline: socket.socket
+
+
+# Given an accepted socket and its peer address (as accept() returned it), open the other side:
+# a socket to pump to, or Passed when the other side took the accepted socket.
+Dial = Callable[[socket.socket, object], "socket.socket | Passed"]
 
 
 def _shutdown(sock: socket.socket, how: int) -> None:
@@ -116,6 +131,31 @@ class Link:
                 self._on_done(self)
 
 
+class PassedLink:
+    """A connection the far side took over (:class:`Passed`): nothing to pump. Its worker waits
+    for the lifeline to close (the stream ended there); :meth:`abort` shuts the lifeline, which
+    ends the stream on the far side, as breaking a pumped link would."""
+
+    def __init__(self, lifeline: socket.socket, on_done: Callable[[PassedLink], None]) -> None:
+        self._lifeline = lifeline
+        self._on_done = on_done
+
+    def run(self) -> None:
+        try:
+            with contextlib.suppress(OSError):
+                while self._lifeline.recv(64):  # the far side sends nothing after its answer
+                    pass
+        finally:
+            self._lifeline.close()
+            self._on_done(self)
+
+    def abort(self) -> None:
+        _shutdown(self._lifeline, socket.SHUT_RDWR)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Nothing to join: :meth:`run` is the worker's own call."""
+
+
 def _copy_buffered(src: socket.socket, dst: socket.socket) -> None:
     """Copy until EOF through a preallocated buffer (recv_into + sendall)."""
     buf = bytearray(BUFFER_SIZE)
@@ -176,6 +216,7 @@ class Relay:
         self._listener = listener
         self._gate = Gate(limits) if limits is not None else None
         self.refused_connections = 0
+        self.passed_connections = 0  # taken over by the far side (Passed), since the start
         self._splice = splice
         self._dial = dial
         self._name = name
@@ -183,7 +224,7 @@ class Relay:
         self._closed = False
         self._accepting_stopped = False
         self.last_error: str | None = None
-        self._links: set[Link] = set()
+        self._links: set[Link | PassedLink] = set()
         self._workers: set[threading.Thread] = set()
         self._wake_r, self._wake_w = socket.socketpair()
         self._acceptor = threading.Thread(
@@ -339,13 +380,19 @@ class Relay:
                 self.last_error = repr(err)
                 conn.close()
                 return
-            link = Link(conn, other, self._forget, splice=self._splice)
+            link: Link | PassedLink
+            if isinstance(other, Passed):
+                conn.close()  # the far side holds the stream now
+                link, other = PassedLink(other.lifeline, self._forget), other.lifeline
+            else:
+                link = Link(conn, other, self._forget, splice=self._splice)
             with self._lock:
                 if self._closed:
                     conn.close()
                     other.close()
                     return
                 self._links.add(link)
+                self.passed_connections += isinstance(link, PassedLink)
             link.run()
             link.join()
         finally:
@@ -353,7 +400,7 @@ class Relay:
             with self._lock:
                 self._workers.discard(threading.current_thread())
 
-    def _forget(self, link: Link) -> None:
+    def _forget(self, link: Link | PassedLink) -> None:
         with self._lock:
             self._links.discard(link)
 

@@ -29,7 +29,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from vsockrpc.addresses import Address, parse_address
+from vsockrpc.addresses import Address, HybridAddress, parse_address
 from vsockrpc.transport import hybrid, tcp, unix, vsock
 from vsockrpc.transport._base import Dialer, Transport
 
@@ -42,6 +42,7 @@ __all__ = [
     "bound_address",
     "callback_address",
     "connect",
+    "dial_for",
     "grpc_target",
     "hybrid",
     "listen",
@@ -129,3 +130,16 @@ class SocketDialer:
 
 
 DEFAULT_DIALER: Dialer = SocketDialer()
+
+
+def dial_for(
+    dialer: Dialer, address: Address, stream: socket.socket, *, timeout: float | None = None
+) -> tuple[socket.socket, bool]:
+    """Open ``address`` for ``stream``, an accepted connection a relay would pump to it:
+    ``(sock, False)`` to relay between them, or ``(lifeline, True)`` when the far end took
+    ``stream`` itself (a hybrid device that knows passed streams, as ours does:
+    :func:`hybrid.connect_passing`). Only real sockets can be passed, so a custom ``dialer``
+    always gets the first form."""
+    if isinstance(dialer, SocketDialer) and isinstance(address, HybridAddress):
+        return hybrid.connect_passing(address, stream, timeout=timeout)
+    return dialer.connect(address, timeout=timeout), False

@@ -28,6 +28,7 @@ __all__ = [
     "TRANSPORT",
     "HybridTransport",
     "connect",
+    "connect_passing",
     "listen",
     "listen_path_for",
     "parse_reply",
@@ -35,6 +36,7 @@ __all__ = [
 
 # "OK 4294967295\n" is 14 bytes; anything much longer is not a handshake reply.
 MAX_REPLY = 64
+PASSED = b"PASSED"  # "OK <n> PASSED": the device took the stream passed with CONNECT
 
 
 def parse_reply(line: bytes) -> int | None:
@@ -74,8 +76,11 @@ def _read_reply(sock: socket.socket, deadline: float | None, what: str) -> bytes
             raise NotReadyError(f"{what}: handshake reply too long: {bytes(line[:32])!r}...")
 
 
-def connect(address: HybridAddress, *, timeout: float | None = None) -> socket.socket:
-    """Connect to the guest port behind ``address``; ``timeout`` bounds the whole handshake."""
+def _handshake(
+    address: HybridAddress, timeout: float | None, passing: socket.socket | None
+) -> tuple[socket.socket, bytes]:
+    """Connect, send ``CONNECT <port>`` (with ``passing`` as SCM_RIGHTS) and read the reply line;
+    the socket and the line (without its newline)."""
     what = str(address)
     deadline = None if timeout is None else time.monotonic() + timeout
     sock = unix.connect_path(address.path, timeout=timeout, what=what)
@@ -83,15 +88,48 @@ def connect(address: HybridAddress, *, timeout: float | None = None) -> socket.s
         with mapping_connect_errors(what):
             if deadline is not None:
                 sock.settimeout(max(deadline - time.monotonic(), 1e-3))
-            sock.sendall(f"CONNECT {address.port}\n".encode())
+            command = f"CONNECT {address.port}\n".encode()
+            if passing is None:
+                sock.sendall(command)
+            else:  # one sendmsg: a fresh Unix socket takes 20 bytes whole
+                socket.send_fds(sock, [command], [passing.fileno()])
             line = _read_reply(sock, deadline, what)
             sock.settimeout(None)
-        if parse_reply(line) is None:
-            raise NotReadyError(f"{what}: device answered {line[:MAX_REPLY]!r} instead of OK")
     except BaseException:
         sock.close()
         raise
+    return sock, line
+
+
+def _not_ok(sock: socket.socket, address: HybridAddress, line: bytes) -> NotReadyError:
+    sock.close()
+    return NotReadyError(f"{address}: device answered {line[:MAX_REPLY]!r} instead of OK")
+
+
+def connect(address: HybridAddress, *, timeout: float | None = None) -> socket.socket:
+    """Connect to the guest port behind ``address``; ``timeout`` bounds the whole handshake."""
+    sock, line = _handshake(address, timeout, None)
+    if parse_reply(line) is None:
+        raise _not_ok(sock, address, line)
     return sock
+
+
+def connect_passing(
+    address: HybridAddress, stream: socket.socket, *, timeout: float | None = None
+) -> tuple[socket.socket, bool]:
+    """Connect to the guest port behind ``address`` for ``stream``, a connected socket whose
+    peer should reach it, offering the device ``stream`` itself (our device's extension:
+    :mod:`vsockrpc.vhost.hybrid`, "Passed streams"). ``(lifeline, True)`` when the device took
+    it: the bytes now flow between ``stream`` and the guest without us, and closing the lifeline
+    ends that stream. ``(sock, False)`` when the device answered plain ``OK`` (it does not know
+    the extension, and the kernel discarded the fd): relay between ``stream`` and ``sock``."""
+    sock, line = _handshake(address, timeout, stream)
+    reply, _, word = line.rpartition(b" ")
+    if word == PASSED and parse_reply(reply) is not None:
+        return sock, True
+    if parse_reply(line) is None:
+        raise _not_ok(sock, address, line)
+    return sock, False
 
 
 def listen_path_for(address: HybridAddress) -> str:

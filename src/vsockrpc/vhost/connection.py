@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import socket
 from collections import deque
 
 from vsockrpc.vhost.link import Stream
@@ -54,6 +55,7 @@ class Connection:
         "host_readable",
         "key",
         "last_fwd_cnt_sent",
+        "lifeline",
         "local_cid",
         "local_port",
         "out_pending_at",
@@ -120,6 +122,9 @@ class Connection:
         self.read_short = False
         self.ctl: list[tuple[int, int]] = []  # control packets (op, flags) waiting for rx buffers
         self.deadline: float | None = None  # LOCAL_INIT / CLOSING timeout (monotonic)
+        # A host client that passed its stream (hybrid.py, "Passed streams"): its own
+        # connection, answered there and held until the stream ends; its closing ends it.
+        self.lifeline: socket.socket | None = None
 
     # ----------------------------------------------------------- credit
     def peer_free(self) -> int:
@@ -157,3 +162,6 @@ class Connection:
         self.pending_bytes = 0
         with contextlib.suppress(OSError):
             self.sock.close()
+        if self.lifeline is not None:
+            self.lifeline.close()
+            self.lifeline = None

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from vsockrpc.vhost import packet
 from vsockrpc.vhost.connection import Connection, ConnState
-from vsockrpc.vhost.hybrid import CONNECT_TIMEOUT, HybridHost
+from vsockrpc.vhost.hybrid import CONNECT_TIMEOUT, PASSED_REPLY, HybridHost
 from vsockrpc.vhost.packet import HDR, HDR_SIZE, HOST_CID, Op
 from vsockrpc.vhost.routes import SiblingRoutes
 from vsockrpc.vhost.segments import skip, truncate
@@ -124,6 +124,15 @@ class GuestDispatch(SiblingRoutes):
         conn.state = ConnState.ESTABLISHED
         conn.deadline = None
         self._deadlines.pop(conn, None)
+        if conn.lifeline is not None:  # the client passed its stream: answer on its own
+            try:
+                conn.lifeline.send(PASSED_REPLY.format(port=conn.local_port).encode())
+            except OSError:  # it left (or can't take 20 bytes): nobody to hand the stream to
+                self._reset_conn(conn)
+                return
+            if conn.host_readable:
+                self._readable[conn] = None
+            return
         # A host client learns its port; a sibling's device just needs the go-ahead.
         reply = OK_LINE if conn.local_cid != HOST_CID else f"OK {conn.local_port}\n".encode()
         conn.pending_out.append(reply)

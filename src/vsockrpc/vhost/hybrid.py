@@ -7,13 +7,25 @@ consumed into a per-client buffer as it arrives: the listener fd is level-trigge
 that were only peeked at would be reported again and again (a client that sent ``C`` and waited
 kept the loop at 100 % of a core). Only the bytes up to and including ``\\n`` are taken; payload
 sent right behind the command stays queued in the socket for the data path.
+
+*Passed streams* (our extension, for :mod:`vsockrpc.forward` and the gRPC relay): a client
+that already holds the stream the guest should reach (a forwarder's accepted TCP connection)
+sends it with its ``CONNECT <port>\n`` as ``SCM_RIGHTS``, and we answer ``OK <n> PASSED\n``:
+from then the bytes flow between that socket and the guest with no relay process in between.
+The client's own connection stays open as the stream's *lifeline*: it carries nothing more, and
+when either side closes it the other ends the stream (a forwarder stopping breaks its streams;
+a device exiting closes them). A device that does not know the extension (Firecracker, Cloud
+Hypervisor, vhost-device-vsock) reads the line without ancillary data, so the kernel discards
+the fd, and answers plain ``OK <n>``: the client then relays as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -22,12 +34,16 @@ from dataclasses import dataclass, field
 from vsockrpc.vhost.reactor import IN, Reactor
 
 
-def read_line_step(sock: socket.socket, line: bytearray, limit: int) -> bool | None:
+def read_line_step(
+    sock: socket.socket, line: bytearray, limit: int, fds: list[int] | None = None
+) -> bool | None:
     """One read of a newline-terminated handshake line from a non-blocking ``sock`` into
     ``line``, never consuming a byte past the newline (what follows is the stream's own data):
     True once the line is complete, False while more may come, None when the peer closed or
     failed first or the line passed ``limit`` bytes. Shared by ``CONNECT <port>`` (here) and the
-    devices' ``SIBLING`` line (:mod:`.sibling`)."""
+    devices' ``SIBLING`` line (:mod:`.sibling`). ``fds``: file descriptors passed with the line
+    are appended there (at most :data:`MAX_PASSED`; None once more came); without it the kernel
+    discards any."""
     try:
         peek = sock.recv(limit - len(line), socket.MSG_PEEK)
     except BlockingIOError:
@@ -37,9 +53,18 @@ def read_line_step(sock: socket.socket, line: bytearray, limit: int) -> bool | N
     if not peek:  # EOF or an error before a full line
         return None
     nl = peek.find(b"\n")
+    size = len(peek) if nl < 0 else nl + 1  # no newline yet: every peeked byte is the line's
     try:
-        # No newline yet: every peeked byte belongs to the line, take it all.
-        line += sock.recv(len(peek) if nl < 0 else nl + 1)
+        if fds is None:
+            line += sock.recv(size)
+        else:
+            data, passed, msg_flags, _ = socket.recv_fds(
+                sock, size, MAX_PASSED, socket.MSG_CMSG_CLOEXEC
+            )
+            fds += passed
+            line += data
+            if msg_flags & socket.MSG_CTRUNC or len(fds) > MAX_PASSED:
+                return None  # the kernel closed what did not fit; the caller closes the rest
     except OSError:
         return None
     if nl >= 0:
@@ -47,7 +72,7 @@ def read_line_step(sock: socket.socket, line: bytearray, limit: int) -> bool | N
     return None if len(line) >= limit else False
 
 
-__all__ = ["CONNECT_TIMEOUT", "HybridHost", "parse_connect"]
+__all__ = ["CONNECT_TIMEOUT", "PASSED_REPLY", "HybridHost", "parse_connect", "passed_stream"]
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +80,14 @@ CONNECT_TIMEOUT = 2.0  # seconds a client has to send its command line (and the 
 MAX_COMMAND = 64  # "CONNECT 4294967295\n" is 19 bytes
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 _U32 = 0xFFFFFFFF
+MAX_PASSED = 1  # file descriptors a client may pass with its CONNECT line: its stream
+PASSED_REPLY = "OK {port} PASSED\n"  # the answer to a CONNECT that passed its stream
+_PASSABLE_FAMILIES = (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
 
-#: Called with a client whose command line named guest ``port``; takes ownership of the socket.
-OnConnect = Callable[[socket.socket, int], None]
+#: Called with the stream of a client whose command line named guest ``port`` and, when the
+#: client passed that stream, the client's own connection (the lifeline); takes ownership of
+#: both.
+OnConnect = Callable[[socket.socket, int, socket.socket | None], None]
 
 
 @dataclass(slots=True)
@@ -65,6 +95,44 @@ class PendingClient:
     sock: socket.socket
     deadline: float  # monotonic: rejected (closed) if the line is not complete by then
     line: bytearray = field(default_factory=bytearray)  # the command line received so far
+    fds: list[int] = field(default_factory=list)  # passed with the line (the client's stream)
+
+    def close(self) -> None:
+        self.sock.close()
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+
+
+def passed_stream(fds: list[int]) -> socket.socket | None:
+    """The stream a client passed (non-blocking, ours to close), or None, every fd closed,
+    unless ``fds`` is exactly one connected stream socket of a family we relay (Unix, TCP): a
+    pipe, a datagram or a listening socket passed as a stream is refused like a bad line."""
+    sock = None
+    if len(fds) == 1:
+        try:
+            sock = socket.socket(fileno=fds[0])  # ENOTSOCK for anything but a socket
+        except OSError:
+            sock = None
+    if sock is None:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        return None
+    try:
+        ok = (
+            sock.family in _PASSABLE_FAMILIES
+            and sock.type == socket.SOCK_STREAM
+            and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        )
+        if ok:
+            sock.setblocking(False)
+            return sock
+    except OSError:
+        pass
+    sock.close()
+    return None
 
 
 class HybridHost:
@@ -98,7 +166,7 @@ class HybridHost:
         """Consume what arrived of ``CONNECT <port>\\n``, never a byte past the newline."""
         client = self._clients[fd]
         sock = client.sock
-        done = read_line_step(sock, client.line, MAX_COMMAND)
+        done = read_line_step(sock, client.line, MAX_COMMAND, client.fds)
         if done is None:
             self._reject(fd)
             return
@@ -108,14 +176,23 @@ class HybridHost:
         self.reactor.unregister(fd)
         port = parse_connect(bytes(client.line))
         if port is None:
-            sock.close()  # garbage: EOF without a message
+            client.close()  # garbage: EOF without a message
             return
-        self._on_connect(sock, port)
+        if not client.fds:
+            self._on_connect(sock, port, None)
+            return
+        stream = passed_stream(client.fds)
+        client.fds = []
+        if stream is None:
+            log.info("hybrid client passed something other than a stream socket: refused")
+            sock.close()
+            return
+        self._on_connect(stream, port, sock)
 
     def _reject(self, fd: int) -> None:
         client = self._clients.pop(fd)
         self.reactor.unregister(fd)
-        client.sock.close()
+        client.close()
 
     # ------------------------------------------------------------------ timers
     def has_timers(self) -> bool:

@@ -77,7 +77,7 @@ class Muxer(GuestDispatch, RxFill):
     def on_listener(self, listener: socket.socket) -> None:
         self.host.on_listener(listener)
 
-    def _on_connect(self, sock: socket.socket, port: int) -> None:
+    def _on_connect(self, sock: socket.socket, port: int, lifeline: socket.socket | None) -> None:
         """A host client's ``CONNECT <port>`` line is complete: ask the guest (REQUEST).
 
         Before the guest's driver has started the rings (a guest booting, rebooting, or just
@@ -87,8 +87,11 @@ class Muxer(GuestDispatch, RxFill):
         guest ~0.1 s, a third of its time to first answer)."""
         if len(self.conns) >= self.max_connections:
             sock.close()  # EOF before OK: the client retries or gives up
+            if lifeline is not None:
+                lifeline.close()
             return
         conn = Connection(sock, self.alloc_port(port), port, ConnState.LOCAL_INIT, self.buf_alloc)
+        conn.lifeline = lifeline
         self._add(conn)
         conn.deadline = time.monotonic() + CONNECT_TIMEOUT
         self._deadlines[conn] = None

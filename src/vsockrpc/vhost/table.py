@@ -90,6 +90,19 @@ class ConnectionTable:
         if conn.local_cid != HOST_CID:
             self.sibling_counts[conn.local_cid] = self.sibling_counts.get(conn.local_cid, 0) + 1
         self._watch(conn)
+        if conn.lifeline is not None:
+            # Any event on a lifeline is its client leaving (it sends nothing after CONNECT).
+            self.reactor.register(
+                conn.lifeline.fileno(), IN | ERR, lambda mask: self._on_lifeline(conn)
+            )
+
+    def _on_lifeline(self, conn: Connection) -> None:
+        """The client that passed ``conn``'s stream closed its own connection: end the stream
+        as the relay it replaced would have (RST to the guest, the stream closed)."""
+        if self.running and conn.state is not ConnState.CLOSED:
+            self._reset_conn(conn)
+        else:
+            self._drop(conn)
 
     def _watch(self, conn: Connection, *, out: bool = False) -> None:
         """The data path's registration of a connection's socket, edge-triggered: IN always,
@@ -120,6 +133,8 @@ class ConnectionTable:
                 if left > 0:
                     self.sibling_counts[cid] = left
         self.reactor.unregister(conn.fd)
+        if conn.lifeline is not None:
+            self.reactor.unregister(conn.lifeline.fileno())
         conn.close_socket()
         self._readable.pop(conn, None)
         self._ctl_conns.pop(conn, None)

@@ -1,0 +1,221 @@
+"""Passed streams: a host client hands the device the socket the guest port should reach, with
+its ``CONNECT`` (``vsockrpc.vhost.hybrid``, "Passed streams"), and ``vsockrpc forward`` and the
+gRPC relay use that on our device so no relay process sits between the client and the guest.
+Real device, test driver as the guest (pumped in a thread of its own)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.integration._relay_helpers import count_fds, wait_for
+from vsockrpc.addresses import HybridAddress
+from vsockrpc.forward import Forwarder, forward
+from vsockrpc.transport import hybrid
+from vsockrpc.vhost import VsockDevice
+from vsockrpc.vhost.testing import GuestDriver, GuestStream, serving
+
+CID = 7
+PORT = 80
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class EchoGuest:
+    """The test driver as a booted guest: port :data:`PORT` echoes each stream, and closes it
+    after the host's EOF. Pumped in its own thread; counts the streams that ended by RST."""
+
+    def __init__(self, vhost_path: str) -> None:
+        self.driver = GuestDriver(vhost_path, guest_cid=CID)
+        self.driver.boot()
+        self.listener = self.driver.listen(PORT)
+        self.accepted = 0
+        self.resets = 0
+        self._streams: list[GuestStream] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.driver.pump(0.01)
+            while self.listener.backlog:
+                self._streams.append(self.listener.backlog.popleft())
+                self.accepted += 1
+            for stream in list(self._streams):
+                if stream.reset:
+                    self.resets += 1
+                    self._streams.remove(stream)
+                    continue
+                if data := stream.recv():
+                    stream.send(data)
+                if stream.eof:
+                    stream.close()
+                    self._streams.remove(stream)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.driver.close()
+
+
+@pytest.fixture
+def paths() -> Iterator[tuple[str, str]]:
+    d = tempfile.mkdtemp(prefix="vp", dir="/tmp")  # short: "<uds>_<port>" must fit sun_path
+    try:
+        yield os.path.join(d, "vhost.sock"), os.path.join(d, "vm.vsock")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def device(paths: tuple[str, str]) -> Iterator[VsockDevice]:
+    vpath, upath = paths
+    with VsockDevice(vhost_socket=vpath, uds_path=upath, guest_cid=CID) as dev, serving(dev):
+        yield dev
+
+
+@pytest.fixture
+def guest(device: VsockDevice) -> Iterator[EchoGuest]:
+    assert device.vhost_path is not None
+    echo = EchoGuest(device.vhost_path)
+    yield echo
+    echo.close()
+
+
+def agent(device: VsockDevice) -> str:
+    return f"hvsock:{device.uds_path}:9999"
+
+
+def tcp(fwd: Forwarder) -> tuple[str, int]:
+    host, _, port = str(fwd.listen_address).removeprefix("tcp:").rpartition(":")
+    return host, int(port)
+
+
+def exchange(address: tuple[str, int], payload: bytes) -> bytes:
+    """Send ``payload``, half-close, read until EOF (or a reset: a connection closed with
+    ``payload`` unread is reset)."""
+    with socket.create_connection(address, timeout=20) as s:
+        out = bytearray()
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            while chunk := s.recv(65536):
+                out += chunk
+        return bytes(out)
+
+
+def pump_threads() -> int:
+    return sum(t.name == "vsockrpc-relay-pump" for t in threading.enumerate())
+
+
+def test_forward_passes_each_connection_to_the_device(
+    device: VsockDevice, guest: EchoGuest
+) -> None:
+    with forward(agent(device), listen="tcp:127.0.0.1:0", to=PORT) as fwd:
+        payloads = [bytes([i]) * (50_000 + i * 7919) for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            echoed = list(pool.map(lambda p: exchange(tcp(fwd), p), payloads))
+        assert echoed == payloads  # both ways, half-close honoured
+        assert fwd.passed_connections == 8 and fwd.failures == 0
+        with socket.create_connection(tcp(fwd), timeout=20) as live:
+            live.sendall(b"ping")
+            assert live.recv(4) == b"ping"
+            assert pump_threads() == 0  # nothing relayed: the device holds the stream
+        assert wait_for(lambda: fwd.active_connections == 0, 10)
+    assert guest.resets == 0
+
+
+def test_closing_the_forwarder_ends_its_passed_streams(
+    device: VsockDevice, guest: EchoGuest
+) -> None:
+    fwd = forward(agent(device), listen="tcp:127.0.0.1:0", to=PORT)
+    with socket.create_connection(tcp(fwd), timeout=20) as live:
+        live.sendall(b"ping")
+        assert live.recv(4) == b"ping"
+        assert wait_for(lambda: fwd.active_connections == 1, 10)  # registered after the OK
+        fwd.close()  # as a relayed link breaks: the device resets the guest and closes
+        with contextlib.suppress(ConnectionResetError):  # EOF, or a reset: both end it
+            assert live.recv(1) == b""
+    assert wait_for(lambda: guest.resets == 1, 10)
+    assert wait_for(lambda: not device.muxer.conns, 10)
+
+
+def test_a_guest_port_nobody_listens_on_fails_that_connection_only(
+    device: VsockDevice, guest: EchoGuest
+) -> None:
+    with forward(agent(device), listen="tcp:127.0.0.1:0", to=81) as refused:
+        assert exchange(tcp(refused), b"hello") == b""
+        assert refused.failures == 1 and refused.passed_connections == 0
+        assert "before OK" in (refused.last_error or "")
+    with forward(agent(device), listen="tcp:127.0.0.1:0", to=PORT) as fwd:
+        assert exchange(tcp(fwd), b"hello") == b"hello"
+
+
+def test_the_client_leaving_before_the_guest_answers_is_forgotten(device: VsockDevice) -> None:
+    """No guest yet: the CONNECT waits; the client giving up closes the stream it passed."""
+    client, stream = socket.socketpair()
+    with client, stream:
+        control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        control.connect(device.uds_path)
+        socket.send_fds(control, [f"CONNECT {PORT}\n".encode()], [stream.fileno()])
+        assert wait_for(lambda: len(device.muxer.conns) == 1, 10)
+        control.close()
+        assert wait_for(lambda: not device.muxer.conns, 10)
+        stream.close()  # the device's copy is closed too: the client sees EOF
+        client.settimeout(10)
+        assert client.recv(1) == b""
+
+
+@pytest.mark.parametrize("what", ["pipe", "datagram", "listener", "two sockets"])
+def test_the_device_refuses_anything_but_one_connected_stream(
+    device: VsockDevice, guest: EchoGuest, what: str
+) -> None:
+    before = count_fds()
+    opened: list[int] = []
+    keep: list[socket.socket] = []
+    if what == "pipe":
+        opened += os.pipe()
+        fds = [opened[0]]
+    elif what == "datagram":
+        keep.append(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+        fds = [keep[0].fileno()]
+    elif what == "listener":
+        keep.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        keep[0].bind(("127.0.0.1", 0))
+        keep[0].listen()
+        fds = [keep[0].fileno()]
+    else:
+        keep += socket.socketpair()
+        fds = [keep[0].fileno(), keep[1].fileno()]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
+        control.settimeout(10)
+        control.connect(device.uds_path)
+        socket.send_fds(control, [f"CONNECT {PORT}\n".encode()], fds)
+        assert control.recv(64) == b""  # closed without OK
+    for fd in opened:
+        os.close(fd)
+    for sock in keep:
+        sock.close()
+    assert wait_for(lambda: count_fds() == before, 10)  # the device kept none of them
+    assert guest.accepted == 0
+    # ... and serves the next client as before.
+    client, stream = socket.socketpair()
+    with client, stream:
+        lifeline, passed = hybrid.connect_passing(
+            HybridAddress(device.uds_path, PORT), stream, timeout=10
+        )
+        stream.close()
+        with lifeline:
+            assert passed
+            client.settimeout(10)
+            client.sendall(b"again")
+            assert client.recv(5) == b"again"
