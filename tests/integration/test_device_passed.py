@@ -175,7 +175,7 @@ def test_the_client_leaving_before_the_guest_answers_is_forgotten(device: VsockD
         assert client.recv(1) == b""
 
 
-@pytest.mark.parametrize("what", ["pipe", "datagram", "listener", "two sockets"])
+@pytest.mark.parametrize("what", ["pipe", "datagram", "listener", "unconnected", "two sockets"])
 def test_the_device_refuses_anything_but_one_connected_stream(
     device: VsockDevice, guest: EchoGuest, what: str
 ) -> None:
@@ -192,6 +192,9 @@ def test_the_device_refuses_anything_but_one_connected_stream(
         keep.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
         keep[0].bind(("127.0.0.1", 0))
         keep[0].listen()
+        fds = [keep[0].fileno()]
+    elif what == "unconnected":
+        keep.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
         fds = [keep[0].fileno()]
     else:
         keep += socket.socketpair()

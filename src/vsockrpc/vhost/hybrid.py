@@ -108,7 +108,8 @@ class PendingClient:
 def passed_stream(fds: list[int]) -> socket.socket | None:
     """The stream a client passed (non-blocking, ours to close), or None, every fd closed,
     unless ``fds`` is exactly one connected stream socket of a family we relay (Unix, TCP): a
-    pipe, a datagram or a listening socket passed as a stream is refused like a bad line."""
+    pipe, a datagram, listening or unconnected socket passed as a stream is refused like a bad
+    line."""
     sock = None
     if len(fds) == 1:
         try:
@@ -127,6 +128,7 @@ def passed_stream(fds: list[int]) -> socket.socket | None:
             and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
         )
         if ok:
+            sock.getpeername()  # ENOTCONN for a socket that was never connected
             sock.setblocking(False)
             return sock
     except OSError:
