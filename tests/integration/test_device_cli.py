@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -51,22 +52,28 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
             proc.wait()
 
 
+# The CLI started with a soft open-files limit of 64 (the hard one unchanged).
+LOW_LIMIT_CLI = [
+    sys.executable,
+    "-c",
+    "import resource as r, runpy, sys; "
+    "r.setrlimit(r.RLIMIT_NOFILE, (64, r.getrlimit(r.RLIMIT_NOFILE)[1])); "
+    "sys.argv[0] = 'vsockrpc'; runpy.run_module('vsockrpc.cli.main', run_name='__main__')",
+]
+
+
+def _open_files_limit(pid: int) -> int:
+    """The soft RLIMIT_NOFILE of process ``pid``."""
+    with open(f"/proc/{pid}/limits") as f:
+        line = next(line for line in f if line.startswith("Max open files"))
+    return int(line.split()[3])
+
+
 @pytest.mark.timeout(30)
 def test_device_cli_socket_path_sigterm(tmp: str) -> None:
     vpath, upath = os.path.join(tmp, "v.sock"), os.path.join(tmp, "u.sock")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vsockrpc.cli.main",
-            "device",
-            "--socket",
-            vpath,
-            "--uds",
-            upath,
-            "--cid",
-            "9",
-        ],
+        [*LOW_LIMIT_CLI, "device", "--socket", vpath, "--uds", upath, "--cid", "9"],
         stderr=subprocess.PIPE,
     )
     try:
@@ -75,6 +82,8 @@ def test_device_cli_socket_path_sigterm(tmp: str) -> None:
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        # Started with a soft limit of 64 files, it raised it to the hard limit.
+        assert _open_files_limit(proc.pid) == resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         _exchange(vpath, upath, 9)
     finally:
         code = _stop(proc)

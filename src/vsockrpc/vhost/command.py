@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from vsockrpc._checks import positive_int
+from vsockrpc._fdlimit import raise_open_files_limit
 from vsockrpc.errors import BadInputError, DeviceError
 from vsockrpc.vhost.paths import DEFAULT_MODE
 
@@ -166,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
     from vsockrpc.vhost.reactor import Reactor
     from vsockrpc.vhost.sibling import CoHosted
 
+    # Each connection holds a host socket (and a passed one its client's lifeline too), up to
+    # --max-connections (1023) per VM: the default soft limit of 1024 files is soon reached.
+    raise_open_files_limit()
     if args.host is not None:
         return _run_host(args)
     if args.idle_exit is not None or args.fork_when_ready:
