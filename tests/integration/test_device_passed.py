@@ -9,6 +9,8 @@ import contextlib
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ from vsockrpc.vhost.testing import GuestDriver, GuestStream, serving
 
 CID = 7
 PORT = 80
+FORWARD_CLI = [sys.executable, "-m", "vsockrpc.cli.main", "forward"]
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -222,3 +225,35 @@ def test_the_device_refuses_anything_but_one_connected_stream(
             client.settimeout(10)
             client.sendall(b"again")
             assert client.recv(5) == b"again"
+
+
+def test_killing_the_forwarder_process_ends_its_passed_streams(
+    device: VsockDevice, guest: EchoGuest
+) -> None:
+    """kill -9 of ``vsockrpc forward``: the kernel closes its lifelines, and the device ends
+    the streams as the forwarder's relay threads would have died with it."""
+    proc = subprocess.Popen(
+        [*FORWARD_CLI, agent(device), "--listen", "tcp:127.0.0.1:0", "--to", str(PORT)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # "forwarding tcp:127.0.0.1:PORT -> guest port 80"
+        host, _, port = line.split()[1].removeprefix("tcp:").rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=20) as live:
+            live.sendall(b"ping")
+            assert live.recv(4) == b"ping"
+            proc.kill()
+            proc.wait(10)
+            with contextlib.suppress(ConnectionResetError):
+                assert live.recv(1) == b""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert wait_for(lambda: guest.resets == 1, 10)
+    assert wait_for(lambda: not device.muxer.conns, 10)
