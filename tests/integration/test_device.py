@@ -6,15 +6,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from tests.integration._device_helpers import served_device, short_paths
 from vsockrpc.errors import DeviceError
 from vsockrpc.vhost import SessionState, VsockDevice
 from vsockrpc.vhost.packet import SHUTDOWN_SEND, Op
@@ -48,18 +47,13 @@ def track(s: socket.socket) -> socket.socket:
 
 @pytest.fixture
 def paths() -> Iterator[tuple[str, str]]:
-    # Short paths: "<uds>_<port>" must fit sun_path (108 bytes).
-    d = tempfile.mkdtemp(prefix="vd", dir="/tmp")
-    try:
-        yield os.path.join(d, "vhost.sock"), os.path.join(d, "vm.vsock")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    with short_paths("vd") as p:
+        yield p
 
 
 @pytest.fixture
 def device(paths: tuple[str, str]) -> Iterator[VsockDevice]:
-    vpath, upath = paths
-    with VsockDevice(vhost_socket=vpath, uds_path=upath, guest_cid=CID) as dev, serving(dev):
+    with served_device(paths, CID) as dev:
         yield dev
 
 

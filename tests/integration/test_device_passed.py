@@ -7,23 +7,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.integration._device_helpers import served_device, short_paths
 from tests.integration._relay_helpers import count_fds, wait_for
 from vsockrpc.addresses import HybridAddress
 from vsockrpc.forward import Forwarder, forward
 from vsockrpc.transport import hybrid
 from vsockrpc.vhost import VsockDevice
-from vsockrpc.vhost.testing import GuestDriver, GuestStream, serving
+from vsockrpc.vhost.testing import GuestDriver, GuestStream
 
 CID = 7
 PORT = 80
@@ -72,17 +71,13 @@ class EchoGuest:
 
 @pytest.fixture
 def paths() -> Iterator[tuple[str, str]]:
-    d = tempfile.mkdtemp(prefix="vp", dir="/tmp")  # short: "<uds>_<port>" must fit sun_path
-    try:
-        yield os.path.join(d, "vhost.sock"), os.path.join(d, "vm.vsock")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    with short_paths("vp") as p:
+        yield p
 
 
 @pytest.fixture
 def device(paths: tuple[str, str]) -> Iterator[VsockDevice]:
-    vpath, upath = paths
-    with VsockDevice(vhost_socket=vpath, uds_path=upath, guest_cid=CID) as dev, serving(dev):
+    with served_device(paths, CID) as dev:
         yield dev
 
 

@@ -57,6 +57,7 @@ from vsockrpc.vhost.hostproto import (
     lock_joins,
     parse_request,
 )
+from vsockrpc.vhost.hybrid import PendingClient
 from vsockrpc.vhost.paths import BoundPath, listen_unix, unix_stream_from_fd
 from vsockrpc.vhost.reactor import ERR, IN, Reactor
 from vsockrpc.vhost.sibling import CoHosted, peer_process
@@ -64,21 +65,6 @@ from vsockrpc.vhost.sibling import CoHosted, peer_process
 __all__ = ["IDLE_EXIT", "GroupHost"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Pending:
-    sock: socket.socket
-    deadline: float
-    data: bytearray = field(default_factory=bytearray)
-    fds: list[int] = field(default_factory=list)
-
-    def close(self) -> None:
-        self.sock.close()
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds = []
 
 
 @dataclass
@@ -113,7 +99,7 @@ class GroupHost:
         self.cohosted = CoHosted()
         self.loop = DeviceLoop(self.reactor, on_leave=self._left, hooks=self)
         self.socket_path, self.pid_path = host_paths(groups_dir, group)
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, PendingClient] = {}
         self._members: dict[VsockDevice, _Member] = {}
         self._idle_since = time.monotonic()
         self._stop_requested = False
@@ -227,14 +213,14 @@ class GroupHost:
                 continue
             sock.setblocking(False)
             fd = sock.fileno()
-            self._pending[fd] = _Pending(sock, time.monotonic() + JOIN_TIMEOUT)
+            self._pending[fd] = PendingClient(sock, time.monotonic() + JOIN_TIMEOUT)
             self.reactor.register(fd, IN | ERR, functools.partial(self._on_join_data, fd))
 
     def _on_join_data(self, fd: int, mask: int) -> None:
         pending = self._pending[fd]
         try:
             data, fds, msg_flags, _ = socket.recv_fds(
-                pending.sock, MAX_REQUEST - len(pending.data), MAX_FDS, socket.MSG_CMSG_CLOEXEC
+                pending.sock, MAX_REQUEST - len(pending.line), MAX_FDS, socket.MSG_CMSG_CLOEXEC
             )
         except BlockingIOError:
             return
@@ -247,9 +233,9 @@ class GroupHost:
         if not data:
             self._reject(fd, "closed before its request")
             return
-        pending.data += data
-        if not pending.data.endswith(b"\n"):
-            if len(pending.data) >= MAX_REQUEST:
+        pending.line += data
+        if not pending.line.endswith(b"\n"):
+            if len(pending.line) >= MAX_REQUEST:
                 self._reject(fd, "request too long")
             return
         del self._pending[fd]
@@ -268,10 +254,10 @@ class GroupHost:
         )
         self._answer(pending.sock, f"OK {os.getpid()}\n")
 
-    def _admit(self, pending: _Pending) -> VsockDevice:
+    def _admit(self, pending: PendingClient) -> VsockDevice:
         """A device for the VM of a complete request; DeviceError says why not. The listening
         sockets become the device's; the other fds are kept until it leaves."""
-        request = parse_request(bytes(pending.data), self.group)
+        request = parse_request(bytes(pending.line), self.group)
         if isinstance(request, str):
             raise DeviceError(request)
         if len(pending.fds) < 2:

@@ -72,7 +72,14 @@ def read_line_step(
     return None if len(line) >= limit else False
 
 
-__all__ = ["CONNECT_TIMEOUT", "PASSED_REPLY", "HybridHost", "parse_connect", "passed_stream"]
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "PASSED_REPLY",
+    "HybridHost",
+    "PendingClient",
+    "parse_connect",
+    "passed_stream",
+]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +99,9 @@ OnConnect = Callable[[socket.socket, int, socket.socket | None], None]
 
 @dataclass(slots=True)
 class PendingClient:
+    """A client connection until its first line is complete (here a ``CONNECT``; the group
+    host's joins too), with the fds passed so far, which are ours to close."""
+
     sock: socket.socket
     deadline: float  # monotonic: rejected (closed) if the line is not complete by then
     line: bytearray = field(default_factory=bytearray)  # the command line received so far
