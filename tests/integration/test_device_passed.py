@@ -6,6 +6,7 @@ Real device, test driver as the guest (pumped in a thread of its own)."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import socket
 import subprocess
@@ -252,3 +253,24 @@ def test_killing_the_forwarder_process_ends_its_passed_streams(
             proc.stdout.close()
     assert wait_for(lambda: guest.resets == 1, 10)
     assert wait_for(lambda: not device.muxer.conns, 10)
+
+
+def test_an_unclosed_forwarder_with_a_live_passed_stream_releases_everything(
+    device: VsockDevice, guest: EchoGuest
+) -> None:
+    with forward(agent(device), listen="tcp:127.0.0.1:0", to=PORT) as warm:  # first-use costs
+        assert exchange(tcp(warm), b"warm") == b"warm"
+    assert wait_for(lambda: not device.muxer.conns, 10)
+    gc.collect()
+    threads, fds = threading.active_count(), count_fds()
+    fwd = forward(agent(device), listen="tcp:127.0.0.1:0", to=PORT)
+    with socket.create_connection(tcp(fwd), timeout=20) as live:
+        live.sendall(b"ping")
+        assert live.recv(4) == b"ping"
+        del fwd  # never closed, a stream still open
+        gc.collect()
+        with contextlib.suppress(ConnectionResetError):
+            assert live.recv(1) == b""  # the device ended it when the lifeline closed
+    assert wait_for(lambda: not device.muxer.conns, 10)
+    assert wait_for(lambda: threading.active_count() <= threads, 10)
+    assert wait_for(lambda: count_fds() <= fds, 10), (count_fds(), fds)
