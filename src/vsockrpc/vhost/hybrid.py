@@ -10,7 +10,7 @@ sent right behind the command stays queued in the socket for the data path.
 
 *Passed streams* (our extension, for :mod:`vsockrpc.forward` and the gRPC relay): a client
 that already holds the stream the guest should reach (a forwarder's accepted TCP connection)
-sends it with its ``CONNECT <port>\n`` as ``SCM_RIGHTS``, and we answer ``OK <n> PASSED\n``:
+sends it with its ``CONNECT <port>\\n`` as ``SCM_RIGHTS``, and we answer ``OK <n> PASSED\\n``:
 from then the bytes flow between that socket and the guest with no relay process in between.
 The client's own connection stays open as the stream's *lifeline*: it carries nothing more, and
 when either side closes it the other ends the stream (a forwarder stopping breaks its streams;
