@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -274,3 +275,37 @@ def test_an_unclosed_forwarder_with_a_live_passed_stream_releases_everything(
     assert wait_for(lambda: not device.muxer.conns, 10)
     assert wait_for(lambda: threading.active_count() <= threads, 10)
     assert wait_for(lambda: count_fds() <= fds, 10), (count_fds(), fds)
+
+
+def test_a_stream_passed_with_the_first_part_of_a_split_line_is_taken(
+    device: VsockDevice, guest: EchoGuest
+) -> None:
+    client, stream = socket.socketpair()
+    with client, stream, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
+        control.settimeout(10)
+        control.connect(device.uds_path)
+        socket.send_fds(control, [b"CONN"], [stream.fileno()])
+        time.sleep(0.1)  # the device reads "CONN" and the fd on their own
+        control.sendall(f"ECT {PORT}\n".encode())
+        assert control.recv(64).endswith(b" PASSED\n")
+        stream.close()
+        client.settimeout(10)
+        client.sendall(b"split")
+        assert client.recv(5) == b"split"
+
+
+def test_a_stream_passed_with_a_garbage_line_is_closed(
+    device: VsockDevice, guest: EchoGuest
+) -> None:
+    before = count_fds()
+    client, stream = socket.socketpair()
+    with client, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
+        control.settimeout(10)
+        control.connect(device.uds_path)
+        socket.send_fds(control, [b"HELLO 80\n"], [stream.fileno()])
+        stream.close()
+        assert control.recv(64) == b""  # closed without a reply
+        client.settimeout(10)
+        assert client.recv(1) == b""  # ... and the device closed the stream it was passed
+    assert wait_for(lambda: count_fds() == before, 10)
+    assert guest.accepted == 0
