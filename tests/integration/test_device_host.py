@@ -140,6 +140,24 @@ def assert_host_reaches(lab: Lab, guest: GuestDriver, port: int = 700) -> None:
         assert guest.accept(guest.listeners[port], timeout=10).peer_cid == 2
 
 
+def assert_host_takes_a_passed_stream(lab: Lab, guest: GuestDriver, port: int = 701) -> None:
+    """A host client that passes its stream with ``CONNECT`` (docs/device.md, "Passed
+    streams") is answered ``PASSED``, and what is written to that stream reaches the guest."""
+    listener = guest.listen(port)
+    client, stream = socket.socketpair()
+    with client, stream, socket.socket(socket.AF_UNIX) as control:
+        control.settimeout(10)
+        control.connect(os.path.join(lab.tmp, f"u{guest.guest_cid}"))
+        socket.send_fds(control, [f"CONNECT {port}\n".encode()], [stream.fileno()])
+        accepted = guest.accept(listener, timeout=10)
+        guest.pump(0.05)  # our RESPONSE out: the host answers the client then
+        assert control.recv(64).endswith(b" PASSED\n")
+        stream.close()
+        client.sendall(b"passed")
+        guest.wait_for(lambda: len(accepted.rxbuf) >= 6, 10, "the passed stream's bytes")
+        assert accepted.recv() == b"passed"
+
+
 def gone(conn: socket.socket, timeout: float = 10) -> bool:
     """The host closed the launcher's connection (its VM's device left); closes ours."""
     conn.settimeout(timeout)
@@ -189,6 +207,7 @@ def test_two_vms_share_one_host_reach_each_other_and_the_host_exits_when_idle(la
         assert hashlib.sha256(got_b).digest() == hashlib.sha256(data_a).digest()
         # The host → guest path of each VM works as with a device of its own.
         assert_host_reaches(lab, ga)
+        assert_host_takes_a_passed_stream(lab, gb)
     # Both front-ends gone: the host tells each launcher, then exits once idle.
     assert gone(a.conn) and gone(b.conn)
     host_exits(lab, a.host_pid)
