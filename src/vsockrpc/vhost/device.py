@@ -24,7 +24,7 @@ from vsockrpc.vhost import protocol as vu
 from vsockrpc.vhost.memory import GuestMemory
 from vsockrpc.vhost.muxer import Muxer
 from vsockrpc.vhost.packet import RESERVED_CIDS
-from vsockrpc.vhost.paths import DEFAULT_MODE, BoundPath, listen_unix
+from vsockrpc.vhost.paths import DEFAULT_MODE, BoundPath, close_fds, listen_unix
 from vsockrpc.vhost.reactor import ERR, IN, Reactor
 from vsockrpc.vhost.session import RX_QUEUE, TX_QUEUE, SessionState, StateError, VhostUserSession
 from vsockrpc.vhost.sibling import CoHosted, open_hub
@@ -184,9 +184,7 @@ class VsockDevice(VhostUserSession):
                 if not bound.unlink():
                     log.info("not removing %s: no longer the socket this device bound", bound.path)
         self._owned_paths = []
-        for fd in getattr(self, "_pidfds", {}):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        close_fds(getattr(self, "_pidfds", {}))
         self._pidfds = {}
         if hasattr(self, "reactor") and self._owns_reactor:
             with contextlib.suppress(OSError):

@@ -130,15 +130,13 @@ class GuestDispatch(SiblingRoutes):
             except OSError:  # it left (or can't take 20 bytes): nobody to hand the stream to
                 self._reset_conn(conn)
                 return
-            if conn.host_readable:
-                self._readable[conn] = None
-            return
-        # A host client learns its port; a sibling's device just needs the go-ahead.
-        reply = OK_LINE if conn.local_cid != HOST_CID else f"OK {conn.local_port}\n".encode()
-        conn.pending_out.append(reply)
-        conn.pending_bytes += len(reply)
-        conn.rx_cnt = conn.fwd_cnt = 0  # the OK line is not guest payload
-        self._flush_out(conn, count=False)
+        else:
+            # A host client learns its port; a sibling's device just needs the go-ahead.
+            reply = OK_LINE if conn.local_cid != HOST_CID else f"OK {conn.local_port}\n".encode()
+            conn.pending_out.append(reply)
+            conn.pending_bytes += len(reply)
+            conn.rx_cnt = conn.fwd_cnt = 0  # the OK line is not guest payload
+            self._flush_out(conn, count=False)
         if conn.host_readable:
             self._readable[conn] = None
 

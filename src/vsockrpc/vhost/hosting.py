@@ -58,7 +58,7 @@ from vsockrpc.vhost.hostproto import (
     parse_request,
 )
 from vsockrpc.vhost.hybrid import PendingClient
-from vsockrpc.vhost.paths import BoundPath, listen_unix, unix_stream_from_fd
+from vsockrpc.vhost.paths import BoundPath, close_fds, listen_unix, unix_stream_from_fd
 from vsockrpc.vhost.reactor import ERR, IN, Reactor
 from vsockrpc.vhost.sibling import CoHosted, peer_process
 
@@ -347,9 +347,7 @@ class GroupHost:
         if member is not None:
             self.reactor.unregister(member.conn.fileno())
             member.conn.close()  # tells the launcher its VM's device is gone
-            for fd in member.held:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            close_fds(member.held)
         log.info("device host of group %s: guest CID %d left", self.group, device.guest_cid)
         if not self._members:
             self._idle_since = time.monotonic()

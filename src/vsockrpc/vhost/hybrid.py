@@ -21,16 +21,15 @@ the fd, and answers plain ``OK <n>``: the client then relays as before.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from vsockrpc.vhost.paths import close_fds
 from vsockrpc.vhost.reactor import IN, Reactor
 
 
@@ -109,9 +108,7 @@ class PendingClient:
 
     def close(self) -> None:
         self.sock.close()
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        close_fds(self.fds)
         self.fds = []
 
 
@@ -127,9 +124,7 @@ def passed_stream(fds: list[int]) -> socket.socket | None:
         except OSError:
             sock = None
     if sock is None:
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        close_fds(fds)
         return None
     try:
         ok = (

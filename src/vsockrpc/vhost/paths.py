@@ -1,4 +1,5 @@
-"""Unix socket files the device creates, and removing only those.
+"""Unix socket files the device creates, and removing only those; closing the file
+descriptors a device received or opened.
 
 A path is removed at exit only if it still names the very socket file we bound (same device
 and inode): after ``kill -9`` of a VM, a new device may have bound the same path, and the old
@@ -11,11 +12,12 @@ import contextlib
 import os
 import socket
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from vsockrpc.errors import DeviceError
 
-__all__ = ["DEFAULT_MODE", "BoundPath", "listen_unix", "unix_stream_from_fd"]
+__all__ = ["DEFAULT_MODE", "BoundPath", "close_fds", "listen_unix", "unix_stream_from_fd"]
 
 DEFAULT_MODE = 0o600  # owner only, whatever the umask
 
@@ -95,3 +97,11 @@ def unix_stream_from_fd(fd: int, name: str, *, listening: bool, owned: bool) -> 
             sock.detach()
         raise DeviceError(f"{name} is not a {kind}")
     return sock
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close each of ``fds``, ignoring errors: what was received (SCM_RIGHTS) or replaced is
+    ours to close, and one already gone must not keep the others open."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)

@@ -11,13 +11,13 @@ rust-vmm's ``vhost`` crate is Rust); the protocol subset a vsock device needs is
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import socket
 import struct
 from dataclasses import dataclass, field
 
 from vsockrpc.errors import ProtocolError
+from vsockrpc.vhost.paths import close_fds
 
 __all__ = [
     "HEADER",
@@ -125,11 +125,7 @@ class Message:
         return self.fds.pop(0) if self.fds else None
 
     def close_fds(self) -> None:
-        import os
-
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        close_fds(self.fds)
         self.fds.clear()
 
 
@@ -220,8 +216,7 @@ def recv_message(sock: socket.socket) -> Message:
         sock, HEADER.size, MAX_FDS, socket.MSG_CMSG_CLOEXEC
     )
     if not data:
-        for fd in fd_list:
-            _close_quietly(fd)
+        close_fds(fd_list)
         raise EOFError("vhost-user peer closed")
     try:
         if msg_flags & socket.MSG_CTRUNC:
@@ -231,8 +226,7 @@ def recv_message(sock: socket.socket) -> Message:
         request, flags, size = parse_header(data)
         payload = _recv_exact(sock, size) if size else b""
     except BaseException:
-        for fd in fd_list:
-            _close_quietly(fd)
+        close_fds(fd_list)
         raise
     return Message(request, flags, payload, fd_list)
 
@@ -257,10 +251,3 @@ def send_message(
         socket.send_fds(sock, [data], fds)
     else:
         sock.sendall(data)
-
-
-def _close_quietly(fd: int) -> None:
-    import os
-
-    with contextlib.suppress(OSError):
-        os.close(fd)

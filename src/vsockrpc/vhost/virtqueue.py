@@ -31,6 +31,7 @@ import time
 
 from vsockrpc.errors import ProtocolError
 from vsockrpc.vhost.memory import GuestMemory, OutOfBounds
+from vsockrpc.vhost.paths import close_fds
 
 __all__ = ["DESC", "Chain", "RingError", "RingState", "Virtqueue"]
 
@@ -103,7 +104,7 @@ class Virtqueue:
         """Replace the kick/call/err fd (QEMU re-sends SET_VRING_CALL several times)."""
         old = getattr(self, kind)
         if old is not None and old != fd:
-            _close_quietly(old)
+            close_fds([old])
         setattr(self, kind, fd)
 
     def map(self, mem: GuestMemory) -> None:
@@ -254,8 +255,3 @@ class Virtqueue:
         if self.err_fd is not None:
             with contextlib.suppress(OSError):
                 os.eventfd_write(self.err_fd, 1)
-
-
-def _close_quietly(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
