@@ -126,7 +126,7 @@ def agent_services(
 def health_and_reflection(service_names: Sequence[str]) -> Registrar:
     """A registrar for ``grpc.health.v1.Health`` (every name SERVING) and server reflection."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection
+    from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
     def register(server: grpc.Server) -> None:
         servicer = health.HealthServicer()
@@ -138,6 +138,9 @@ def health_and_reflection(service_names: Sequence[str]) -> Registrar:
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )
-        reflection.enable_server_reflection(names, server)
+        # What enable_server_reflection does for a sync server, without its check for an
+        # asyncio server, which would import grpc.aio (vsockrpc.guest.deferred).
+        servicer = reflection.ReflectionServicer(names)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
 
     return register
