@@ -6,7 +6,6 @@ hashes what arrived and compares. CRC-32 digests are 4 bytes big-endian.
 
 from __future__ import annotations
 
-import hashlib
 import zlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
@@ -47,6 +46,10 @@ class _Crc32:
 def new_hasher(checksum: pb.Checksum.ValueType) -> Hasher:
     """A fresh hasher for ``checksum``; ValueError for an unknown algorithm."""
     if checksum == pb.CHECKSUM_SHA256:
+        # Imported on first use: hashlib loads OpenSSL, start-up time in a TCG guest's agent
+        # that the default CRC-32 does not need.
+        import hashlib
+
         return hashlib.sha256()
     if checksum == pb.CHECKSUM_CRC32:
         return _Crc32()

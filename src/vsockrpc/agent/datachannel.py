@@ -9,8 +9,6 @@ random bytes in lower-case hex, good for one connection within :data:`TICKET_TTL
 
 from __future__ import annotations
 
-import secrets
-
 __all__ = [
     "TICKET_BYTES",
     "TICKET_LINE_MAX",
@@ -30,6 +28,10 @@ TICKET_LINE_MAX = TICKET_BYTES * 2 + 1
 
 def new_ticket() -> str:
     """A fresh ticket (unguessable, for one connection)."""
+    # Imported on first use: secrets imports hmac and hashlib, whose OpenSSL load is start-up
+    # time in a TCG guest's agent, and the agent issues no ticket before the first transfer.
+    import secrets
+
     return secrets.token_hex(TICKET_BYTES)
 
 

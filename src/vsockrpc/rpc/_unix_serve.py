@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,7 +50,9 @@ def bind_unix_with_mode(
     caller then serves ``path`` another way.
     """
     parent = os.path.dirname(os.path.abspath(path))
-    private = os.path.join(parent, f".vsockrpc-{secrets.token_hex(4)}")
+    # os.urandom is what secrets.token_hex reads; secrets would import hmac and hashlib, whose
+    # OpenSSL load is start-up time in a TCG guest's agent.
+    private = os.path.join(parent, f".vsockrpc-{os.urandom(4).hex()}")
     inner = os.path.join(private, "s")
     if len(os.fsencode(inner)) > SUN_PATH_MAX:
         return None
