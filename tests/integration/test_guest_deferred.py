@@ -13,10 +13,10 @@ import vsockrpc
 SRC = str(Path(vsockrpc.__file__).parent.parent)
 
 
-def _run(code: str) -> str:
+def _run(code: str, **env: str) -> str:
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        env={"PYTHONPATH": SRC},
+        env={"PYTHONPATH": SRC, **env},
         capture_output=True,
         text=True,
         check=False,
@@ -116,7 +116,8 @@ def test_threads_using_a_stand_in_at_once_all_get_the_one_real_module() -> None:
 
 def test_grpc_and_the_agent_services_import_without_asyncio() -> None:
     # What the agent's server imports (vsockrpc.guest.server): grpcio, its health and reflection
-    # packages and the services. Any of them reading an asyncio attribute at import would load it.
+    # packages and the services. Any of them reading an asyncio attribute at import would load
+    # it; and protobuf's pure-Python messages stay unloaded behind the upb backend.
     out = _run(
         """
         import sys
@@ -129,7 +130,30 @@ def test_grpc_and_the_agent_services_import_without_asyncio() -> None:
             from vsockrpc.services.agent import health_and_reflection
             server = grpc.server(futures.ThreadPoolExecutor(1))
             health_and_reflection(["x.Y"])(server)  # imports and registers both
-        print(" ".join(m for m in ("asyncio", "ssl", "grpc.aio") if m in sys.modules) or "-")
+        from google.protobuf.internal import api_implementation
+        print(api_implementation.Type())
+        loaded = ("asyncio", "ssl", "grpc.aio", "google.protobuf.internal.python_message")
+        print(" ".join(m for m in loaded if m in sys.modules) or "-")
         """
     )
-    assert out.split() == ["-"]
+    assert out.split() == ["upb", "-"]
+
+
+def test_protobufs_pure_python_backend_gets_its_messages_through_the_stand_in() -> None:
+    # The backend that does use python_message: it is loaded on its first use, in the window.
+    out = _run(
+        """
+        import sys
+        from vsockrpc.guest.deferred import Deferred, deferring
+        with deferring():
+            from vsockrpc.agent.v1 import agent_pb2 as pb
+        from google.protobuf.internal import api_implementation
+        request = pb.ExecRequest(start=pb.ExecStart(argv=[b"echo", b"hi"]))
+        again = pb.ExecRequest.FromString(request.SerializeToString())
+        module = sys.modules["google.protobuf.internal.python_message"]
+        same = list(again.start.argv) == [b"echo", b"hi"]
+        print(api_implementation.Type(), same, type(module) is not Deferred)
+        """,
+        PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION="python",
+    )
+    assert out.split() == ["python", "True", "True"]

@@ -1,10 +1,12 @@
-"""Load asyncio and the asyncio halves of grpcio only if something uses them.
+"""Load asyncio, the asyncio halves of grpcio and protobuf's pure-Python messages only if
+something uses them.
 
 ``import grpc`` imports :mod:`asyncio` (grpcio's Cython core and ``grpc.aio``), and the health
 and reflection packages import their asyncio servicers; the agent's server is a sync
-``grpc.Server`` on threads and uses none of it. In a TCG guest that is a good part of the
-agent's start (docs/system.md, "Cold boot"): natively ``import grpc`` takes about half as long
-without them.
+``grpc.Server`` on threads and uses none of it. protobuf imports its pure-Python message
+implementation whatever its backend. In a TCG guest that is a good part of the agent's start
+(docs/system.md, "Cold boot"): natively ``import grpc`` takes about half as long without
+asyncio.
 
 :func:`deferring` puts a stand-in module in ``sys.modules`` for each of :data:`DEFERRED` while
 the agent imports grpcio and its services, and takes the stand-ins out again afterwards. What
@@ -31,8 +33,16 @@ from types import ModuleType
 __all__ = ["DEFERRED", "Deferred", "deferring"]
 
 #: Imported by grpcio, grpcio-health-checking and grpcio-reflection at their import; used by
-#: none of them on a sync server.
-DEFERRED = ("asyncio", "grpc.aio", "grpc.experimental.aio", "grpc_health.v1._async")
+#: none of them on a sync server. And protobuf's pure-Python message implementation (with
+#: ``text_format`` and the well-known types it imports): protobuf imports it whatever the
+#: backend, and uses it only when the backend is pure Python (the guest's is upb).
+DEFERRED = (
+    "asyncio",
+    "grpc.aio",
+    "grpc.experimental.aio",
+    "grpc_health.v1._async",
+    "google.protobuf.internal.python_message",
+)
 
 _lock = threading.RLock()
 
