@@ -26,7 +26,6 @@ import contextlib
 import importlib
 import sys
 import threading
-import types
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -47,7 +46,7 @@ DEFERRED = (
 _lock = threading.RLock()
 
 
-class Deferred(types.ModuleType):
+class Deferred(ModuleType):
     """Stands in for a module not imported yet; any attribute it lacks comes from the real
     module, imported on the first such read."""
 

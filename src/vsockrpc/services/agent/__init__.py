@@ -140,7 +140,7 @@ def health_and_reflection(service_names: Sequence[str]) -> Registrar:
         )
         # What enable_server_reflection does for a sync server, without its check for an
         # asyncio server, which would import grpc.aio (vsockrpc.guest.deferred).
-        servicer = reflection.ReflectionServicer(names)
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+        reflector = reflection.ReflectionServicer(names)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflector, server)
 
     return register
