@@ -24,7 +24,9 @@ from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
 
 @contextlib.contextmanager
 def _agent(sock: Path) -> Iterator[subprocess.Popen[str]]:
-    """The agent process serving ``unix:sock``; killed on the way out if still running."""
+    """The agent process serving ``unix:sock``. A test that fails with it still running stops
+    it with SIGTERM, so that it removes its private socket directory, and kills it only if it
+    does not exit."""
     with subprocess.Popen(
         [sys.executable, "-m", "vsockrpc.guest", "--listen", f"unix:{sock}"],
         stdout=subprocess.DEVNULL,
@@ -35,7 +37,11 @@ def _agent(sock: Path) -> Iterator[subprocess.Popen[str]]:
             yield proc
         finally:
             if proc.poll() is None:
-                proc.kill()
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
 
 
 @pytest.mark.timeout(60)
