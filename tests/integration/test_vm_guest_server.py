@@ -79,10 +79,11 @@ def test_agent_serves_health_and_reflection_without_loading_asyncio(tmp_path: Pa
 
     if not all(getattr(m, "__file__", None) for m in (_asyncio, _hashlib, _ssl)):
         pytest.skip("this Python has _asyncio/_hashlib/_ssl built in: nothing shows in the maps")
-    with _agent(tmp_path / "agent.sock") as proc:
+    sock = tmp_path / "agent.sock"
+    with _agent(sock) as proc:
         assert proc.stderr is not None
         assert proc.stderr.readline().startswith(markers.READY)
-        with rpc.channel(f"unix:{tmp_path / 'agent.sock'}") as ch:
+        with rpc.channel(f"unix:{sock}") as ch:
             health = health_pb2_grpc.HealthStub(ch)  # type: ignore[no-untyped-call]
             status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
             assert status == health_pb2.HealthCheckResponse.SERVING

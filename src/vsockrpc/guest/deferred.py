@@ -5,7 +5,7 @@ something uses them.
 and reflection packages import their asyncio servicers; the agent's server is a sync
 ``grpc.Server`` on threads and uses none of it. protobuf imports its pure-Python message
 implementation whatever its backend. In a TCG guest that is a good part of the agent's start
-(docs/system.md, "Cold boot"): natively ``import grpc`` takes about half as long without
+(docs/system.md, "Boot time"): natively ``import grpc`` takes about half as long without
 asyncio.
 
 :func:`deferring` puts a stand-in module in ``sys.modules`` for each of :data:`DEFERRED` while
