@@ -34,6 +34,7 @@ from vsockrpc.vhost.testing import (
     serving_together,
     wait_all,
 )
+from vsockrpc.vhost.testing.rings import DESC, DESC_F_WRITE, U16, RxLayout
 
 A, B, C = 5, 6, 7
 GROUP = "g"
@@ -363,3 +364,121 @@ def test_cid_2_still_reaches_the_host_beside_a_sibling_stream(pair: Pair) -> Non
             (B, PORT, sib.local_port),
             (2, 7000, to_host.local_port),
         }
+
+
+# ------------------------------------------------------------------ cut-through (link.py)
+def test_served_together_each_message_is_cut_through(pair: Pair) -> None:
+    """One device process: a message goes from A's tx buffer straight into B's rx buffer
+    (counted per device as packets cut through); apart, never."""
+    a, b = connect(pair)
+    devs = (pair.dev_a, pair.dev_b)
+    before = [d.muxer.stats_packets_direct for d in devs]
+    for i in range(20):
+        msg = bytes([65 + i]) * 64
+        a.send(msg)
+        pair.wait(lambda: len(b.rxbuf) >= 64, 5, "A → B")
+        assert b.recv(64) == msg
+        b.send(msg[::-1].lower())
+        pair.wait(lambda: len(a.rxbuf) >= 64, 5, "B → A")
+        assert a.recv(64) == msg.lower()
+    cut = [d.muxer.stats_packets_direct - n for d, n in zip(devs, before, strict=True)]
+    assert cut == ([20, 20] if pair.together else [0, 0])
+
+
+@contextlib.contextmanager
+def together_with(**guest_b: object) -> Iterator[Pair]:
+    """A and B served by one loop, guest B's driver made with ``guest_b`` options."""
+    d = tempfile.mkdtemp(prefix="vsct", dir="/tmp")
+    groups = os.path.join(d, "groups")
+    try:
+        with contextlib.ExitStack() as stack:
+            shared = Reactor()
+            stack.callback(shared.close)
+            cohosted = CoHosted()
+            devs = [
+                stack.enter_context(
+                    VsockDevice(
+                        vhost_socket=os.path.join(d, f"v{cid}"),
+                        uds_path=os.path.join(d, f"u{cid}"),
+                        guest_cid=cid,
+                        groups=[GROUP],
+                        groups_dir=groups,
+                        reactor=shared,
+                        cohosted=cohosted,
+                    )
+                )
+                for cid in (A, B)
+            ]
+            stack.enter_context(serving_together(devs))
+            guests = []
+            for cid, options in ((A, {}), (B, guest_b)):
+                path = os.path.join(d, f"v{cid}")
+                guest = stack.enter_context(GuestDriver(path, guest_cid=cid, **options))  # type: ignore[arg-type]
+                guest.boot()
+                guests.append(guest)
+            yield Pair(True, groups, devs[0], devs[1], guests[0], guests[1])
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def a_to_b_checksummed(p: Pair, size: int) -> None:
+    a, b = connect(p)
+    payload = os.urandom(size)
+    a.send(payload)
+    got = hashlib.sha256()
+    count = 0
+
+    def drained() -> bool:
+        nonlocal count
+        data = b.recv()
+        got.update(data)
+        count += len(data)
+        for dev in (p.dev_a, p.dev_b):
+            for conn in dev.muxer.conns.values():
+                assert conn.pending_bytes <= conn.buf_alloc
+                assert conn.peer_free() >= 0, "sent past the guest's credit"
+        return count >= size
+
+    p.wait(drained, 60, f"{size} bytes A → B")
+    assert count == size and got.digest() == hashlib.sha256(payload).digest()
+
+
+def test_cut_through_within_small_credit_and_few_rx_buffers_keeps_every_byte() -> None:
+    """B grants 8 KiB of credit and posts 8 rx buffers: A's 64 KiB packets are cut through in
+    part, the rest waits in the link and B's device sends it as credit and buffers come."""
+    with together_with(buf_alloc=8192, queue_size=8) as p:
+        a_to_b_checksummed(p, 2 * MiB)
+        direct, total = p.dev_b.muxer.stats_packets_direct, p.dev_b.muxer.stats_packets_rx
+        assert 0 < direct < total, (direct, total)
+
+
+def test_split_rx_buffers_take_the_link_and_lose_nothing() -> None:
+    """Rx buffers posted as [header][payload] pairs (older kernels) are not cut through into."""
+    with together_with(rx_layout=RxLayout.SPLIT) as p:
+        a_to_b_checksummed(p, 1 * MiB)
+        assert p.dev_b.muxer.stats_packets_direct == 0
+        assert p.dev_b.muxer.stats_packets_rx > 256
+
+
+def test_a_corrupt_rx_ring_found_by_a_cut_through_stops_only_that_guest() -> None:
+    """B's rx ring is corrupt when A's pass writes into it: B's ring is stopped and reported
+    (err fd), the stream is reset for A, and A's device serves on (a new connect from A is
+    refused by B until B resets, then works)."""
+    with together_with() as p:
+        a, _ = connect(p)
+        g = p.guest_b
+        # The next rx buffer the device takes points outside guest memory.
+        ring = p.dev_b.rings[0]
+        slot = U16.unpack_from(g.mem, g.avail[0] + 4 + 2 * (ring.last_avail_idx % g.num))[0]
+        DESC.pack_into(g.mem, g.desc[0] + 16 * slot, 1 << 40, 4096, DESC_F_WRITE, 0)
+        a.send(b"x" * 64)
+        p.wait(lambda: ring.state.value == "broken", 5, "B's rx ring stopped")
+        assert g.err_signalled(0)
+        p.wait(lambda: a.reset or a.eof, 5, "A's stream ends")
+        p.wait(lambda: not p.dev_b.muxer.conns, 5, "B's device dropped its connections")
+        assert p.dev_a.muxer.rx is not None and p.dev_a.muxer.rx.ready, "A's rings untouched"
+        g.reset()
+        a2, b2 = connect(p, port=PORT + 1)
+        a2.send(b"after")
+        p.wait(lambda: len(b2.rxbuf) >= 5, 5, "A → B after B's reset")
+        assert b2.recv() == b"after"

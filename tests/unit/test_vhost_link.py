@@ -124,3 +124,89 @@ def test_out_is_not_delivered_to_an_end_registered_without_it(reactor: Reactor) 
     b.recv(4)
     reactor.poll(0)
     assert seen.got == []
+
+
+class Receiver:
+    """A reader's cut-through: takes up to ``limit`` bytes per offer (link.py, "Cut-through")."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.got = bytearray()
+        self.offers = 0
+
+    def __call__(self, data: memoryview) -> int:
+        self.offers += 1
+        n = min(self.limit, len(data))
+        self.got += data[:n]
+        return n
+
+
+def test_a_receiver_takes_bytes_before_the_inbox_and_no_event_is_posted(
+    reactor: Reactor,
+) -> None:
+    a, b = link_pair(reactor)
+    seen = Events(reactor, b)
+    b.receiver = take = Receiver(1 << 20)
+    assert a.send(b"ping") == 4
+    assert bytes(take.got) == b"ping"
+    assert not reactor.has_posted, "nothing waits in the inbox: no IN edge"
+    reactor.poll(0)
+    assert seen.got == []
+    with pytest.raises(BlockingIOError):
+        b.recv(10)
+
+
+def test_what_a_receiver_leaves_goes_to_the_inbox_and_keeps_its_order(reactor: Reactor) -> None:
+    a, b = link_pair(reactor, capacity=8)
+    seen = Events(reactor, b)
+    b.receiver = take = Receiver(3)
+    assert a.send(b"abcdefghijklmno") == 3 + 8, "3 taken, 8 queued, the rest is a short write"
+    assert bytes(take.got) == b"abc"
+    reactor.poll(0)
+    assert seen.got == [IN], "the queued part raises the usual edge"
+    # While bytes wait unread, later ones queue behind them: the receiver is not asked.
+    offers = take.offers
+    with pytest.raises(BlockingIOError):
+        a.send(b"p")
+    assert b.recv(100) == b"defghijk"
+    assert a.send(b"pq") == 2
+    assert take.offers == offers + 1 and bytes(take.got) == b"abcpq"
+
+
+def test_a_receiver_that_takes_nothing_leaves_the_socket_semantics(reactor: Reactor) -> None:
+    a, b = link_pair(reactor, capacity=4)
+    b.receiver = take = Receiver(0)
+    assert a.send(b"12345") == 4
+    assert take.offers == 1
+    with pytest.raises(BlockingIOError):
+        a.send(b"6")
+    assert b.recv(10) == b"1234"
+
+
+def test_a_receiver_that_drops_the_stream_breaks_the_write(reactor: Reactor) -> None:
+    a, b = link_pair(reactor)
+
+    def take_then_close(data: memoryview) -> int:
+        b.close()  # e.g. its guest's ring turned out corrupt: the connection is dropped
+        return 1
+
+    b.receiver = take_then_close
+    with pytest.raises(BrokenPipeError):
+        a.send(b"xy")
+    assert b.receiver is None, "a closed end holds no receiver (nor its connection)"
+
+
+def test_call_soon_runs_with_the_posted_events_and_poll_does_not_wait(reactor: Reactor) -> None:
+    ran: list[str] = []
+    a, b = link_pair(reactor)
+    seen = Events(reactor, b)
+    reactor.call_soon(lambda: ran.append("soon"))
+    assert reactor.has_posted
+    start = time.monotonic()
+    reactor.poll(-1)
+    assert time.monotonic() - start < 1, "a queued callback means no waiting"
+    assert ran == ["soon"] and not reactor.has_posted
+    a.send(b"x")
+    reactor.call_soon(lambda: ran.append(f"after {seen.got}"))
+    reactor.deliver_posted()
+    assert ran == ["soon", f"after {[IN]}"], "callbacks run after the virtual events"

@@ -286,10 +286,11 @@ class VsockDevice(VhostUserSession):
                 self.reactor.register(self._listener.fileno(), IN, lambda _m: self._accept())
             m = self.muxer
             log.info(
-                "vhost-user front-end disconnected (passes %d, packets to guest %d in %d rx "
-                "signals, from guest %d, credit requests %d)",
+                "vhost-user front-end disconnected (passes %d, packets to guest %d (%d cut "
+                "through from another guest) in %d rx signals, from guest %d, credit requests %d)",
                 m.stats_passes,
                 m.stats_packets_rx,
+                m.stats_packets_direct,
                 m.stats_rx_signals,
                 m.stats_packets_tx,
                 m.stats_credit_requests,

@@ -19,6 +19,7 @@ publish each used ring and signal its call fd once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import time
@@ -26,6 +27,7 @@ import time
 from vsockrpc.vhost.connection import Connection, ConnState
 from vsockrpc.vhost.dispatch import GuestDispatch
 from vsockrpc.vhost.hybrid import CONNECT_TIMEOUT, HybridHost
+from vsockrpc.vhost.link import LinkEnd
 from vsockrpc.vhost.packet import Op
 from vsockrpc.vhost.reactor import Reactor
 from vsockrpc.vhost.rxfill import RxFill
@@ -72,6 +74,11 @@ class Muxer(GuestDispatch, RxFill):
         self.host.close()
         if self.siblings is not None:
             self.siblings.close()
+
+    def _add(self, conn: Connection) -> None:
+        super()._add(conn)
+        if isinstance(conn.sock, LinkEnd):  # a guest of this process: cut-through (link.py)
+            conn.sock.receiver = functools.partial(self._take_direct, conn)
 
     # ================================================================ host-initiated
     def on_listener(self, listener: socket.socket) -> None:

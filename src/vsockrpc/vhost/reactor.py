@@ -42,6 +42,7 @@ class Reactor:
         self._virtual: dict[int, Virtual] = {}  # virtual fd → its owner
         self._masks: dict[int, int] = {}  # registered mask of each registered virtual fd
         self._posted: list[tuple[int, int]] = []  # virtual events not delivered yet
+        self._soon: list[Callable[[], None]] = []  # call_soon callbacks not run yet
         self._next_virtual = -2  # -1 is no fd anywhere
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake_fd, IN)
@@ -87,9 +88,14 @@ class Reactor:
         if want is not None and mask & (want | ERR):
             self._posted.append((fd, mask))
 
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` with the posted virtual events (after the current pass, before the
+        next wait): a guest's rx signal owed for bytes another guest's pass put there."""
+        self._soon.append(callback)
+
     @property
     def has_posted(self) -> bool:
-        return bool(self._posted)
+        return bool(self._posted or self._soon)
 
     def wake(self) -> None:
         """Interrupt :meth:`poll` from any thread."""
@@ -100,7 +106,7 @@ class Reactor:
     def poll(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds (-1: forever) and run the callbacks of ready fds;
         with virtual events posted, do not wait, and run theirs after the real ones."""
-        events = self._epoll.poll(0.0 if self._posted else timeout, 256)
+        events = self._epoll.poll(0.0 if self._posted or self._soon else timeout, 256)
         callbacks = self._callbacks
         for fd, mask in events:
             if fd == self._wake_fd:
@@ -113,16 +119,21 @@ class Reactor:
         self.deliver_posted()
 
     def deliver_posted(self) -> None:
-        """Run the callbacks of the virtual events posted so far (no system call)."""
+        """Run the callbacks of the virtual events posted so far (no system call), then those
+        given to :meth:`call_soon`."""
         posted = self._posted
-        if not posted:
-            return
-        self._posted = []
-        callbacks, masks = self._callbacks, self._masks
-        for fd, mask in posted:
-            want = masks.get(fd)  # still registered, for this event?
-            if want is not None and mask & (want | ERR):
-                callbacks[fd](mask & (want | ERR))
+        if posted:
+            self._posted = []
+            callbacks, masks = self._callbacks, self._masks
+            for fd, mask in posted:
+                want = masks.get(fd)  # still registered, for this event?
+                if want is not None and mask & (want | ERR):
+                    callbacks[fd](mask & (want | ERR))
+        soon = self._soon
+        if soon:
+            self._soon = []
+            for callback in soon:
+                callback()
 
     def close(self) -> None:
         """Idempotent: a second call must not close an fd number reused by someone else."""
@@ -132,6 +143,7 @@ class Reactor:
         self._virtual.clear()
         self._masks.clear()
         self._posted.clear()
+        self._soon.clear()
         self._epoll.close()
         os.close(self._wake_fd)
         self._wake_fd = -1

@@ -7,12 +7,15 @@ and credit last.
 
 from __future__ import annotations
 
+import logging
+
 from vsockrpc.vhost import packet
-from vsockrpc.vhost.connection import Connection
+from vsockrpc.vhost.connection import Connection, ConnState
 from vsockrpc.vhost.flow import FlowControl
 from vsockrpc.vhost.packet import HDR, HDR_SIZE, Op
+from vsockrpc.vhost.reactor import Reactor
 from vsockrpc.vhost.segments import scatter, skip, truncate
-from vsockrpc.vhost.virtqueue import Chain, Virtqueue
+from vsockrpc.vhost.virtqueue import Chain, RingError, Virtqueue
 
 __all__ = ["READ_BATCH", "RX_SIGNAL_BATCH", "RxFill"]
 
@@ -21,9 +24,15 @@ READ_BATCH_BYTES = 64 * 1024  # ... up to this much payload (big buffers need no
 RX_SIGNAL_BATCH = 32  # data packets per rx signal within one pass
 _U32 = 0xFFFFFFFF
 
+log = logging.getLogger(__name__)
+
 
 class RxFill(FlowControl):
     """Writes control packets and host data into the guest's rx buffers."""
+
+    def __init__(self, reactor: Reactor, guest_cid: int, *, buf_alloc: int) -> None:
+        super().__init__(reactor, guest_cid, buf_alloc=buf_alloc)
+        self._signal_soon = False  # a signal for cut-through bytes is queued (call_soon)
 
     def release_held_rx(self) -> None:
         """Give back a popped-but-unfilled rx buffer (empty) before the memory table changes."""
@@ -32,6 +41,82 @@ class RxFill(FlowControl):
                 self.rx.push(head, 0)
             self.rx.flush()
         self._held_rx.clear()
+
+    def _take_direct(self, conn: Connection, data: memoryview) -> int:
+        """Cut-through from a guest of this process (:mod:`~vsockrpc.vhost.link`): write what
+        fits of ``data`` for ``conn`` straight into rx buffers as RW packets; the bytes taken.
+
+        Only when nothing must go first: the connection is established with no control packet
+        waiting (a RESPONSE must precede data) and this guest has no control packet or RST
+        waiting either (control first, as in :meth:`_fill_rx`); then while credit (5.10.6.3)
+        and single-descriptor rx buffers last. Anything else takes the link's inbox
+        and this device's own pass, as before. The guest is signalled once the pass that sent
+        the bytes is over (:meth:`Reactor.call_soon`), not per packet."""
+        rx = self.rx
+        if (
+            rx is None
+            or not self.running
+            or conn.state is not ConnState.ESTABLISHED
+            or conn.ctl
+            or conn.host_eof
+            or conn.peer_shut_rcv
+            or self._ctl_conns
+            or self._stateless
+        ):
+            return 0
+        credit = conn.peer_free()
+        total = len(data)
+        taken = 0
+        try:
+            while taken < total and credit > 0:
+                chain = self._pop_rx(rx)  # buffers popped earlier and not filled go first
+                if chain is None:
+                    break
+                head, segments = chain
+                first = segments[0]
+                if len(segments) != 1 or len(first) <= HDR_SIZE:
+                    self._held_rx.appendleft(chain)  # odd layout: the general path takes it
+                    break
+                n = min(len(first) - HDR_SIZE, credit, total - taken, packet.MAX_PAYLOAD)
+                first[HDR_SIZE : HDR_SIZE + n] = data[taken : taken + n]
+                taken += n
+                credit -= n
+                conn.tx_cnt = (conn.tx_cnt + n) & _U32
+                HDR.pack_into(
+                    first,
+                    0,
+                    conn.local_cid,
+                    self.guest_cid,
+                    conn.local_port,
+                    conn.peer_port,
+                    n,
+                    packet.TYPE_STREAM,
+                    Op.RW,
+                    0,
+                    conn.buf_alloc,
+                    conn.fwd_cnt,
+                )
+                rx.push(head, HDR_SIZE + n)
+                self.stats_packets_rx += 1
+                self.stats_packets_direct += 1
+        except RingError as err:
+            # This guest's ring, found corrupt during another guest's pass: stop it here, as
+            # run_pass would (the sender's link end then finds the stream gone).
+            log.warning("guest corrupted a virtqueue: %s", str(err))
+            rx.break_ring()
+            self.clear()
+            return 0
+        if taken:
+            conn.last_fwd_cnt_sent = conn.fwd_cnt
+            if not self._signal_soon:
+                self._signal_soon = True
+                self.reactor.call_soon(self._signal_direct)
+        return taken
+
+    def _signal_direct(self) -> None:
+        self._signal_soon = False
+        if self.rx is not None and self.rx.flush():
+            self.stats_rx_signals += 1
 
     def _pop_rx(self, rx: Virtqueue) -> Chain | None:
         if self._held_rx:

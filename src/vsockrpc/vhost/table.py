@@ -55,6 +55,7 @@ class ConnectionTable:
         self._held_rx: deque[Chain] = deque()  # popped rx chains we could not fill yet
         self._next_port = itertools.count()
         self.stats_packets_rx = 0  # packets written to the guest
+        self.stats_packets_direct = 0  # ... of which cut through from another guest (link.py)
         self.stats_packets_tx = 0  # packets read from the guest
         self.stats_passes = 0  # data-path passes
         self.stats_rx_signals = 0  # rx call-eventfd writes (interrupts the guest will take)
