@@ -419,10 +419,11 @@ class DeviceLoop:
                     if not device._stop_requested:
                         device._after_poll(now)
                 # A pass that moved bytes over an in-process link posted an event for the
-                # other guest's device: give that device its pass now rather than after another
-                # epoll_wait (a round trip between two guests of this process then costs one
-                # wake-up per direction). Bounded, so real fds are polled again soon under load.
-                # (Timers and deferred signals wait for the next iteration.)
+                # other guest's device, or cut them through and queued that guest's rx signal
+                # (call_soon): deliver it now rather than after another epoll_wait (a round
+                # trip between two guests of this process then costs one wake-up per
+                # direction). Bounded, so real fds are polled again soon under load. (Timers
+                # and deferred tx signals wait for the next iteration.)
                 for _ in range(LINK_ROUNDS):
                     if not reactor.has_posted:
                         break
