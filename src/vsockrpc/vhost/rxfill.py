@@ -49,9 +49,9 @@ class RxFill(FlowControl):
         Only when nothing must go first: the connection is established with no control packet
         waiting (a RESPONSE must precede data) and this guest has no control packet or RST
         waiting either (control first, as in :meth:`_fill_rx`); then while credit (5.10.6.3)
-        and single-descriptor rx buffers last. Anything else takes the link's inbox
-        and this device's own pass, as before. The guest is signalled once the pass that sent
-        the bytes is over (:meth:`Reactor.call_soon`), not per packet."""
+        and single-descriptor rx buffers last. Anything else takes the link's inbox and this
+        device's own pass, as before. The guest is signalled once the pass that sent the bytes
+        is over (:meth:`Reactor.call_soon`), or every :data:`RX_SIGNAL_BATCH` packets before."""
         rx = self.rx
         if (
             rx is None
@@ -99,6 +99,9 @@ class RxFill(FlowControl):
                 rx.push(head, HDR_SIZE + n)
                 self.stats_packets_rx += 1
                 self.stats_packets_direct += 1
+                if rx.unflushed >= RX_SIGNAL_BATCH:  # a long drain: let the guest start
+                    rx.flush()
+                    self.stats_rx_signals += 1
         except RingError as err:
             # This guest's ring, found corrupt during another guest's pass: stop it here, as
             # run_pass would (the sender's link end then finds the stream gone).
