@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -68,7 +69,15 @@ class Pair:
 
 @pytest.fixture(params=["separate", "together"])
 def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
-    together = request.param == "together"
+    with open_pair(together=request.param == "together") as p:
+        yield p
+
+
+@contextlib.contextmanager
+def open_pair(*, together: bool, guest_b: dict[str, Any] | None = None) -> Iterator[Pair]:
+    """Guests A and B of group GROUP, with a device each or served together by one loop (one
+    device process for both VMs), and C's device in another group; ``guest_b``: options for
+    B's test driver (credit, queue size, rx layout)."""
     d = tempfile.mkdtemp(prefix="vsib", dir="/tmp")
     groups = os.path.join(d, "groups")
     try:
@@ -101,8 +110,9 @@ def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
                 stack.enter_context(serving(devs[0]))
                 stack.enter_context(serving(devs[1]))
             stack.enter_context(serving(devs[2]))
-            for cid in (A, B):  # C's guest never boots: nothing may reach it anyway
-                guest = stack.enter_context(GuestDriver(os.path.join(d, f"v{cid}"), guest_cid=cid))
+            for cid, options in ((A, {}), (B, guest_b or {})):  # C's guest never boots
+                path = os.path.join(d, f"v{cid}")
+                guest = stack.enter_context(GuestDriver(path, guest_cid=cid, **options))
                 guest.boot()
                 guests.append(guest)
             yield Pair(together, groups, devs[0], devs[1], guests[0], guests[1])
@@ -385,42 +395,6 @@ def test_served_together_each_message_is_cut_through(pair: Pair) -> None:
     assert cut == ([20, 20] if pair.together else [0, 0])
 
 
-@contextlib.contextmanager
-def together_with(**guest_b: object) -> Iterator[Pair]:
-    """A and B served by one loop, guest B's driver made with ``guest_b`` options."""
-    d = tempfile.mkdtemp(prefix="vsct", dir="/tmp")
-    groups = os.path.join(d, "groups")
-    try:
-        with contextlib.ExitStack() as stack:
-            shared = Reactor()
-            stack.callback(shared.close)
-            cohosted = CoHosted()
-            devs = [
-                stack.enter_context(
-                    VsockDevice(
-                        vhost_socket=os.path.join(d, f"v{cid}"),
-                        uds_path=os.path.join(d, f"u{cid}"),
-                        guest_cid=cid,
-                        groups=[GROUP],
-                        groups_dir=groups,
-                        reactor=shared,
-                        cohosted=cohosted,
-                    )
-                )
-                for cid in (A, B)
-            ]
-            stack.enter_context(serving_together(devs))
-            guests = []
-            for cid, options in ((A, {}), (B, guest_b)):
-                path = os.path.join(d, f"v{cid}")
-                guest = stack.enter_context(GuestDriver(path, guest_cid=cid, **options))  # type: ignore[arg-type]
-                guest.boot()
-                guests.append(guest)
-            yield Pair(True, groups, devs[0], devs[1], guests[0], guests[1])
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
 def a_to_b_checksummed(p: Pair, size: int) -> None:
     a, b = connect(p)
     payload = os.urandom(size)
@@ -446,7 +420,7 @@ def a_to_b_checksummed(p: Pair, size: int) -> None:
 def test_cut_through_within_small_credit_and_few_rx_buffers_keeps_every_byte() -> None:
     """B grants 8 KiB of credit and posts 8 rx buffers: A's 64 KiB packets are cut through in
     part, the rest waits in the link and B's device sends it as credit and buffers come."""
-    with together_with(buf_alloc=8192, queue_size=8) as p:
+    with open_pair(together=True, guest_b={"buf_alloc": 8192, "queue_size": 8}) as p:
         a_to_b_checksummed(p, 2 * MiB)
         direct, total = p.dev_b.muxer.stats_packets_direct, p.dev_b.muxer.stats_packets_rx
         assert 0 < direct < total, (direct, total)
@@ -454,7 +428,7 @@ def test_cut_through_within_small_credit_and_few_rx_buffers_keeps_every_byte() -
 
 def test_split_rx_buffers_take_the_link_and_lose_nothing() -> None:
     """Rx buffers posted as [header][payload] pairs (older kernels) are not cut through into."""
-    with together_with(rx_layout=RxLayout.SPLIT) as p:
+    with open_pair(together=True, guest_b={"rx_layout": RxLayout.SPLIT}) as p:
         a_to_b_checksummed(p, 1 * MiB)
         assert p.dev_b.muxer.stats_packets_direct == 0
         assert p.dev_b.muxer.stats_packets_rx > 256
@@ -464,7 +438,7 @@ def test_a_corrupt_rx_ring_found_by_a_cut_through_stops_only_that_guest() -> Non
     """B's rx ring is corrupt when A's pass writes into it: B's ring is stopped and reported
     (err fd), the stream is reset for A, and A's device serves on (a new connect from A is
     refused by B until B resets, then works)."""
-    with together_with() as p:
+    with open_pair(together=True) as p:
         a, _ = connect(p)
         g = p.guest_b
         # The next rx buffer the device takes points outside guest memory.

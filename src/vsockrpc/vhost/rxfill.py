@@ -82,20 +82,7 @@ class RxFill(FlowControl):
                 taken += n
                 credit -= n
                 conn.tx_cnt = (conn.tx_cnt + n) & _U32
-                HDR.pack_into(
-                    first,
-                    0,
-                    conn.local_cid,
-                    self.guest_cid,
-                    conn.local_port,
-                    conn.peer_port,
-                    n,
-                    packet.TYPE_STREAM,
-                    Op.RW,
-                    0,
-                    conn.buf_alloc,
-                    conn.fwd_cnt,
-                )
+                self._rw_header(first, conn, n)
                 rx.push(head, HDR_SIZE + n)
                 self.stats_packets_rx += 1
                 self.stats_packets_direct += 1
@@ -115,6 +102,23 @@ class RxFill(FlowControl):
                 self._signal_soon = True
                 self.reactor.call_soon(self._signal_direct)
         return taken
+
+    def _rw_header(self, buf: memoryview, conn: Connection, length: int) -> None:
+        """An RW header for ``length`` payload bytes of ``conn`` at the start of ``buf``."""
+        HDR.pack_into(
+            buf,
+            0,
+            conn.local_cid,
+            self.guest_cid,
+            conn.local_port,
+            conn.peer_port,
+            length,
+            packet.TYPE_STREAM,
+            Op.RW,
+            0,
+            conn.buf_alloc,
+            conn.fwd_cnt,
+        )
 
     def _signal_direct(self) -> None:
         self._signal_soon = False
@@ -229,7 +233,7 @@ class RxFill(FlowControl):
             self._readable.pop(conn, None)
         conn.read_short = n < len(bufs[0])
         conn.tx_cnt = (conn.tx_cnt + n) & _U32
-        fwd_cnt = conn.last_fwd_cnt_sent = conn.fwd_cnt
+        conn.last_fwd_cnt_sent = conn.fwd_cnt
         remaining = n
         for i, (head, segments) in enumerate(chains):
             if remaining <= 0:
@@ -237,20 +241,7 @@ class RxFill(FlowControl):
                 break
             length = len(bufs[i]) if len(bufs[i]) < remaining else remaining
             remaining -= length
-            HDR.pack_into(
-                segments[0],
-                0,
-                conn.local_cid,
-                self.guest_cid,
-                conn.local_port,
-                conn.peer_port,
-                length,
-                packet.TYPE_STREAM,
-                Op.RW,
-                0,
-                conn.buf_alloc,
-                fwd_cnt,
-            )
+            self._rw_header(segments[0], conn, length)
             rx.push(head, HDR_SIZE + length)
             self.stats_packets_rx += 1
             if rx.unflushed >= RX_SIGNAL_BATCH:
@@ -292,20 +283,7 @@ class RxFill(FlowControl):
         conn.tx_cnt = (conn.tx_cnt + n) & _U32
         fwd_cnt = conn.last_fwd_cnt_sent = conn.fwd_cnt
         if len(first) >= HDR_SIZE:
-            HDR.pack_into(
-                first,
-                0,
-                conn.local_cid,
-                self.guest_cid,
-                conn.local_port,
-                conn.peer_port,
-                n,
-                packet.TYPE_STREAM,
-                Op.RW,
-                0,
-                conn.buf_alloc,
-                fwd_cnt,
-            )
+            self._rw_header(first, conn, n)
         else:
             scatter(
                 segments,
