@@ -98,11 +98,11 @@ class LinkEnd:
         taken = 0
         if peer.receiver is not None and not peer._inbox:
             taken = peer.receiver(memoryview(data))
+            if self._peer is not peer:  # the receiving side dropped the stream meanwhile
+                raise BrokenPipeError(errno.EPIPE, "the other end is closed")
+            if taken >= len(data):
+                return taken
             if taken:
-                if self._peer is not peer:  # the receiving side dropped the stream meanwhile
-                    raise BrokenPipeError(errno.EPIPE, "the other end is closed")
-                if taken >= len(data):
-                    return taken
                 data = memoryview(data)[taken:]
         room = peer.capacity - len(peer._inbox)
         if room <= 0:
