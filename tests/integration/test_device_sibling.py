@@ -160,30 +160,37 @@ def test_guest_a_reaches_guest_b_by_cid_and_b_sees_a_real_cid(pair: Pair) -> Non
     assert links == [pair.together, pair.together]
 
 
-def test_four_mib_each_way_checksummed_with_credit_flow(pair: Pair) -> None:
-    a, b = connect(pair)
-    size = 4 * MiB
-    payload_a = os.urandom(size)
-    payload_b = os.urandom(size)
-    a.send(payload_a)
-    b.send(payload_b)
-    got_a, got_b = hashlib.sha256(), hashlib.sha256()
-    counts = [0, 0]
+def stream_checksummed(p: Pair, size: int, *, both_ways: bool, timeout: float) -> None:
+    """``size`` random bytes A → B (and B → A at the same time if ``both_ways``), checked by
+    SHA-256; at every step no device holds more than its buf_alloc for a stream nor has sent
+    past the other guest's credit."""
+    a, b = connect(p)
+    flows = [(a, b), (b, a)] if both_ways else [(a, b)]
+    payloads = [os.urandom(size) for _ in flows]
+    for (sender, _), payload in zip(flows, payloads, strict=True):
+        sender.send(payload)
+    digests = [hashlib.sha256() for _ in flows]
+    counts = [0 for _ in flows]
 
     def drained() -> bool:
-        for i, (stream, digest) in enumerate(((a, got_a), (b, got_b))):
-            data = stream.recv()
-            digest.update(data)
+        for i, (_, receiver) in enumerate(flows):
+            data = receiver.recv()
+            digests[i].update(data)
             counts[i] += len(data)
-        # Credit: neither device ever holds more than its buf_alloc for a stream.
-        for dev in (pair.dev_a, pair.dev_b):
+        for dev in (p.dev_a, p.dev_b):
             for conn in dev.muxer.conns.values():
                 assert conn.pending_bytes <= conn.buf_alloc
-        return counts == [size, size]
+                assert conn.peer_free() >= 0, "sent past the guest's credit"
+        return all(count >= size for count in counts)
 
-    pair.wait(drained, 90, "4 MiB each way")
-    assert got_a.digest() == hashlib.sha256(payload_b).digest()
-    assert got_b.digest() == hashlib.sha256(payload_a).digest()
+    p.wait(drained, timeout, f"{size} bytes {'each way' if both_ways else 'A → B'}")
+    assert counts == [size for _ in flows]
+    for digest, payload in zip(digests, payloads, strict=True):
+        assert digest.digest() == hashlib.sha256(payload).digest()
+
+
+def test_four_mib_each_way_checksummed_with_credit_flow(pair: Pair) -> None:
+    stream_checksummed(pair, 4 * MiB, both_ways=True, timeout=90)
 
 
 def test_half_close_is_honoured_both_ways(pair: Pair) -> None:
@@ -395,33 +402,11 @@ def test_served_together_each_message_is_cut_through(pair: Pair) -> None:
     assert cut == ([20, 20] if pair.together else [0, 0])
 
 
-def a_to_b_checksummed(p: Pair, size: int) -> None:
-    a, b = connect(p)
-    payload = os.urandom(size)
-    a.send(payload)
-    got = hashlib.sha256()
-    count = 0
-
-    def drained() -> bool:
-        nonlocal count
-        data = b.recv()
-        got.update(data)
-        count += len(data)
-        for dev in (p.dev_a, p.dev_b):
-            for conn in dev.muxer.conns.values():
-                assert conn.pending_bytes <= conn.buf_alloc
-                assert conn.peer_free() >= 0, "sent past the guest's credit"
-        return count >= size
-
-    p.wait(drained, 60, f"{size} bytes A → B")
-    assert count == size and got.digest() == hashlib.sha256(payload).digest()
-
-
 def test_cut_through_within_small_credit_and_few_rx_buffers_keeps_every_byte() -> None:
     """B grants 8 KiB of credit and posts 8 rx buffers: A's 64 KiB packets are cut through in
     part, the rest waits in the link and B's device sends it as credit and buffers come."""
     with open_pair(together=True, guest_b={"buf_alloc": 8192, "queue_size": 8}) as p:
-        a_to_b_checksummed(p, 2 * MiB)
+        stream_checksummed(p, 2 * MiB, both_ways=False, timeout=60)
         direct, total = p.dev_b.muxer.stats_packets_direct, p.dev_b.muxer.stats_packets_rx
         assert 0 < direct < total, (direct, total)
 
@@ -429,7 +414,7 @@ def test_cut_through_within_small_credit_and_few_rx_buffers_keeps_every_byte() -
 def test_split_rx_buffers_take_the_link_and_lose_nothing() -> None:
     """Rx buffers posted as [header][payload] pairs (older kernels) are not cut through into."""
     with open_pair(together=True, guest_b={"rx_layout": RxLayout.SPLIT}) as p:
-        a_to_b_checksummed(p, 1 * MiB)
+        stream_checksummed(p, 1 * MiB, both_ways=False, timeout=60)
         assert p.dev_b.muxer.stats_packets_direct == 0
         assert p.dev_b.muxer.stats_packets_rx > 256
 

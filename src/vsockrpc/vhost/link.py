@@ -97,13 +97,14 @@ class LinkEnd:
             raise BrokenPipeError(errno.EPIPE, "the other end is closed")
         taken = 0
         if peer.receiver is not None and not peer._inbox:
-            taken = peer.receiver(memoryview(data))
+            view = memoryview(data)
+            taken = peer.receiver(view)
             if self._peer is not peer:  # the receiving side dropped the stream meanwhile
                 raise BrokenPipeError(errno.EPIPE, "the other end is closed")
-            if taken >= len(data):
+            if taken >= len(view):
                 return taken
             if taken:
-                data = memoryview(data)[taken:]
+                data = view[taken:]
         room = peer.capacity - len(peer._inbox)
         if room <= 0:
             if taken:
