@@ -85,3 +85,39 @@ def test_codename_from_os_release(tmp_path: Path) -> None:
     f.write_text('NAME="Debian GNU/Linux"\nVERSION_CODENAME=bookworm\n')
     assert mirror.host_codename(f) == "bookworm"
     assert mirror.host_codename(tmp_path / "missing") == ""
+
+
+def test_signed_by_is_kept_from_both_formats(tmp_path: Path) -> None:
+    by_uri = {s.uri: s for s in mirror.host_sources(write_apt(tmp_path))}
+    assert by_uri["http://mirror.example/debian"].signed_by == (
+        "/usr/share/keyrings/debian-archive-keyring.gpg"
+    )
+    assert by_uri["http://one.example/debian"].signed_by == "/k.gpg"  # [arch=… signed-by=…]
+    assert by_uri["http://security.example/debian-security"].signed_by is None
+
+
+def test_an_inline_signed_by_key_is_not_taken_for_a_path() -> None:
+    text = (
+        "Types: deb\nURIs: http://m.example/debian\nSuites: bookworm\nComponents: main\n"
+        "Signed-By:\n -----BEGIN PGP PUBLIC KEY BLOCK-----\n .\n abc\n"
+    )
+    (src,) = mirror._parse_deb822(text)
+    assert src.uri == "http://m.example/debian" and src.signed_by is None
+
+
+def test_backports_come_from_the_hosts_own_debian_mirror(tmp_path: Path) -> None:
+    sources = mirror.host_sources(write_apt(tmp_path))
+    # the first source naming the codename with main: one.example (sources.list comes first)
+    assert mirror.backports_line(sources, "bookworm") == (
+        "deb [signed-by=/k.gpg] http://one.example/debian bookworm-backports main"
+    )
+    deb822_only = [s for s in sources if s.uri != "http://one.example/debian"]
+    assert mirror.backports_line(deb822_only, "bookworm") == (
+        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+        "http://mirror.example/debian bookworm-backports main"
+    )
+    # only a security or third-party suite, or no codename: no backports
+    security = [s for s in sources if "security" in s.uri]
+    assert mirror.backports_line(security, "bookworm") is None
+    assert mirror.backports_line(sources, "") is None
+    assert mirror.backports_line(sources, "trixie") is None

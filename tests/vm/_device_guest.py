@@ -2,8 +2,8 @@
 
 Debian's cloud kernel (``vsockrpc.image.kernel.fetch_kernel``: the version
 ``linux-image-cloud-amd64`` points at, cached like the image builder's), and a raw cpio
-initramfs holding busybox-static, the virtio/vsock/virtio-net modules (loaded with insmod in
-dependency order, decompressed if the package ships them compressed) and ``guest_probe`` (a
+initramfs holding busybox-static, the virtio/vsock/virtio-net modules the kernel does not
+have built in (loaded with insmod in dependency order, decompressed) and ``guest_probe`` (a
 static C program compiled here with gcc). Boots under TCG with the launcher's CPU model on q35
 with shared memfd memory (vhost-user needs it), our device on ``vhost-user-vsock-pci`` and a
 user-networking virtio-net NIC for the comparison benchmark. Boots are judged by console markers.
@@ -15,7 +15,6 @@ one group); not part of the library.
 from __future__ import annotations
 
 import contextlib
-import lzma
 import shutil
 import signal
 import socket
@@ -26,25 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vsockrpc.image.kernel import fetch_kernel
+from vsockrpc.image.modules import installed_path, load_order, module_bytes
 from vsockrpc.vm.accel import TCG_CPU
 
 HERE = Path(__file__).resolve().parent
 PROBE_PORT = 5000
 
-# insmod order: dependencies first.
-MODULES = [
-    "virtio_ring",
-    "virtio",
-    "virtio_pci_legacy_dev",
-    "virtio_pci_modern_dev",
-    "virtio_pci",
-    "vsock",
-    "vmw_vsock_virtio_transport_common",
-    "vmw_vsock_virtio_transport",
-    "failover",
-    "net_failover",
-    "virtio_net",
-]
+# What the probe needs; load_order adds dependencies and skips what the kernel has built in.
+MODULES = ("virtio_pci", "vmw_vsock_virtio_transport", "virtio_net")
 
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -75,27 +63,6 @@ def kernel() -> tuple[Path, Path]:
     return k.vmlinuz, k.modules_dir
 
 
-def _find_module(modules: Path, name: str) -> Path:
-    for suffix in (".ko", ".ko.xz", ".ko.zst", ".ko.gz"):
-        found = list(modules.rglob(name + suffix))
-        if found:
-            return found[0]
-    raise GuestBootError(f"module {name} not found under {modules}")
-
-
-def _module_bytes(path: Path) -> bytes:
-    data = path.read_bytes()
-    if path.suffix == ".xz":  # busybox insmod cannot read compressed modules
-        return lzma.decompress(data)
-    if path.suffix == ".gz":
-        import gzip
-
-        return gzip.decompress(data)
-    if path.suffix == ".zst":
-        return _run(["zstd", "-dc", str(path)]).stdout
-    return data
-
-
 def build_initramfs(workdir: Path) -> tuple[Path, Path]:
     """(vmlinuz, initramfs.cpio) for the probe guest, built in ``workdir``."""
     vmlinuz, modules = kernel()
@@ -107,12 +74,12 @@ def build_initramfs(workdir: Path) -> tuple[Path, Path]:
         raise GuestBootError("busybox-static is not installed (scripts/setup installs it)")
     shutil.copy(busybox, tree / "bin" / "busybox")
     _run(["gcc", "-static", "-O2", "-o", str(tree / "probe"), str(HERE / "guest_probe.c")])
-    for name in MODULES:
-        (tree / "lib" / "modules" / f"{name}.ko").write_bytes(
-            _module_bytes(_find_module(modules, name))
-        )
+    order = load_order(modules, MODULES)  # dependencies first: the insmod order
+    names = [Path(installed_path(ko, modules)).stem for ko in order]
+    for ko, name in zip(order, names, strict=True):
+        (tree / "lib" / "modules" / f"{name}.ko").write_bytes(module_bytes(ko))
     init = tree / "init"
-    init.write_text(INIT.format(modules=" ".join(MODULES), port=PROBE_PORT))
+    init.write_text(INIT.format(modules=" ".join(names), port=PROBE_PORT))
     init.chmod(0o755)
     cpio = workdir / "initramfs.cpio"
     files = subprocess.run(["find", "."], cwd=tree, check=True, capture_output=True).stdout

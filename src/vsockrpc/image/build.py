@@ -187,7 +187,7 @@ def _base_inputs(
         "pins": dict(payload.pins),
         "arch": kernel.arch,
         "kernel": kernel.package.sha256,
-        "modules": [m.relative_to(kernel.modules_dir).as_posix() for m in mods],
+        "modules": [modules.installed_path(m, kernel.modules_dir) for m in mods],
         "epoch": _epoch(),
     }
 
@@ -237,13 +237,11 @@ def _build_base(inputs: dict[str, Any], payload: Payload, step: Step, cache_root
                 mod_root = root / "usr/lib/modules" / kernel.version
                 load = []
                 for ko in mods:
-                    dest = mod_root / ko.relative_to(kernel.modules_dir)
+                    rel = modules.installed_path(ko, kernel.modules_dir)
+                    dest = mod_root / rel
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(ko, dest)
-                    load.append(
-                        f"/usr/lib/modules/{kernel.version}/"
-                        f"{ko.relative_to(kernel.modules_dir).as_posix()}"
-                    )
+                    dest.write_bytes(modules.module_bytes(ko))
+                    load.append(f"/usr/lib/modules/{kernel.version}/{rel}")
                 (mod_root / "vsockrpc.load").write_text("\n".join(load) + "\n")
             base_manifest = {
                 "inputs": inputs,

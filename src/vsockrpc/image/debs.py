@@ -4,6 +4,10 @@
 hard-coded here) and verifies the package against the signed index. The cache key is the
 package's SHA256 from that index, so the same package version is fetched once; the unpacked
 tree (``dpkg-deb -x``) is published atomically under ``<cache>/debs/<sha256>/``.
+
+A suite the host does not list (the guest kernel's backports) gets a :func:`private_index`: apt
+itself, pointed by ``-o Dir::…`` options at a sources list and index directory in the cache, so
+signatures are checked as for the host's own suites and the host's apt state is not touched.
 """
 
 from __future__ import annotations
@@ -21,7 +25,16 @@ from pathlib import Path
 from vsockrpc.errors import ImageError
 from vsockrpc.image import cache
 
-__all__ = ["DebPackage", "host_arch", "resolve", "resolve_dependency", "unpack"]
+__all__ = [
+    "HOST_INDEX",
+    "AptIndex",
+    "DebPackage",
+    "host_arch",
+    "private_index",
+    "resolve",
+    "resolve_dependency",
+    "unpack",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +43,17 @@ class DebPackage:
     version: str
     architecture: str
     sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class AptIndex:
+    """Which apt index a lookup asks: the host's (no options) or a private one."""
+
+    options: tuple[str, ...] = ()  # ``-o Dir::…`` options for apt-get / apt-cache
+    lists: Path = Path("/var/lib/apt/lists")
+
+
+HOST_INDEX = AptIndex()
 
 
 def _run(argv: list[str], *, what: str, cwd: Path | None = None) -> str:
@@ -58,9 +82,8 @@ def host_arch() -> str:
     return _run(["dpkg", "--print-architecture"], what="detecting the architecture").strip()
 
 
-def _apt_lists_state() -> str:
+def _apt_lists_state(lists: Path = HOST_INDEX.lists) -> str:
     """Changes whenever ``apt-get update`` changes the index (names, sizes, mtimes)."""
-    lists = Path("/var/lib/apt/lists")
     entries = (
         sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in lists.glob("*Packages*"))
         if lists.is_dir()
@@ -69,26 +92,72 @@ def _apt_lists_state() -> str:
     return cache.digest(entries)
 
 
-def _memo_path(kind: str, name: str) -> Path | None:
+def _memo_path(kind: str, name: str, index: AptIndex) -> Path | None:
     # apt-cache takes ~1 s per call on hosts without apt's binary cache; a lookup is
     # remembered on disk until the apt index changes.
     try:
         root = cache.cache_root()
     except ImageError:
         return None
-    return root / "apt" / f"{cache.digest([kind, name, _apt_lists_state()])[:32]}.json"
+    key = [kind, name, _apt_lists_state(index.lists)]
+    if index != HOST_INDEX:
+        key.append(str(index.lists))
+    return root / "apt" / f"{cache.digest(key)[:32]}.json"
+
+
+def private_index(source_line: str, *, root: Path | None = None) -> AptIndex:
+    """An apt index of ``source_line`` alone, kept in the cache (``<cache>/apt/index-<key>``).
+
+    It is fetched (``apt-get update``) when missing or when the host's own index changed since
+    (the user ran ``apt-get update``); a build stays offline-capable once it was fetched.
+    """
+    entry = cache.entry("apt", f"index-{cache.digest(source_line)[:16]}", root=root)
+    base = entry.path
+    index = AptIndex(
+        (
+            f"-oDir::Etc::SourceList={base / 'sources.list'}",
+            f"-oDir::Etc::SourceParts={base / 'sources.list.d'}",
+            f"-oDir::State::Lists={base / 'lists'}",
+            "-oDir::Cache::pkgcache=",
+            "-oDir::Cache::srcpkgcache=",
+            "-oAcquire::Languages=none",
+            # The cache may sit where apt's unprivileged download user cannot write.
+            "-oAPT::Sandbox::User=root",
+        ),
+        base / "lists",
+    )
+    host_state = _apt_lists_state()
+    stamp = base / "host-state"
+    with entry.lock():
+        fetched = any((base / "lists").glob("*Packages*"))
+        if fetched and stamp.is_file() and stamp.read_text() == host_state:
+            return index
+        (base / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+        (base / "sources.list.d").mkdir(exist_ok=True)
+        (base / "sources.list").write_text(source_line + "\n")
+        try:
+            _run(
+                ["apt-get", *index.options, "-q", "update"],
+                what=f"fetching the index of {source_line}",
+            )
+        except ImageError:
+            if not fetched:
+                raise
+            return index  # offline: the index fetched before still serves
+        stamp.write_text(host_state)
+    return index
 
 
 @functools.cache
-def resolve(name: str) -> DebPackage:
-    """The candidate version of package ``name`` in the host's apt index."""
-    memo = _memo_path("show", name)
+def resolve(name: str, index: AptIndex = HOST_INDEX) -> DebPackage:
+    """The candidate version of package ``name`` in apt's index (the host's by default)."""
+    memo = _memo_path("show", name, index)
     if memo is not None and memo.is_file():
         try:
             return DebPackage(**json.loads(memo.read_text()))
         except (ValueError, TypeError):
             pass
-    pkg = _resolve_uncached(name)
+    pkg = _resolve_uncached(name, index)
     if memo is not None:
         memo.parent.mkdir(exist_ok=True)
         tmp = memo.with_suffix(f".{os.getpid()}.tmp")
@@ -97,8 +166,11 @@ def resolve(name: str) -> DebPackage:
     return pkg
 
 
-def _resolve_uncached(name: str) -> DebPackage:
-    text = _run(["apt-cache", "show", "--no-all-versions", name], what=f"looking up package {name}")
+def _resolve_uncached(name: str, index: AptIndex) -> DebPackage:
+    text = _run(
+        ["apt-cache", *index.options, "show", "--no-all-versions", name],
+        what=f"looking up package {name}",
+    )
     fields: dict[str, str] = {}
     for line in text.splitlines():
         key, sep, value = line.partition(": ")
@@ -116,16 +188,16 @@ def _resolve_uncached(name: str) -> DebPackage:
 
 
 @functools.cache
-def resolve_dependency(metapackage: str, prefix: str) -> str:
+def resolve_dependency(metapackage: str, prefix: str, index: AptIndex = HOST_INDEX) -> str:
     """The first ``Depends`` of ``metapackage`` whose name starts with ``prefix``.
 
     Debian's ``linux-image-cloud-amd64`` is a metapackage depending on the versioned kernel
     package (``linux-image-6.1.0-NN-cloud-amd64``); that one carries the files.
     """
-    memo = _memo_path("depends", f"{metapackage} {prefix}")
+    memo = _memo_path("depends", f"{metapackage} {prefix}", index)
     if memo is not None and memo.is_file():
         return memo.read_text().strip()
-    dep = _dependency_uncached(metapackage, prefix)
+    dep = _dependency_uncached(metapackage, prefix, index)
     if memo is not None:
         memo.parent.mkdir(exist_ok=True)
         tmp = memo.with_suffix(f".{os.getpid()}.tmp")
@@ -134,9 +206,9 @@ def resolve_dependency(metapackage: str, prefix: str) -> str:
     return dep
 
 
-def _dependency_uncached(metapackage: str, prefix: str) -> str:
+def _dependency_uncached(metapackage: str, prefix: str, index: AptIndex) -> str:
     text = _run(
-        ["apt-cache", "depends", "--no-recommends", "--no-suggests", metapackage],
+        ["apt-cache", *index.options, "depends", "--no-recommends", "--no-suggests", metapackage],
         what=f"resolving {metapackage}",
     )
     for line in text.splitlines():
@@ -146,7 +218,7 @@ def _dependency_uncached(metapackage: str, prefix: str) -> str:
     raise ImageError(f"{metapackage} does not depend on a {prefix}* package", hint="apt-get update")
 
 
-def unpack(pkg: DebPackage, *, root: Path | None = None) -> Path:
+def unpack(pkg: DebPackage, *, root: Path | None = None, index: AptIndex = HOST_INDEX) -> Path:
     """Download ``pkg`` (once) and return the directory it is unpacked in (``dpkg-deb -x``)."""
     entry = cache.entry("debs", f"{pkg.sha256[:32]}-{pkg.name}", root=root)
     if entry.exists:
@@ -157,7 +229,7 @@ def unpack(pkg: DebPackage, *, root: Path | None = None) -> Path:
         with tempfile.TemporaryDirectory(prefix="vsockrpc-deb-") as dl, entry.build() as tmp:
             # apt-get download writes into the current directory.
             _run(
-                ["apt-get", "download", f"{pkg.name}={pkg.version}"],
+                ["apt-get", *index.options, "download", f"{pkg.name}={pkg.version}"],
                 what="apt-get download",
                 cwd=Path(dl),
             )

@@ -18,6 +18,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from vsockrpc.image.modules import installed_path, module_bytes
+
 __all__ = ["LOADER_INIT", "CpioEntry", "build_loader", "write_newc"]
 
 # Runs as PID 1 from the initramfs. Loads the modules listed in /modules.load (dependency
@@ -96,10 +98,10 @@ def build_loader(busybox: Path, modules: list[Path], modules_dir: Path, *, mtime
     entries.append(CpioEntry("init", stat.S_IFREG | 0o755, LOADER_INIT.encode()))
     load = []
     for ko in modules:
-        rel = f"lib/modules/{ko.relative_to(modules_dir).as_posix()}"
+        rel = f"lib/modules/{installed_path(ko, modules_dir)}"
         parts = rel.split("/")
         dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
-        entries.append(CpioEntry(rel, stat.S_IFREG | 0o644, ko.read_bytes()))
+        entries.append(CpioEntry(rel, stat.S_IFREG | 0o644, module_bytes(ko)))
         load.append(rel)
     entries.append(CpioEntry("modules.load", stat.S_IFREG | 0o644, "\n".join(load).encode()))
     entries += [CpioEntry(d, stat.S_IFDIR | 0o755) for d in dirs]

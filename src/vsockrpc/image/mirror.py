@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vsockrpc.errors import ImageError
 
-__all__ = ["AptSource", "host_codename", "host_sources", "mirror_lines"]
+__all__ = ["AptSource", "backports_line", "host_codename", "host_sources", "mirror_lines"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +22,7 @@ class AptSource:
     uri: str
     suites: tuple[str, ...]
     components: tuple[str, ...]
+    signed_by: str | None = None  # the keyring apt checks this source against, if pinned
 
 
 def _parse_one_line(text: str) -> list[AptSource]:
@@ -31,12 +32,17 @@ def _parse_one_line(text: str) -> list[AptSource]:
         if not line.startswith("deb "):
             continue
         words = line.split()[1:]
+        signed_by = None
         if words and words[0].startswith("["):  # [arch=amd64 signed-by=...]
-            while words and not words[0].endswith("]"):
-                words.pop(0)
-            words = words[1:]
+            while words:
+                option = words.pop(0)
+                key, _, value = option.strip("[]").partition("=")
+                if key == "signed-by":
+                    signed_by = value
+                if option.endswith("]"):
+                    break
         if len(words) >= 3:
-            out.append(AptSource(words[0], (words[1],), tuple(words[2:])))
+            out.append(AptSource(words[0], (words[1],), tuple(words[2:]), signed_by))
     return out
 
 
@@ -65,9 +71,16 @@ def _parse_deb822(text: str) -> list[AptSource]:
                     uri,
                     tuple(fields.get("suites", "").split()),
                     tuple(fields.get("components", "").split()),
+                    _keyring(fields.get("signed-by", "")),
                 )
             )
     return out
+
+
+def _keyring(signed_by: str) -> str | None:
+    """A Signed-By naming keyring files; an inline key block (deb822 allows one) is dropped,
+    so that apt falls back to its trusted keyrings."""
+    return signed_by if signed_by.startswith("/") else None
 
 
 def host_sources(etc_apt: Path = Path("/etc/apt")) -> list[AptSource]:
@@ -121,3 +134,16 @@ def mirror_lines(release: str, sources: list[AptSource], codename: str) -> list[
             hint="pass --mirror URI (a Debian archive mirror)",
         )
     return lines
+
+
+def backports_line(sources: list[AptSource], codename: str) -> str | None:
+    """``deb URI <codename>-backports main`` on the host's own Debian mirror, or None.
+
+    The mirror is a source carrying the host codename itself with ``main`` (not a security or
+    third-party one); its ``signed-by`` keyring, if any, is kept.
+    """
+    for src in sources:
+        if codename and codename in src.suites and "main" in src.components:
+            options = f"[signed-by={src.signed_by}] " if src.signed_by else ""
+            return f"deb {options}{src.uri} {codename}-backports main"
+    return None

@@ -3,18 +3,25 @@
 A Debian kernel package ships ``modules.order`` but not ``modules.dep`` (its postinst runs
 depmod). Rather than require kmod on the host, each module's ``depends=`` entry is read from its
 ELF ``.modinfo`` section (NUL-separated ``key=value`` strings; see ``modinfo(8)``), which is
-what depmod itself consults for symbol-free dependency lists. Compressed modules are not
-handled: Debian's 6.1 cloud kernel ships plain ``.ko`` files.
+what depmod itself consults for symbol-free dependency lists. Debian's 6.1 kernel ships plain
+``.ko`` files, 6.12 ``.ko.xz``: :func:`module_bytes` gives the ELF either way, since busybox's
+``insmod`` (the loader's) reads only plain modules.
 """
 
 from __future__ import annotations
 
+import gzip
+import lzma
+import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 from vsockrpc.errors import ImageError
 
-__all__ = ["GUEST_MODULES", "load_order", "modinfo"]
+__all__ = ["GUEST_MODULES", "installed_path", "load_order", "modinfo", "module_bytes"]
+
+_COMPRESSED = (".xz", ".gz", ".zst")
 
 # What a guest needs (GUEST-BOOT.md): virtio over PCI and MMIO, the root disk, the vsock
 # transport over virtio, and vsock loopback (CID 1: in-guest clients, e.g. the agent's tests).
@@ -27,11 +34,37 @@ GUEST_MODULES = (
 )
 
 
+def module_bytes(ko: Path) -> bytes:
+    """The module's ELF: ``ko`` as is, or decompressed (``.ko.xz``, ``.ko.gz``, ``.ko.zst``)."""
+    try:
+        if ko.suffix == ".xz":
+            return lzma.decompress(ko.read_bytes())
+        if ko.suffix == ".gz":
+            return gzip.decompress(ko.read_bytes())
+        if ko.suffix == ".zst":  # no zstd in the standard library before 3.14
+            if shutil.which("zstd") is None:
+                raise ImageError(f"{ko.name}: a zstd-compressed module needs the zstd tool")
+            return subprocess.run(
+                ["zstd", "-dcq", str(ko)], check=True, capture_output=True, timeout=60
+            ).stdout
+        return ko.read_bytes()
+    except (lzma.LZMAError, gzip.BadGzipFile, EOFError, subprocess.CalledProcessError) as err:
+        raise ImageError(f"{ko.name}: cannot decompress: {err}") from err
+
+
+def installed_path(ko: Path, modules_dir: Path) -> str:
+    """Where ``ko`` goes below ``lib/modules/<version>`` in a guest: decompressed, so ``.ko``."""
+    rel = ko.relative_to(modules_dir).as_posix()
+    for suffix in _COMPRESSED:
+        rel = rel.removesuffix(suffix)
+    return rel
+
+
 def modinfo(ko: Path) -> dict[str, str]:
-    """The ``.modinfo`` strings of an uncompressed ELF64 little-endian module."""
-    data = ko.read_bytes()
+    """The ``.modinfo`` strings of an ELF64 little-endian module (compressed or not)."""
+    data = module_bytes(ko)
     if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        raise ImageError(f"{ko.name}: not an uncompressed ELF64 little-endian kernel module")
+        raise ImageError(f"{ko.name}: not an ELF64 little-endian kernel module")
     # ELF64 header: e_shoff at 0x28, e_shentsize/e_shnum/e_shstrndx at 0x3A..0x3F.
     (e_shoff,) = struct.unpack_from("<Q", data, 0x28)
     e_shentsize, e_shnum, e_shstrndx = struct.unpack_from("<HHH", data, 0x3A)
@@ -59,9 +92,11 @@ def modinfo(ko: Path) -> dict[str, str]:
 def _index(modules_dir: Path) -> dict[str, Path]:
     index: dict[str, Path] = {}
     for line in (modules_dir / "modules.order").read_text().split():
-        path = modules_dir / line
-        if path.is_file():
-            index[path.name.removesuffix(".ko").replace("-", "_")] = path
+        # modules.order names ``x.ko``; the package may hold it compressed (``x.ko.xz``).
+        for path in (modules_dir / line, *(modules_dir / (line + c) for c in _COMPRESSED)):
+            if path.is_file():
+                index[Path(line).name.removesuffix(".ko").replace("-", "_")] = path
+                break
     return index
 
 
