@@ -19,9 +19,10 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
 
-__all__ = ["STOP_SIGNALS", "StopSignals"]
+__all__ = ["STOP_SIGNALS", "StopSignals", "interrupting"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -81,3 +82,22 @@ class StopSignals:
             self._wake_w = -1
             self._waker.join()
             self._waker = None
+
+
+@contextlib.contextmanager
+def interrupting() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does, so that a command doing one
+    long step (an image build, a benchmark) unwinds its ``finally`` blocks and context managers
+    (its child processes, temporary directories) instead of dying where it stands. Main thread
+    only, like every Python signal handler."""
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    sigs = (signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, on_signal) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -5,9 +5,13 @@ run boots no guest."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -189,3 +193,72 @@ def test_malformed_raw_documents_are_named() -> None:
         "part 'demo' figure 't.sweep': series 'a' is malformed for kind 'sweep'"
     ]
     assert validate([]) == ["the document is not a JSON object"]
+
+
+def _children(pid: int) -> set[int]:
+    """Every descendant of ``pid`` (through /proc/<pid>/task/*/children)."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = {int(k) for k in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            todo += kids - found
+            found |= kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
+def test_a_stopped_run_leaves_no_process_and_no_work_directory(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """Stopped while its servers run: with SIGTERM/SIGHUP the run unwinds (servers stopped,
+    work directory and the report directory it made removed); even SIGKILL leaves no server."""
+    out = tmp_path / "report"
+    # A short TMPDIR of our own (tmp_path would make the work directory's sockets too long).
+    tmp = Path(tempfile.mkdtemp(prefix="vb-"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vsockrpc.cli.main", "bench", "relay", "--quick", "--out", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp)},
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # wait until the relay's own server is up
+            if "unary Addition calls per path" in line:
+                break
+        else:
+            pytest.fail(f"the relay part ended early: status {proc.wait(60)}: {line}")
+        children = _children(proc.pid)
+        assert children, "the relay part runs its servers as child processes"
+        proc.send_signal(sig)
+        status = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    assert status == -sig if sig is signal.SIGKILL else status == 130
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in children if _alive(pid)]
+    left = list(tmp.iterdir())
+    shutil.rmtree(tmp)
+    if sig is not signal.SIGKILL:
+        assert left == []  # the suite's work directory
+        assert not out.exists()  # made by this run, still empty

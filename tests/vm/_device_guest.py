@@ -27,6 +27,7 @@ from pathlib import Path
 from vsockrpc.image.kernel import fetch_kernel
 from vsockrpc.image.modules import installed_path, load_order, module_bytes
 from vsockrpc.vm.accel import TCG_CPU
+from vsockrpc.vm.procs import popen_dying_with_parent
 
 HERE = Path(__file__).resolve().parent
 PROBE_PORT = 5000
@@ -176,7 +177,7 @@ def launch(
         "virtio-net-pci,netdev=n0,romfile=",
     ]
     with (workdir / "qemu.stderr").open("ab") as stderr:
-        proc = subprocess.Popen(
+        proc = popen_dying_with_parent(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
         )
     try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vsockrpc.errors import VsockRpcError
+from vsockrpc.vm.procs import popen_dying_with_parent
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Context:
 def server_process(argv: list[str], socket_path: str, what: str) -> Iterator[int]:
     """Run ``argv`` (a server that listens on ``socket_path``); yield its pid once the socket
     exists; stop it (SIGTERM, then SIGKILL) when the block ends."""
-    proc = subprocess.Popen(
+    proc = popen_dying_with_parent(
         argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:

@@ -29,6 +29,7 @@ from vsockrpc.bench import _model
 from vsockrpc.bench._context import Context
 from vsockrpc.errors import VsockRpcError
 from vsockrpc.sdk import Guest, Stdout
+from vsockrpc.vm.procs import popen_dying_with_parent
 
 NAME = "agent"
 TITLE = "guest agent: exec round trip, file transfers vs a raw stream"
@@ -204,7 +205,7 @@ def agent_transfer(guest: Guest, remote: str, size: int) -> tuple[float, float]:
 @contextlib.contextmanager
 def local_agent(ctx: Context) -> Iterator[Address]:
     address = f"unix:{ctx.workdir}/agent.sock"
-    proc = subprocess.Popen(
+    proc = popen_dying_with_parent(
         [sys.executable, "-m", "vsockrpc.guest", "--listen", address],
         stdin=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -32,6 +32,7 @@ from vsockrpc.bench._context import Context
 from vsockrpc.bench._device_alone import MiB, _h2g_alone, bench_guest, device_process
 from vsockrpc.errors import VsockRpcError
 from vsockrpc.transport import hybrid
+from vsockrpc.vm.procs import popen_dying_with_parent
 
 NAME = "forward"
 TITLE = "host → guest through vsockrpc forward vs a direct hybrid stream"
@@ -44,7 +45,7 @@ def forwarder(uds: str, port: int, log: Path) -> Iterator[str]:
     address."""
     listen = ["--listen", "tcp:127.0.0.1:0", "--to", str(port)]
     with log.open("a") as stderr:
-        proc = subprocess.Popen(
+        proc = popen_dying_with_parent(
             [sys.executable, "-m", "vsockrpc.cli.main", "forward", f"hvsock:{uds}:9999", *listen],
             stdout=subprocess.PIPE,
             stderr=stderr,

@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from vsockrpc._stopsignals import interrupting
+
 # vsockrpc.bench.PARTS, without importing it
 _PARTS = ("relay", "rpc", "device", "forward", "vmvm", "agent", "boot")
 
@@ -70,7 +72,9 @@ def _run(args: argparse.Namespace) -> int:
 
     argv = [*parts, *(["--quick"] if args.quick else [])]
     try:
-        raw = bench.run_suite(parts, quick=args.quick, progress=_progress, argv=argv)
+        # SIGTERM/SIGHUP unwind like Ctrl-C: guests, servers and the work directory go away.
+        with interrupting():
+            raw = bench.run_suite(parts, quick=args.quick, progress=_progress, argv=argv)
     except BaseException:
         if created:  # the directory made for this run, still empty: nothing of the user's
             with contextlib.suppress(OSError):

@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
+from vsockrpc._stopsignals import interrupting
 from vsockrpc.cli._output import step
 from vsockrpc.cli.forward import exposure
 from vsockrpc.errors import GuestError, VmError
@@ -173,24 +171,8 @@ def _check(args: argparse.Namespace) -> None:
     )
 
 
-@contextlib.contextmanager
-def _interrupting_signals() -> Iterator[None]:
-    """SIGTERM/SIGHUP act like Ctrl-C (KeyboardInterrupt) where no deferral is installed."""
-
-    def on_signal(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    sigs = (signal.SIGTERM, signal.SIGHUP)
-    previous = {s: signal.signal(s, on_signal) for s in sigs}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def _image(path: Path | str | None, spec_file: Path | None = None) -> Any:
-    with _interrupting_signals():
+    with interrupting():
         return _find_or_build_image(path, spec_file)
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "exit_status",
     "is_vm_process",
     "kill_vm_process",
+    "popen_dying_with_parent",
 ]
 
 _PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
@@ -110,6 +111,15 @@ def dying_with_parent(
     name = sig.name.removeprefix("SIG")
     wrapped = [setpriv, f"--pdeathsig={name}", "--", sh, "-c", _PARENT_CHECK, str(os.getpid())]
     return [*wrapped, *argv], None
+
+
+def popen_dying_with_parent(argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """``subprocess.Popen(argv, **kwargs)`` whose child gets SIGKILL when this process dies
+    (:func:`dying_with_parent`): for helpers (benchmark guests and servers) that must not
+    outlive a run killed before its own cleanup."""
+    args, preexec = dying_with_parent(argv)
+    # preexec is None whenever setpriv exists (dying_with_parent): Popen then vforks.
+    return subprocess.Popen(args, preexec_fn=preexec, **kwargs)  # noqa: PLW1509
 
 
 def exit_status(returncode: int) -> str:
