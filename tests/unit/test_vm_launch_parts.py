@@ -103,6 +103,7 @@ def test_accel_forced_tcg_and_cached_verdict(
     second = accel.choose_accel("qemu", kernel, tmp_path)
     assert (first.name, first.cpu) == ("tcg", accel.TCG_CPU)
     assert accel.TCG_CPU.startswith("max")  # RDRAND: entropy at once
+    assert "-cx16" in accel.TCG_CPU.split(",")  # QEMU 7.2 TCG's cmpxchg16b oopses 6.12 guests
     assert second == first
     assert probes == [kernel]  # probed once, then the cached verdict
     monkeypatch.setattr(accel, "_kvm_device_usable", lambda: False)
