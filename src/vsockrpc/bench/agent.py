@@ -232,6 +232,7 @@ def booted_vm(ctx: Context, path: dict[str, str]) -> Iterator[Address]:
     ctx.step(NAME, "booting the guest (1 GiB)")
     with launch(info, memory_mib=1024, ready_timeout=300) as machine:
         path["guest"] = f"{machine.accel.name.upper()}, the project's image, agent as PID 1"
+        path["guest kernel"] = str(info.manifest["kernel"]["version"])
         path["vsock device"] = (
             "userspace (vsockrpc device), hybrid socket"
             if machine.hybrid_socket is not None

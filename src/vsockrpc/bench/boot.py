@@ -110,6 +110,7 @@ def one_boot(
             raise VsockRpcError(f"boot bench: QEMU exited with status {code}")
     path = {
         "guest": f"{vm.accel.name.upper()}, the project's image, agent as PID 1",
+        "guest kernel": str(info.manifest["kernel"]["version"]),
         "vsock device": (
             "userspace (vsockrpc device), hybrid socket"
             if vm.hybrid_socket is not None

@@ -204,6 +204,7 @@ def run(ctx: Context) -> _model.PartResult:
         figures += _with_guest(ctx, recipe)
         path |= {
             "guest": "TCG, 1 vCPU, q35 (KVM not used: see the machine table)",
+            "guest kernel": recipe.kernel()[1].name,  # (vmlinuz, lib/modules/<version>)
             "vsock device": "userspace (vsockrpc device over vhost-user), hybrid socket",
             "user net": "QEMU user networking (slirp), virtio-net, TCP port forward",
         }

@@ -159,7 +159,9 @@ def run(ctx: Context) -> _model.PartResult:
     recipe = device_guest_recipe()
     if recipe is None:
         return _model.skipped(NAME, TITLE, "it needs a source checkout (the tests/vm probe guest)")
-    return _model.part_result(NAME, TITLE, PATH, _with_guests(ctx, recipe), notes=[TARGET])
+    figures = _with_guests(ctx, recipe)
+    path = PATH | {"guest kernel": recipe.kernel()[1].name}  # (vmlinuz, lib/modules/<version>)
+    return _model.part_result(NAME, TITLE, path, figures, notes=[TARGET])
 
 
 def _with_guests(ctx: Context, dg: ModuleType) -> list[_model.Figure]:
