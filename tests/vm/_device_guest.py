@@ -1,7 +1,7 @@
 """A minimal QEMU guest for the vsock device's VM tests and benchmark (GUEST-BOOT.md's recipe).
 
-Debian's cloud kernel (``vsockrpc.image.kernel.fetch_kernel``: the version
-``linux-image-cloud-amd64`` points at, cached like the image builder's), and a raw cpio
+Debian's cloud kernel (``vsockrpc.image.kernel.fetch_kernel``: the image builder's, from the
+host release's backports, cached), and a raw cpio
 initramfs holding busybox-static, the virtio/vsock/virtio-net modules the kernel does not
 have built in (loaded with insmod in dependency order, decompressed) and ``guest_probe`` (a
 static C program compiled here with gcc). Boots under TCG with the launcher's CPU model on q35
