@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from vsockrpc.bench import QUICK_PARTS, SCHEMA, validate
+from vsockrpc.vm.procs import is_vm_process
 
 pytestmark = pytest.mark.slow
 
@@ -229,36 +230,50 @@ def test_a_stopped_run_leaves_no_process_and_no_work_directory(
     out = tmp_path / "report"
     # A short TMPDIR of our own (tmp_path would make the work directory's sockets too long).
     tmp = Path(tempfile.mkdtemp(prefix="vb-"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vsockrpc.cli.main", "bench", "relay", "--quick", "--out", str(out)],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "TMPDIR": str(tmp)},
-    )
+    children: set[int] = set()
     try:
-        assert proc.stderr is not None
-        for line in proc.stderr:  # wait until the relay's own server is up
-            if "unary Addition calls per path" in line:
-                break
-        else:
-            pytest.fail(f"the relay part ended early: status {proc.wait(60)}: {line}")
-        children = _children(proc.pid)
-        assert children, "the relay part runs its servers as child processes"
-        proc.send_signal(sig)
-        status = proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
-    assert status == -sig if sig is signal.SIGKILL else status == 130
-    deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [pid for pid in children if _alive(pid)]
-    left = list(tmp.iterdir())
-    shutil.rmtree(tmp)
-    if sig is not signal.SIGKILL:
-        assert left == []  # the suite's work directory
-        assert not out.exists()  # made by this run, still empty
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vsockrpc.cli.main",
+                "bench",
+                "relay",
+                "--quick",
+                "--out",
+                str(out),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TMPDIR": str(tmp)},
+        )
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:  # wait until the relay's own server is up
+                if "unary Addition calls per path" in line:
+                    break
+            else:
+                pytest.fail(f"the relay part ended early: status {proc.wait(60)}: {line}")
+            children = _children(proc.pid)
+            assert children, "the relay part runs its servers as child processes"
+            proc.send_signal(sig)
+            status = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+        assert status == -sig if sig is signal.SIGKILL else status == 130
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in children if _alive(pid)]
+        if sig is not signal.SIGKILL:
+            assert list(tmp.iterdir()) == []  # the suite's work directory
+            assert not out.exists()  # made by this run, still empty
+    finally:  # whatever failed above, nothing of this test stays behind
+        for pid in children:  # still ours: a bench server (PIDs are recycled)
+            if _alive(pid) and is_vm_process(pid, "vsockrpc"):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(tmp, ignore_errors=True)
