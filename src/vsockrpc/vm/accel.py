@@ -78,8 +78,8 @@ def kvm_boots(qemu: str, kernel: Path, *, deadline: float = PROBE_DEADLINE) -> b
 # every socket, pipe and file copy in the guest (measured with the agent's transfer bench).
 # Minus CX16: under QEMU 7.2's TCG (Debian bookworm) a ``cmpxchg16b %gs:(…)`` now and then
 # leaves EFLAGS garbage (the oops shows the low half of RAX there, one instruction after it),
-# and Linux 6.12's SLUB fast path runs that instruction on every allocation: 1 boot in 8 of
-# the 6.12 cloud kernel oopsed in the slab allocator, 0 in 40 without CX16 (docs/device.md).
+# and Linux 6.12's SLUB fast path runs that instruction on every allocation: 11 boots in 99 of
+# the 6.12 cloud kernel oopsed in the slab allocator, 0 in 90 without CX16 (docs/device.md).
 # Without CX16 SLUB takes its locked path; x86-64 baseline code never needs the instruction.
 TCG_CPU = "max,-erms,-fsrm,-cx16"
 
