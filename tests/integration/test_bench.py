@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from vsockrpc.bench import QUICK_PARTS, SCHEMA, validate
-from vsockrpc.vm.procs import is_vm_process
+from vsockrpc.vm.procs import alive, is_vm_process
 
 pytestmark = pytest.mark.slow
 
@@ -212,14 +212,6 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
 def test_a_stopped_run_leaves_no_process_and_no_work_directory(
@@ -266,14 +258,14 @@ def test_a_stopped_run_leaves_no_process_and_no_work_directory(
                 proc.stderr.close()
         assert status == -sig if sig is signal.SIGKILL else status == 130
         deadline = time.monotonic() + 30
-        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [pid for pid in children if _alive(pid)]
+        assert not [pid for pid in children if alive(pid)]
         if sig is not signal.SIGKILL:
             assert list(tmp.iterdir()) == []  # the suite's work directory
             assert not out.exists()  # made by this run, still empty
     finally:  # whatever failed above, nothing of this test stays behind
         for pid in children:  # still ours: a bench server (PIDs are recycled)
-            if _alive(pid) and is_vm_process(pid, "vsockrpc"):
+            if is_vm_process(pid, "vsockrpc"):  # alive, and still a vsockrpc process
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(tmp, ignore_errors=True)
