@@ -89,35 +89,38 @@ def modinfo(ko: Path) -> dict[str, str]:
     raise ImageError(f"{ko.name}: no .modinfo section")
 
 
-def _index(modules_dir: Path) -> dict[str, Path]:
-    index: dict[str, Path] = {}
-    for line in (modules_dir / "modules.order").read_text().split():
-        # modules.order names ``x.ko``; the package may hold it compressed (``x.ko.xz``).
-        for path in (modules_dir / line, *(modules_dir / (line + c) for c in _COMPRESSED)):
-            if path.is_file():
-                index[Path(line).name.removesuffix(".ko").replace("-", "_")] = path
-                break
-    return index
+def _name(line: str) -> str:
+    """The module name of a ``modules.order``/``modules.builtin`` line (``kernel/…/x-y.ko``)."""
+    return Path(line).name.removesuffix(".ko").replace("-", "_")
+
+
+def _file(modules_dir: Path, line: str) -> Path | None:
+    """The file of a ``modules.order`` line: ``x.ko``, or compressed (``x.ko.xz``…), if any."""
+    for path in (modules_dir / line, *(modules_dir / (line + c) for c in _COMPRESSED)):
+        if path.is_file():
+            return path
+    return None
 
 
 def load_order(modules_dir: Path, names: tuple[str, ...] = GUEST_MODULES) -> list[Path]:
     """``names`` plus their dependencies, dependencies first (an ``insmod`` order).
 
     Names missing from the tree are an error unless the kernel has them built in
-    (``modules.builtin``).
+    (``modules.builtin``). Only the modules visited are looked up on disk: the tree has ~1100,
+    and this runs on every image lookup (each ``vm run``).
     """
-    index = _index(modules_dir)
+    lines = {_name(line): line for line in (modules_dir / "modules.order").read_text().split()}
     builtin_file = modules_dir / "modules.builtin"
     builtin = {
-        Path(line).name.removesuffix(".ko").replace("-", "_")
-        for line in (builtin_file.read_text().split() if builtin_file.is_file() else [])
+        _name(line) for line in (builtin_file.read_text().split() if builtin_file.is_file() else [])
     }
     order: list[Path] = []
     visiting: set[str] = set()
 
     def visit(name: str) -> None:
         name = name.replace("-", "_")
-        path = index.get(name)
+        line = lines.get(name)
+        path = _file(modules_dir, line) if line is not None else None
         if path is None:
             if name in builtin:
                 return
