@@ -21,7 +21,7 @@ import grpc
 from vsockrpc import transport
 from vsockrpc.addresses import Address
 from vsockrpc.agent.checksum import Hasher, new_hasher
-from vsockrpc.agent.datachannel import ticket_line
+from vsockrpc.agent.datachannel import pipelined_copy, ticket_line
 from vsockrpc.agent.v1 import agent_pb2 as pb
 from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
 from vsockrpc.errors import AgentError
@@ -48,32 +48,35 @@ def _file_info(info: pb.FileInfo) -> FileInfo:
 
 
 def _receive_raw(sock: socket.socket, sink: IO[bytes], digest: Hasher) -> int:
-    buffer = bytearray(CHUNK_SIZE)
-    view = memoryview(buffer)
-    received = 0
-    while n := sock.recv_into(view):
-        digest.update(view[:n])
-        sink.write(view[:n])
-        received += n
-    return received
+    """Copy the data channel into ``sink``: the socket is read on this thread while another
+    checksums and writes."""
+
+    def drain(view: memoryview) -> None:
+        digest.update(view)
+        sink.write(view)
+
+    return pipelined_copy(sock.recv_into, drain, fill_in_thread=False)
 
 
-def _send_raw(sock: socket.socket, source: IO[bytes], digest: Hasher, chunk_size: int) -> int:
-    """Copy ``source`` to the data channel; one reused buffer when it has ``readinto``."""
-    sent = 0
+def _send_raw(sock: socket.socket, source: IO[bytes], digest: Hasher) -> int:
+    """Copy ``source`` to the data channel: another thread reads and checksums it (into reused
+    buffers, with ``readinto`` when it has one) while this one sends. (An upload's
+    ``chunk_size`` sizes its gRPC messages, not these buffers.)"""
     readinto = getattr(source, "readinto", None)
-    if readinto is None:
-        while chunk := source.read(chunk_size):
-            digest.update(chunk)
-            sock.sendall(chunk)
-            sent += len(chunk)
-        return sent
-    view = memoryview(bytearray(chunk_size))
-    while n := readinto(view):
+
+    def fill(view: memoryview) -> int:
+        if readinto is not None:
+            n: int = readinto(view) or 0
+        else:
+            chunk = source.read(len(view))
+            n = len(chunk)
+            if n > len(view):
+                raise ValueError(f"the source's read({len(view)}) returned {n} bytes")
+            view[:n] = chunk
         digest.update(view[:n])
-        sock.sendall(view[:n])
-        sent += n
-    return sent
+        return n
+
+    return pipelined_copy(fill, sock.sendall, fill_in_thread=True)
 
 
 class FilesClient:
@@ -197,7 +200,7 @@ class FilesClient:
                 digest = new_hasher(self._checksum)
                 sent = 0
                 if data is not None:
-                    sent = _send_raw(data[0], source, digest, chunk_size)
+                    sent = _send_raw(data[0], source, digest)
                     data[0].close()
                 while data is None and (chunk := source.read(chunk_size)):
                     digest.update(chunk)

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import grpc
 
 from vsockrpc.agent.checksum import Hasher, checksum_name, new_hasher
+from vsockrpc.agent.datachannel import pipelined_copy
 from vsockrpc.agent.v1 import agent_pb2 as pb
 from vsockrpc.agent.v1 import agent_pb2_grpc as pb_grpc
 from vsockrpc.services.agent._rpc import statuses
@@ -34,7 +35,6 @@ from vsockrpc.services.agent.peers import PeerGuard
 log = logging.getLogger("vsockrpc.agent.files")
 
 DEFAULT_CHUNK = 256 * 1024
-DATA_BUFFER = 1024 * 1024
 MAX_CHUNK = 1024 * 1024
 _INVALID = Code.INVALID_ARGUMENT
 
@@ -281,38 +281,46 @@ class FilesServicer(pb_grpc.FilesServicer):
                     os.unlink(tmp_path)
 
     def _receive_raw(self, header: pb.UploadHeader, fd: int, digest: Hasher) -> int:
-        """Copy ``header.size`` bytes from the data channel into ``fd``; returns the count."""
+        """Copy ``header.size`` bytes from the data channel into ``fd``; returns the count.
+
+        The socket is read on this thread while another checksums and writes the file.
+        """
         conn = self.data.take(header.ticket)
-        buffer = bytearray(DATA_BUFFER)
-        view = memoryview(buffer)
-        received = 0
+        left = header.size
+
+        def fill(view: memoryview) -> int:
+            nonlocal left
+            # 0 at the end, or when the stream is cut short: DATA_LOSS with the sizes, later.
+            n = conn.recv_into(view, min(len(view), left)) if left else 0
+            left -= n
+            return n
+
+        def drain(view: memoryview) -> None:
+            digest.update(view)
+            while view:
+                view = view[os.write(fd, view) :]
+
         try:
-            while received < header.size:
-                n = conn.recv_into(view, min(len(buffer), header.size - received))
-                if n == 0:
-                    break  # cut short: reported as DATA_LOSS with the sizes below
-                digest.update(view[:n])
-                out = view[:n]
-                while out:
-                    out = out[os.write(fd, out) :]
-                received += n
+            return pipelined_copy(fill, drain, fill_in_thread=False)
         except TimeoutError:
             raise _idle("upload", conn) from None
         finally:
             conn.close()
-        return received
 
     def _send_raw(self, ticket: str, fd: int, digest: Hasher) -> int:
-        """Copy the file ``fd`` to the data channel and close it; returns the count."""
+        """Copy the file ``fd`` to the data channel and close it; returns the count.
+
+        Another thread reads and checksums the file while this one sends.
+        """
         conn = self.data.take(ticket)
-        buffer = bytearray(DATA_BUFFER)
-        view = memoryview(buffer)
-        sent = 0
+
+        def fill(view: memoryview) -> int:
+            n = os.readv(fd, [view])
+            digest.update(view[:n])
+            return n
+
         try:
-            while n := os.readv(fd, [buffer]):
-                digest.update(view[:n])
-                conn.sendall(view[:n])
-                sent += n
+            sent = pipelined_copy(fill, conn.sendall, fill_in_thread=True)
             conn.shutdown(socket.SHUT_WR)
         except TimeoutError:
             raise _idle("download", conn) from None
