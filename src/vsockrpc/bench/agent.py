@@ -25,6 +25,7 @@ from collections.abc import Iterator
 
 from vsockrpc import rpc, transport
 from vsockrpc.addresses import Address, parse_address
+from vsockrpc.agent.datachannel import usable_cpus
 from vsockrpc.bench import _model
 from vsockrpc.bench._context import Context
 from vsockrpc.errors import VsockRpcError
@@ -230,8 +231,11 @@ def booted_vm(ctx: Context, path: dict[str, str]) -> Iterator[Address]:
     ctx.step(NAME, "building or finding the guest image")
     info = build_image()
     ctx.step(NAME, "booting the guest (1 GiB)")
-    with launch(info, memory_mib=1024, ready_timeout=300) as machine:
-        path["guest"] = f"{machine.accel.name.upper()}, the project's image, agent as PID 1"
+    with launch(info, memory_mib=1024, cpus=1, ready_timeout=300) as machine:
+        path["guest"] = (
+            f"{machine.accel.name.upper()}, the project's image, agent as PID 1, 1 vCPU (a data "
+            "channel overlaps its socket with the file and checksum only on 2 or more)"
+        )
         path["guest kernel"] = str(info.manifest["kernel"]["version"])
         path["vsock device"] = (
             "userspace (vsockrpc device), hybrid socket"
@@ -246,7 +250,11 @@ def run(ctx: Context) -> _model.PartResult:
     size = size_mib * MIB
     path: dict[str, str] = {}
     if ctx.quick:
-        path["guest"] = "none (--quick): a local agent process on a Unix socket"
+        path["guest"] = (
+            "none (--quick): a local agent process on a Unix socket, "
+            f"{usable_cpus()} CPUs usable (data channels overlap the socket with the file and "
+            "checksum on 2 or more)"
+        )
         context: contextlib.AbstractContextManager[Address] = local_agent(ctx)
     else:
         context = booted_vm(ctx, path)
