@@ -68,7 +68,8 @@ def _send_raw(sock: socket.socket, source: IO[bytes], digest: Hasher) -> int:
         if readinto is not None:
             n: int = readinto(view) or 0
         else:
-            chunk = source.read(len(view))
+            # None (a non-blocking source with nothing to give) ends it, as it ends readinto's.
+            chunk = source.read(len(view)) or b""
             n = len(chunk)
             if n > len(view):
                 raise ValueError(f"the source's read({len(view)}) returned {n} bytes")
