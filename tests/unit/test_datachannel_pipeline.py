@@ -184,3 +184,78 @@ def test_one_cpu_uses_no_thread(fill_in_thread: bool, cpus: int) -> None:
     assert pipelined_copy(fill, drain, fill_in_thread=fill_in_thread, buffer_size=4) == 20
     caller = threading.current_thread().name
     assert threads == ({caller} if cpus == 1 else {caller, THREAD})
+
+
+class FakeSocket:
+    """The two calls the SDK's data-channel copies make, on bytes in memory."""
+
+    def __init__(self, incoming: bytes = b"") -> None:
+        self.incoming = io.BytesIO(incoming)
+        self.sent = bytearray()
+
+    def sendall(self, data: memoryview) -> None:
+        self.sent += data
+
+    def recv_into(self, view: memoryview) -> int:
+        return self.incoming.readinto(view)
+
+
+class ReadOnly:
+    """A source with read() and no readinto(); once its data is out, read() returns ``then``."""
+
+    def __init__(self, data: bytes, then: bytes | None = b"") -> None:
+        self.data, self.then = io.BytesIO(data), then
+
+    def read(self, n: int) -> bytes | None:
+        return self.data.read(n) or self.then
+
+
+@pytest.mark.parametrize("readinto", [True, False], ids=["readinto", "read only"])
+def test_sdk_sends_and_checksums_every_byte(readinto: bool, cpus: int) -> None:
+    from vsockrpc.agent.checksum import new_hasher
+    from vsockrpc.agent.v1 import agent_pb2 as pb
+    from vsockrpc.sdk._files import _send_raw
+
+    data = bytes(range(256)) * 9000  # over two buffers
+    sock, digest = FakeSocket(), new_hasher(pb.CHECKSUM_CRC32)
+    source = io.BytesIO(data) if readinto else ReadOnly(data)
+    assert _send_raw(sock, source, digest) == len(data)  # type: ignore[arg-type]
+    assert sock.sent == data
+    assert digest.digest() == zlib.crc32(data).to_bytes(4, "big")
+
+
+def test_sdk_source_returning_none_ends_the_stream(cpus: int) -> None:
+    from vsockrpc.agent.checksum import new_hasher
+    from vsockrpc.agent.v1 import agent_pb2 as pb
+    from vsockrpc.sdk._files import _send_raw
+
+    sock = FakeSocket()
+    source = ReadOnly(b"abc", then=None)
+    assert _send_raw(sock, source, new_hasher(pb.CHECKSUM_CRC32)) == 3  # type: ignore[arg-type]
+    assert sock.sent == b"abc"
+
+
+def test_sdk_source_returning_too_much_is_an_error(cpus: int) -> None:
+    from vsockrpc.agent.checksum import new_hasher
+    from vsockrpc.agent.v1 import agent_pb2 as pb
+    from vsockrpc.sdk._files import _send_raw
+
+    class Greedy:
+        def read(self, n: int) -> bytes:
+            return bytes(n + 1)
+
+    with pytest.raises(ValueError, match=r"returned 1048577 bytes"):
+        _send_raw(FakeSocket(), Greedy(), new_hasher(pb.CHECKSUM_CRC32))  # type: ignore[arg-type]
+    assert not helper_threads()
+
+
+def test_sdk_receives_and_checksums_every_byte(cpus: int) -> None:
+    from vsockrpc.agent.checksum import new_hasher
+    from vsockrpc.agent.v1 import agent_pb2 as pb
+    from vsockrpc.sdk._files import _receive_raw
+
+    data = bytes(range(256)) * 9000
+    sink, digest = io.BytesIO(), new_hasher(pb.CHECKSUM_CRC32)
+    assert _receive_raw(FakeSocket(data), sink, digest) == len(data)  # type: ignore[arg-type]
+    assert sink.getvalue() == data
+    assert digest.digest() == zlib.crc32(data).to_bytes(4, "big")
