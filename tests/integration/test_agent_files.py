@@ -6,6 +6,7 @@ import hashlib
 import io
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -629,3 +630,70 @@ def test_an_upload_that_cannot_land_is_refused_before_its_data(
     assert message in details and ".part" not in details, details
     assert len(sent) < 3  # refused before the data had all been sent
     assert sorted(os.listdir(tmp_path)) == ["dangling"]
+
+
+def _no_data_channel_threads(timeout: float = 5.0) -> bool:
+    """True once no data-channel copy thread is left (the SDK's and the in-process agent's)."""
+    deadline = time.monotonic() + timeout
+    while any(t.name == "vsockrpc-datachannel" for t in threading.enumerate()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_write_failing_midway_on_the_data_channel_fails_the_upload_and_leaves_nothing(
+    guest: Guest, tmp_path: Path
+) -> None:
+    """The agent's file write fails after 3 MiB of a 16 MiB upload (RLIMIT_FSIZE: EFBIG, on
+    the thread that writes while another reads the socket): one line with the cause, the old
+    content kept, no temporary file, no thread left, and the agent serves the next upload."""
+    target = tmp_path / "big.bin"
+    target.write_bytes(b"old")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (3 * MIB, hard))  # Python ignores SIGXFSZ
+    try:
+        with pytest.raises(AgentError) as info:
+            guest.upload(io.BytesIO(os.urandom(16 * MIB)), target, size=16 * MIB)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    message = str(info.value)
+    assert "\n" not in message and "File too large" in message, message
+    assert target.read_bytes() == b"old"
+    assert not _leftovers(tmp_path)
+    assert _no_data_channel_threads()
+    data = os.urandom(4 * MIB)
+    guest.upload(io.BytesIO(data), target, size=len(data))
+    assert target.read_bytes() == data
+
+
+def test_a_sink_failing_midway_fails_the_download_and_frees_the_agent(
+    guest: Guest, tmp_path: Path
+) -> None:
+    """The caller's sink fails after 2 MiB of a 16 MiB download (on the SDK's writing thread):
+    the caller gets that error, both sides stop copying, and the agent serves the next one."""
+
+    class FailingSink(io.RawIOBase):
+        def __init__(self) -> None:
+            self.written = 0
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: object) -> int:
+            n = len(memoryview(data))  # type: ignore[arg-type]
+            if self.written + n > 2 * MIB:
+                raise OSError(28, "No space left on device")
+            self.written += n
+            return n
+
+    remote = tmp_path / "big.bin"
+    remote.write_bytes(os.urandom(16 * MIB))
+    sink = FailingSink()
+    with pytest.raises(OSError, match="No space left"):
+        guest.download(remote, sink)  # type: ignore[arg-type]
+    assert sink.written <= 2 * MIB
+    assert _no_data_channel_threads()
+    copy = io.BytesIO()
+    guest.download(remote, copy)
+    assert copy.getvalue() == remote.read_bytes()
