@@ -9,7 +9,8 @@ other, so a change to one side that breaks the other shows up here, in one place
   ``agent_pb2`` and ``agent_pb2_grpc`` (regenerate with ``python scripts/gen_protos.py``).
 - :mod:`vsockrpc.agent.markers` — the console lines the guest prints and the launcher waits for.
 - :mod:`vsockrpc.agent.checksum` — the end-to-end transfer checksums (CRC-32, SHA-256).
-- :mod:`vsockrpc.agent.datachannel` — the raw data channel's ticket line.
+- :mod:`vsockrpc.agent.datachannel` — the raw data channel's ticket line, and the copy both
+  ends run on it (socket against file and checksum, overlapped on two CPUs).
 - this module — the default port, the guest's kernel command-line keys, the peer-policy
   variable, the metadata key that marks a call refused by that policy, the VM name rule
   (a clone's ``System.Refresh`` takes its VM name as the hostname) and the largest PTY window.
