@@ -244,7 +244,7 @@ def test_sdk_source_returning_too_much_is_an_error(cpus: int) -> None:
         def read(self, n: int) -> bytes:
             return bytes(n + 1)
 
-    with pytest.raises(ValueError, match=r"returned 1048577 bytes"):
+    with pytest.raises(ValueError, match=r"read\(\d+\) returned \d+ bytes"):
         _send_raw(FakeSocket(), Greedy(), new_hasher(pb.CHECKSUM_CRC32))  # type: ignore[arg-type]
     assert not helper_threads()
 

@@ -58,10 +58,12 @@ def parse_ticket_line(line: bytes) -> str:
     return line.strip().decode("ascii", "replace")
 
 
-PIPELINE_BUFFER_SIZE = 1024 * 1024
-"""Bytes per buffer of :func:`pipelined_copy` (one system call or checksum update each)."""
-PIPELINE_BUFFERS = 3
-"""Buffers in flight: one being filled, one being drained, one ready for either."""
+PIPELINE_BUFFER_SIZE = 256 * 1024
+"""Bytes per buffer of :func:`pipelined_copy` when it overlaps (one system call or checksum
+update each): a vsock socket's default buffer."""
+PIPELINE_BUFFERS = 4
+"""Buffers in flight when it overlaps. On one CPU a single buffer holds as much: 1 MiB per
+transfer either way, as before the overlap (the agent serves up to 256 calls at once)."""
 
 
 def usable_cpus() -> int:
@@ -87,15 +89,16 @@ def pipelined_copy(
     speed of a local stream socket. Done one after the other, each step waits for the others;
     overlapped, the slowest step sets the pace (zlib, hashlib, file and socket calls release
     the GIL). The standard library has no such pump; this one is a pair of queues. On one CPU
-    nothing can overlap, so there the two alternate on the caller's thread in one buffer (a
-    TCG guest with one vCPU: no thread hand-offs for nothing).
+    nothing can overlap, so there the two alternate on the caller's thread in one buffer as
+    large as all of them (a TCG guest with one vCPU: no thread hand-offs for nothing, and a
+    system call per MiB).
 
     The first error on either side stops both: the other side finishes the call it is in (a
     blocked socket call ends with its own timeout), the helper thread is joined, and the error
     is raised in the caller. If both fail, the caller's own error wins.
     """
     if usable_cpus() < 2:
-        view = memoryview(bytearray(buffer_size))
+        view = memoryview(bytearray(buffer_size * PIPELINE_BUFFERS))
         moved = 0
         while n := fill(view):
             drain(view[:n])
