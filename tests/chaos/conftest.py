@@ -31,19 +31,9 @@ import pytest
 from vsockrpc.image import ImageInfo, build_image
 from vsockrpc.sdk import Guest
 from vsockrpc.vm import Vm, launch
+from vsockrpc.vm.procs import alive
 
 CLI = [sys.executable, "-m", "vsockrpc.cli.main"]
-
-
-def _state_letter(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def alive(pid: int) -> bool:
-    return _state_letter(pid) not in (None, "Z")
 
 
 def gone(pid: int, timeout: float = 15.0) -> bool:

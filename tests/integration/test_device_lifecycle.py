@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import pytest
 
 from vsockrpc.vhost.testing import GuestDriver
+from vsockrpc.vm.procs import alive
 
 DEVICE = [sys.executable, "-m", "vsockrpc.vhost"]
 EXIT_WITHIN = 5.0  # seconds: "within a few seconds" of its QEMU or parent going away
@@ -35,15 +36,6 @@ def tmp() -> Iterator[str]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie (an orphan's zombie may linger)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -83,7 +75,7 @@ def _finish(proc: subprocess.Popen[bytes], sig: int | None = signal.SIGTERM) -> 
 
 def _wait_exit(pid: int, timeout: float = EXIT_WITHIN) -> float:
     start = time.monotonic()
-    while _alive(pid):
+    while alive(pid):
         assert time.monotonic() - start < timeout, f"device {pid} still running after {timeout} s"
         time.sleep(0.05)
     return time.monotonic() - start
@@ -288,7 +280,7 @@ def test_launcher_device_dies_with_the_launcher(tmp: str) -> None:
     ) as launcher:
         device_pid = int(_ready_line(launcher))
         time.sleep(0.5)
-        assert _alive(device_pid)
+        assert alive(device_pid)
         assert oct(os.stat(f"{tmp}/u").st_mode & 0o777) == "0o600"
         launcher.kill()
         launcher.wait()
