@@ -11,11 +11,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.integration._relay_helpers import wait_for
 from vsockrpc.bench import QUICK_PARTS, SCHEMA, validate
 from vsockrpc.vm.procs import alive, is_vm_process
 
@@ -257,10 +257,7 @@ def test_a_stopped_run_leaves_no_process_and_no_work_directory(
             if proc.stderr is not None:
                 proc.stderr.close()
         assert status == -sig if sig is signal.SIGKILL else status == 130
-        deadline = time.monotonic() + 30
-        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [pid for pid in children if alive(pid)]
+        assert wait_for(lambda: not [pid for pid in children if alive(pid)], 30)
         if sig is not signal.SIGKILL:
             assert list(tmp.iterdir()) == []  # the suite's work directory
             assert not out.exists()  # made by this run, still empty

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration._relay_helpers import wait_for
 from tests.integration.test_vm_bad_input import fake_image, one_error_line
 from vsockrpc.image.debs import host_arch
+from vsockrpc.vm.procs import alive
 
 # What the interpreter itself prints when a SIGINT cuts its own start-up short (exit 1,
 # before any vsockrpc code runs).
@@ -107,16 +109,8 @@ class Env:
 
 
 def gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return True
-        if state == "Z":
-            return True
-        time.sleep(0.05)
-    return False
+    """``pid`` has exited (or is a zombie) within ``timeout`` seconds."""
+    return wait_for(lambda: not alive(pid), timeout)
 
 
 @pytest.fixture
