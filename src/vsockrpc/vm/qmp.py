@@ -7,6 +7,7 @@ time, and a command-per-connection keeps no event loop or thread alive between c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -36,9 +37,16 @@ async def _execute(socket_path: Path, command: str, args: dict[str, Any] | None)
     client = QMPClient("vsockrpc")
     await client.connect(str(socket_path))
     try:
-        return await client.execute(command, args)
-    finally:
+        result = await client.execute(command, args)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the command's own error is the one to raise
+            await client.disconnect()
+        raise
+    # disconnect() re-raises what ended the connection's reader. QEMU may hang up as soon as
+    # it has replied (``quit`` does: EOFError here about one time in six); the reply is in.
+    with contextlib.suppress(EOFError, OSError, QMPError):
         await client.disconnect()
+    return result
 
 
 def qmp_command(
@@ -47,5 +55,5 @@ def qmp_command(
     """Run one QMP command; :class:`VmError` when QEMU is unreachable or refuses it."""
     try:
         return asyncio.run(asyncio.wait_for(_execute(socket_path, command, args), timeout))
-    except (OSError, QMPError, TimeoutError) as err:
+    except (OSError, EOFError, QMPError, TimeoutError) as err:
         raise VmError(f"QMP {command} failed: {err or type(err).__name__}") from err
