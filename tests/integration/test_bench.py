@@ -17,6 +17,7 @@ import pytest
 
 from tests.integration._relay_helpers import wait_for
 from vsockrpc.bench import QUICK_PARTS, SCHEMA, validate
+from vsockrpc.errors import GuestError
 from vsockrpc.vm.procs import alive, is_vm_process
 
 pytestmark = pytest.mark.slow
@@ -266,3 +267,98 @@ def test_a_stopped_run_leaves_no_process_and_no_work_directory(
             if is_vm_process(pid, "vsockrpc"):  # alive, and still a vsockrpc process
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _GoodPart:
+    TITLE = "a part that measures"
+
+    @staticmethod
+    def run(ctx: object) -> dict[str, object]:
+        from vsockrpc.bench import _model
+
+        series = {"a": [100.0, 120.0], "b": [50.0, 60.0]}
+        fig = _model.figure("relay.t", "a stream", "rate", series, unit="MB/s")
+        return _model.part_result("relay", _GoodPart.TITLE, {"transport": "t"}, [fig])
+
+
+def _failing_part(error: BaseException) -> type:
+    class Part:
+        TITLE = "a part that fails"
+
+        @staticmethod
+        def run(ctx: object) -> dict[str, object]:
+            raise error
+
+    return Part
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (
+            GuestError("guest stopped before the agent was ready"),
+            "guest stopped before the agent was ready",
+        ),
+        (RuntimeError("the C++ client failed:\nboom"), "RuntimeError: the C++ client failed: boom"),
+    ],
+)
+def test_a_failed_part_is_reported_and_the_other_parts_are_kept(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    error: BaseException,
+    said: str,
+) -> None:
+    # e.g. one guest of the boot part crashing while booting: the minutes the other parts took
+    # are not thrown away, and the exit status still says the run is incomplete.
+    from vsockrpc.bench import _suite
+    from vsockrpc.cli.main import main
+
+    parts = {"boot": _failing_part(error), "relay": _GoodPart}
+    monkeypatch.setattr(_suite, "_module", lambda name: parts[name])
+    out = tmp_path / "report"
+    assert main(["bench", "boot", "relay", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"[boot] failed: {said}" in err
+    assert "[relay] done in" in err  # the part after the failed one ran
+    errors = [ln for ln in err.splitlines() if ln.startswith("vsockrpc: error:")]
+    assert errors == [f"vsockrpc: error: bench part boot failed: {said}"]
+    assert "Traceback" not in err
+
+    raw = json.loads((out / "raw.json").read_text())
+    assert validate(raw) == []
+    boot, relay = raw["parts"]
+    assert (boot["name"], boot["failed"], boot["figures"]) == ("boot", said, [])
+    assert relay["failed"] is None and relay["figures"][0]["series"]["a"] == [100.0, 120.0]
+    report = (out / "report.md").read_text()
+    assert f"**Failed:** {said}" in report
+    assert "| a stream | b ÷ a |" in report
+    again = tmp_path / "again"  # rebuilt from the raw JSON alone
+    assert main(["bench", "report", str(out / "raw.json"), "--out", str(again)]) == 0
+    assert (again / "report.md").read_text() == report
+
+
+@pytest.mark.timeout(120)
+def test_an_interrupted_part_still_ends_the_run_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vsockrpc.bench import _suite
+    from vsockrpc.cli.main import main
+
+    ran = []
+
+    class After(_GoodPart):
+        @staticmethod
+        def run(ctx: object) -> dict[str, object]:
+            ran.append("relay")
+            return _GoodPart.run(ctx)
+
+    parts = {"boot": _failing_part(KeyboardInterrupt()), "relay": After}
+    monkeypatch.setattr(_suite, "_module", lambda name: parts[name])
+    before = set(Path(tempfile.gettempdir()).glob("vsockrpc-bench-*"))
+    out = tmp_path / "report"
+    assert main(["bench", "boot", "relay", "--out", str(out)]) == 130
+    assert ran == []
+    assert not out.exists()  # made for this run, removed
+    assert set(Path(tempfile.gettempdir()).glob("vsockrpc-bench-*")) == before

@@ -43,6 +43,7 @@ def part_result(
     *,
     notes: list[str] | None = None,
     skipped: str | None = None,
+    failed: str | None = None,
 ) -> PartResult:
     """``path``: which way the figures went (accelerator, vsock device, transport…)."""
     return {
@@ -52,11 +53,18 @@ def part_result(
         "figures": figures,
         "notes": notes or [],
         "skipped": skipped,
+        "failed": failed,
     }
 
 
 def skipped(name: str, title: str, reason: str) -> PartResult:
     return part_result(name, title, {}, [], skipped=reason)
+
+
+def failed(name: str, title: str, error: str) -> PartResult:
+    """A part that stopped with an error: the run goes on, the report says why it has no
+    figures (older raw documents have no ``failed`` key)."""
+    return part_result(name, title, {}, [], failed=error)
 
 
 def percentile(samples: list[float], q: float) -> float:

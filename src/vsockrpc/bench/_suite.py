@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
@@ -12,6 +13,9 @@ from typing import Any
 
 from vsockrpc.bench import _machine, _model
 from vsockrpc.bench._context import Context
+from vsockrpc.errors import VsockRpcError
+
+log = logging.getLogger(__name__)
 
 PARTS = ("relay", "rpc", "device", "forward", "vmvm", "agent", "boot")
 # No guest: device runs its backend-alone half, forward has the device alone as its guest.
@@ -50,7 +54,12 @@ def run_suite(
     argv: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run ``parts`` (all of :data:`PARTS`, or :data:`QUICK_PARTS` with ``quick``, when empty)
-    and return the raw document. A part that fails ends the run (its error propagates)."""
+    and return the raw document.
+
+    A part that fails (a guest that crashed while booting, a server that did not start) is
+    recorded with its error (:func:`~._model.failed`) and the next part runs: one failure does
+    not throw away the other parts' minutes of measurement. An interruption (Ctrl-C, SIGTERM)
+    still ends the run."""
     chosen = list(parts) or list(QUICK_PARTS if quick else PARTS)
     progress(f"vsockrpc bench: {', '.join(chosen)}{' (quick)' if quick else ''}")
     machine = _machine.describe()
@@ -62,9 +71,20 @@ def run_suite(
             sub.mkdir(mode=0o700)
             ctx = Context(quick=quick, progress=progress, workdir=sub)
             start = time.monotonic()
-            result = _rounded(_module(name).run(ctx))
+            module = _module(name)
+            try:
+                result = _rounded(module.run(ctx))
+            except Exception as err:  # recorded in the report; the CLI exits 1 naming it
+                log.debug("bench part %s failed", name, exc_info=True)  # --debug: traceback
+                reason = (
+                    str(err) if isinstance(err, VsockRpcError) else f"{type(err).__name__}: {err}"
+                )
+                reason = " ".join(reason.split()) or type(err).__name__
+                result = _model.failed(name, str(getattr(module, "TITLE", name)), reason)
+                progress(f"[{name}] failed: {reason}")
             result["seconds"] = round(time.monotonic() - start, 1)
-            progress(f"[{name}] done in {result['seconds']:.1f} s")
+            if not result.get("failed"):
+                progress(f"[{name}] done in {result['seconds']:.1f} s")
             results.append(result)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -227,6 +227,9 @@ def render(raw: dict[str, Any], *, plots: dict[str, str] | None = None) -> str:
         if part.get("skipped"):
             out += [f"Skipped: {part['skipped']}"]
             continue
+        if part.get("failed"):
+            out += [f"**Failed:** {part['failed']}"]
+            continue
         path = part.get("path", {})
         if path:
             out.append("Path: " + "; ".join(f"{k}: {v}" for k, v in path.items()) + ".")

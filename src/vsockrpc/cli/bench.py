@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
             "min/median/max and ratios, which path it took), DIR/raw.json (every sample) and "
             "PNG plots when matplotlib is installed (pip install 'vsockrpc[bench]'). --quick: a "
             "short run of the parts that boot no guest (relay, rpc, device alone). 'bench report "
-            "RAW.json --out DIR' rebuilds the report from a raw.json."
+            "RAW.json --out DIR' rebuilds the report from a raw.json. A part that fails is named "
+            "in the report and the exit status is 1; the other parts still run."
         ),
     )
     parser.add_argument("parts", nargs="*", metavar="PART", help=f"one of {', '.join(_PARTS)}")
@@ -83,7 +84,12 @@ def _run(args: argparse.Namespace) -> int:
     raw["notes"] += args.note
     for path in bench.write_report(raw, out, json_only=args.json_only):
         print(path, flush=True)
-    return 0
+    failed = [part for part in raw["parts"] if part.get("failed")]
+    for part in failed:  # the report has the rest; the exit status says it is incomplete
+        print(
+            f"vsockrpc: error: bench part {part['name']} failed: {part['failed']}", file=sys.stderr
+        )
+    return 1 if failed else 0
 
 
 def _check_out(parser: argparse.ArgumentParser, out: Path) -> bool:
