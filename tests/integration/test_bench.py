@@ -333,6 +333,7 @@ def test_a_failed_part_is_reported_and_the_other_parts_are_kept(
     assert relay["failed"] is None and relay["figures"][0]["series"]["a"] == [100.0, 120.0]
     report = (out / "report.md").read_text()
     assert f"**Failed:** {said}" in report
+    assert "> **Incomplete run:** boot failed; see the part's section." in report
     assert "| a stream | b ÷ a |" in report
     again = tmp_path / "again"  # rebuilt from the raw JSON alone
     assert main(["bench", "report", str(out / "raw.json"), "--out", str(again)]) == 0

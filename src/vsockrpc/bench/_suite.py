@@ -75,7 +75,7 @@ def run_suite(
             try:
                 result = _rounded(module.run(ctx))
             except Exception as err:  # recorded in the report; the CLI exits 1 naming it
-                log.debug("bench part %s failed", name, exc_info=True)  # --debug: traceback
+                log.debug("bench part %s failed", name, exc_info=True)  # -vv: the traceback
                 reason = (
                     str(err) if isinstance(err, VsockRpcError) else f"{type(err).__name__}: {err}"
                 )
