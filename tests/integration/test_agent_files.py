@@ -634,12 +634,11 @@ def test_an_upload_that_cannot_land_is_refused_before_its_data(
 
 def _no_data_channel_threads(timeout: float = 5.0) -> bool:
     """True once no data-channel copy thread is left (the SDK's and the in-process agent's)."""
-    deadline = time.monotonic() + timeout
-    while any(t.name == "vsockrpc-datachannel" for t in threading.enumerate()):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    from tests.integration._relay_helpers import wait_for
+
+    return wait_for(
+        lambda: not any(t.name == "vsockrpc-datachannel" for t in threading.enumerate()), timeout
+    )
 
 
 def test_a_write_failing_midway_on_the_data_channel_fails_the_upload_and_leaves_nothing(
