@@ -53,6 +53,13 @@ def test_kernel_vhost_vsock_gets_the_cid_and_no_memfd() -> None:
     assert not option(argv, "-object")
 
 
+def test_tcg_runs_several_vcpus_on_one_thread() -> None:
+    # QEMU 7.2's multi-threaded TCG let a vCPU run a finished static-key patch's int3 (Oops)
+    assert option(qemu_argv(config(accel="tcg", cpus=1)), "-accel") == ["tcg"]
+    assert option(qemu_argv(config(accel="tcg", cpus=2)), "-accel") == ["tcg,thread=single"]
+    assert option(qemu_argv(config(accel="kvm", cpus=4)), "-accel") == ["kvm"]
+
+
 def test_boot_essentials() -> None:
     argv = qemu_argv(config(accel="tcg", cpu="max"))
     assert option(argv, "-cpu") == ["max"]  # RDRAND under TCG: entropy at once

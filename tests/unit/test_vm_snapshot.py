@@ -99,6 +99,8 @@ def test_guest_config_reads_back_what_was_booted() -> None:
     }
     restored = qemu_argv(config(vhost_user_socket=Path("/r/v.sock"), incoming="defer"))
     assert guest_config(restored) == guest_config(argv)
+    # the accelerator's name is recorded; its options follow from it and the vCPUs again
+    assert option(argv, "-accel") == option(restored, "-accel") == ["tcg,thread=single"]
     old = [a.replace(",id=vsock,bus=vsock-port", "") for a in argv]
     with pytest.raises(VmError, match="not on a hot-pluggable root port"):
         guest_config(old)

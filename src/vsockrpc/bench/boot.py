@@ -78,6 +78,7 @@ def one_boot(
 ) -> tuple[dict[str, float], dict[str, float], float, dict[str, str]]:
     """(wall phases, QEMU CPU phases, power-off seconds, the path it took) of one boot."""
     from vsockrpc.vm import launch
+    from vsockrpc.vm.qemu import accel_option
 
     vm = launch(info, cpus=cpus, wait=False)
     with vm:
@@ -111,6 +112,8 @@ def one_boot(
     path = {
         "guest": f"{vm.accel.name.upper()}, the project's image, agent as PID 1",
         "guest kernel": str(info.manifest["kernel"]["version"]),
+        "QEMU -accel, 1 / 2 vCPUs": f"{accel_option(vm.accel.name, 1)} / "
+        f"{accel_option(vm.accel.name, 2)}",
         "vsock device": (
             "userspace (vsockrpc device), hybrid socket"
             if vm.hybrid_socket is not None

@@ -20,6 +20,7 @@ __all__ = [
     "VSOCK_DEVICE",
     "VSOCK_PORT",
     "QemuConfig",
+    "accel_option",
     "find_qemu",
     "qemu_argv",
     "vhost_user_vsock_device",
@@ -65,6 +66,22 @@ class QemuConfig:
     ram_file: Path | None = None  # guest RAM from this file (shared), not a new memfd
 
 
+def accel_option(accel: str, cpus: int) -> str:
+    """``-accel``'s value for ``accel`` (``tcg`` or ``kvm``) with ``cpus`` vCPUs.
+
+    TCG with more than one vCPU runs them all on one host thread (``thread=single``): QEMU 7.2's
+    multi-threaded TCG (Debian bookworm's) gets x86 cross-modifying code wrong. Linux patches a
+    static key site through a temporary int3 while the other CPUs run (``text_poke_bp``: int3,
+    IPI, the tail, IPI, the first byte, IPI), and a vCPU could still run the int3 after the
+    patch was done: ``Oops: int3`` and a panic. Flipping one static key in a loaded 2-vCPU guest
+    killed each of 4 guests, 3 of them within 100 flips; single-threaded, 4 guests survived
+    5000 flips between them (docs/device.md). Boots hit it too: 2 of 22 two-vCPU boots.
+    """
+    if accel == "tcg" and cpus > 1:
+        return "tcg,thread=single"
+    return accel
+
+
 def vhost_user_vsock_device() -> str:
     """The ``-device``/``device_add`` value of the userspace vsock device on its root port."""
     return f"vhost-user-vsock-pci,chardev={VSOCK_CHARDEV},id={VSOCK_DEVICE},bus={VSOCK_PORT}"
@@ -77,7 +94,7 @@ def qemu_argv(c: QemuConfig) -> list[str]:
         "-name",
         c.name,
         "-accel",
-        c.accel,
+        accel_option(c.accel, c.cpus),
         "-cpu",
         c.cpu,
         "-m",

@@ -160,7 +160,7 @@ def guest_config(argv: list[str]) -> dict[str, Any]:
     return {
         "memory_mib": int(memory[:-1]),
         "cpus": int(_option(argv, "-smp")),
-        "accel": _option(argv, "-accel"),
+        "accel": _option(argv, "-accel").split(",", 1)[0],  # the name; qemu_argv adds options
         "cpu": _option(argv, "-cpu"),
         "kernel": _option(argv, "-kernel"),
         "cmdline": _option(argv, "-append"),
