@@ -21,6 +21,13 @@ def test_install_agent_writes_the_payload_and_an_init_for_its_entry(tmp_path: Pa
     text = init.read_text()
     assert "sys.path.append('/usr/local/lib/python3.11/dist-packages')" in text
     assert "from app.main import main" in text
+    floor = root / agent.FLOOR_INIT_PATH.lstrip("/")
+    assert floor.stat().st_mode & 0o777 == 0o755
+    floor_text = floor.read_text()
+    assert floor_text.startswith("#!/usr/bin/python3 -uIS\n")
+    # loaded by path from site-packages: importing vsockrpc.guest.floor would run vsockrpc's init
+    assert "'/usr/local/lib/python3.11/dist-packages' + \"/vsockrpc/guest/floor.py\"" in floor_text
+    assert "import vsockrpc" not in floor_text and "from vsockrpc" not in floor_text
     first = agent.agent_digest(payload)
     src.write_text("def main():\n    return 1\n")
     assert agent.agent_digest(payload) != first

@@ -11,8 +11,10 @@ import pytest
 
 from tests.vm.conftest import process_alive
 from vsockrpc.agent import markers
+from vsockrpc.bench.boot import floor_boot
 from vsockrpc.errors import AgentError, GuestError
 from vsockrpc.image import ImageInfo, build_image
+from vsockrpc.image.agent import FLOOR_INIT_PATH
 from vsockrpc.sdk import Guest
 from vsockrpc.vm import Vm, launch
 
@@ -61,6 +63,17 @@ def test_second_boot_powers_off_cleanly_and_leaves_nothing(guest_image: ImageInf
     assert "Kernel panic" not in text
     assert not [pid for pid in pids if process_alive(pid)]
     assert not machine.run_dir.exists()
+
+
+def test_bench_floor_boots_a_bare_grpcio_pid1_and_leaves_nothing(guest_image: ImageInfo) -> None:
+    # The boot bench's floor: the same image with vsockrpc.guest.floor as PID 1. floor_boot
+    # raises unless that PID 1 prints READY, which it does only once it listens.
+    wall, cpu = floor_boot(guest_image)
+    assert 0 < wall < 120
+    assert 0 < cpu < 120
+    assert not subprocess.run(
+        ["pgrep", "-f", f"init={FLOOR_INIT_PATH}"], capture_output=True, check=False
+    ).stdout  # its QEMU (whose -append names that init) is gone
 
 
 # One static key flipped in a loop while the other vCPU context-switches through the code it

@@ -9,6 +9,11 @@ connection through the vsock device succeeds), ``Addition`` (→ Addition(5, 7) 
 Wall-clock phases swing with other load on the host, so QEMU's own CPU time per phase (user +
 system, sampled from /proc every 20 ms; under TCG that is the guest's emulated work) is a second
 figure: it moves far less with load. Configurations (1 and 2 vCPUs, restore) are interleaved.
+
+The floor: the same image booted with a bare grpcio Addition server as PID 1
+(:mod:`vsockrpc.guest.floor`, nothing of vsockrpc imported), timed from the loader's hand-over to
+its listening socket, next to the agent's ``init`` + ``agent start`` of the 1-vCPU boots. The
+ratio is what vsockrpc's own start-up costs above any Python gRPC server in this guest.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ NAME = "boot"
 TITLE = "cold `vm run` and snapshot restore → first answered RPC, by phase"
 PHASES = ["qemu start", "firmware+kernel", "init", "agent start", "first rpc", "Addition"]
 CPU_PHASES = PHASES[1:5]
+PYTHON_PHASES = ("init", "agent start")  # the loader's hand-over → the agent listens
+FLOOR_TIMEOUT = 120.0
+FLOOR = "bare grpcio as PID 1"
+AGENT = "vsockrpc agent as PID 1"
 
 
 class CpuSampler:
@@ -123,6 +132,27 @@ def one_boot(
     return phases, cpu, shutdown, path
 
 
+def floor_boot(info: Any) -> tuple[float, float]:
+    """One cold boot (1 vCPU) with the bare grpcio floor as PID 1 (:mod:`vsockrpc.guest.floor`):
+    (seconds, QEMU CPU seconds) from the loader's hand-over to the floor's listening socket."""
+    from vsockrpc.agent import markers
+    from vsockrpc.image.agent import FLOOR_INIT_PATH
+    from vsockrpc.vm import launch
+
+    vm = launch(info, append=f"init={FLOOR_INIT_PATH}", wait=False)
+    with vm:
+        deadline = time.monotonic() + FLOOR_TIMEOUT
+        with CpuSampler(vm.qemu.pid) as sampler:
+            while (ready := vm.console.seen(markers.READY)) is None:
+                if not vm.running() or time.monotonic() > deadline:
+                    tail = vm.console_text().strip().splitlines()[-1:] or ["no console output"]
+                    raise VsockRpcError(f"boot bench: the floor guest did not listen: {tail[0]}")
+                time.sleep(0.02)
+        handover = vm.console.seen("loader: switching") or vm.timings.launched
+        vm.stop()
+    return ready - handover, sampler.at(ready) - sampler.at(handover)
+
+
 def run(ctx: Context) -> _model.PartResult:
     if ctx.quick:
         return _model.skipped(NAME, TITLE, "--quick does not boot guests")
@@ -140,6 +170,8 @@ def run(ctx: Context) -> _model.PartResult:
     restored: list[dict[str, float]] = []
     first_rpc: dict[str, list[float]] = {"cold boot, 1 vCPU": [], "restore, 1 vCPU": []}
     identity: list[float] = []
+    python: dict[str, list[float]] = {FLOOR: [], AGENT: []}  # the floor first: the baseline
+    python_cpu: dict[str, list[float]] = {FLOOR: [], AGENT: []}
     path: dict[str, str] = {}
     with _restore.temp_dir() as tmp:
         ctx.step(NAME, "snapshot of a ready 1-vCPU guest")
@@ -156,6 +188,12 @@ def run(ctx: Context) -> _model.PartResult:
                     first_rpc["cold boot, 1 vCPU"].append(
                         sum(v for k, v in phases.items() if k != "Addition")
                     )
+                    python[AGENT].append(sum(phases[k] for k in PYTHON_PHASES))
+                    python_cpu[AGENT].append(sum(used[k] for k in PYTHON_PHASES))
+            ctx.step(NAME, f"floor boot {n + 1} of {runs}: bare grpcio as PID 1")
+            wall_s, cpu_s = floor_boot(info)
+            python[FLOOR].append(wall_s)
+            python_cpu[FLOOR].append(cpu_s)
             ctx.step(NAME, f"restore {n + 1} of {runs}")
             steps, fresh = _restore.one_restore(snapshot)
             restored.append(steps)
@@ -176,6 +214,20 @@ def run(ctx: Context) -> _model.PartResult:
         _model.figure(f"{NAME}.poweroff", "clean power-off", "time", off, unit="s"),
         _model.figure(
             f"{NAME}.first_rpc", "to the first answered RPC", "time", first_rpc, unit="s"
+        ),
+        _model.figure(
+            f"{NAME}.floor",
+            "loader hand-over → server listening, 1 vCPU (interpreter, imports, server start)",
+            "time",
+            python,
+            unit="s",
+        ),
+        _model.figure(
+            f"{NAME}.floor_cpu",
+            "the same, QEMU CPU seconds",
+            "time",
+            python_cpu,
+            unit="s",
         ),
         _model.figure(
             f"{NAME}.restore",

@@ -15,7 +15,7 @@ from pathlib import Path
 from vsockrpc.image import cache
 from vsockrpc.payload import Payload
 
-__all__ = ["INIT_PATH", "agent_digest", "init_script", "install_agent"]
+__all__ = ["FLOOR_INIT_PATH", "INIT_PATH", "agent_digest", "init_script", "install_agent"]
 
 INIT_PATH = "/usr/local/bin/vsockrpc-init"
 # -u: the console gets every line at once; -I: ignore PYTHON* variables and the CWD; -S: no
@@ -28,6 +28,19 @@ from {entry} import main
 sys.exit(main())
 """
 
+# The boot bench's floor (vsockrpc.guest.floor): a bare grpcio server as PID 1, loaded by path
+# so that nothing of vsockrpc is imported. Booted only with this init= on the command line.
+FLOOR_INIT_PATH = "/usr/local/bin/vsockrpc-floor-init"
+_FLOOR_SCRIPT = """#!/usr/bin/python3 -uIS
+import sys
+sys.path.append({site!r})
+from importlib.util import module_from_spec, spec_from_file_location
+spec = spec_from_file_location("vsockrpc_floor", {site!r} + "/vsockrpc/guest/floor.py")
+floor = module_from_spec(spec)
+spec.loader.exec_module(floor)
+floor.main()
+"""
+
 
 def init_script(payload: Payload, site: str) -> str:
     """The init script running ``payload``'s entry module from ``site`` (a guest path)."""
@@ -36,7 +49,9 @@ def init_script(payload: Payload, site: str) -> str:
 
 def agent_digest(payload: Payload) -> str:
     """Content key of what :func:`install_agent` writes (sources and init script template)."""
-    return cache.digest({"sources": payload.source_digest(), "init": _INIT_SCRIPT})
+    return cache.digest(
+        {"sources": payload.source_digest(), "init": _INIT_SCRIPT, "floor": _FLOOR_SCRIPT}
+    )
 
 
 def install_agent(payload: Payload, root: Path, site_packages: Path) -> None:
@@ -44,5 +59,9 @@ def install_agent(payload: Payload, root: Path, site_packages: Path) -> None:
     payload.write_sources(site_packages)
     init = root / INIT_PATH.lstrip("/")
     init.parent.mkdir(parents=True, exist_ok=True)
-    init.write_text(init_script(payload, "/" + site_packages.relative_to(root).as_posix()))
+    site = "/" + site_packages.relative_to(root).as_posix()
+    init.write_text(init_script(payload, site))
     init.chmod(0o755)
+    floor = root / FLOOR_INIT_PATH.lstrip("/")
+    floor.write_text(_FLOOR_SCRIPT.format(site=site))
+    floor.chmod(0o755)
