@@ -6,7 +6,7 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from vsockrpc.image.initramfs import LOADER_INIT, CpioEntry, build_loader, write_newc
+from vsockrpc.image.initramfs import HANDOVER, LOADER_INIT, CpioEntry, build_loader, write_newc
 
 
 def sample() -> list[CpioEntry]:
@@ -41,3 +41,7 @@ def test_loader_lists_modules_in_the_order_given(tmp_path: Path) -> None:
     assert b"lib/modules/kernel/a/two.ko\nlib/modules/kernel/a/one.ko" in archive
     assert LOADER_INIT.encode() in archive
     assert b"switch_root" in archive
+
+
+def test_the_loader_prints_the_hand_over_line_the_launcher_times() -> None:
+    assert f'echo "{HANDOVER}$init"' in LOADER_INIT

@@ -137,6 +137,7 @@ def floor_boot(info: Any) -> tuple[float, float]:
     (seconds, QEMU CPU seconds) from the loader's hand-over to the floor's listening socket."""
     from vsockrpc.agent import markers
     from vsockrpc.image.agent import FLOOR_INIT_PATH
+    from vsockrpc.image.initramfs import HANDOVER
     from vsockrpc.vm import launch
 
     vm = launch(info, append=f"init={FLOOR_INIT_PATH}", wait=False)
@@ -148,7 +149,7 @@ def floor_boot(info: Any) -> tuple[float, float]:
                     tail = vm.console_text().strip().splitlines()[-1:] or ["no console output"]
                     raise VsockRpcError(f"boot bench: the floor guest did not listen: {tail[0]}")
                 time.sleep(0.02)
-        handover = vm.console.seen("loader: switching") or vm.timings.launched
+        handover = vm.console.seen(HANDOVER) or vm.timings.launched
         vm.stop()
     return ready - handover, sampler.at(ready) - sampler.at(handover)
 

@@ -24,7 +24,7 @@ from types import ModuleType
 from typing import Any
 
 # vsockrpc.agent.markers, repeated here so that nothing of vsockrpc is imported
-# (tests/unit/test_guest_floor.py checks that they agree).
+# (tests/integration/test_guest_floor.py checks that they agree).
 INIT_STARTED = "vsockrpc-guest: init started"
 READY = "vsockrpc-guest: ready"
 VSOCK_PORT = 9999
@@ -77,5 +77,6 @@ def main() -> None:
     listener.bind((socket.VMADDR_CID_ANY, VSOCK_PORT))
     listener.listen()
     print(f"{READY} on vsock:-1:{VSOCK_PORT} (bench floor)", file=sys.stderr, flush=True)
-    while server is not None:  # PID 1 never returns; the launcher's Ctrl-Alt-Del reboots
+    server.wait_for_termination()  # the launcher's Ctrl-Alt-Del reboots the guest (-no-reboot)
+    while True:  # PID 1 never returns: a returning init panics the kernel
         signal.pause()

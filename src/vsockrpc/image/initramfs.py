@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vsockrpc.image.modules import installed_path, module_bytes
 
-__all__ = ["LOADER_INIT", "CpioEntry", "build_loader", "write_newc"]
+__all__ = ["HANDOVER", "LOADER_INIT", "CpioEntry", "build_loader", "write_newc"]
 
 # Runs as PID 1 from the initramfs. Loads the modules listed in /modules.load (dependency
 # order), waits for the root disk, mounts it read-only and hands over to init= from the
@@ -54,6 +54,9 @@ umount /proc
 echo "loader: switching to $init"
 exec switch_root /newroot "$init"
 """
+
+# The console line that ends the kernel's part of a boot: what the launcher times it by.
+HANDOVER = "loader: switching to "
 
 _APPLETS = ("sh", "mkdir", "mount", "umount", "cat", "insmod", "usleep", "switch_root", "poweroff")
 

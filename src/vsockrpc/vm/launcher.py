@@ -29,6 +29,7 @@ from vsockrpc.agent import CMDLINE_ALLOWED_CIDS, DEFAULT_PORT, markers
 from vsockrpc.errors import GuestError, ImageError, TransportError, VmError
 from vsockrpc.image import ImageInfo, find_image
 from vsockrpc.image.cache import cache_root
+from vsockrpc.image.initramfs import HANDOVER
 from vsockrpc.vm import accel as accel_mod
 from vsockrpc.vm import readiness, signals
 from vsockrpc.vm.console import ConsoleFollower
@@ -232,7 +233,7 @@ class Vm:
     def _update_timings(self) -> None:
         t = self.timings
         t.firmware = t.firmware or self.console.first_byte
-        t.kernel_done = t.kernel_done or self.console.seen("loader: switching")
+        t.kernel_done = t.kernel_done or self.console.seen(HANDOVER)
         t.init_started = t.init_started or self.console.seen(markers.INIT_STARTED)
         t.agent_ready = t.agent_ready or self.console.seen(markers.READY)
 
