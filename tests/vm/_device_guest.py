@@ -28,6 +28,7 @@ from vsockrpc.image.kernel import fetch_kernel
 from vsockrpc.image.modules import installed_path, load_order, module_bytes
 from vsockrpc.vm.accel import TCG_CPU
 from vsockrpc.vm.procs import popen_dying_with_parent
+from vsockrpc.vm.qemu import accel_option
 
 HERE = Path(__file__).resolve().parent
 PROBE_PORT = 5000
@@ -146,7 +147,9 @@ def launch(
     cmd = [
         "qemu-system-x86_64",
         "-machine",
-        "q35,accel=tcg,memory-backend=mem",
+        "q35,memory-backend=mem",
+        "-accel",
+        accel_option("tcg", smp),  # several vCPUs: one thread (vm/qemu.py says why)
         "-cpu",
         TCG_CPU,
         "-smp",
