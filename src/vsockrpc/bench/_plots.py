@@ -7,6 +7,7 @@ phases → one stacked bar per configuration (median of each phase).
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from vsockrpc.bench._model import Figure, median
 # draw and only when present: a plain install (no matplotlib) runs the whole suite and its
 # report says that no plots were drawn.
 _WIDTH, _HEIGHT, _DPI = 6.4, 3.6, 90  # small PNGs (committed under docs/bench/)
+_TITLE_CHARS = 60  # longer titles wrap: centred over the axes, 9-point lines hold ~65 characters
 
 
 def available() -> bool:
@@ -44,7 +46,8 @@ def draw(raw: dict[str, Any], out: Path) -> dict[str, str] | None:
             figure, ax = plt.subplots(figsize=(_WIDTH, _HEIGHT), dpi=_DPI)
             try:
                 _DRAW[fig["kind"]](ax, fig)
-                ax.set_title(f"{part['name']}: {fig['title']}", fontsize=9)
+                title = f"{part['name']}: {fig['title']}"
+                ax.set_title(textwrap.fill(title, _TITLE_CHARS), fontsize=9)
                 ax.grid(True, alpha=0.3)
                 figure.tight_layout()
                 name = plot_file(fig)
