@@ -35,7 +35,11 @@ def _boot_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--memory", type=_integer, metavar="MIB", help="RAM (the image spec's, else 512)"
     )
-    parser.add_argument("--cpus", type=_integer, help="virtual CPUs (the image spec's, else 1)")
+    parser.add_argument(
+        "--cpus",
+        type=_integer,
+        help="virtual CPUs (the image spec's, else 1; without KVM they share one host thread)",
+    )
     parser.add_argument("--port", type=_integer, default=9999, help="agent vsock port (9999)")
     parser.add_argument(
         "--timeout",
