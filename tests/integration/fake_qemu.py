@@ -15,40 +15,56 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from typing import Any
 
 
 def option(argv: list[str], flag: str) -> list[str]:
     return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
 
 
-def serve_qmp(listener: socket.socket) -> None:
-    decoder = json.JSONDecoder()
-    greeting = {
-        "QMP": {
-            "version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""},
-            "capabilities": [],
-        }
+# What QEMU 7.2 sends a client first; the stand-in QMP servers of the tests send it too.
+GREETING = {
+    "QMP": {
+        "version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""},
+        "capabilities": [],
     }
+}
+
+
+def qmp_commands(conn: socket.socket) -> Iterator[dict[str, Any]]:
+    """Greet the client on ``conn``, then yield each command it sends until it hangs up."""
+    conn.sendall(json.dumps(GREETING).encode() + b"\n")
+    decoder = json.JSONDecoder()
+    buf = ""
+    while chunk := conn.recv(4096):
+        buf += chunk.decode()
+        while buf.strip():  # QMP is a JSON stream: commands need no newline
+            try:
+                cmd, end = decoder.raw_decode(buf.lstrip())
+            except ValueError:
+                break
+            buf = buf.lstrip()[end:]
+            yield cmd
+
+
+def reply(conn: socket.socket, cmd: dict[str, Any], value: object) -> None:
+    """Answer ``cmd`` with ``{"return": value}`` (and its ``id``, if it had one)."""
+    answer: dict[str, object] = {"return": value}
+    if "id" in cmd:
+        answer["id"] = cmd["id"]
+    conn.sendall(json.dumps(answer).encode() + b"\n")
+
+
+def serve_qmp(listener: socket.socket) -> None:
     while True:
         conn, _ = listener.accept()
         with conn:
-            conn.sendall(json.dumps(greeting).encode() + b"\n")
-            buf = ""
-            while chunk := conn.recv(4096):
-                buf += chunk.decode()
-                while buf.strip():  # QMP is a JSON stream: commands need no newline
-                    try:
-                        cmd, end = decoder.raw_decode(buf.lstrip())
-                    except ValueError:
-                        break
-                    buf = buf.lstrip()[end:]
-                    reply: dict[str, object] = {"return": {}}
-                    if "id" in cmd:
-                        reply["id"] = cmd["id"]
-                    conn.sendall(json.dumps(reply).encode() + b"\n")
-                    if cmd.get("execute") in ("send-key", "quit"):
-                        time.sleep(0.1)  # let the client read the reply
-                        os._exit(0)
+            for cmd in qmp_commands(conn):
+                reply(conn, cmd, {})
+                if cmd.get("execute") in ("send-key", "quit"):
+                    time.sleep(0.1)  # let the client read the reply
+                    os._exit(0)
 
 
 def main() -> None:

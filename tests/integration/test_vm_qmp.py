@@ -7,32 +7,15 @@ escaping to ``vm stop``.
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.integration.fake_qemu import qmp_commands, reply
 from vsockrpc.errors import VmError
 from vsockrpc.vm.qmp import qmp_command
-
-GREETING = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}}, "capabilities": []}}
-
-
-def _commands(conn: socket.socket) -> Iterator[dict[str, object]]:
-    decoder = json.JSONDecoder()
-    buffer = ""
-    while chunk := conn.recv(4096):
-        buffer += chunk.decode()
-        while buffer.strip():
-            try:
-                command, end = decoder.raw_decode(buffer.lstrip())
-            except ValueError:
-                break
-            buffer = buffer.lstrip()[end:]
-            yield command
 
 
 def hang_up_server(path: Path, *, reply_last: bool) -> threading.Thread:
@@ -47,12 +30,10 @@ def hang_up_server(path: Path, *, reply_last: bool) -> threading.Thread:
         with listener:
             conn, _ = listener.accept()
             with conn:
-                conn.sendall(json.dumps(GREETING).encode() + b"\n")
-                for command in _commands(conn):
+                for command in qmp_commands(conn):
                     last = command["execute"] != "qmp_capabilities"
                     if reply_last or not last:
-                        reply = {"return": {}, "id": command.get("id")}
-                        conn.sendall(json.dumps(reply).encode() + b"\n")
+                        reply(conn, command, {})
                     if last:
                         conn.shutdown(socket.SHUT_RDWR)
                         return

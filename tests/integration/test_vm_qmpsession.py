@@ -2,39 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 from pathlib import Path
 
 import pytest
 
+from tests.integration.fake_qemu import qmp_commands, reply
 from vsockrpc.errors import VmError
 from vsockrpc.vm import qmpsession
 from vsockrpc.vm.qmpsession import Session, run_session
 
-GREETING = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}}, "capabilities": []}}
-
 
 def serve_one(listener: socket.socket) -> None:
     """Greet one client and answer each command with ``{"return": {"echo": NAME}}``."""
-    decoder = json.JSONDecoder()
     conn, _ = listener.accept()
     with conn:
-        conn.sendall(json.dumps(GREETING).encode() + b"\n")
-        buffer = ""
-        while chunk := conn.recv(4096):
-            buffer += chunk.decode()
-            while buffer.strip():  # a JSON stream: commands end without a newline
-                try:
-                    command, end = decoder.raw_decode(buffer.lstrip())
-                except ValueError:
-                    break
-                buffer = buffer.lstrip()[end:]
-                reply = {"return": {"echo": command["execute"]}}
-                if "id" in command:
-                    reply["id"] = command["id"]
-                conn.sendall(json.dumps(reply).encode() + b"\n")
+        for command in qmp_commands(conn):
+            reply(conn, command, {"echo": command["execute"]})
 
 
 async def query(s: Session) -> object:
