@@ -13,7 +13,7 @@ Each part module documents what it measures; every non-public name the parts use
 
 from __future__ import annotations
 
-from vsockrpc.bench._model import SCHEMA, validate
+from vsockrpc.bench._model import SCHEMA, failed_parts, validate
 from vsockrpc.bench._suite import PARTS, QUICK_PARTS, run_suite
 from vsockrpc.bench.report import load_raw, render, write_report
 
@@ -21,6 +21,7 @@ __all__ = [
     "PARTS",
     "QUICK_PARTS",
     "SCHEMA",
+    "failed_parts",
     "load_raw",
     "render",
     "run_suite",

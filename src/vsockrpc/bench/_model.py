@@ -67,6 +67,11 @@ def failed(name: str, title: str, error: str) -> PartResult:
     return part_result(name, title, {}, [], failed=error)
 
 
+def failed_parts(raw: dict[str, Any]) -> list[PartResult]:
+    """The parts of a raw document that stopped with an error (see :func:`failed`)."""
+    return [part for part in raw["parts"] if part.get("failed")]
+
+
 def percentile(samples: list[float], q: float) -> float:
     """Nearest-rank percentile (``q`` in 0..1) of a non-empty list."""
     ordered = sorted(samples)

@@ -217,7 +217,7 @@ def render(raw: dict[str, Any], *, plots: dict[str, str] | None = None) -> str:
     out += _table(["", ""], rows)
     for note in raw.get("notes", []):
         out += ["", f"> {note}"]
-    failed = [part["name"] for part in raw["parts"] if part.get("failed")]
+    failed = [part["name"] for part in _model.failed_parts(raw)]
     if failed:  # no figures of theirs in the summary: say so before it
         out += ["", f"> **Incomplete run:** {', '.join(failed)} failed; see the part's section."]
     out += ["", _plot_status(plots)]

@@ -84,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
     raw["notes"] += args.note
     for path in bench.write_report(raw, out, json_only=args.json_only):
         print(path, flush=True)
-    failed = [part for part in raw["parts"] if part.get("failed")]
+    failed = bench.failed_parts(raw)
     for part in failed:  # the report has the rest; the exit status says it is incomplete
         print(
             f"vsockrpc: error: bench part {part['name']} failed: {part['failed']}", file=sys.stderr
