@@ -97,3 +97,30 @@ def test_lookups_pass_the_private_options(tmp_path: Path, monkeypatch: pytest.Mo
     pkg = debs._resolve_uncached("k", index)
     assert pkg == debs.DebPackage("k", "6.12", "amd64", "ab")
     assert apt.calls[-1][: 1 + len(index.options)] == ["apt-cache", *index.options]
+
+
+def test_an_installed_candidate_without_a_download_falls_back_to_the_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The host installed a newer copy from another suite: apt's candidate is that dpkg record,
+    # which has no SHA256; the version this index can download is the next record.
+    installed = "Package: linux-source-6.12\nStatus: install ok installed\nVersion: 6.12.118\n"
+    indexed = "Package: linux-source-6.12\nVersion: 6.12.95\nArchitecture: all\nSHA256: cd\n"
+    asked: list[list[str]] = []
+
+    def show(argv: list[str], *, what: str, cwd: Path | None = None) -> str:
+        asked.append(argv)
+        return installed if "--no-all-versions" in argv else f"{installed}\n{indexed}"
+
+    monkeypatch.setattr(debs, "_run", show)
+    pkg = debs._resolve_uncached("linux-source-6.12", debs.HOST_INDEX)
+    assert pkg == debs.DebPackage("linux-source-6.12", "6.12.95", "all", "cd")
+    assert len(asked) == 2
+
+
+def test_a_package_no_index_can_download_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        debs, "_run", lambda argv, *, what, cwd=None: "Package: p\nVersion: 1\nStatus: ok\n"
+    )
+    with pytest.raises(ImageError, match="package p has no Architecture field"):
+        debs._resolve_uncached("p", debs.HOST_INDEX)

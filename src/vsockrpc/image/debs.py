@@ -171,11 +171,13 @@ def _resolve_uncached(name: str, index: AptIndex) -> DebPackage:
         ["apt-cache", *index.options, "show", "--no-all-versions", name],
         what=f"looking up package {name}",
     )
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(": ")
-        if sep and not line.startswith(" ") and key not in fields:
-            fields[key] = value.strip()
+    records = _records(text)
+    if records and "SHA256" not in records[0]:
+        # The candidate is the host's installed copy, which no index of this source lists (a
+        # newer one from another suite): take the best version the index can download.
+        text = _run(["apt-cache", *index.options, "show", name], what=f"looking up {name}")
+        records = [r for r in _records(text) if "SHA256" in r] or records
+    fields = records[0] if records else {}
     try:
         return DebPackage(
             fields["Package"], fields["Version"], fields["Architecture"], fields["SHA256"]
@@ -185,6 +187,20 @@ def _resolve_uncached(name: str, index: AptIndex) -> DebPackage:
             f"package {name} has no {err.args[0]} field in the apt index",
             hint="apt-get update",
         ) from err
+
+
+def _records(text: str) -> list[dict[str, str]]:
+    """The records of ``apt-cache show`` output (blank-line separated), first value per key."""
+    records: list[dict[str, str]] = []
+    for block in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            key, sep, value = line.partition(": ")
+            if sep and not line.startswith(" ") and key not in fields:
+                fields[key] = value.strip()
+        if fields:
+            records.append(fields)
+    return records
 
 
 @functools.cache
