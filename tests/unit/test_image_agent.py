@@ -28,6 +28,14 @@ def test_install_agent_writes_the_payload_and_an_init_for_its_entry(tmp_path: Pa
     # loaded by path from site-packages: importing vsockrpc.guest.floor would run vsockrpc's init
     assert "'/usr/local/lib/python3.11/dist-packages' + \"/vsockrpc/guest/floor.py\"" in floor_text
     assert "import vsockrpc" not in floor_text and "from vsockrpc" not in floor_text
+    # tailored kernels have no loader: this prints its hand-over line, then runs the init
+    handover = root / agent.HANDOVER_PATH.lstrip("/")
+    assert handover.stat().st_mode & 0o777 == 0o755
+    assert handover.read_text().splitlines() == [
+        "#!/bin/sh",
+        f'echo "loader: switching to {agent.INIT_PATH}"',
+        f'exec {agent.INIT_PATH} "$@"',
+    ]
     first = agent.agent_digest(payload)
     src.write_text("def main():\n    return 1\n")
     assert agent.agent_digest(payload) != first

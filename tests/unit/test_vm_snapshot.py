@@ -199,6 +199,8 @@ def test_not_a_directory_is_refused(tmp_path: Path) -> None:
         (["--from", "S", "--count", "0"], "--count 0: expected 1 to 64"),
         (["--from", "S", "--memory", "256"], "--memory cannot be used with --from"),
         (["--from", "S", "--append", "x"], "--append cannot be used with --from"),
+        (["--from", "S", "--kernel", "tailored"], "--kernel cannot be used with --from"),
+        (["--image", "S", "--kernel", "tailored"], "--kernel chooses the kernel of an image"),
         (
             ["--from", "S", "--group", "g", "--trust-group"],
             "--trust-group cannot be used with --from",

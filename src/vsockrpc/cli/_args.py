@@ -8,7 +8,11 @@ import argparse
 from vsockrpc._checks import seconds as _check_seconds
 from vsockrpc.errors import BadInputError
 
-__all__ = ["seconds", "seconds_or_zero"]
+__all__ = ["KERNELS", "seconds", "seconds_or_zero"]
+
+# --kernel's choices: vsockrpc.image.tailored.KERNELS, repeated so that building the parser
+# does not import the image builder (a test checks they agree).
+KERNELS = ("debian", "tailored")
 
 
 def _parse(text: str, *, zero: bool) -> float:

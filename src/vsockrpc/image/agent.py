@@ -13,9 +13,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from vsockrpc.image import cache
+from vsockrpc.image.initramfs import HANDOVER
 from vsockrpc.payload import Payload
 
-__all__ = ["FLOOR_INIT_PATH", "INIT_PATH", "agent_digest", "init_script", "install_agent"]
+__all__ = [
+    "FLOOR_INIT_PATH",
+    "HANDOVER_PATH",
+    "INIT_PATH",
+    "agent_digest",
+    "init_script",
+    "install_agent",
+]
 
 INIT_PATH = "/usr/local/bin/vsockrpc-init"
 # -u: the console gets every line at once; -I: ignore PYTHON* variables and the CWD; -S: no
@@ -42,6 +50,16 @@ floor.main()
 """
 
 
+# init= of images whose kernel mounts the root itself (image/tailored.py: no loader). It prints
+# the loader's hand-over line, which ends the launcher's firmware+kernel phase, so that the
+# phases of a boot mean the same for every kernel; dash starts in a few milliseconds.
+HANDOVER_PATH = "/usr/local/bin/vsockrpc-handover"
+_HANDOVER_SCRIPT = f"""#!/bin/sh
+echo "{HANDOVER}{INIT_PATH}"
+exec {INIT_PATH} "$@"
+"""
+
+
 def init_script(payload: Payload, site: str) -> str:
     """The init script running ``payload``'s entry module from ``site`` (a guest path)."""
     return _INIT_SCRIPT.format(site=site, entry=payload.entry_module)
@@ -50,7 +68,12 @@ def init_script(payload: Payload, site: str) -> str:
 def agent_digest(payload: Payload) -> str:
     """Content key of what :func:`install_agent` writes (sources and init script template)."""
     return cache.digest(
-        {"sources": payload.source_digest(), "init": _INIT_SCRIPT, "floor": _FLOOR_SCRIPT}
+        {
+            "sources": payload.source_digest(),
+            "init": _INIT_SCRIPT,
+            "floor": _FLOOR_SCRIPT,
+            "handover": _HANDOVER_SCRIPT,
+        }
     )
 
 
@@ -65,3 +88,6 @@ def install_agent(payload: Payload, root: Path, site_packages: Path) -> None:
     floor = root / FLOOR_INIT_PATH.lstrip("/")
     floor.write_text(_FLOOR_SCRIPT.format(site=site))
     floor.chmod(0o755)
+    handover = root / HANDOVER_PATH.lstrip("/")
+    handover.write_text(_HANDOVER_SCRIPT)
+    handover.chmod(0o755)

@@ -40,9 +40,10 @@ from vsockrpc.image import (
     pvh,
     rootfs,
     spec_layers,
+    tailored,
     wheels,
 )
-from vsockrpc.image.kernel import fetch_kernel
+from vsockrpc.image.kernel import fetch_kernel, kernel_index
 from vsockrpc.payload import ImageSpec, Payload, guest_payload
 
 __all__ = ["DEFAULT_RELEASE", "FORMAT", "ImageInfo", "build_image", "export_image", "find_image"]
@@ -268,13 +269,18 @@ def build_image(
     cache_root: Path | None = None,
     spec: ImageSpec | None = None,
     name: str | None = None,
+    kernel: str = "debian",
 ) -> ImageInfo:
     """The image for these inputs: from the cache, or built (needs root for the base layer).
 
     ``spec``: an image spec's packages, files and services on top (:mod:`.spec_layers`);
     ``name``: the name :func:`vsockrpc.image.names.resolve` finds the image by afterwards.
+    ``kernel``: ``debian`` (Debian's cloud kernel and the loader initramfs) or ``tailored``
+    (:mod:`.tailored`: built from the same series' source, everything built in, no loader).
     Everything a spec names is checked (apt index, pip wheels) before a layer is built.
     """
+    if kernel not in tailored.KERNELS:
+        raise ImageError(f"unknown kernel {kernel!r} (choose from {', '.join(tailored.KERNELS)})")
     cache_root = cache.cache_root(cache_root)
     if mirror_uri:
         mirror_lines = [f"deb {mirror_uri} {release} main"]
@@ -305,7 +311,16 @@ def build_image(
         with step(f"python layer: {', '.join(spec.pip)}"):
             python_dir = spec_layers.python_layer(base.name, user_set, cache_root)
     cmdline = f"{CMDLINE} {spec.kernel_cmdline}".strip() if spec is not None else CMDLINE
-    kernel = fetch_kernel(cache_root=cache_root)
+    cloud = fetch_kernel(cache_root=cache_root)
+    own = None
+    if kernel == "tailored":
+        own = tailored.build_tailored(
+            tailored.series_of(cloud.version),
+            index=kernel_index(cache_root),
+            step=step,
+            cache_root=cache_root,
+        )
+        cmdline = cmdline.replace(f"init={agent.INIT_PATH}", f"init={agent.HANDOVER_PATH}")
     busybox_pkg = debs.resolve("busybox-static")
     busybox = debs.unpack(busybox_pkg, root=cache_root) / "bin" / "busybox"
     epoch = int(base_manifest["inputs"]["epoch"])
@@ -321,6 +336,8 @@ def build_image(
         inputs["spec"] = spec.top_digest()
         inputs["spec_manifest"] = SPEC_MANIFEST_FORMAT
         inputs["python_layer"] = python_dir.name if python_dir is not None else None
+    if own is not None:  # absent for Debian's kernel: those keys are unchanged
+        inputs["kernel"] = cache.file_digest(own.bzimage)
     key = cache.digest(inputs)
     entry = cache.entry("images", key, root=cache_root)
     with entry.lock():
@@ -346,22 +363,31 @@ def build_image(
                 rootfs.clamp_mtimes(work, epoch)
                 ext4.make_ext4(work, tmp / FILES["rootfs"], key=key, epoch=epoch)
                 shutil.rmtree(work)
-            with step("loader initramfs (busybox + virtio/vsock modules)"):
-                mods = modules.load_order(kernel.modules_dir)
-                (tmp / FILES["initrd"]).write_bytes(
-                    initramfs.build_loader(busybox, mods, kernel.modules_dir, mtime=epoch)
-                )
-                shutil.copyfile(kernel.vmlinuz, tmp / FILES["kernel"])
-            with step("PVH kernel (uncompressed, skips the in-guest decompressor)"):
-                pvh.extract_pvh_kernel(kernel.vmlinuz, tmp / PVH_KERNEL)
+            if own is not None:
+                # Everything is built in and the kernel mounts the root: an empty initrd (the
+                # launcher always passes one), and the kernel files as built.
+                (tmp / FILES["initrd"]).write_bytes(initramfs.write_newc([], mtime=epoch))
+                shutil.copyfile(own.bzimage, tmp / FILES["kernel"])
+                shutil.copyfile(own.vmlinux, tmp / PVH_KERNEL)
+                kernel_info = {"version": own.version, "package": own.source, "kind": "tailored"}
+            else:
+                with step("loader initramfs (busybox + virtio/vsock modules)"):
+                    mods = modules.load_order(cloud.modules_dir)
+                    (tmp / FILES["initrd"]).write_bytes(
+                        initramfs.build_loader(busybox, mods, cloud.modules_dir, mtime=epoch)
+                    )
+                    shutil.copyfile(cloud.vmlinuz, tmp / FILES["kernel"])
+                with step("PVH kernel (uncompressed, skips the in-guest decompressor)"):
+                    pvh.extract_pvh_kernel(cloud.vmlinuz, tmp / PVH_KERNEL)
+                kernel_info = {"version": cloud.version, "package": base_manifest["kernel_package"]}
             manifest = {
                 "format": FORMAT,
                 "key": key,
-                "arch": kernel.arch,
+                "arch": cloud.arch,
                 "release": release,
                 "cmdline": cmdline,
                 "inputs": inputs,
-                "kernel": {"version": kernel.version, "package": base_manifest["kernel_package"]},
+                "kernel": kernel_info,
                 "agent": {"version": _agent_version(), "digest": inputs["agent"]},
                 "python": base_manifest["python"],
                 "packages": base_manifest["packages"],
@@ -385,6 +411,7 @@ def build_image(
     cache.prune("images", keep=KEEP_IMAGES, root=cache_root, protect=keep["images"])
     cache.prune("python", keep=KEEP_BASES, root=cache_root, protect=keep["python"])
     cache.prune("base", keep=KEEP_BASES, root=cache_root, protect=keep["base"])
+    cache.prune("kernels", keep=KEEP_BASES, root=cache_root)  # images hold copies of theirs
     return find_image(entry.path)
 
 
