@@ -53,6 +53,19 @@ def test_interrupt_leaves_nothing_half_written(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "things").iterdir()] == []
 
 
+def test_a_build_killed_outright_is_cleared_by_the_next_build_of_its_key(tmp_path: Path) -> None:
+    entry = cache.entry("things", "k3", root=tmp_path)
+    killed = tmp_path / "things" / ".tmp-k3-dead1234"  # SIGKILL: no finally ran
+    (killed / "part").parent.mkdir(parents=True)
+    (killed / "part").write_bytes(b"x" * 100)
+    other = tmp_path / "things" / ".tmp-k4-alive567"  # another key's build, maybe running
+    other.mkdir()
+    with entry.lock(), entry.build() as tmp:
+        assert not killed.exists()
+        (tmp / "whole").write_text("done")
+    assert entry.exists and other.is_dir()
+
+
 def test_unwritable_cache_root_is_one_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -101,7 +101,11 @@ class Entry:
         On any exception (Ctrl-C included) the temporary directory is removed and nothing
         appears under the final name. Call inside :meth:`lock`.
         """
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.path.name[:16]}-", dir=self.path.parent))
+        prefix = f".tmp-{self.path.name[:16]}-"
+        # Under the lock, another directory of this key is a build that was killed outright.
+        for stale in self.path.parent.glob(f"{prefix}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.path.parent))
         try:
             yield tmp
             os.chmod(tmp, 0o755)
