@@ -97,3 +97,14 @@ def test_an_unknown_kernel_is_refused_before_anything_is_built(tmp_path: Path) -
 
 def test_the_cli_offers_the_kernels_the_builder_knows() -> None:
     assert CLI_KERNELS == tailored.KERNELS
+
+
+def test_trees_of_killed_builds_of_the_key_are_removed(tmp_path: Path) -> None:
+    prefix = f"{tailored.TREE_PREFIX}0123456789abcdef-"
+    dead = tmp_path / f"{prefix}999999999-x1"
+    other = tmp_path / f"{tailored.TREE_PREFIX}fedcba9876543210-999999999-x3"  # another key
+    for tree in (dead, other):
+        (tree / "src").mkdir(parents=True)
+    tailored._remove_dead_trees(tmp_path, prefix)
+    assert not dead.exists()
+    assert other.is_dir()

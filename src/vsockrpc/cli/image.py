@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vsockrpc._stopsignals import interrupting
 from vsockrpc.cli._args import KERNELS
 from vsockrpc.cli._output import step
 
@@ -102,15 +103,16 @@ def _build(args: argparse.Namespace) -> int:
     from vsockrpc.image import build_image, export_image
 
     spec, name = load_spec_and_name(args.spec, args.name)
-    info = build_image(
-        release=args.release,
-        mirror_uri=args.mirror,
-        step=step,
-        cache_root=args.cache,
-        spec=spec,
-        name=name,
-        kernel=args.kernel,
-    )
+    with interrupting():  # SIGTERM/SIGHUP unwind the build: its tools and temporary trees go
+        info = build_image(
+            release=args.release,
+            mirror_uri=args.mirror,
+            step=step,
+            cache_root=args.cache,
+            spec=spec,
+            name=name,
+            kernel=args.kernel,
+        )
     if args.out is not None:
         info = export_image(info, args.out)
     if args.json:

@@ -13,8 +13,9 @@ guest needs is built in, nothing is a module, and the kernel mounts the root its
 What it leaves out, a user's own guest may need (netfilter, overlayfs, FUSE, cgroups, USB, …):
 the Debian kernel stays the default; this one is chosen with ``--kernel tailored``.
 
-Measured (TCG, 1 vCPU, cold boots alternating, ``docs/system.md``): the kernel reaches ``init``
-at 0.9 s of guest clock instead of 1.5 s plus the loader.
+Measured (TCG, 1 vCPU, cold boots alternating, docs/system.md): the kernel runs ``init`` at
+0.67 s of guest clock instead of 1.5 s plus 0.3 s of loader; a cold boot to the first answered
+RPC took 2.95 s instead of 4.21 s.
 
 Hand-rolled because Debian ships no minimal guest kernel and no tool builds one from a
 fragment; the steps are the kernel's documented ones (Documentation/admin-guide/README.rst).
@@ -22,9 +23,11 @@ fragment; the steps are the kernel's documented ones (Documentation/admin-guide/
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -49,6 +52,7 @@ BUILD_TOOLS = {  # program → the Debian package that has it
     "xz": "xz-utils",
 }
 LIBELF_HEADER = Path("/usr/include/gelf.h")  # objtool (x86-64) needs libelf-dev
+TREE_PREFIX = ".kernel-src-"  # + key + the builder's pid: the source tree while it builds
 
 # (option, value) merged over tinyconfig. A reason per group; olddefconfig adds what they select.
 OPTIONS: tuple[tuple[str, str], ...] = (
@@ -222,13 +226,17 @@ def build_tailored(
         "fragment": fragment(),
         "gcc": _gcc_version(),
     }
-    entry = cache.entry("kernels", cache.digest(inputs), root=cache_root)
+    key = cache.digest(inputs)
+    entry = cache.entry("kernels", key, root=cache_root)
     with entry.lock():
         if not entry.exists:
+            tree = f"{TREE_PREFIX}{key[:16]}-"
+            _remove_dead_trees(entry.path.parent, tree)
             with step(f"tailored kernel from {pkg.name} {pkg.version} (minutes, once)"):
                 src_root = debs.unpack(pkg, root=cache_root, index=index)
                 with entry.build() as out:
-                    _build(src_root / "usr/src" / f"{pkg.name}.tar.xz", out, jobs)
+                    tarball = src_root / "usr/src" / f"{pkg.name}.tar.xz"
+                    _build(tarball, out, f"{tree}{os.getpid()}-", jobs)
                     meta = json.loads((out / "kernel.json").read_text())
                     meta["source"] = f"{pkg.name} {pkg.version}"
                     (out / "kernel.json").write_text(json.dumps(meta, sort_keys=True) + "\n")
@@ -243,26 +251,49 @@ def build_tailored(
     )
 
 
-def _build(tarball: Path, out: Path, jobs: int | None) -> None:
+def _remove_dead_trees(kernels: Path, prefix: str) -> None:
+    """Remove the source trees (~1.5 GB each) that builds of this key left when they were
+    killed outright. Called under the key's lock: no live build of it owns one."""
+    for tree in kernels.glob(f"{prefix}*"):
+        shutil.rmtree(tree, ignore_errors=True)
+
+
+def _build(tarball: Path, out: Path, tree_prefix: str, jobs: int | None) -> None:
     """Configure and build the kernel of ``tarball`` into ``out`` (vmlinux, bzImage, config,
-    kernel.json, build.log). The tree lives in a temporary directory next to ``out``."""
+    kernel.json, build.log). The tree lives in a temporary directory next to ``out``, removed
+    on return, on an error and on Ctrl-C (SIGTERM/SIGHUP too where the CLI turns them into
+    that); the build tools die with this process (``setpriv --pdeathsig``)."""
     if not tarball.is_file():
         raise ImageError(f"{tarball.name} is not in its package")
     log = out / "build.log"
+    die_with_us = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
     with (
-        tempfile.TemporaryDirectory(prefix=".kernel-src-", dir=out.parent) as tmp,
+        tempfile.TemporaryDirectory(prefix=tree_prefix, dir=out.parent) as tmp,
         log.open("wb") as log_f,
     ):
         src, obj = Path(tmp) / "src", Path(tmp) / "obj"
         src.mkdir()
 
         def run(argv: list[str], what: str) -> str:
-            done = subprocess.run(argv, cwd=src, stdout=subprocess.PIPE, stderr=log_f, check=False)
-            log_f.write(done.stdout)
-            if done.returncode != 0:
+            proc = subprocess.Popen(
+                [*die_with_us, *argv],
+                cwd=src,
+                stdout=subprocess.PIPE,
+                stderr=log_f,
+                start_new_session=True,  # its own group: stopped as one (make and its jobs)
+            )
+            try:
+                stdout, _ = proc.communicate()
+            except BaseException:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise
+            log_f.write(stdout)
+            if proc.returncode != 0:
                 tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
                 raise ImageError(f"tailored kernel: {what} failed: {tail[0]}")
-            return done.stdout.decode(errors="replace")
+            return stdout.decode(errors="replace")
 
         run(["tar", "-xf", str(tarball), "-C", str(src), "--strip-components=1"], "unpacking")
         (Path(tmp) / "vsockrpc.config").write_text(fragment())
