@@ -10,6 +10,10 @@ Wall-clock phases swing with other load on the host, so QEMU's own CPU time per 
 system, sampled from /proc every 20 ms; under TCG that is the guest's emulated work) is a second
 figure: it moves far less with load. Configurations (1 and 2 vCPUs, restore) are interleaved.
 
+The tailored kernel (:mod:`vsockrpc.image.tailored`), where this machine can build it: the same
+image with that kernel and no loader, 1 vCPU, interleaved with the others (``boot.phases``, and
+``boot.first_rpc`` against the Debian kernel's cold boot).
+
 The floor: the same image booted with a bare grpcio Addition server as PID 1
 (:mod:`vsockrpc.guest.floor`, nothing of vsockrpc imported), timed from the loader's hand-over to
 its listening socket, next to the agent's ``init`` + ``agent start`` of the 1-vCPU boots. The
@@ -38,6 +42,7 @@ CPU_PHASES = PHASES[1:5]
 PYTHON_PHASES = ("init", "agent start")  # the loader's hand-over → the agent listens
 FLOOR_TIMEOUT = 120.0
 FLOOR = "bare grpcio as PID 1"
+TAILORED = "1 vCPU, tailored kernel"  # image/tailored.py; measured where it can be built
 AGENT = "vsockrpc agent as PID 1"
 
 
@@ -159,17 +164,30 @@ def run(ctx: Context) -> _model.PartResult:
         return _model.skipped(NAME, TITLE, "--quick does not boot guests")
     from pathlib import Path
 
-    from vsockrpc.image import build_image
+    from vsockrpc.image import build_image, tailored
     from vsockrpc.vm import load_snapshot
 
-    runs, configs = 5, {"1 vCPU": 1, "2 vCPUs": 2}
+    runs = 5
     ctx.step(NAME, "building or finding the guest image")
     info = build_image()
+    configs = {"1 vCPU": (info, 1), "2 vCPUs": (info, 2)}
+    notes: list[str] = []
+    missing = tailored.missing_tools()
+    if missing:
+        notes.append(f"tailored kernel: not measured, building it needs {', '.join(missing)}")
+    else:
+        ctx.step(NAME, "building or finding the image with the tailored kernel (minutes, once)")
+        try:
+            configs[TAILORED] = (build_image(kernel="tailored"), 1)
+        except VsockRpcError as err:  # the rest of the part stands without it
+            notes.append(f"tailored kernel: not measured: {err}")
     wall: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
     cpu: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
     off: dict[str, list[float]] = {c: [] for c in configs}
     restored: list[dict[str, float]] = []
     first_rpc: dict[str, list[float]] = {"cold boot, 1 vCPU": [], "restore, 1 vCPU": []}
+    if TAILORED in configs:
+        first_rpc[f"cold boot, {TAILORED}"] = []
     identity: list[float] = []
     python: dict[str, list[float]] = {FLOOR: [], AGENT: []}  # the floor first: the baseline
     python_cpu: dict[str, list[float]] = {FLOOR: [], AGENT: []}
@@ -179,12 +197,19 @@ def run(ctx: Context) -> _model.PartResult:
         snap_dir, facts = _restore.take_snapshot(info, Path(tmp))
         snapshot = load_snapshot(snap_dir)  # verified once; restores skip the sha256
         for n in range(runs):
-            for label, cpus in configs.items():
+            for label, (image, cpus) in configs.items():
                 ctx.step(NAME, f"boot {n + 1} of {runs}, {label}")
-                phases, used, shutdown, path = one_boot(info, cpus)
+                phases, used, shutdown, took = one_boot(image, cpus)
                 wall[label].append(phases)
                 cpu[label].append(used)
                 off[label].append(shutdown)
+                if label == TAILORED:
+                    path["guest kernel, tailored"] = took["guest kernel"]
+                    first_rpc[f"cold boot, {TAILORED}"].append(
+                        sum(v for k, v in phases.items() if k != "Addition")
+                    )
+                    continue
+                path.update(took)
                 if cpus == 1:
                     first_rpc["cold boot, 1 vCPU"].append(
                         sum(v for k, v in phases.items() if k != "Addition")
@@ -245,7 +270,7 @@ def run(ctx: Context) -> _model.PartResult:
             unit="s",
         ),
     ]
-    notes = [
+    notes += [
         "image sizes (apparent): " + ", ".join(f"{name} {mb:.1f} MB" for name, mb in sizes.items()),
         f"snapshot: {facts['snapshot bytes'] / 1e6:.1f} MB on disk for "
         f"{facts['guest used RAM bytes'] / 1e6:.1f} MB of guest RAM in use (MemTotal - "
