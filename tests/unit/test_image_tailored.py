@@ -72,9 +72,21 @@ def test_missing_build_tools_are_named_by_their_packages(
     assert tailored.missing_tools() == []
 
 
+def test_other_architectures_are_refused_before_anything(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(tailored.debs, "host_arch", lambda: "arm64")
+    with pytest.raises(ImageError, match="amd64 guests only, not arm64"):
+        tailored.build_tailored(
+            "6.12", index=tailored.debs.HOST_INDEX, step=build._no_progress, cache_root=tmp_path
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_build_stops_before_any_download_without_its_tools(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    monkeypatch.setattr(tailored.debs, "host_arch", lambda: "amd64")
     monkeypatch.setattr(tailored, "missing_tools", lambda: ["bison", "flex"])
 
     def no_apt(*_a: object, **_k: object) -> None:

@@ -213,6 +213,9 @@ def build_tailored(
 ) -> TailoredKernel:
     """The tailored kernel of ``series`` (``6.12``) from ``index``: cached, else built (about
     5 minutes on 2 cores; the source tree, ~1.5 GB, is removed afterwards)."""
+    arch = debs.host_arch()
+    if arch != "amd64":  # OPTIONS and the build's paths are x86-64's
+        raise ImageError(f"the tailored kernel is built for amd64 guests only, not {arch}")
     missing = missing_tools()
     if missing:
         raise ImageError(
