@@ -11,6 +11,7 @@ import pytest
 from vsockrpc.cli._args import KERNELS as CLI_KERNELS
 from vsockrpc.errors import ImageError
 from vsockrpc.image import build, tailored
+from vsockrpc.payload import ImageSpec, load_spec
 
 
 def full_config() -> str:
@@ -109,6 +110,21 @@ def test_an_unknown_kernel_is_refused_before_anything_is_built(tmp_path: Path) -
 
 def test_the_cli_offers_the_kernels_the_builder_knows() -> None:
     assert CLI_KERNELS == tailored.KERNELS
+
+
+def spec_with(tmp_path: Path, text: str) -> ImageSpec:
+    (tmp_path / "vsockrpc.toml").write_text(text)
+    return load_spec(tmp_path / "vsockrpc.toml")
+
+
+def test_the_kernel_is_the_option_else_the_spec_else_debian(tmp_path: Path) -> None:
+    tailored_spec = spec_with(tmp_path, 'kernel = "tailored"\n')
+    assert tailored_spec.kernel == "tailored"
+    assert build.choose_kernel(None, tailored_spec) == "tailored"
+    assert build.choose_kernel("debian", tailored_spec) == "debian"  # --kernel wins
+    assert build.choose_kernel(None, spec_with(tmp_path, 'name = "x"\n')) == "debian"
+    assert build.choose_kernel(None, None) == "debian"
+    assert build.choose_kernel("tailored", None) == "tailored"
 
 
 def test_trees_of_killed_builds_of_the_key_are_removed(tmp_path: Path) -> None:

@@ -141,6 +141,11 @@ def test_top_digest_follows_service_code_and_copied_files_only(tmp_path: Path) -
         ('apt = ["Tree!"]\n', ":1: apt: [0]: 'Tree!' is not a Debian package name"),
         ('name = "Bad Name"\n', ":1: name: 'Bad Name' is not a valid image name"),
         ('kernel_cmdline = "init=/bin/sh"\n', ":1: kernel_cmdline: must be one line and"),
+        (
+            'name = "x"\nkernel = "mine"\n',
+            ":2: kernel: 'mine' is not a kernel (choose from debian, tailored)",
+        ),
+        ("kernel = 6\n", ":1: kernel: expected a string, got an integer (6)"),
         ('pip = ["six==1", "six==2"]\n', ":1: pip: conflicting pins for six: ==1 and ==2"),
         ('pip = ["-e ."]\n', ":1: pip: '-e .' is not a requirement"),
         ('pip_requirements = "nope.txt"\n', ":1: pip_requirements: cannot read nope.txt"),

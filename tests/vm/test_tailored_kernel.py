@@ -15,6 +15,7 @@ from vsockrpc.agent.markers import POWERING_OFF
 from vsockrpc.image import ImageInfo, build_image
 from vsockrpc.image.agent import HANDOVER_PATH
 from vsockrpc.image.initramfs import HANDOVER
+from vsockrpc.payload import load_spec
 from vsockrpc.sdk import Guest
 from vsockrpc.vm import Vm, launch, restore, snapshot_vm
 
@@ -92,3 +93,16 @@ def test_ctrl_alt_del_powers_it_off(tailored_image: ImageInfo) -> None:
     assert POWERING_OFF in machine.console_text()  # PID 1 got the keys, not QMP's quit
     assert not any(process_alive(p) for p in pids)
     assert not machine.run_dir.exists()
+
+
+def test_an_image_spec_asks_for_it_and_the_option_overrides_the_spec(
+    tailored_image: ImageInfo, tmp_path: Path
+) -> None:
+    (tmp_path / "vsockrpc.toml").write_text('name = "tailored-spec"\nkernel = "tailored"\n')
+    spec = load_spec(tmp_path / "vsockrpc.toml")
+    info = build_image(spec=spec)
+    assert info.manifest["kernel"]["kind"] == "tailored"
+    assert info.kernel.read_bytes() == tailored_image.kernel.read_bytes()
+    debian = build_image(spec=spec, kernel="debian")
+    assert "kind" not in debian.manifest["kernel"]
+    assert debian.initrd.stat().st_size > 1 << 20  # the loader, with its modules

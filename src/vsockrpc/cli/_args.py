@@ -10,8 +10,8 @@ from vsockrpc.errors import BadInputError
 
 __all__ = ["KERNELS", "seconds", "seconds_or_zero"]
 
-# --kernel's choices: vsockrpc.image.tailored.KERNELS, repeated so that building the parser
-# does not import the image builder (a test checks they agree).
+# --kernel's choices: vsockrpc.payload.spec.KERNELS, repeated so that building the parser
+# does not import the image spec's parser (a test checks they agree).
 KERNELS = ("debian", "tailored")
 
 

@@ -41,8 +41,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     build.add_argument(
         "--kernel",
         choices=KERNELS,
-        default="debian",
-        help="debian (default): Debian's cloud kernel and a loader initramfs; tailored: a "
+        help="debian (the default, unless the spec says kernel = ...): Debian's cloud kernel "
+        "and a loader initramfs; tailored: a "
         "kernel built once from Debian's source with what a guest needs built in, no "
         "modules, no loader (~1 s faster boot under TCG; docs/system.md)",
     )

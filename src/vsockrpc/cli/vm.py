@@ -52,9 +52,9 @@ def _boot_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kernel",
         choices=KERNELS,
-        help="kernel of the image it builds: debian (default: Debian's cloud kernel) or "
-        "tailored (built once from Debian's source for this guest; boots ~1 s faster under "
-        "TCG, has no modules: docs/system.md)",
+        help="kernel of the image it builds: debian (Debian's cloud kernel; the default, "
+        "unless the image spec says kernel = ...) or tailored (built once from Debian's "
+        "source for this guest; boots ~1 s faster under TCG, has no modules: docs/system.md)",
     )
 
 
@@ -200,11 +200,11 @@ def _find_or_build_image(
 
         spec = load_spec(spec_file)  # SpecError (exit 2) before anything is built
         with step("guest image (image spec)"):
-            return build_image(step=step, spec=spec, name=spec.name, kernel=kernel or "debian")
+            return build_image(step=step, spec=spec, name=spec.name, kernel=kernel)
     if path is not None:
         return find_image(names.locate(str(path)))
     with step("guest image"):
-        return build_image(step=step, kernel=kernel or "debian")
+        return build_image(step=step, kernel=kernel)
 
 
 def _spec_default(info: Any, key: str, given: int | None, fallback: int) -> int:

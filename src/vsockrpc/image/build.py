@@ -121,6 +121,14 @@ class ImageInfo:
         return sum((self.path / name).stat().st_size for name in FILES.values())
 
 
+def choose_kernel(given: str | None, spec: ImageSpec | None) -> str:
+    """The image's kernel: ``given`` (``--kernel``), else the spec's, else ``debian``."""
+    kernel = given or (spec.kernel if spec is not None else None) or "debian"
+    if kernel not in tailored.KERNELS:
+        raise ImageError(f"unknown kernel {kernel!r} (choose from {', '.join(tailored.KERNELS)})")
+    return kernel
+
+
 def _epoch() -> int:
     value = os.environ.get("SOURCE_DATE_EPOCH", "")
     return int(value) if value.isdigit() else DEFAULT_EPOCH
@@ -269,18 +277,18 @@ def build_image(
     cache_root: Path | None = None,
     spec: ImageSpec | None = None,
     name: str | None = None,
-    kernel: str = "debian",
+    kernel: str | None = None,
 ) -> ImageInfo:
     """The image for these inputs: from the cache, or built (needs root for the base layer).
 
     ``spec``: an image spec's packages, files and services on top (:mod:`.spec_layers`);
     ``name``: the name :func:`vsockrpc.image.names.resolve` finds the image by afterwards.
     ``kernel``: ``debian`` (Debian's cloud kernel and the loader initramfs) or ``tailored``
-    (:mod:`.tailored`: built from the same series' source, everything built in, no loader).
+    (:mod:`.tailored`: built from the same series' source, everything built in, no loader);
+    None: the spec's ``kernel``, else ``debian``.
     Everything a spec names is checked (apt index, pip wheels) before a layer is built.
     """
-    if kernel not in tailored.KERNELS:
-        raise ImageError(f"unknown kernel {kernel!r} (choose from {', '.join(tailored.KERNELS)})")
+    kernel = choose_kernel(kernel, spec)
     cache_root = cache.cache_root(cache_root)
     if mirror_uri:
         mirror_lines = [f"deb {mirror_uri} {release} main"]

@@ -38,10 +38,10 @@ from typing import Any
 
 from vsockrpc.errors import ImageError
 from vsockrpc.image import cache, debs, pvh
+from vsockrpc.payload.spec import KERNELS
 
 __all__ = ["KERNELS", "OPTIONS", "TailoredKernel", "build_tailored", "fragment", "missing_tools"]
 
-KERNELS = ("debian", "tailored")  # what --kernel accepts
 FORMAT = 1  # bump when the build steps change in a way the inputs do not show
 BUILD_TOOLS = {  # program → the Debian package that has it
     "make": "make",

@@ -26,6 +26,7 @@ from vsockrpc.payload._spec_check import Source, Table
 __all__ = [
     "BUNDLE_CONFIG",
     "GUEST_CONFIG_PATH",
+    "KERNELS",
     "RESTART_POLICIES",
     "Command",
     "CopyItem",
@@ -41,6 +42,8 @@ GUEST_CONFIG_PATH = "/etc/vsockrpc/guest.json"
 # tests/unit/test_spec.py checks that they agree.
 BUNDLE_CONFIG = "vsockrpc-guest.json"
 RESTART_POLICIES = ("always", "on-failure", "never")
+# The guest kernels an image can have (vsockrpc.image.tailored): Debian's, or one built for it.
+KERNELS = ("debian", "tailored")
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _APT = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")  # Debian policy 5.6.1
@@ -51,7 +54,8 @@ _ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _READY = re.compile(r"^(vsock|tcp):(\d+)$")
 
 _TOP_KEYS = (
-    "name, agent, memory, cpus, kernel_cmdline, apt, pip, pip_requirements, pip_find_links, "
+    "name, agent, memory, cpus, kernel, kernel_cmdline, apt, pip, pip_requirements, "
+    "pip_find_links, "
     "env, copy, "
     "service, command"
 )
@@ -98,6 +102,7 @@ class ImageSpec:
     agent: bool = True
     memory: int | None = None
     cpus: int | None = None
+    kernel: str | None = None  # one of KERNELS; None: the builder's default (--kernel wins)
     kernel_cmdline: str = ""
     apt: tuple[str, ...] = ()
     pip: tuple[str, ...] = ()
@@ -191,6 +196,7 @@ def _parse(source: Source, data: dict[str, Any], base: Path) -> ImageSpec:
         agent=True if agent is None else agent,
         memory=top.positive("memory"),
         cpus=top.positive("cpus"),
+        kernel=_kernel(top),
         kernel_cmdline=_cmdline(top),
         apt=_apt(top),
         pip=_pip(top, base),
@@ -202,6 +208,13 @@ def _parse(source: Source, data: dict[str, Any], base: Path) -> ImageSpec:
     )
     top.done(_TOP_KEYS)
     return spec
+
+
+def _kernel(top: Table) -> str | None:
+    value = top.string("kernel")
+    if value is not None and value not in KERNELS:
+        raise top.error("kernel", f"{value!r} is not a kernel (choose from {', '.join(KERNELS)})")
+    return value
 
 
 def _cmdline(top: Table) -> str:
