@@ -28,6 +28,8 @@ def _entry(root: Path, kind: str, key: str, inputs: dict[str, str] | None = None
             (path / name).write_bytes(name.encode() * 1000)
         manifest = {"cmdline": f"console=ttyS0 init=/x key={key}", "arch": "amd64"}
         manifest["inputs"] = inputs or {}  # type: ignore[assignment]
+        kernel = {"version": "6.12", **({"kind": "tailored"} if key == "recent" else {})}
+        manifest["kernel"] = kernel  # type: ignore[assignment]
         (path / "manifest.json").write_text(json.dumps(manifest))
     else:
         (path / "data").write_bytes(b"x" * 5000)
@@ -64,7 +66,10 @@ def test_names_resolve_list_and_protect_their_layers(cache: Path) -> None:
     rows = manage.list_images(cache)
     assert [(r.name, r.path.name) for r in rows][:2] == [("kv", "named"), (None, "recent")]
     assert rows[0].spec == "/src/kv/vsockrpc.toml" and rows[0].size > 0
+    assert [r.kernel for r in rows[:2]] == ["debian", "tailored"]
     assert set(manage.disk_usage(cache)) == {"images", "python", "base"}
+    _entry(cache, "kernels", "k1")
+    assert manage.disk_usage(cache)["kernels"] > 0
 
 
 def test_prune_keeps_named_in_use_and_the_latest_unnamed_then_unused_layers(
@@ -131,8 +136,9 @@ def test_cli_list_rm_and_bad_names(cache: Path) -> None:
 
     listed = cli("list")
     assert listed.returncode == 0, listed.stderr
-    first = listed.stdout.splitlines()[1].split()
-    assert first[0] == "kv" and first[-1] == "/src/kv/vsockrpc.toml"
+    header, first = (line.split() for line in listed.stdout.splitlines()[:2])
+    assert header[header.index("KERNEL") - 1 :][:2] == ["BUILT", "KERNEL"]
+    assert first[0] == "kv" and first[-1] == "/src/kv/vsockrpc.toml" and "debian" in first
     assert listed.stdout.splitlines()[-1].startswith("cache: ")
     missing = cli("rm", "nope")
     assert missing.returncode == 1

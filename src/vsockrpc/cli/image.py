@@ -149,12 +149,15 @@ def _list(args: argparse.Namespace) -> int:
 
     users = _in_use()
     rows = manage.list_images(args.cache)
-    print(f"{'NAME':<20} {'SIZE':>8}  {'BUILT':<16}  {'IN USE BY':<12} SPEC")
+    print(f"{'NAME':<20} {'SIZE':>8}  {'BUILT':<16}  {'KERNEL':<8}  {'IN USE BY':<12} SPEC")
     for row in rows:
         built = time.strftime("%Y-%m-%d %H:%M", time.localtime(row.created))
         vms = ",".join(users.get(row.path.resolve(), [])) or "-"
         name = row.name or f"({row.path.name[:12]})"
-        print(f"{name:<20} {_mb(row.size):>8}  {built:<16}  {vms:<12} {row.spec or '-'}")
+        print(
+            f"{name:<20} {_mb(row.size):>8}  {built:<16}  {row.kernel:<8}  {vms:<12} "
+            f"{row.spec or '-'}"
+        )
     usage = manage.disk_usage(args.cache)
     parts = ", ".join(f"{kind} {_mb(size)}" for kind, size in usage.items())
     print(f"cache: {_mb(sum(usage.values()))} ({parts})")

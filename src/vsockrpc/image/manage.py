@@ -35,6 +35,12 @@ class ImageRow:
     spec: str | None
     size: int
     created: float
+    kernel: str = "-"  # debian or tailored (image/tailored.py); "-" without a manifest
+
+
+def _kernel_kind(path: Path) -> str:
+    kernel = _manifest(path).get("kernel")
+    return str(kernel.get("kind", "debian")) if isinstance(kernel, dict) else "-"
 
 
 def _size(path: Path) -> int:
@@ -63,22 +69,23 @@ def list_images(cache_root: Path | None = None) -> list[ImageRow]:
     named_paths = set()
     for named in names.entries(root):
         size = _size(named.image) if named.image.is_dir() else 0
-        rows.append(ImageRow(named.name, named.image, named.spec, size, named.created))
+        kind = _kernel_kind(named.image)
+        rows.append(ImageRow(named.name, named.image, named.spec, size, named.created, kind))
         named_paths.add(named.image)
     others = [p for p in _entries(root, "images") if p not in named_paths]
     for path in sorted(others, key=lambda p: p.stat().st_mtime, reverse=True):
         spec = _manifest(path).get("spec")
         spec_path = str(spec["path"]) if isinstance(spec, dict) and "path" in spec else None
-        rows.append(ImageRow(None, path, spec_path, _size(path), path.stat().st_mtime))
+        kind = _kernel_kind(path)
+        rows.append(ImageRow(None, path, spec_path, _size(path), path.stat().st_mtime, kind))
     return rows
 
 
 def disk_usage(cache_root: Path | None = None) -> dict[str, int]:
-    """Bytes on disk per cache kind (images, python, base, wheels, debs)."""
+    """Bytes on disk per cache kind (images, python, base, wheels, debs, kernels)."""
     root = cache.cache_root(cache_root)
-    return {
-        kind: _size(root / kind) for kind in (*KINDS, "wheels", "debs") if (root / kind).is_dir()
-    }
+    kinds = (*KINDS, "wheels", "debs", "kernels")
+    return {kind: _size(root / kind) for kind in kinds if (root / kind).is_dir()}
 
 
 def _manifest(path: Path) -> dict[str, object]:
