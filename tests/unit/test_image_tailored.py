@@ -125,14 +125,3 @@ def test_the_kernel_is_the_option_else_the_spec_else_debian(tmp_path: Path) -> N
     assert build.choose_kernel(None, spec_with(tmp_path, 'name = "x"\n')) == "debian"
     assert build.choose_kernel(None, None) == "debian"
     assert build.choose_kernel("tailored", None) == "tailored"
-
-
-def test_trees_of_killed_builds_of_the_key_are_removed(tmp_path: Path) -> None:
-    prefix = f"{tailored.TREE_PREFIX}0123456789abcdef-"
-    dead = tmp_path / f"{prefix}999999999-x1"
-    other = tmp_path / f"{tailored.TREE_PREFIX}fedcba9876543210-999999999-x3"  # another key
-    for tree in (dead, other):
-        (tree / "src").mkdir(parents=True)
-    tailored._remove_dead_trees(tmp_path, prefix)
-    assert not dead.exists()
-    assert other.is_dir()

@@ -52,7 +52,6 @@ BUILD_TOOLS = {  # program → the Debian package that has it
     "xz": "xz-utils",
 }
 LIBELF_HEADER = Path("/usr/include/gelf.h")  # objtool (x86-64) needs libelf-dev
-TREE_PREFIX = ".kernel-src-"  # + key + the builder's pid: the source tree while it builds
 
 # (option, value) merged over tinyconfig. A reason per group; olddefconfig adds what they select.
 OPTIONS: tuple[tuple[str, str], ...] = (
@@ -209,7 +208,6 @@ def build_tailored(
     index: debs.AptIndex,
     step: Step,
     cache_root: Path | None = None,
-    jobs: int | None = None,
 ) -> TailoredKernel:
     """The tailored kernel of ``series`` (``6.12``) from ``index``: cached, else built (about
     5 minutes on 2 cores; the source tree, ~1.5 GB, is removed afterwards)."""
@@ -233,13 +231,11 @@ def build_tailored(
     entry = cache.entry("kernels", key, root=cache_root)
     with entry.lock():
         if not entry.exists:
-            tree = f"{TREE_PREFIX}{key[:16]}-"
-            _remove_dead_trees(entry.path.parent, tree)
             with step(f"tailored kernel from {pkg.name} {pkg.version} (minutes, once)"):
                 src_root = debs.unpack(pkg, root=cache_root, index=index)
                 with entry.build() as out:
                     tarball = src_root / "usr/src" / f"{pkg.name}.tar.xz"
-                    _build(tarball, out, f"{tree}{os.getpid()}-", jobs)
+                    _build(tarball, out)
                     meta = json.loads((out / "kernel.json").read_text())
                     meta["source"] = f"{pkg.name} {pkg.version}"
                     (out / "kernel.json").write_text(json.dumps(meta, sort_keys=True) + "\n")
@@ -254,24 +250,19 @@ def build_tailored(
     )
 
 
-def _remove_dead_trees(kernels: Path, prefix: str) -> None:
-    """Remove the source trees (~1.5 GB each) that builds of this key left when they were
-    killed outright. Called under the key's lock: no live build of it owns one."""
-    for tree in kernels.glob(f"{prefix}*"):
-        shutil.rmtree(tree, ignore_errors=True)
-
-
-def _build(tarball: Path, out: Path, tree_prefix: str, jobs: int | None) -> None:
+def _build(tarball: Path, out: Path) -> None:
     """Configure and build the kernel of ``tarball`` into ``out`` (vmlinux, bzImage, config,
-    kernel.json, build.log). The tree lives in a temporary directory next to ``out``, removed
-    on return, on an error and on Ctrl-C (SIGTERM/SIGHUP too where the CLI turns them into
-    that); the build tools die with this process (``setpriv --pdeathsig``)."""
+    kernel.json, build.log). The tree lives in a temporary directory inside ``out`` (the cache
+    entry being built), removed on return, on an error and on Ctrl-C (SIGTERM/SIGHUP too where
+    the CLI turns them into that); after a SIGKILL the next build of the key removes it with
+    the entry's leftover directory (:meth:`cache.Entry.build`). The build tools die with this
+    process (``setpriv --pdeathsig``)."""
     if not tarball.is_file():
         raise ImageError(f"{tarball.name} is not in its package")
     log = out / "build.log"
     die_with_us = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
     with (
-        tempfile.TemporaryDirectory(prefix=tree_prefix, dir=out.parent) as tmp,
+        tempfile.TemporaryDirectory(prefix="src-", dir=out) as tmp,
         log.open("wb") as log_f,
     ):
         src, obj = Path(tmp) / "src", Path(tmp) / "obj"
@@ -308,7 +299,7 @@ def _build(tarball: Path, out: Path, tree_prefix: str, jobs: int | None) -> None
         refused = not_taken((obj / ".config").read_text())
         if refused:
             raise ImageError(f"tailored kernel: Kconfig refused {', '.join(refused)}")
-        run([*make, f"-j{jobs or os.cpu_count() or 1}", "bzImage"], "make bzImage")
+        run([*make, f"-j{os.cpu_count() or 1}", "bzImage"], "make bzImage")
         version = run([*make, "-s", "kernelrelease"], "make kernelrelease").strip()
         if not pvh.has_pvh_note((obj / "vmlinux").read_bytes()):
             raise ImageError("tailored kernel: the built vmlinux has no PVH entry note")
