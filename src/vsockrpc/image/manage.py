@@ -38,8 +38,8 @@ class ImageRow:
     kernel: str = "-"  # debian or tailored (image/tailored.py); "-" without a manifest
 
 
-def _kernel_kind(path: Path) -> str:
-    kernel = _manifest(path).get("kernel")
+def _kernel_kind(manifest: dict[str, object]) -> str:
+    kernel = manifest.get("kernel")
     return str(kernel.get("kind", "debian")) if isinstance(kernel, dict) else "-"
 
 
@@ -69,14 +69,15 @@ def list_images(cache_root: Path | None = None) -> list[ImageRow]:
     named_paths = set()
     for named in names.entries(root):
         size = _size(named.image) if named.image.is_dir() else 0
-        kind = _kernel_kind(named.image)
+        kind = _kernel_kind(_manifest(named.image))
         rows.append(ImageRow(named.name, named.image, named.spec, size, named.created, kind))
         named_paths.add(named.image)
     others = [p for p in _entries(root, "images") if p not in named_paths]
     for path in sorted(others, key=lambda p: p.stat().st_mtime, reverse=True):
-        spec = _manifest(path).get("spec")
+        manifest = _manifest(path)
+        spec = manifest.get("spec")
         spec_path = str(spec["path"]) if isinstance(spec, dict) and "path" in spec else None
-        kind = _kernel_kind(path)
+        kind = _kernel_kind(manifest)
         rows.append(ImageRow(None, path, spec_path, _size(path), path.stat().st_mtime, kind))
     return rows
 
