@@ -451,6 +451,35 @@ def test_slow_host_reader_stalls_guest_through_credit(paths: tuple[str, str]) ->
         assert bytes(got) == payload
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("guest_buf_alloc", [16 * 1024, 64 * 1024])
+def test_guest_with_a_smaller_buffer_streams_to_the_host(
+    device: VsockDevice, guest_buf_alloc: int
+) -> None:
+    # The driver sends as Linux does: never more in flight than its own buffer either. The
+    # device's credit updates must come within that window, or the stream stops for good.
+    with booted(device, buf_alloc=guest_buf_alloc) as g:
+        s, stream = open_pair(device, g)
+        payload = os.urandom(2 * MiB)
+        stream.send(payload)
+        got = bytearray()
+
+        def reader() -> None:
+            while len(got) < len(payload):
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    return
+                got.extend(chunk)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        g.wait_for(lambda: len(got) >= len(payload) or not t.is_alive(), 20, "the whole stream")
+        t.join(5)
+        assert bytes(got) == payload
+        conn = next(iter(device.muxer.conns.values()))
+        assert conn.credit_window() == guest_buf_alloc
+
+
 @pytest.mark.timeout(20)
 def test_connection_cap(paths: tuple[str, str]) -> None:
     vpath, upath = paths

@@ -76,10 +76,17 @@ def _conn(muxer: Muxer, room: int | None = None) -> tuple[Connection, FakeHostSo
     return conn, sock
 
 
-def _rw(muxer: Muxer, conn: Connection, payload: bytes, *, fwd_cnt: int = 0) -> None:
+def _rw(
+    muxer: Muxer,
+    conn: Connection,
+    payload: bytes,
+    *,
+    fwd_cnt: int = 0,
+    guest_buf_alloc: int = 256 * 1024,
+) -> None:
     """The guest sends RW on ``conn`` (through the tx dispatch, as the device would)."""
     hdr = HDR.pack(
-        3, 2, conn.peer_port, conn.local_port, len(payload), 1, Op.RW, 0, 256 * 1024, fwd_cnt
+        3, 2, conn.peer_port, conn.local_port, len(payload), 1, Op.RW, 0, guest_buf_alloc, fwd_cnt
     )
     muxer._on_guest_packet([memoryview(bytearray(hdr + payload))])
 
@@ -148,8 +155,7 @@ def test_fwd_cnt_counts_bytes_the_host_socket_took(muxer: Muxer) -> None:
 
 def test_credit_update_when_the_guest_view_is_half_stale(muxer: Muxer) -> None:
     conn, _ = _conn(muxer)
-    threshold = BUF_ALLOC // 2
-    assert muxer.credit_threshold == threshold
+    threshold = BUF_ALLOC // 2  # the guest's buffer (256 KiB) is larger than ours
     _rw(muxer, conn, b"x" * (threshold - 1))
     assert not conn.ctl
     _rw(muxer, conn, b"x")
@@ -158,12 +164,35 @@ def test_credit_update_when_the_guest_view_is_half_stale(muxer: Muxer) -> None:
     assert conn.ctl == [(Op.CREDIT_UPDATE, 0)]
 
 
+@pytest.mark.parametrize("guest_buf_alloc", [4096, 16 * 1024, BUF_ALLOC - 2])
+def test_credit_update_at_half_of_a_smaller_guest_buffer(
+    muxer: Muxer, guest_buf_alloc: int
+) -> None:
+    # Linux keeps at most min(our buf_alloc, its own) in flight and then waits for an update it
+    # never asks for: one due at half of our larger buf_alloc never came, and the stream stopped.
+    conn, sock = _conn(muxer)
+    half = guest_buf_alloc // 2
+    _rw(muxer, conn, b"s" * (half - 1), guest_buf_alloc=guest_buf_alloc)
+    assert not conn.ctl
+    _rw(muxer, conn, b"s", guest_buf_alloc=guest_buf_alloc)
+    assert conn.ctl == [(Op.CREDIT_UPDATE, 0)]
+    assert len(sock.written) == half
+
+
+def test_a_guest_advertising_no_buffer_still_gets_credit_back(muxer: Muxer) -> None:
+    conn, _ = _conn(muxer)
+    _rw(muxer, conn, b"z", guest_buf_alloc=0)  # hostile or odd: one update per forward
+    assert conn.ctl == [(Op.CREDIT_UPDATE, 0)]
+
+
 def test_credit_update_due_wraps() -> None:
     conn = Connection(FakeHostSocket(), 1, 2, ConnState.ESTABLISHED, BUF_ALLOC)  # type: ignore[arg-type]
+    conn.update_peer_credit(60, 0)  # a window of 60 bytes: an update is due after 30
     conn.last_fwd_cnt_sent = U32 - 10
-    conn.fwd_cnt = 20  # 30 bytes forwarded since, across the wrap
-    assert conn.credit_update_due(30)
-    assert not conn.credit_update_due(31)
+    conn.fwd_cnt = 19  # 29 bytes forwarded since, across the wrap
+    assert not conn.credit_update_due()
+    conn.fwd_cnt = 20
+    assert conn.credit_update_due()
 
 
 def test_credit_request_is_answered_with_credit_update(muxer: Muxer) -> None:

@@ -139,9 +139,23 @@ class Connection:
         """Guest bytes we hold (received, not yet forwarded)."""
         return (self.rx_cnt - self.fwd_cnt) & U32
 
-    def credit_update_due(self, threshold: int) -> bool:
-        """The guest's view of our free space is stale by ``threshold`` bytes or more."""
-        return ((self.fwd_cnt - self.last_fwd_cnt_sent) & U32) >= threshold
+    def credit_window(self) -> int:
+        """The bytes the guest keeps in flight to us at most: our ``buf_alloc``, capped by its own.
+
+        Linux's sender limits itself to ``min(peer_buf_alloc, buf_alloc)``, its own buffer size
+        included (``virtio_transport_tx_buf_size`` in net/vmw_vsock/virtio_transport_common.c,
+        in Debian's 6.12 kernels), so a guest socket with a smaller buffer than ours stops
+        sending before our own ``buf_alloc`` is used up."""
+        return min(self.buf_alloc, self.peer_buf_alloc)
+
+    def credit_update_due(self) -> bool:
+        """The guest's view of our free space is stale by half its :meth:`credit_window`.
+
+        Linux never sends CREDIT_REQUEST (5.10.6.3 lets it wait for an update), so an update
+        that is due only after more bytes than the guest will send never comes: with half of
+        our own ``buf_alloc`` here, a guest whose socket buffer was smaller stopped for good."""
+        stale = (self.fwd_cnt - self.last_fwd_cnt_sent) & U32
+        return stale >= max(1, self.credit_window() // 2)
 
     def wants_host_read(self) -> bool:
         return (

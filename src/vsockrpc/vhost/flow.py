@@ -6,7 +6,8 @@
 * guest → host: payload is written straight from guest memory to the host socket; what the
   socket does not take waits in ``pending_out`` (at most our ``buf_alloc``: a guest that
   overruns it is reset). ``fwd_cnt`` counts bytes the host socket took, and CREDIT_UPDATE goes
-  out once the guest's view of it is ``credit_threshold`` stale (Linux never asks).
+  out once the guest's view of it is stale by half of what the guest keeps in flight at most
+  (``Connection.credit_update_due``; Linux never asks).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import time
 
 from vsockrpc.vhost.connection import Connection, ConnState
 from vsockrpc.vhost.packet import Op
-from vsockrpc.vhost.reactor import Reactor
 from vsockrpc.vhost.table import ConnectionTable
 
 __all__ = ["CREDIT_REQUEST_DELAY", "FlowControl"]
@@ -31,13 +31,6 @@ _U32 = 0xFFFFFFFF
 
 class FlowControl(ConnectionTable):
     """Credit accounting and the guest → host byte path."""
-
-    def __init__(self, reactor: Reactor, guest_cid: int, *, buf_alloc: int) -> None:
-        super().__init__(reactor, guest_cid, buf_alloc=buf_alloc)
-        # Send CREDIT_UPDATE once the guest's view of our fwd_cnt is this stale: the guest never
-        # asks (observed with Linux 6.1), so we must offer (see VHOST-USER-VSOCK.md).
-        # Half of buf_alloc keeps the guest streaming with one update per ~2 packets of 64 KiB.
-        self.credit_threshold = max(1, buf_alloc // 2)
 
     # ---------------------------------------------------------------- host → guest credit
     def _take_peer_credit(self, conn: Connection, buf_alloc: int, fwd_cnt: int) -> None:
@@ -146,5 +139,7 @@ class FlowControl(ConnectionTable):
             if conn.host_eof:  # both directions finished
                 self._reset_conn(conn)
                 return
-        if conn.credit_update_due(self.credit_threshold) and not conn.peer_shut_send:
+        # The guest never asks for credit (Linux), so we must offer it: half of its window
+        # keeps it streaming with one update per ~2 packets of 64 KiB at the default 256 KiB.
+        if conn.credit_update_due() and not conn.peer_shut_send:
             self._queue_ctl(conn, Op.CREDIT_UPDATE)

@@ -86,7 +86,10 @@ class GuestStream:
         return bool(self.peer_shutdown & 2) or self.reset
 
     def peer_free(self) -> int:
-        return self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & _U32)
+        """Bytes this stream may still send: like Linux, never more in flight than the peer's
+        buffer nor than our own (``virtio_transport_tx_buf_size`` in Debian's 6.12 kernels)."""
+        window = min(self.peer_buf_alloc, self.buf_alloc)
+        return max(0, window - ((self.tx_cnt - self.peer_fwd_cnt) & _U32))
 
     def send(self, data: bytes | memoryview) -> None:
         """Queue data; :meth:`GuestDriver.pump` sends it as credit allows."""
