@@ -109,6 +109,23 @@ def open_pair(
     return s, stream
 
 
+def host_reader(s: socket.socket, n: int) -> tuple[threading.Thread, bytearray]:
+    """A started thread reading ``n`` bytes (or to EOF) from host socket ``s`` into the
+    returned buffer."""
+    got = bytearray()
+
+    def read() -> None:
+        while len(got) < n:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                return
+            got.extend(chunk)
+
+    t = threading.Thread(target=read)
+    t.start()
+    return t, got
+
+
 def recv_all_guest(guest: GuestDriver, stream: GuestStream, n: int, timeout: float = 60) -> bytes:
     out = bytearray()
 
@@ -435,17 +452,7 @@ def test_slow_host_reader_stalls_guest_through_credit(paths: tuple[str, str]) ->
         assert stream.unsent > 6 * MiB
         assert conn.pending_bytes <= buf_alloc
         assert stream.peer_buf_alloc == buf_alloc
-        got = bytearray()
-
-        def reader() -> None:
-            while len(got) < len(payload):
-                chunk = s.recv(1 << 20)
-                if not chunk:
-                    return
-                got.extend(chunk)
-
-        t = threading.Thread(target=reader)
-        t.start()
+        t, got = host_reader(s, len(payload))
         g.wait_for(lambda: len(got) >= len(payload), 50, "slow reader catch-up")
         t.join(5)
         assert bytes(got) == payload
@@ -462,17 +469,7 @@ def test_guest_with_a_smaller_buffer_streams_to_the_host(
         s, stream = open_pair(device, g)
         payload = os.urandom(2 * MiB)
         stream.send(payload)
-        got = bytearray()
-
-        def reader() -> None:
-            while len(got) < len(payload):
-                chunk = s.recv(1 << 20)
-                if not chunk:
-                    return
-                got.extend(chunk)
-
-        t = threading.Thread(target=reader)
-        t.start()
+        t, got = host_reader(s, len(payload))
         g.wait_for(lambda: len(got) >= len(payload) or not t.is_alive(), 20, "the whole stream")
         t.join(5)
         assert bytes(got) == payload

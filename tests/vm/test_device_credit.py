@@ -9,7 +9,6 @@ connects run inside the guest; the host side is a Unix listener at the hybrid so
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import zlib
 from collections.abc import Iterator
@@ -17,15 +16,16 @@ from collections.abc import Iterator
 import pytest
 
 from vsockrpc.sdk import Guest
+from vsockrpc.transport import unix as unix_transport
 from vsockrpc.vm import Vm
 
 PORT = 6100
 MiB = 1 << 20
 
-# Runs inside the guest: a 32 KiB socket buffer, SIZE bytes to the host, then the host's
-# echo of them back; prints the crc32 of what came back.
+# Runs inside the guest: a 32 KiB socket buffer, SIZE bytes to the host, then the host's echo
+# of them back; prints how many bytes came back, their crc32 and the crc32 of what it sent.
 SMALL_BUFFER_CLIENT = """
-import os, socket, sys, zlib
+import socket, sys, zlib
 port, size = int(sys.argv[1]), int(sys.argv[2])
 data = bytes(range(256)) * (size // 256)
 with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as s:
@@ -55,32 +55,28 @@ def test_guest_socket_with_a_smaller_buffer_streams_both_ways(vm: Vm, guest: Gue
     received = bytearray()
     failures: list[BaseException] = []
     path = f"{vm.hybrid_socket}_{PORT}"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
-        srv.bind(path)
-        try:
-            os.chmod(path, 0o600)
-            srv.listen(1)
-            srv.settimeout(60)
+    srv = unix_transport.listen_path(path, backlog=1, mode=0o600)
+    try:
+        srv.settimeout(60)
 
-            def echo() -> None:
-                try:
-                    peer, _ = srv.accept()
-                    with peer:
-                        peer.settimeout(60)
-                        while chunk := peer.recv(1 << 20):
-                            received.extend(chunk)
-                        peer.sendall(received)
-                except BaseException as err:  # raised in the test below
-                    failures.append(err)
+        def echo() -> None:
+            try:
+                peer, _ = srv.accept()
+                with peer:
+                    peer.settimeout(60)
+                    while chunk := peer.recv(1 << 20):
+                        received.extend(chunk)
+                    peer.sendall(received)
+            except BaseException as err:  # raised in the test below
+                failures.append(err)
 
-            host = threading.Thread(target=echo)
-            host.start()
-            done = guest.run(
-                ["python3", "-c", SMALL_BUFFER_CLIENT, str(PORT), str(size)], timeout=120
-            )
-            host.join(90)
-        finally:
-            os.unlink(path)
+        host = threading.Thread(target=echo)
+        host.start()
+        done = guest.run(["python3", "-c", SMALL_BUFFER_CLIENT, str(PORT), str(size)], timeout=120)
+        host.join(90)
+    finally:
+        srv.close()
+        os.unlink(path)
     assert not failures, failures
     assert not host.is_alive()
     assert done.ok, done.stderr.decode()[-500:]
