@@ -1,5 +1,6 @@
 """Build the C++ Addition server and client (``cpp/``) against the system's grpc++, cached;
-and the relay part's splice relay in C++ (needs only g++).
+and two single-file references that need only g++: the relay part's splice relay and the device
+part's hand-offs.
 
 Optional: needs g++, pkg-config, protoc and grpc_cpp_plugin and the grpc++ and protobuf
 development files (Debian: ``g++ pkg-config libgrpc++-dev libprotobuf-dev
@@ -22,6 +23,7 @@ from vsockrpc.errors import VsockRpcError
 HERE = Path(__file__).resolve().parent
 SOURCES = ("addition_server.cc", "addition_client.cc")
 RELAY_SOURCE = "splice_relay.cc"
+HANDOFFS_SOURCE = "handoffs.cc"
 PROTO = HERE.parent / "proto" / "vsock_service.proto"
 TOOLS = ("g++", "pkg-config", "protoc", "grpc_cpp_plugin")
 #: pkg-config modules the server links against, and the Debian package that ships each (Debian's
@@ -61,24 +63,37 @@ def toolchain() -> str:
     return f"{gxx}; grpc++ {grpcpp}"
 
 
-def relay_missing() -> str | None:
-    """Why the C++ splice relay cannot be built here, or None when it can."""
+def gxx_missing() -> str | None:
+    """Why a single-file C++ reference (the splice relay, the hand-offs) cannot be built here,
+    or None when it can."""
     return None if shutil.which("g++") else "g++ not found (Debian: g++)"
 
 
 def build_relay(progress: Callable[[str], None]) -> Path:
     """The splice relay executable (``cpp/splice_relay.cc``), compiled now or from the cache."""
+    return _build_single(RELAY_SOURCE, "bench-relay", "the C++ splice relay", progress)
+
+
+def build_handoffs(progress: Callable[[str], None]) -> Path:
+    """The hand-offs executable (``cpp/handoffs.cc``), compiled now or from the cache."""
+    return _build_single(HANDOFFS_SOURCE, "bench-handoffs", "the C++ hand-offs", progress)
+
+
+def _build_single(
+    source_name: str, cache_dir: str, what: str, progress: Callable[[str], None]
+) -> Path:
+    """``cpp/<source_name>`` compiled with g++ alone, cached under ``<cache>/<cache_dir>``."""
     from vsockrpc.image.cache import cache_root, digest
 
-    source = HERE / "cpp" / RELAY_SOURCE
+    source = HERE / "cpp" / source_name
     gxx = _out(["g++", "--version"]).splitlines()[0]
     key = digest({"source": source.read_text(), "toolchain": gxx})
-    final = cache_root() / "bench-relay" / key[:16]
-    exe = final / "splice_relay"
+    final = cache_root() / cache_dir / key[:16]
+    exe = final / source_name.removesuffix(".cc")
     if exe.exists():
         return exe
     final.parent.mkdir(parents=True, exist_ok=True)
-    progress("compiling the C++ splice relay (once, then cached)")
+    progress(f"compiling {what} (once, then cached)")
     with tempfile.TemporaryDirectory(dir=final.parent, prefix="build-") as tmp:
         work = Path(tmp)
         (work / "bin").mkdir()

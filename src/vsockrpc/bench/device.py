@@ -13,13 +13,14 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
 import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from vsockrpc.bench import _model
+from vsockrpc.bench import _cpp, _model
 from vsockrpc.bench._context import Context
 from vsockrpc.bench._device_alone import (
     MiB,
@@ -39,6 +40,8 @@ NAME = "device"
 TITLE = "the userspace vsock device vs QEMU user networking, and the device alone"
 SWEEP = [64, 256, 1024, 4096, 16384, 65536, 262144, 1048576]
 PATHS = ("user net (virtio-net, TCP)", "vsock device")
+#: The round trip's reference line: hand-offs between two processes, and nothing else.
+HANDOFFS = "two processes waking each other (C++)"
 
 Connect = Callable[[], socket.socket]
 
@@ -94,6 +97,22 @@ def rtt(connect: Connect, pings: int) -> list[float]:
             s.sendall(msg)
             recv_exact(s, 64)
             samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def handoffs(exe: Path, count: int) -> list[float]:
+    """Seconds per round trip of ``cpp/handoffs.cc``: two processes waking each other through
+    eventfds (two hand-offs), as the guest's kick wakes the device and its call wakes QEMU."""
+    try:
+        done = subprocess.run(
+            [str(exe), str(count)], capture_output=True, text=True, timeout=300, check=False
+        )
+    except subprocess.TimeoutExpired as err:
+        raise VsockRpcError("device bench: the C++ hand-offs did not finish in 300 s") from err
+    samples = [int(line) / 1e9 for line in done.stdout.split()]
+    if done.returncode != 0 or len(samples) != count:
+        why = " ".join(done.stderr.split()) or f"{len(samples)} of {count} round trips"
+        raise VsockRpcError(f"device bench: the C++ hand-offs failed: {why}")
     return samples
 
 
@@ -201,7 +220,16 @@ def run(ctx: Context) -> _model.PartResult:
     elif recipe is None:
         notes.append("guest half skipped: it needs a source checkout (tests/vm probe guest)")
     else:
-        figures += _with_guest(ctx, recipe)
+        handoffs_exe = None
+        why = _cpp.gxx_missing()
+        if why is None:
+            try:
+                handoffs_exe = _cpp.build_handoffs(lambda line: ctx.step(NAME, line))
+            except VsockRpcError as err:  # a reference line, not the part: measure without it
+                why = str(err)
+        if why is not None:
+            notes.append(f"no {HANDOFFS} line: {why}")
+        figures += _with_guest(ctx, recipe, handoffs_exe)
         path |= {
             "guest": "TCG, 1 vCPU, q35 (KVM not used: see the machine table)",
             "guest kernel": recipe.kernel()[1].name,  # (vmlinuz, lib/modules/<version>)
@@ -226,7 +254,7 @@ def rtt_cpu_figure(part: str, cpu: dict[str, list[float]], qemu: str) -> _model.
     )
 
 
-def _with_guest(ctx: Context, dg: ModuleType) -> list[_model.Figure]:
+def _with_guest(ctx: Context, dg: ModuleType, handoffs_exe: Path | None) -> list[_model.Figure]:
     size, pings, rounds, sweep_rounds = 64 * MiB, 2000, 3, 2
     workdir: Path = ctx.workdir
     ctx.step(NAME, "building the probe guest (cloud kernel, busybox, static probe)")
@@ -235,6 +263,8 @@ def _with_guest(ctx: Context, dg: ModuleType) -> list[_model.Figure]:
     up: dict[str, list[float]] = {p: [] for p in PATHS}
     down: dict[str, list[float]] = {p: [] for p in PATHS}
     lat: dict[str, list[float]] = {p: [] for p in PATHS}
+    if handoffs_exe is not None:
+        lat[HANDOFFS] = []
     sweep: dict[str, list[list[float]]] = {p: [[] for _ in SWEEP] for p in PATHS}
     # CPU per round trip (µs), per round: where a round trip's time goes besides waiting.
     cpu: dict[str, list[float]] = {f"{p}: {who}": [] for p in PATHS for who in ("QEMU", "device")}
@@ -266,6 +296,8 @@ def _with_guest(ctx: Context, dg: ModuleType) -> list[_model.Figure]:
                     if f"{name}: {who}" in cpu:
                         used = cpu_seconds(pid) - before[who]
                         cpu[f"{name}: {who}"].append(used / pings * 1e6)
+            if handoffs_exe is not None:
+                lat[HANDOFFS] += handoffs(handoffs_exe, pings)
         for n in range(sweep_rounds):
             ctx.step(NAME, f"host→guest vs write size 64 B…1 MiB, round {n + 1} of {sweep_rounds}")
             for i, write in enumerate(SWEEP):
@@ -275,7 +307,18 @@ def _with_guest(ctx: Context, dg: ModuleType) -> list[_model.Figure]:
     return [
         _model.figure(f"{NAME}.h2g", "host→guest stream, 64 MiB", "rate", up, unit="MB/s"),
         _model.figure(f"{NAME}.g2h", "guest→host stream, 64 MiB", "rate", down, unit="MB/s"),
-        _model.figure(f"{NAME}.rtt", "64-byte echo round trip", "latency", lat),
+        _model.figure(
+            f"{NAME}.rtt",
+            "64-byte echo round trip",
+            "latency",
+            lat,
+            note=f"{HANDOFFS}: a round trip of two hand-offs through eventfds and epoll_wait, "
+            "nothing else (cpp/handoffs.cc): one hand-off costs half of it. The device path "
+            "has one more than user networking's, in any language: the host's bytes wake the "
+            "device, which wakes QEMU, where they wake QEMU directly (the guest's kick wakes the "
+            "device in place of QEMU's main loop). Two modes: both processes on one core, or "
+            "on two.",
+        ),
         rtt_cpu_figure(NAME, cpu, "QEMU includes the guest's emulated work"),
         _model.figure(
             f"{NAME}.sweep",

@@ -82,7 +82,7 @@ def run(ctx: Context) -> _model.PartResult:
     size = mib << 20
     path = str(ctx.workdir / "relay-server.sock")
     notes: list[str] = []
-    cpp_missing = _cpp.relay_missing()
+    cpp_missing = _cpp.gxx_missing()
     cpp_relay = None
     if cpp_missing is None:
         try:
