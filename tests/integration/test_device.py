@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import select
 import socket
 import threading
 import time
@@ -25,6 +26,7 @@ from vsockrpc.vhost.protocol import (
     Request,
 )
 from vsockrpc.vhost.testing import GuestDriver, GuestStream, RxLayout, serving
+from vsockrpc.vhost.virtqueue import AVAIL_F_NO_INTERRUPT
 
 CID = 7
 MiB = 1 << 20
@@ -375,6 +377,36 @@ def test_small_messages_take_one_rx_buffer_each(device: VsockDevice, guest: Gues
     guest.sync()
     rx = device.rings[0]
     assert (rx.last_avail_idx - rx.used_idx) & 0xFFFF == 0  # no rx buffer popped and held
+    s.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_guest_that_asks_for_no_interrupts_gets_its_bytes_without_one(
+    device: VsockDevice, guest: GuestDriver
+) -> None:
+    """2.7.7.2: while the guest's rx ring says NO_INTERRUPT (Linux sets it while it drains the
+    ring), the device publishes what arrives without signalling; cleared, it signals again."""
+    s, stream = open_pair(device, guest)
+    rx, call = device.rings[0], guest.call[0]
+    guest.set_avail_flags(0, AVAIL_F_NO_INTERRUPT)
+    with contextlib.suppress(BlockingIOError):
+        os.eventfd_read(call)  # what the handshake signalled
+    published = guest._used_idx(0)
+    s.sendall(b"q" * 100)
+    deadline = time.monotonic() + 10
+    while guest._used_idx(0) == published:  # the device filled an rx buffer
+        assert time.monotonic() < deadline, "the device did not deliver the bytes"
+        time.sleep(0.005)
+    assert not select.select([call], [], [], 0.2)[0], "signalled although the guest said not to"
+    assert rx.signals_suppressed == 1
+    assert recv_all_guest(guest, stream, 100) == b"q" * 100  # found in the used ring all the same
+
+    guest.set_avail_flags(0, 0)
+    with contextlib.suppress(BlockingIOError):
+        os.eventfd_read(call)
+    s.sendall(b"r" * 100)
+    assert select.select([call], [], [], 10)[0], "no signal once the guest wanted one again"
+    assert recv_all_guest(guest, stream, 100) == b"r" * 100
     s.close()
 
 

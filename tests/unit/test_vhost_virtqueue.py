@@ -175,6 +175,42 @@ def test_err_fd_signalled_on_break(memory: tuple[GuestMemory, mmap.mmap]) -> Non
     vq.close_fds()
 
 
+@pytest.mark.parametrize(
+    ("avail_flags", "signalled"),
+    [(0, True), (1, False), (0xFFFF, False), (0xFFFE, True), (0x8000, True)],
+)
+def test_no_signal_while_the_guest_asks_for_none(
+    memory: tuple[GuestMemory, mmap.mmap], avail_flags: int, signalled: bool
+) -> None:
+    """2.7.7.2: avail.flags bit 0 (NO_INTERRUPT) set, the used entry is published and the call
+    fd stays quiet; the other bits mean nothing to the device."""
+    mem, raw = memory
+    vq = make_ring(raw, mem, 8, writable=True)
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    vq.call_fd = call
+    DESC.pack_into(raw, RING_BASE, 0x2000, 0x100, 2, 0)
+    U16.pack_into(raw, RING_BASE + 0x1000 + 4, 0)
+    U16.pack_into(raw, RING_BASE + 0x1000 + 2, 1)
+    U16.pack_into(raw, RING_BASE + 0x1000, avail_flags)
+    chain = vq.pop()
+    assert chain is not None
+    vq.push(chain[0], 44)
+    assert vq.flush()  # a signal was due either way
+    assert U16.unpack_from(raw, RING_BASE + 0x2000 + 2)[0] == 1  # published either way
+    if signalled:
+        assert os.eventfd_read(call) == 1
+        assert vq.signals_suppressed == 0
+    else:
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(call)
+        assert vq.signals_suppressed == 1
+    U16.pack_into(raw, RING_BASE + 0x1000, 0)  # the guest wants signals again
+    vq.push(chain[0], 44)
+    vq.flush()
+    assert os.eventfd_read(call) == 1
+    vq.close_fds()
+
+
 # ----------------------------------------------------------------------------- property
 addr_strategy = st.one_of(
     st.integers(0, MEM_SIZE + 0x1000),  # anywhere near memory, including the hole and past it

@@ -9,7 +9,10 @@ indirect tables exist here.
 
 Memory ordering: Python has no fences. On x86 (TSO) stores become visible in program order, so
 writing the used element before ``used.idx`` and signalling the call eventfd afterwards (a
-syscall) is enough (2.7.8.2 "the device MUST ... update idx after ... the ring entry").
+syscall) is enough (2.7.8.2 "the device MUST ... update idx after ... the ring entry"). The one
+place that needs a full barrier is reading ``avail.flags`` after publishing ``used.idx``
+(:meth:`Virtqueue.notify`): x86 may satisfy a load before an earlier store is visible, so a lock
+is taken and released between them (a locked instruction, which x86 orders both ways).
 
 The guest reads ``used.idx`` while we write it, so it is published with one aligned 16-bit store
 (an element of a ``memoryview.cast("H")``), never with ``struct.pack_into``: CPython's
@@ -27,6 +30,7 @@ import enum
 import os
 import struct
 import sys
+import threading
 import time
 
 from vsockrpc.errors import ProtocolError
@@ -42,6 +46,11 @@ USED_ELEM = struct.Struct("<II")
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
+AVAIL_F_NO_INTERRUPT = 1  # 2.7.6: VIRTQ_AVAIL_F_NO_INTERRUPT, "do not notify me"
+
+#: Taken and released as a full memory barrier (see the module docstring): CPython's lock is a
+#: semaphore whose acquire and release are atomic read-modify-writes.
+_BARRIER = threading.Lock()
 
 if sys.byteorder != "little":  # the 16-bit index views below are native-endian
     raise ImportError("vsockrpc.vhost needs a little-endian host (virtio rings are little-endian)")
@@ -86,12 +95,14 @@ class Virtqueue:
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
         self._avail_idx_view: memoryview | None = None  # avail.idx as one native u16
+        self._avail_flags_view: memoryview | None = None  # avail.flags as one native u16
         self._used_idx_view: memoryview | None = None  # used.idx as one native u16
         self._mem: GuestMemory | None = None
         self._avail_idx = 0  # last avail.idx we read
         self._unflushed = 0  # used entries written but not yet published in used.idx
         self._unsignaled = 0  # published entries the guest has not been signalled about
         self.unsignaled_since = 0.0
+        self.signals_suppressed = 0  # notifications the guest asked us not to send
 
     # ----------------------------------------------------------------- configuration
     def set_num(self, num: int) -> None:
@@ -120,12 +131,13 @@ class Virtqueue:
         # Single 16-bit loads/stores for the two indices the other side touches concurrently
         # (see the module docstring: struct.pack_into would expose a transient 0).
         self._avail_idx_view = self._avail[2:4].cast("H")
+        self._avail_flags_view = self._avail[0:2].cast("H")
         self._used_idx_view = self._used[2:4].cast("H")
         self._mem = mem
 
     def unmap(self) -> None:
         self._desc = self._avail = self._used = None
-        self._avail_idx_view = self._used_idx_view = None
+        self._avail_idx_view = self._avail_flags_view = self._used_idx_view = None
         self._mem = None
 
     def start(self, mem: GuestMemory) -> None:
@@ -215,7 +227,8 @@ class Virtqueue:
         self._unflushed += 1
 
     def flush(self, *, defer_below: int = 0) -> bool:
-        """Publish pushed entries in used.idx and signal the call fd once. True if signalled.
+        """Publish pushed entries in used.idx and signal the call fd once (:meth:`notify`). True
+        if a signal was due.
 
         ``defer_below``: publish but do not signal while fewer than that many entries await a
         signal; :meth:`notify` sends it later (the device's loop does, after a short quiet
@@ -242,11 +255,25 @@ class Virtqueue:
         return self._unsignaled > 0
 
     def notify(self) -> None:
-        """Signal the call fd for everything published so far."""
+        """Signal the call fd for everything published so far, unless the guest asked for no
+        notification (2.7.7.2: with ``avail.flags`` NO_INTERRUPT set, the device SHOULD NOT send
+        one). Linux sets it while it drains the used ring anyway, and clears it before it looks
+        for more (``virtqueue_enable_cb``, a barrier, then ``virtqueue_poll``). Our side of that
+        pairing is the barrier between publishing ``used.idx`` and reading the flag: one of us
+        then sees the other's store, so a skipped signal is never one the guest waits for.
+        Under TCG a signal is an interrupt the vCPU must take."""
         self._unsignaled = 0
-        if self.call_fd is not None:
-            with contextlib.suppress(OSError):
-                os.eventfd_write(self.call_fd, 1)
+        if self.call_fd is None:
+            return
+        flags = self._avail_flags_view
+        if flags is not None:
+            with _BARRIER:
+                pass
+            if flags[0] & AVAIL_F_NO_INTERRUPT:
+                self.signals_suppressed += 1
+                return
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self.call_fd, 1)
 
     def break_ring(self) -> None:
         """Corruption: stop using the ring and tell the front-end through the err fd."""

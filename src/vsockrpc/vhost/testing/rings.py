@@ -139,6 +139,12 @@ class DriverRings:
                 )
                 self._avail_push(0, i)
 
+    def set_avail_flags(self, q: int, flags: int) -> None:
+        """Write ``avail.flags`` of queue ``q`` (one 16-bit store). 2.7.6: bit 0,
+        VIRTQ_AVAIL_F_NO_INTERRUPT, asks the device not to notify us of used buffers, as Linux
+        does while it drains a ring."""
+        self.mem[self.avail[q] : self.avail[q] + 2].cast("H")[0] = flags
+
     def kick_queue(self, q: int) -> None:
         os.eventfd_write(self.kick[q], 1)
 
