@@ -69,6 +69,25 @@ def gxx_missing() -> str | None:
     return None if shutil.which("g++") else "g++ not found (Debian: g++)"
 
 
+def optional_reference(
+    build: Callable[[Callable[[str], None]], Path],
+    line: str,
+    progress: Callable[[str], None],
+    notes: list[str],
+) -> Path | None:
+    """The executable of a one-file reference ``line`` (``build``: :func:`build_relay`,
+    :func:`build_handoffs`), or None with a note saying why not: no g++, or the build failed.
+    A reference line is not the part: the part measures without it."""
+    why = gxx_missing()
+    if why is None:
+        try:
+            return build(progress)
+        except VsockRpcError as err:
+            why = str(err)
+    notes.append(f"no {line} line: {why}")
+    return None
+
+
 def build_relay(progress: Callable[[str], None]) -> Path:
     """The splice relay executable (``cpp/splice_relay.cc``), compiled now or from the cache."""
     return _build_single(RELAY_SOURCE, "bench-relay", "the C++ splice relay", progress)

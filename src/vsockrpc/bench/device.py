@@ -220,15 +220,9 @@ def run(ctx: Context) -> _model.PartResult:
     elif recipe is None:
         notes.append("guest half skipped: it needs a source checkout (tests/vm probe guest)")
     else:
-        handoffs_exe = None
-        why = _cpp.gxx_missing()
-        if why is None:
-            try:
-                handoffs_exe = _cpp.build_handoffs(lambda line: ctx.step(NAME, line))
-            except VsockRpcError as err:  # a reference line, not the part: measure without it
-                why = str(err)
-        if why is not None:
-            notes.append(f"no {HANDOFFS} line: {why}")
+        handoffs_exe = _cpp.optional_reference(
+            _cpp.build_handoffs, HANDOFFS, lambda line: ctx.step(NAME, line), notes
+        )
         figures += _with_guest(ctx, recipe, handoffs_exe)
         path |= {
             "guest": "TCG, 1 vCPU, q35 (KVM not used: see the machine table)",

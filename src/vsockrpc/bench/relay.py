@@ -24,7 +24,6 @@ from vsockrpc.bench import _cpp, _model
 from vsockrpc.bench._context import Context, bench_server, server_process
 from vsockrpc.bench._private import Relay
 from vsockrpc.bench._servers import CHUNK, STREAM_SERVICE
-from vsockrpc.errors import VsockRpcError
 from vsockrpc.proto import vsock_service_pb2 as pb
 from vsockrpc.proto import vsock_service_pb2_grpc as pb_grpc
 from vsockrpc.transport import unix
@@ -82,15 +81,9 @@ def run(ctx: Context) -> _model.PartResult:
     size = mib << 20
     path = str(ctx.workdir / "relay-server.sock")
     notes: list[str] = []
-    cpp_missing = _cpp.gxx_missing()
-    cpp_relay = None
-    if cpp_missing is None:
-        try:
-            cpp_relay = _cpp.build_relay(lambda line: ctx.step(NAME, line))
-        except VsockRpcError as err:  # a reference line, not the part: measure without it
-            cpp_missing = str(err)
-    if cpp_missing is not None:
-        notes.append(f"no {CPP_RELAY} line: {cpp_missing}")
+    cpp_relay = _cpp.optional_reference(
+        _cpp.build_relay, CPP_RELAY, lambda line: ctx.step(NAME, line), notes
+    )
     paths = PATHS if cpp_relay is None else (*PATHS, CPP_RELAY)
     lat: dict[str, list[float]] = {p: [] for p in paths}
     down: dict[str, list[float]] = {p: [] for p in paths}
