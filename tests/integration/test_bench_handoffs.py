@@ -13,7 +13,7 @@ import pytest
 
 from tests.integration._relay_helpers import wait_for
 from vsockrpc.bench import _cpp
-from vsockrpc.bench.device import handoffs
+from vsockrpc.bench.device import HANDOFFS_ONE, HANDOFFS_TWO, handoff_placements, handoffs
 from vsockrpc.errors import VsockRpcError
 
 pytestmark = [
@@ -67,14 +67,68 @@ def test_it_times_every_round_trip(exe: Path) -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("args", [[], ["0"], ["-3"], ["12x"], ["10000001"], ["1", "2"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["0"],
+        ["-3"],
+        ["12x"],
+        ["10000001"],
+        ["1", "2"],
+        ["1", "0", "x"],
+        ["1", "-1", "0"],
+        ["1", "0", "1", "2"],
+        ["1", "0", ""],
+        ["1", "0", str(1 << 20)],
+    ],
+)
 def test_a_bad_count_is_a_usage_error(exe: Path, args: list[str]) -> None:
     done = subprocess.run(
         [str(exe), *args], check=False, capture_output=True, text=True, timeout=10
     )
     assert done.returncode == 2
     assert done.stdout == ""
-    assert done.stderr == "usage: handoffs COUNT (1 to 10000000)\n"
+    assert done.stderr == "usage: handoffs COUNT (1 to 10000000) [CPU CPU]\n"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("line", [HANDOFFS_TWO, HANDOFFS_ONE])
+def test_each_placement_runs_where_it_says(exe: Path, line: str) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    if line == HANDOFFS_TWO and len(cpus) < 2:
+        pytest.skip("this process may use one CPU only")
+    pair = handoff_placements()[line]
+    assert pair == (cpus[0], cpus[1] if line == HANDOFFS_TWO else cpus[0])
+    proc = subprocess.Popen([str(exe), "10000000", *map(str, pair)], stdout=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: bool(_children(proc.pid)), 10), "no second process"
+        (child,) = _children(proc.pid)
+        assert wait_for(lambda: os.sched_getaffinity(proc.pid) == {pair[0]}, 10)
+        assert os.sched_getaffinity(child) == {pair[1]}
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(handoffs(exe, 200, pair)) == 200
+
+
+def test_placements_on_a_single_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    assert handoff_placements() == {HANDOFFS_ONE: (3, 3)}
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5, 1, 3})
+    assert handoff_placements() == {HANDOFFS_TWO: (1, 3), HANDOFFS_ONE: (1, 1)}
+
+
+@pytest.mark.timeout(30)
+def test_a_cpu_it_may_not_use_is_one_error(exe: Path) -> None:
+    usable = os.sched_getaffinity(0)
+    absent = next(cpu for cpu in range(1024) if cpu not in usable)
+    with pytest.raises(VsockRpcError) as caught:
+        handoffs(exe, 10, (min(usable), absent))
+    assert str(caught.value) == (
+        f"device bench: the C++ hand-offs failed: handoffs: cannot run on CPU {absent}: "
+        "Invalid argument"
+    )
 
 
 @pytest.mark.timeout(30)

@@ -40,8 +40,11 @@ NAME = "device"
 TITLE = "the userspace vsock device vs QEMU user networking, and the device alone"
 SWEEP = [64, 256, 1024, 4096, 16384, 65536, 262144, 1048576]
 PATHS = ("user net (virtio-net, TCP)", "vsock device")
-#: The round trip's reference line: hand-offs between two processes, and nothing else.
+#: The round trip's reference lines: hand-offs between two processes, and nothing else, with the
+#: processes on two cores and on one.
 HANDOFFS = "two processes waking each other (C++)"
+HANDOFFS_TWO = "two processes waking each other, two cores (C++)"
+HANDOFFS_ONE = "two processes waking each other, one core (C++)"
 
 Connect = Callable[[], socket.socket]
 
@@ -100,13 +103,13 @@ def rtt(connect: Connect, pings: int) -> list[float]:
     return samples
 
 
-def handoffs(exe: Path, count: int) -> list[float]:
+def handoffs(exe: Path, count: int, cpus: tuple[int, int] | None = None) -> list[float]:
     """Seconds per round trip of ``cpp/handoffs.cc``: two processes waking each other through
-    eventfds (two hand-offs), as the guest's kick wakes the device and its call wakes QEMU."""
+    eventfds (two hand-offs), as the guest's kick wakes the device and its call wakes QEMU.
+    ``cpus``: the CPU of each process (the same one twice: both on one core)."""
+    argv = [str(exe), str(count), *(str(cpu) for cpu in cpus or ())]
     try:
-        done = subprocess.run(
-            [str(exe), str(count)], capture_output=True, text=True, timeout=300, check=False
-        )
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     except subprocess.TimeoutExpired as err:
         raise VsockRpcError("device bench: the C++ hand-offs did not finish in 300 s") from err
     samples = [int(line) / 1e9 for line in done.stdout.split()]
@@ -114,6 +117,13 @@ def handoffs(exe: Path, count: int) -> list[float]:
         why = " ".join(done.stderr.split()) or f"{len(samples)} of {count} round trips"
         raise VsockRpcError(f"device bench: the C++ hand-offs failed: {why}")
     return samples
+
+
+def handoff_placements() -> dict[str, tuple[int, int]]:
+    """The hand-off lines to measure: on two cores (if this process may use two) and on one."""
+    cpus = sorted(os.sched_getaffinity(0))
+    placements = {HANDOFFS_TWO: (cpus[0], cpus[1])} if len(cpus) > 1 else {}
+    return placements | {HANDOFFS_ONE: (cpus[0], cpus[0])}
 
 
 def tcp_connect(port: int) -> socket.socket:
@@ -257,8 +267,9 @@ def _with_guest(ctx: Context, dg: ModuleType, handoffs_exe: Path | None) -> list
     up: dict[str, list[float]] = {p: [] for p in PATHS}
     down: dict[str, list[float]] = {p: [] for p in PATHS}
     lat: dict[str, list[float]] = {p: [] for p in PATHS}
-    if handoffs_exe is not None:
-        lat[HANDOFFS] = []
+    placements = handoff_placements() if handoffs_exe is not None else {}
+    for name in placements:
+        lat[name] = []
     sweep: dict[str, list[list[float]]] = {p: [[] for _ in SWEEP] for p in PATHS}
     # CPU per round trip (µs), per round: where a round trip's time goes besides waiting.
     cpu: dict[str, list[float]] = {f"{p}: {who}": [] for p in PATHS for who in ("QEMU", "device")}
@@ -290,8 +301,9 @@ def _with_guest(ctx: Context, dg: ModuleType, handoffs_exe: Path | None) -> list
                     if f"{name}: {who}" in cpu:
                         used = cpu_seconds(pid) - before[who]
                         cpu[f"{name}: {who}"].append(used / pings * 1e6)
-            if handoffs_exe is not None:
-                lat[HANDOFFS] += handoffs(handoffs_exe, pings)
+            for name, cpus in placements.items():
+                assert handoffs_exe is not None
+                lat[name] += handoffs(handoffs_exe, pings, cpus)
         for n in range(sweep_rounds):
             ctx.step(NAME, f"host→guest vs write size 64 B…1 MiB, round {n + 1} of {sweep_rounds}")
             for i, write in enumerate(SWEEP):
@@ -306,12 +318,12 @@ def _with_guest(ctx: Context, dg: ModuleType, handoffs_exe: Path | None) -> list
             "64-byte echo round trip",
             "latency",
             lat,
-            note=f"{HANDOFFS}: a round trip of two hand-offs through eventfds and epoll_wait, "
-            "nothing else (cpp/handoffs.cc): one hand-off costs half of it. The device path "
-            "has one more than user networking's, in any language: the host's bytes wake the "
-            "device, which wakes QEMU, where they wake QEMU directly (the guest's kick wakes the "
-            "device in place of QEMU's main loop). Two modes: both processes on one core, or "
-            "on two.",
+            note=f"{HANDOFFS}, pinned to two cores or to one: a round trip of two hand-offs "
+            "through eventfds and epoll_wait, nothing else (cpp/handoffs.cc); one hand-off "
+            "costs half of it. The device path has one more than user "
+            "networking's, in any language: the host's bytes wake the device, which wakes QEMU, "
+            "where they wake QEMU directly (the guest's kick wakes the device in place of "
+            "QEMU's main loop). The device and QEMU are not pinned: either cost may apply.",
         ),
         rtt_cpu_figure(NAME, cpu, "QEMU includes the guest's emulated work"),
         _model.figure(

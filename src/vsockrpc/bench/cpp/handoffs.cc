@@ -5,8 +5,10 @@
 // user networking does (the host's bytes wake the device, which wakes QEMU), whatever it is
 // written in.
 //
-// Usage: handoffs COUNT. Prints one line per round trip: its nanoseconds. The child process
-// is killed when this one dies (PR_SET_PDEATHSIG).
+// Usage: handoffs COUNT [CPU CPU]. Prints one line per round trip: its nanoseconds. With two
+// CPU numbers, this process runs on the first and the other one on the second (the same number
+// twice: both on one core). The other process is killed when this one dies (PR_SET_PDEATHSIG).
+#include <sched.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -19,6 +21,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <initializer_list>
 #include <vector>
 
 namespace {
@@ -46,6 +50,22 @@ bool Signal(int out) {
   return write(out, &one, sizeof(one)) == sizeof(one);
 }
 
+// A CPU number in [0, CPU_SETSIZE), or -1.
+int ParseCpu(const char* text) {
+  char* end = nullptr;
+  const long cpu = std::strtol(text, &end, 10);
+  if (*text == '\0' || *end != '\0' || cpu < 0 || cpu >= CPU_SETSIZE) return -1;
+  return static_cast<int>(cpu);
+}
+
+bool RunOn(int cpu) {
+  if (cpu < 0) return true;  // no placement asked for
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  return sched_setaffinity(0, sizeof(set), &set) == 0;
+}
+
 int Watch(int fd) {
   const int epoll_fd = epoll_create1(EPOLL_CLOEXEC);
   epoll_event event{};
@@ -59,11 +79,23 @@ int Watch(int fd) {
 
 int main(int argc, char** argv) {
   char* end = nullptr;
-  const long count = argc == 2 ? std::strtol(argv[1], &end, 10) : 0;
-  if (argc != 2 || *end != '\0' || count < 1 || count > 10000000) {
-    std::fprintf(stderr, "usage: handoffs COUNT (1 to 10000000)\n");
+  const long count = argc == 2 || argc == 4 ? std::strtol(argv[1], &end, 10) : 0;
+  const int cpu_parent = argc == 4 ? ParseCpu(argv[2]) : -1;
+  const int cpu_child = argc == 4 ? ParseCpu(argv[3]) : -1;
+  if ((argc != 2 && argc != 4) || *end != '\0' || count < 1 || count > 10000000 ||
+      (argc == 4 && (cpu_parent < 0 || cpu_child < 0))) {
+    std::fprintf(stderr, "usage: handoffs COUNT (1 to 10000000) [CPU CPU]\n");
     return 2;
   }
+  // Both CPUs must be usable; then the child's is taken before the fork (the child inherits
+  // it) and this process moves to its own after.
+  for (const int cpu : {cpu_child, cpu_parent}) {
+    if (!RunOn(cpu)) {
+      std::fprintf(stderr, "handoffs: cannot run on CPU %d: %s\n", cpu, std::strerror(errno));
+      return 1;
+    }
+  }
+  if (!RunOn(cpu_child)) return 1;
   const int to_child = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   const int to_parent = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (to_child < 0 || to_parent < 0) {
@@ -86,6 +118,7 @@ int main(int argc, char** argv) {
     }
     _exit(0);
   }
+  RunOn(cpu_parent);  // checked above
   const int epoll_fd = Watch(to_parent);
   std::vector<int64_t> samples;
   samples.reserve(static_cast<size_t>(count));
