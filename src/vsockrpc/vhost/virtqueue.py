@@ -48,8 +48,8 @@ DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1  # 2.7.6: VIRTQ_AVAIL_F_NO_INTERRUPT, "do not notify me"
 
-#: Taken and released as a full memory barrier (see the module docstring): CPython's lock is a
-#: semaphore whose acquire and release are atomic read-modify-writes.
+#: Taken and released as a full memory barrier (see the module docstring): CPython's lock takes
+#: and releases with atomic read-modify-writes (a POSIX semaphore; PyMutex from Python 3.13).
 _BARRIER = threading.Lock()
 
 if sys.byteorder != "little":  # the 16-bit index views below are native-endian
